@@ -1,0 +1,31 @@
+"""lcnn-zoo: low-curvature neural networks (Srinivas, Matoba et al., NeurIPS 2022) for timm users.
+
+Public API::
+
+    from lcnn_zoo import lcnnify, fold, LCNNPenalty, curvature_stats
+"""
+from .layers import (
+    CenteredSoftplus,
+    FrozenCenteredSoftplus,
+    LipschitzBatchNorm2d,
+    LipschitzBatchNormAct2d,
+    Scale,
+    SpectralNorm,
+    centered_softplus,
+    converge_spectral_norms,
+    frozen_state,
+    spectral_norm,
+)
+from .conversion import ConversionReport, LCNNConversionWarning, fold, lcnnify
+from .penalty import LCNNPenalty, gradreg_exact, gradreg_fd_backward, param_groups
+from .geometry import CurvatureStats, curvature_stats, gradient_robustness, relative_discrepancy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CenteredSoftplus", "FrozenCenteredSoftplus", "LipschitzBatchNorm2d", "LipschitzBatchNormAct2d", "Scale",
+    "SpectralNorm", "centered_softplus", "converge_spectral_norms", "frozen_state", "spectral_norm",
+    "ConversionReport", "LCNNConversionWarning", "fold", "lcnnify",
+    "LCNNPenalty", "gradreg_exact", "gradreg_fd_backward", "param_groups",
+    "CurvatureStats", "curvature_stats", "gradient_robustness", "relative_discrepancy",
+]

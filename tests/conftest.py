@@ -1,0 +1,20 @@
+"""Test configuration: offline Hugging Face Hub, a throw-away HF cache, deterministic small CPU runs."""
+import os
+import tempfile
+
+# huggingface_hub reads these once, at import: set them before anything imports timm.
+_HF_HOME = tempfile.mkdtemp(prefix="lcnn-zoo-hf-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", _HF_HOME)
+os.environ.setdefault("HF_HUB_CACHE", os.path.join(_HF_HOME, "hub"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,104 @@
+"""CenteredSoftplus against independent float64 formulas, finite differences and gradcheck."""
+import math
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+from lcnn_zoo import CenteredSoftplus, FrozenCenteredSoftplus, centered_softplus
+
+
+def reference(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """Naive float64 formula (1/β)·log((1+e^{βx})/2), valid where e^{βx} neither over- nor under-flows."""
+    x = x.double()
+    return torch.log((1 + torch.exp(beta * x)) / 2) / beta
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 5.0, 30.0])
+def test_matches_naive_formula(beta):
+    x = torch.linspace(-20 / beta, 20 / beta, 1001)
+    act = CenteredSoftplus(beta_init=beta)
+    y = act(x)
+    torch.testing.assert_close(y.double(), reference(x, beta), rtol=1e-5, atol=1e-6 / beta)
+
+
+def test_zero_limits_and_property():
+    act = CenteredSoftplus(beta_init=5.0)
+    assert act(torch.zeros(3)).abs().max() == 0
+    assert torch.allclose(act.beta, torch.tensor(5.0))
+    x = torch.linspace(-3, 3, 101)
+    # β → 0: s0(x) = x/2 + βx²/8 + O(β²)
+    small = CenteredSoftplus(beta_init=1e-4)(x)
+    torch.testing.assert_close(small, x / 2 + 1e-4 * x * x / 8, rtol=1e-5, atol=1e-7)
+    # β → ∞: ReLU up to log(2)/β
+    large = CenteredSoftplus(beta_init=1e4)(x)
+    assert (large - torch.relu(x)).abs().max() <= math.log(2) / 1e4 * 1.001
+
+
+@pytest.mark.parametrize("beta", [1e-4, 1e-2, 1.0, 1e2, 1e4])
+def test_stable_extreme_range(beta):
+    """|βx| up to 1e4 and β from 1e-4 to 1e4: finite outputs and gradients (float32)."""
+    t = torch.cat([-torch.logspace(-8, 4, 200), torch.zeros(1), torch.logspace(-8, 4, 200)])
+    x = (t / beta).float().requires_grad_(True)
+    act = CenteredSoftplus(beta_init=beta)
+    y = act(x)
+    assert torch.isfinite(y).all()
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(act.log_beta.grad)
+    # asymptotes: s0 ≈ x - log2/β for βx ≫ 1, ≈ -log2/β for βx ≪ -1
+    hi, lo = t > 50, t < -50
+    torch.testing.assert_close(y[hi].double(), x[hi].double() - math.log(2) / beta, rtol=1e-6, atol=1e-3 / beta)
+    torch.testing.assert_close(y[lo].double(), torch.full_like(y[lo].double(), -math.log(2) / beta),
+                               rtol=1e-6, atol=1e-3 / beta)
+
+
+def test_derivative_at_zero_is_half():
+    x = torch.zeros(4, requires_grad=True)
+    CenteredSoftplus(beta_init=3.0)(x).sum().backward()
+    assert torch.equal(x.grad, torch.full((4,), 0.5))
+
+
+@pytest.mark.parametrize("beta", [1e-3, 0.7, 5.0])
+def test_gradcheck_first_second_and_forward_mode(beta):
+    x = (torch.randn(12, dtype=torch.float64) * 2 / beta).requires_grad_(True)
+    x.data[0] = 0.0
+    b = torch.tensor(beta, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(centered_softplus, (x, b), check_forward_ad=True)
+    assert gradgradcheck(centered_softplus, (x, b))
+
+
+def test_beta_gradient_small_beta_against_series():
+    """∂s0/∂β → x²/8 as β → 0 (the cancellation-prone regime)."""
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    b = torch.tensor(1e-5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(centered_softplus(x, b).sum(), b)
+    torch.testing.assert_close(g, (x * x / 8).sum(), rtol=1e-4, atol=0)
+
+
+def test_second_derivative_is_curvature_formula():
+    """s0''(x) = β σ(βx)(1-σ(βx)) — what the curvature bound uses (eq. 3)."""
+    x = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(2.5, dtype=torch.float64)
+    (g,) = torch.autograd.grad(centered_softplus(x, b).sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), x)
+    s = torch.sigmoid(b * x.detach())
+    torch.testing.assert_close(h, b * s * (1 - s))
+
+
+def test_inplace_accepted_and_bad_beta():
+    act = CenteredSoftplus(beta_init=2.0, inplace=True)
+    x = torch.randn(5)
+    x0 = x.clone()
+    act(x)
+    assert torch.equal(x, x0)  # never in place
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="beta_init"):
+            CenteredSoftplus(beta_init=bad)
+
+
+def test_frozen_matches_training_module():
+    act = CenteredSoftplus(beta_init=0.37)
+    x = torch.randn(100) * 10
+    torch.testing.assert_close(FrozenCenteredSoftplus(float(act.beta.detach()))(x), act(x))
+    fixed = CenteredSoftplus(beta_init=1e3, learnable=False)
+    assert "log_beta" not in dict(fixed.named_parameters()) and "log_beta" in fixed.state_dict()

@@ -1,0 +1,105 @@
+"""γ-Lipschitz BatchNorm: Lipschitz constant from the dense Jacobian, BatchNorm semantics."""
+import pytest
+import torch
+from torch import nn
+from torch.autograd.functional import jacobian
+
+from lcnn_zoo import LipschitzBatchNorm2d, frozen_state
+
+
+def dense_lipschitz(module, shape):
+    x = torch.randn(1, *shape, dtype=torch.float64)
+    j = jacobian(module, x).reshape(x.numel(), x.numel())
+    return torch.linalg.matrix_norm(j, 2).item()
+
+
+def make(affine, gamma, var_scale):
+    bn = LipschitzBatchNorm2d(4, affine=affine, gamma_init=gamma).double()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([0.5, 2.0, 0.01, 1.0]) * var_scale)
+        bn.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+        if affine:
+            bn.weight.copy_(torch.tensor([1.5, -0.3, 0.2, 2.0]))
+            bn.bias.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    return bn.eval()
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("gamma,var_scale", [(2.0, 1.0), (50.0, 1.0), (1.5, 100.0)])
+def test_eval_lipschitz_is_min_gamma_bn_norm(affine, gamma, var_scale):
+    bn = make(affine, gamma, var_scale)
+    w = bn.weight.detach().abs() if affine else torch.ones(4, dtype=torch.float64)
+    bn_norm = (w / torch.sqrt(bn.running_var + bn.eps)).max().item()
+    lip = dense_lipschitz(bn, (4, 3, 3))
+    assert lip <= bn.gamma.item() * (1 + 1e-9)
+    assert lip == pytest.approx(min(bn.gamma.item(), bn_norm), rel=1e-9)
+    assert bn.bn_lipschitz().item() == pytest.approx(bn_norm, rel=1e-12)
+
+
+def test_gamma_at_least_one_and_learnable():
+    bn = LipschitzBatchNorm2d(3, gamma_init=1.0001)
+    assert bn.gamma.item() == pytest.approx(1.0001, rel=1e-5)
+    with torch.no_grad():
+        bn.gamma_raw.fill_(-1e4)
+    assert bn.gamma.item() >= 1.0
+    for bad in (1.0, 0.5, float("nan")):
+        with pytest.raises(ValueError, match="gamma_init"):
+            LipschitzBatchNorm2d(3, gamma_init=bad)
+    bn = LipschitzBatchNorm2d(3, gamma_init=2.0)
+    bn.eval()
+    with torch.no_grad():
+        bn.running_var.fill_(1e-4)  # ‖BN‖ = 100 > γ: the loss gradient reaches γ
+    bn(torch.randn(2, 3, 4, 4)).pow(2).sum().backward()
+    assert bn.gamma_raw.grad is not None and bn.gamma_raw.grad.abs() > 0
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_matches_batchnorm2d_times_scale(momentum):
+    ref = nn.BatchNorm2d(5, momentum=momentum, affine=True)
+    lbn = LipschitzBatchNorm2d(5, momentum=momentum, affine=True, gamma_init=3.0)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2)
+        ref.bias.normal_()
+        lbn.weight.copy_(ref.weight)
+        lbn.bias.copy_(ref.bias)
+    for _ in range(3):
+        x = torch.randn(8, 5, 4, 4) * 3 + 1
+        out, expected = lbn(x), ref(x)
+        torch.testing.assert_close(lbn.running_mean, ref.running_mean)
+        torch.testing.assert_close(lbn.running_var, ref.running_var)
+        assert lbn.num_batches_tracked == ref.num_batches_tracked
+        norm = (ref.weight.abs() / torch.sqrt(ref.running_var + ref.eps)).max()
+        torch.testing.assert_close(out, expected * torch.clamp(lbn.gamma / norm, max=1.0))
+    lbn.eval(), ref.eval()
+    x = torch.randn(2, 5, 4, 4)
+    norm = (ref.weight.abs() / torch.sqrt(ref.running_var + ref.eps)).max()
+    torch.testing.assert_close(lbn(x), ref(x) * torch.clamp(lbn.gamma / norm, max=1.0))
+
+
+def test_state_dict_keys_and_frozen_state():
+    lbn = LipschitzBatchNorm2d(3, affine=True)
+    assert set(lbn.state_dict()) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+                                     "gamma_raw"}
+    assert set(LipschitzBatchNorm2d(3).state_dict()) == {"running_mean", "running_var", "num_batches_tracked",
+                                                         "gamma_raw"}
+    lbn.train()
+    before = {k: v.clone() for k, v in lbn.state_dict().items()}
+    with frozen_state(lbn):
+        x = torch.randn(4, 3, 2, 2) * 5
+        y = lbn(x)
+    for k, v in lbn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # batch statistics were still used
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    assert lbn.update_stats
+
+
+def test_not_a_batchnorm_subclass_survives_syncbn_conversion():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), LipschitzBatchNorm2d(3))
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(converted[1], LipschitzBatchNorm2d)
+
+
+def test_rejects_non_4d():
+    with pytest.raises(ValueError, match="4D"):
+        LipschitzBatchNorm2d(3)(torch.randn(4, 3))

@@ -1,0 +1,195 @@
+"""Spectral normalisation on the true operator, checked by SVD of the dense (unrolled) Jacobian."""
+import pytest
+import torch
+from timm.layers import Conv2dSame
+from torch import nn
+from torch.autograd.functional import jacobian
+
+from lcnn_zoo import SpectralNorm, converge_spectral_norms, frozen_state, spectral_norm
+
+
+def operator_norm(module, shape):
+    """Largest singular value of the layer's unrolled linear map (bias removed), by dense SVD."""
+    x = torch.zeros(1, *shape, dtype=torch.float64)
+    j = jacobian(lambda z: module(z), x)
+    j = j.reshape(-1, x.numel())
+    return torch.linalg.matrix_norm(j, 2).item()
+
+
+CONVS = {
+    "plain": lambda: nn.Conv2d(4, 6, 3, padding=1),
+    "stride2": lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1),
+    "stride2_k4_odd_size": lambda: nn.Conv2d(4, 6, 4, stride=2, padding=1),
+    "dilation": lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2),
+    "grouped": lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2),
+    "depthwise": lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4),
+    "rect_kernel": lambda: nn.Conv2d(4, 6, (1, 3), padding=(0, 1)),
+    "pad_same": lambda: nn.Conv2d(4, 6, 4, padding="same"),
+    "no_pad_1x1": lambda: nn.Conv2d(4, 6, 1),
+    "reflect": lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+    "circular": lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"),
+    "timm_same_stride2": lambda: Conv2dSame(4, 6, 3, stride=2),
+    "timm_same_k4": lambda: Conv2dSame(4, 6, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_conv_operator_norm_is_one(name):
+    conv = CONVS[name]().double()
+    shape = (4, 7, 9)
+    sigma0 = operator_norm(conv, shape) if conv.bias is None else None  # noqa: F841
+    spectral_norm(conv, shape, init_iterations=0)
+    converge_spectral_norms(conv, n_iter=500, tol=1e-12)
+    conv.eval()
+    assert operator_norm(conv, shape) == pytest.approx(1.0, rel=1e-2)
+
+
+def test_sigma_equals_svd_of_unnormalised_operator():
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, groups=1).double()
+    shape = (3, 6, 6)
+    true = operator_norm(conv, shape)
+    spectral_norm(conv, shape, init_iterations=0)
+    converge_spectral_norms(conv, n_iter=1000, tol=1e-13)
+    sn = conv.parametrizations.weight[0]
+    assert sn.sigma(conv.parametrizations.weight.original).item() == pytest.approx(true, rel=1e-3)
+
+
+def test_adjoint_is_exact():
+    """⟨A v, u⟩ = ⟨v, Aᵀ u⟩ for every padding flavour."""
+    for name, make in CONVS.items():
+        conv = make().double()
+        spectral_norm(conv, (4, 7, 9), init_iterations=0)
+        sn = conv.parametrizations.weight[0]
+        w = conv.parametrizations.weight.original
+        v = torch.randn(1, 4, 7, 9, dtype=torch.float64)
+        u = torch.randn_like(sn.operator(v, w))
+        lhs = (sn.operator(v, w) * u).sum()
+        rhs = (v * sn.adjoint(u, w)).sum()
+        assert lhs.item() == pytest.approx(rhs.item(), rel=1e-10), name
+
+
+def test_norm_depends_on_input_size():
+    """The zero-padded conv's norm grows with the input size; it is exact for the size it was built for."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 2, 3, padding=1).double()
+    small, large = operator_norm(conv, (2, 3, 3)), operator_norm(conv, (2, 12, 12))
+    assert large > small * 1.01
+    spectral_norm(conv, (2, 3, 3), init_iterations=0)
+    converge_spectral_norms(conv, 500, tol=1e-13)
+    conv.eval()
+    assert operator_norm(conv, (2, 3, 3)) == pytest.approx(1.0, rel=1e-3)
+    assert operator_norm(conv, (2, 12, 12)) > 1.01  # normalised for 3x3 inputs, not for 12x12
+
+
+def test_linear():
+    lin = nn.Linear(7, 5).double()
+    spectral_norm(lin)
+    converge_spectral_norms(lin, 200)
+    lin.eval()
+    assert torch.linalg.matrix_norm(lin.weight, 2).item() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_one_iteration_per_training_forward_none_in_eval():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    spectral_norm(conv, (3, 5, 5), init_iterations=0)
+    sn = conv.parametrizations.weight[0]
+    w = conv.parametrizations.weight.original.detach()
+    u0 = sn._u.clone()
+    x = torch.randn(2, 3, 5, 5)
+    conv.train()
+    conv(x)
+    v1 = sn.adjoint(u0, w)
+    v1 = v1 / v1.norm()
+    av = sn.operator(v1, w)
+    torch.testing.assert_close(sn._v, v1)
+    torch.testing.assert_close(sn._u, av / av.norm())
+    conv.eval()
+    u, v = sn._u.clone(), sn._v.clone()
+    conv(x)
+    assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
+    conv.train()
+    with frozen_state(conv):
+        conv(x)
+    assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
+
+
+def test_eval_caches_normalised_weight_until_weight_changes():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    spectral_norm(conv, (3, 5, 5))
+    conv.eval()
+    with torch.no_grad():
+        w1, w2 = conv.weight, conv.weight
+        assert w1 is w2  # no recomputation
+        conv.parametrizations.weight.original.mul_(2.0)
+        w3 = conv.weight
+    assert w3 is not w1
+    torch.testing.assert_close(w3, w1)  # scale-invariant
+    # with grad needed (fine-tuning in eval mode), the weight is differentiable
+    conv(torch.randn(1, 3, 5, 5)).sum().backward()
+    assert conv.parametrizations.weight.original.grad is not None
+
+
+def test_gradient_through_sigma():
+    """d(W/σ)/dW includes σ's dependence on W: compare with finite differences (float64)."""
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    spectral_norm(conv, (2, 4, 4))
+    converge_spectral_norms(conv, 300, tol=1e-14)
+    conv.eval()
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    orig = conv.parametrizations.weight.original
+    conv(x).pow(2).sum().backward()
+    g = orig.grad.clone()
+    d = torch.randn_like(orig)
+    h = 1e-6
+    with torch.no_grad():
+        orig.add_(h * d)
+        fp = conv(x).pow(2).sum()
+        orig.sub_(2 * h * d)
+        fm = conv(x).pow(2).sum()
+        orig.add_(h * d)
+    assert (g * d).sum().item() == pytest.approx(((fp - fm) / (2 * h)).item(), rel=1e-5)
+
+
+def test_state_dict_loads_without_dummy_forward():
+    def build(lazy):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Conv2dSame(4, 4, 3, stride=2), nn.Flatten(), nn.Linear(64, 2))
+        spectral_norm(m[0], None if lazy else (3, 8, 8))
+        spectral_norm(m[1], None if lazy else (4, 8, 8))
+        spectral_norm(m[3])
+        return m
+
+    src = build(lazy=False)
+    src.train()
+    for _ in range(3):
+        src(torch.randn(2, 3, 8, 8))
+    src.eval()
+    x = torch.randn(2, 3, 8, 8)
+    for lazy in (False, True):
+        torch.manual_seed(123)  # different random singular vectors
+        dst = build(lazy)
+        dst.load_state_dict(src.state_dict())
+        dst.eval()
+        torch.testing.assert_close(dst(x), src(x))
+    keys = set(src.state_dict())
+    assert "0.parametrizations.weight.original" in keys and "0.parametrizations.weight.0._v" in keys
+
+
+def test_lazy_initialises_on_first_forward():
+    conv = Conv2dSame(3, 4, 3, stride=2)
+    spectral_norm(conv)
+    sn = conv.parametrizations.weight[0]
+    assert sn.input_shape is None
+    conv(torch.randn(1, 3, 9, 9))
+    assert sn.input_shape == (3, 9, 9) and sn.padding == (1, 1, 1, 1)
+
+
+def test_errors():
+    with pytest.raises(TypeError):
+        spectral_norm(nn.Conv1d(2, 2, 3))
+    with pytest.raises(ValueError, match="channels"):
+        spectral_norm(nn.Conv2d(3, 4, 3), (5, 8, 8))
+    with pytest.raises(ValueError, match="too small"):
+        spectral_norm(nn.Conv2d(3, 4, 5), (3, 2, 2))
+    with pytest.raises(ValueError, match="kind"):
+        SpectralNorm(torch.randn(3, 3), "conv3d")
