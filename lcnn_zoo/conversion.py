@@ -437,6 +437,24 @@ def _fuse_conv_bn(model: nn.Module, x: torch.Tensor) -> int:
     return len(pairs)
 
 
+def _bake_weight(m: nn.Module) -> None:
+    """Replace a parametrized weight by a plain parameter holding its current (eval) value.
+
+    Not ``parametrize.remove_parametrizations``: on a deep copy it deletes the property from the
+    parametrized class that the copy *shares* with the original model, breaking the original.
+    """
+    if set(m.parametrizations.keys()) != {"weight"}:
+        raise ValueError(f"fold: {type(m).__name__} has parametrizations other than 'weight'")
+    w = m.weight.detach().clone()
+    hook = getattr(m, "_lcnn_lazy_hook", None)
+    if hook is not None:  # the lazy spectral-norm initialisation hook is no longer needed
+        hook.remove()
+        del m._lcnn_lazy_hook
+    m.__class__ = type(m).__bases__[0]  # parametrize injects a direct subclass of the layer's class
+    del m._modules["parametrizations"]
+    m.register_parameter("weight", nn.Parameter(w))
+
+
 @torch.no_grad()
 def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inplace: bool = False,
          rtol: float = 1e-5) -> nn.Module:
@@ -474,11 +492,7 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
 
     for m in list(folded.modules()):
         if parametrize.is_parametrized(m, "weight"):
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-            hook = getattr(m, "_lcnn_lazy_hook", None)
-            if hook is not None:  # the lazy spectral-norm initialisation hook is no longer needed
-                hook.remove()
-                del m._lcnn_lazy_hook
+            _bake_weight(m)
 
     def swap(m: nn.Module) -> Optional[nn.Module]:
         if isinstance(m, LipschitzBatchNormAct2d):

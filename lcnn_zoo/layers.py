@@ -237,7 +237,10 @@ class LipschitzBatchNorm2d(nn.Module):
 
     def lipschitz_scale(self) -> torch.Tensor:
         """min(γ, ‖BN‖₂) / ‖BN‖₂ — the factor applied to the BatchNorm output (0-dim)."""
-        return torch.clamp(self.gamma / self.bn_lipschitz(), max=1.0)
+        # Written as γ / max(‖BN‖, γ): no division by zero when ‖BN‖ = 0 (e.g. timm's zero-init last BN
+        # of a residual branch), and finite gradients everywhere.
+        gamma = self.gamma
+        return gamma / torch.maximum(self.bn_lipschitz(), gamma)
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()

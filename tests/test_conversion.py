@@ -1,0 +1,233 @@
+"""lcnnify on timm/torchvision models, residual averaging, the network Lipschitz bound, reports, fold."""
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+from timm.models.resnet import BasicBlock, Bottleneck
+from torch import nn
+from torch.autograd.functional import jacobian
+
+from lcnn_zoo import (CenteredSoftplus, FrozenCenteredSoftplus, LCNNConversionWarning, LCNNPenalty,
+                      LipschitzBatchNorm2d, LipschitzBatchNormAct2d, Scale, converge_spectral_norms, fold, lcnnify)
+from lcnn_zoo.conversion import _activation_types, _average_residual
+
+MODELS = ["resnet18", "resnet34", "resnet50", "resnet18d", "wide_resnet50_2", "vgg11", "efficientnet_b0",
+          "mobilenetv3_small_100", "torchvision_resnet18"]
+
+
+def build(name, num_classes=10):
+    if name == "torchvision_resnet18":
+        return torchvision.models.resnet18(num_classes=num_classes)
+    return timm.create_model(name, num_classes=num_classes)
+
+
+def count_acts(model):
+    acts = _activation_types()
+    return sum(isinstance(m, acts) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_lcnnify_models(name):
+    model = build(name)
+    n_acts = count_acts(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LCNNConversionWarning)
+        lcnnify(model, input_size=(3, 32, 32))
+    assert not any(type(m) in (nn.ReLU, nn.BatchNorm2d) or isinstance(m, (nn.ReLU, nn.BatchNorm2d, nn.MaxPool2d))
+                   for m in model.modules())
+    assert not any(isinstance(m, _activation_types()) for m in model.modules())
+    assert sum(isinstance(m, CenteredSoftplus) for m in model.modules()) == n_acts
+    model.train()
+    x = torch.rand(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    pen = LCNNPenalty()(model)
+    (out.logsumexp(1).mean() + pen).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    betas = [m.log_beta for m in model.modules() if isinstance(m, CenteredSoftplus)]
+    assert all(b.grad is not None for b in betas)
+    model.eval()
+    assert torch.isfinite(model(x)).all()
+
+
+def test_batchnormact_keeps_its_activation():
+    model = timm.create_model("efficientnet_b0", num_classes=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LCNNConversionWarning)
+        lcnnify(model, input_size=(3, 32, 32))
+    bnacts = [m for m in model.modules() if isinstance(m, LipschitzBatchNormAct2d)]
+    assert bnacts and any(isinstance(m.act, CenteredSoftplus) for m in bnacts)
+    assert any(isinstance(m.act, nn.Identity) for m in bnacts)  # apply_act=False ones stay linear
+
+
+@pytest.mark.parametrize("block_cls", [BasicBlock, Bottleneck, "tv_basic", "tv_bottleneck"])
+@pytest.mark.parametrize("downsample", [False, True])
+def test_residual_average(block_cls, downsample):
+    """After the rewrite the block computes act((branch + shortcut) / 2): check with identity activations."""
+    if block_cls in ("tv_basic", "tv_bottleneck"):
+        cls = torchvision.models.resnet.BasicBlock if block_cls == "tv_basic" else torchvision.models.resnet.Bottleneck
+        exp = cls.expansion
+        ds = nn.Sequential(nn.Conv2d(8, 4 * exp, 1, stride=2), nn.BatchNorm2d(4 * exp)) if downsample else None
+        block = cls(8 if downsample else 4 * exp, 4, stride=2 if downsample else 1, downsample=ds)
+        block.relu = nn.Identity()
+        c_in = 8 if downsample else 4 * exp
+    else:
+        exp = block_cls.expansion
+        c_in = 8 if downsample else 4 * exp
+        ds = nn.Sequential(nn.Conv2d(c_in, 4 * exp, 1, stride=2), nn.BatchNorm2d(4 * exp)) if downsample else None
+        block = block_cls(c_in, 4, stride=2 if downsample else 1, downsample=ds, act_layer=nn.Identity)
+    block.eval()
+    ref = copy.deepcopy(block)
+    x = torch.randn(2, c_in, 8, 8)
+    assert _average_residual(block)
+    assert sum(isinstance(m, Scale) for m in block.modules()) == 2
+    torch.testing.assert_close(block(x), ref(x) / 2)
+    if downsample and not isinstance(block_cls, str):  # timm: existing keys are untouched
+        assert set(ref.state_dict()) == set(block.state_dict())
+
+
+def test_plain_sums_option():
+    model = timm.create_model("resnet18", num_classes=3)
+    lcnnify(model, input_size=(3, 32, 32), average_residuals=False)
+    assert not any(isinstance(m, Scale) for m in model.modules())
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.GELU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 3),
+    )
+
+
+def test_network_lipschitz_bound_is_product_of_layer_bounds():
+    """Dense Jacobian of the whole LCNN at random points: ‖J‖₂ ≤ Π γⱼ (convs/linears 1, activations 1)."""
+    torch.manual_seed(0)
+    model = small_cnn().double()
+    lcnnify(model, input_size=(2, 8, 8), gamma_init=1.5)
+    model.train()
+    for _ in range(5):
+        model(torch.randn(16, 2, 8, 8, dtype=torch.float64) * 3)
+    converge_spectral_norms(model, 500, tol=1e-13)
+    model.eval()
+    bound = 1.0
+    for m in model.modules():
+        if isinstance(m, LipschitzBatchNorm2d):
+            bound *= float(torch.minimum(m.gamma, m.bn_lipschitz()).detach())
+    worst = 0.0
+    for _ in range(5):
+        x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+        j = jacobian(model, x).reshape(3, -1)
+        worst = max(worst, torch.linalg.matrix_norm(j, 2).item())
+    assert 0 < worst <= bound * 1.01
+
+
+def test_report_warns_and_strict_raises():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.LayerNorm(4 * 6 * 6))
+    with pytest.warns(LCNNConversionWarning, match="GroupNorm"):
+        lcnnify(model, input_size=(3, 8, 8))
+    kinds = {t for _, t, _ in model.lcnn_report.unconverted}
+    assert kinds == {"GroupNorm", "LayerNorm"} and not model.lcnn_report.ok
+    with pytest.raises(ValueError, match="LayerNorm"):
+        lcnnify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LayerNorm(4 * 6 * 6)), input_size=(3, 8, 8),
+                strict=True)
+    with pytest.raises(ValueError, match="already"):
+        lcnnify(model)
+
+
+def test_maxpool_option_is_reported():
+    model = small_cnn()
+    with pytest.warns(LCNNConversionWarning, match="max-pooling"):
+        lcnnify(model, input_size=(2, 8, 8), replace_maxpool=False)
+    assert isinstance(model[6], nn.MaxPool2d)
+    model = lcnnify(small_cnn(), input_size=(2, 8, 8))
+    assert isinstance(model[6], nn.AvgPool2d) and model.lcnn_report.ok
+
+
+def test_input_size_sources():
+    timm_model = timm.create_model("resnet18", num_classes=2, pretrained_cfg_overlay={"input_size": (3, 40, 40)})
+    lcnnify(timm_model)
+    assert timm_model.lcnn_report.input_size == (3, 40, 40)
+    assert timm_model.conv1.parametrizations.weight[0].input_shape == (3, 40, 40)
+    tv = lcnnify(torchvision.models.resnet18(num_classes=2))  # no cfg: from the first forward
+    assert tv.lcnn_report.input_size is None
+    assert tv.conv1.parametrizations.weight[0].input_shape is None
+    tv(torch.rand(2, 3, 24, 24))
+    assert tv.conv1.parametrizations.weight[0].input_shape == (3, 24, 24)
+    with pytest.raises(ValueError, match="input_size"):
+        lcnnify(small_cnn(), input_size=(2, 8))
+
+
+def test_state_dict_roundtrip_between_fresh_conversions():
+    src = lcnnify(timm.create_model("resnet18", num_classes=4), input_size=(3, 32, 32))
+    src.train()
+    for _ in range(2):
+        src(torch.rand(4, 3, 32, 32))
+    src.eval()
+    dst = lcnnify(timm.create_model("resnet18", num_classes=4), input_size=(3, 32, 32))
+    dst.load_state_dict(src.state_dict())
+    dst.eval()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(dst(x), src(x))
+
+
+def trained_lcnn(name="resnet18", size=32):
+    model = build(name, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LCNNConversionWarning)
+        lcnnify(model, input_size=(3, size, size))
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(torch.rand(8, 3, size, size)), torch.randint(0, 5, (8,)))
+        (loss + LCNNPenalty()(model)).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "torchvision_resnet18"])
+def test_fold_matches_lcnn(name):
+    model = trained_lcnn(name)
+    folded = fold(model, example_input=torch.rand(2, 3, 32, 32) if name == "torchvision_resnet18" else None)
+    kinds = {type(m) for m in folded.modules()}
+    assert not kinds & {LipschitzBatchNorm2d, LipschitzBatchNormAct2d, CenteredSoftplus}
+    assert FrozenCenteredSoftplus in kinds
+    if name != "efficientnet_b0":
+        assert nn.BatchNorm2d not in kinds  # every BN fused into its conv
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    assert model.training is False and hasattr(model, "lcnn_report")  # original untouched
+
+
+def test_fold_exports():
+    folded = fold(trained_lcnn("resnet18"))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = folded(x)
+        traced = torch.jit.trace(folded, x)
+        torch.testing.assert_close(traced(x), ref)
+        exported = torch.export.export(folded, (x,))
+        torch.testing.assert_close(exported.module()(x), ref)
+
+
+def test_fold_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from onnx.reference import ReferenceEvaluator
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3))
+    lcnnify(model, input_size=(3, 8, 8))
+    folded = fold(model.eval())
+    x = torch.rand(2, 3, 8, 8)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(folded, (x,), str(path), dynamo=True)
+    onnx.checker.check_model(str(path))
+    (out,) = ReferenceEvaluator(str(path)).run(None, {ReferenceEvaluator(str(path)).input_names[0]: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), folded(x), rtol=1e-4, atol=1e-5)
