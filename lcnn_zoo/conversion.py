@@ -279,9 +279,11 @@ def lcnnify(
     report = ConversionReport(input_size=size)
     counts: Counter = Counter()
 
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    act_kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+
     def make_act(m: nn.Module) -> CenteredSoftplus:
-        p = next(m.parameters(), None)
-        return CenteredSoftplus(beta_init, device=p.device if p is not None else None)
+        return CenteredSoftplus(beta_init, **act_kw)
 
     def convert(module: nn.Module, prefix: str) -> Optional[nn.Module]:
         """Return the replacement for ``module`` (or None to keep it); recurses into children."""

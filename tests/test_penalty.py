@@ -1,0 +1,104 @@
+"""LCNN penalty (eq. 5), GradReg exact vs finite differences, optimizer parameter groups."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lcnn_zoo import (CenteredSoftplus, LCNNPenalty, LipschitzBatchNorm2d, gradreg_exact, gradreg_fd_backward,
+                      lcnnify, param_groups)
+
+
+def small_lcnn(dtype=torch.float64):
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).to(dtype)
+    return lcnnify(model, input_size=(2, 6, 6), beta_init=2.0, gamma_init=3.0)
+
+
+def test_penalty_value_and_gradient():
+    model = small_lcnn()
+    acts = [m for m in model.modules() if isinstance(m, CenteredSoftplus)]
+    bns = [m for m in model.modules() if isinstance(m, LipschitzBatchNorm2d)]
+    with torch.no_grad():
+        acts[1].log_beta.fill_(math.log(7.0))
+        bns[0].gamma_raw.fill_(0.3)
+    pen = LCNNPenalty(lambda_beta=0.1, lambda_gamma=0.5)
+    expected = 0.1 * (2.0 + 7.0) + 0.5 * (math.log(3.0) + math.log(1 + math.log1p(math.exp(0.3))))
+    value = pen(model)
+    assert value.item() == pytest.approx(expected, rel=1e-10)
+    value.backward()
+    # d(λβ β)/d log β = λβ β
+    assert acts[1].log_beta.grad.item() == pytest.approx(0.1 * 7.0, rel=1e-10)
+    terms = pen.terms(model)
+    assert terms["sum_beta"].item() == pytest.approx(9.0) and set(terms) == {"sum_beta", "sum_log_gamma"}
+    assert LCNNPenalty()(nn.Linear(2, 2)).item() == 0.0
+    with pytest.raises(ValueError):
+        LCNNPenalty(lambda_beta=-1)
+
+
+def per_sample_input_grads(model, x, y):
+    rows = []
+    for i in range(x.shape[0]):
+        xi = x[i:i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), y[i:i + 1]), xi)
+        rows.append(g)
+    return torch.cat(rows)
+
+
+def test_gradreg_exact_penalty_is_mean_squared_per_sample_gradient():
+    model = small_lcnn().eval()
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    out = gradreg_exact(model, x, y)
+    g = per_sample_input_grads(model, x, y)
+    assert out.penalty.item() == pytest.approx(g.pow(2).sum().item() / 5, rel=1e-10)
+    assert out.loss.item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_finite_difference_gradreg_matches_exact(train_mode):
+    """Parameter gradients of L + λR: double backprop vs two forward/backward passes."""
+    torch.manual_seed(0)
+    model = small_lcnn()
+    model.train(train_mode)
+    x, y = torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    lam = 0.3
+    params = [p for p in model.parameters()]
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = gradreg_exact(model, x, y)
+    exact = torch.autograd.grad(out.loss + lam * out.penalty, params, allow_unused=True)
+    model.load_state_dict(state)  # same singular vectors / BN statistics for the second method
+
+    for p in params:
+        p.grad = None
+    fd_out = gradreg_fd_backward(model, x, y, lam, step=1e-5)
+    assert fd_out.penalty.item() == pytest.approx(out.penalty.item(), rel=1e-8)
+    num = sum(((p.grad if p.grad is not None else 0) - (e if e is not None else 0)).pow(2).sum()
+              for p, e in zip(params, exact) if e is not None or p.grad is not None)
+    den = sum(e.pow(2).sum() for e in exact if e is not None)
+    assert (num / den).sqrt().item() < 1e-3
+
+
+def test_fd_gradreg_updates_state_once():
+    model = small_lcnn(torch.float32).train()
+    bn = next(m for m in model.modules() if isinstance(m, LipschitzBatchNorm2d))
+    x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 3, (4,))
+    gradreg_fd_backward(model, x, y, 0.1)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_param_groups_exclude_beta_gamma():
+    model = small_lcnn()
+    groups = param_groups(model, 5e-4)
+    decay_ids = {id(p) for p in groups[0]["params"]}
+    no_decay_ids = {id(p) for p in groups[1]["params"]}
+    curv = {id(m.log_beta) for m in model.modules() if isinstance(m, CenteredSoftplus)}
+    curv |= {id(m.gamma_raw) for m in model.modules() if isinstance(m, LipschitzBatchNorm2d)}
+    assert curv == no_decay_ids and not curv & decay_ids
+    assert groups[0]["weight_decay"] == 5e-4 and groups[1]["weight_decay"] == 0.0
+    assert len(decay_ids) + len(no_decay_ids) == len(list(model.parameters()))
+    groups_1d = param_groups(model, 5e-4, exclude_1d=True)
+    assert all(p.ndim > 1 for p in groups_1d[0]["params"])
+    torch.optim.SGD(groups, lr=0.1)  # accepted by optimizers
