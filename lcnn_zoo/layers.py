@@ -541,8 +541,12 @@ def spectral_norm(module: nn.Module, input_shape: Optional[Sequence[int]] = None
 
     For convolutions ``input_shape=(C, H, W)`` is the per-sample input shape the operator norm is
     computed for; if None, it is taken from the first forward (a one-shot pre-hook) or from a loaded
-    state_dict. Returns ``module``. State-dict keys become
-    ``parametrizations.weight.original`` and ``parametrizations.weight.0._u/_v``.
+    state_dict. Returns ``module``.
+
+    State-dict layout (like torch's legacy ``spectral_norm``): ``weight`` holds the *unnormalised*
+    weight, ``weight_u``/``weight_v`` the singular vectors. Keeping the plain ``weight`` key means
+    ordinary checkpoints (e.g. timm ImageNet weights) load into a converted model, and timm's
+    classifier/stem adaptation, which works on ``<layer>.weight``, keeps working.
     """
     if isinstance(module, nn.Linear):
         sn = SpectralNorm(module.weight.detach(), "linear", n_power_iterations=n_power_iterations,
@@ -566,7 +570,28 @@ def spectral_norm(module: nn.Module, input_shape: Optional[Sequence[int]] = None
     # A lazily-shaped conv cannot be evaluated yet: skip parametrize's eager consistency check.
     lazy = sn._v is None or sn.padding is None
     parametrize.register_parametrization(module, "weight", sn, unsafe=lazy)
+    module.register_state_dict_post_hook(_sn_state_dict_hook)
+    module.register_load_state_dict_pre_hook(_sn_load_pre_hook)
     return module
+
+
+# parametrize's internal key  <->  public key
+_SN_KEYS = (("parametrizations.weight.original", "weight"),
+            ("parametrizations.weight.0._u", "weight_u"),
+            ("parametrizations.weight.0._v", "weight_v"))
+
+
+def _sn_state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    for internal, public in _SN_KEYS:
+        if prefix + internal in state_dict:
+            state_dict[prefix + public] = state_dict.pop(prefix + internal)
+
+
+def _sn_load_pre_hook(module: nn.Module, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    for internal, public in _SN_KEYS:
+        if prefix + public in state_dict and prefix + internal not in state_dict:
+            state_dict[prefix + internal] = state_dict.pop(prefix + public)
 
 
 def _needs_input_size(conv: nn.Conv2d) -> bool:

@@ -172,7 +172,18 @@ def test_state_dict_loads_without_dummy_forward():
         dst.eval()
         torch.testing.assert_close(dst(x), src(x))
     keys = set(src.state_dict())
-    assert "0.parametrizations.weight.original" in keys and "0.parametrizations.weight.0._v" in keys
+    assert {"0.weight", "0.weight_u", "0.weight_v", "0.bias", "3.weight", "3.weight_u"} <= keys
+    assert not any("parametrizations" in k for k in keys)
+
+
+def test_plain_checkpoint_loads_into_normalised_layer():
+    """An ordinary conv checkpoint (key 'weight') loads as the unnormalised weight."""
+    plain = nn.Conv2d(3, 4, 3, padding=1)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    spectral_norm(conv, (3, 6, 6))
+    result = conv.load_state_dict(plain.state_dict(), strict=False)
+    assert set(result.missing_keys) == {"parametrizations.weight.0._u", "parametrizations.weight.0._v"}
+    assert torch.equal(conv.parametrizations.weight.original, plain.weight)
 
 
 def test_lazy_initialises_on_first_forward():
