@@ -19,6 +19,7 @@ from .layers import (
 from .conversion import ConversionReport, LCNNConversionWarning, fold, lcnnify
 from .penalty import LCNNPenalty, gradreg_exact, gradreg_fd_backward, param_groups
 from .geometry import CurvatureStats, curvature_stats, gradient_robustness, relative_discrepancy
+from . import models  # noqa: F401  (registers lcnn_* in timm)
 
 __version__ = "0.1.0"
 

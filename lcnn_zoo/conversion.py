@@ -243,7 +243,8 @@ def lcnnify(
       current standardised weight) and ``Linear`` → spectrally normalised on the true operator.
     * ResNet ``BasicBlock``/``Bottleneck`` (timm and torchvision): the residual sum becomes the
       average of the two branches (``average_residuals``), as in the paper's reference ResNet, so the
-      network's Lipschitz bound is the product of its layers' bounds.
+      network's Lipschitz bound is the product of its layers' bounds. Any other block that
+      computes ``(branch + shortcut) * self.residual_scale`` (a float attribute) gets 0.5.
     * ``MaxPool2d`` → ``AvgPool2d`` with the same window (``replace_maxpool``, on by default):
       max-pooling is not smooth, average pooling is linear and non-expansive.
 
@@ -290,6 +291,9 @@ def lcnnify(
         if isinstance(module, residual_types) and average_residuals:
             if _average_residual(module):
                 counts["residual_average"] += 1
+        elif isinstance(getattr(module, "residual_scale", None), float) and average_residuals:
+            module.residual_scale = 0.5  # blocks computing (branch + shortcut) * residual_scale
+            counts["residual_average"] += 1
         if isinstance(module, BatchNormAct2d):
             act = convert_child_value(module.act, prefix + ".act")
             drop = module.drop

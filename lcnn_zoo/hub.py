@@ -1,0 +1,197 @@
+"""Pretrained weights: Hugging Face Hub ids, loading with clear errors, bundled weights, publishing.
+
+* Every pretrained tag ``<model>.<tag>`` has its own Hub repo ``<namespace>/<model>.<tag>`` holding
+  ``model.safetensors`` + timm's ``config.json`` + a model card (like timm's own repos). The
+  namespace is ``$LCNN_ZOO_HUB_NAMESPACE`` (read at import), default ``lcnn-zoo``.
+* Loading goes through timm (``build_model_with_cfg`` → huggingface_hub); only safetensors are
+  ever read from the network.
+* Weights shipped inside the package (``lcnn_zoo/weights/<model>.<tag>.safetensors``) are used
+  first, so those tags load offline right after ``pip install``.
+* The published state dict is the *unfolded* LCNN (trainable; ``lcnn_zoo.fold`` makes it
+  deployable), spectral-norm keys as ``<layer>.weight`` (unnormalised), ``weight_u``, ``weight_v``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+__all__ = ["NAMESPACE", "hub_id", "bundled_weights", "pretrained_filter_fn", "safe_build", "PretrainedLoadError",
+           "save_pretrained", "push_folder"]
+
+NAMESPACE = os.environ.get("LCNN_ZOO_HUB_NAMESPACE", "lcnn-zoo").strip("/") or "lcnn-zoo"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+_PROBE_TIMEOUT_S = float(os.environ.get("LCNN_ZOO_HUB_PROBE_TIMEOUT", "3"))
+
+
+class PretrainedLoadError(RuntimeError):
+    """Pretrained weights could not be loaded; the message says which and how to fix it."""
+
+
+def hub_id(model: str, tag: str) -> str:
+    """Hub repo id of a pretrained tag, e.g. ``lcnn-zoo/lcnn_resnet18.cifar10``."""
+    return f"{NAMESPACE}/{model}.{tag}"
+
+
+def bundled_weights(model: str, tag: str) -> Optional[Path]:
+    """Path of the weights shipped in the package for ``model.tag``, if any."""
+    path = WEIGHTS_DIR / f"{model}.{tag}.safetensors"
+    return path if path.is_file() else None
+
+
+def pretrained_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Adapt a checkpoint to a model built with other ``num_classes``/``in_chans`` (timm hook).
+
+    timm replaces/drops ``<classifier>.weight`` and adapts ``<first_conv>.weight`` itself; the
+    spectral-norm singular vectors of those layers (``weight_u``/``weight_v``) then no longer fit,
+    so they are replaced by the freshly built model's own (power iteration re-converges in training).
+    """
+    own = model.state_dict()
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        if key.endswith(("weight_u", "weight_v")) and key in own and own[key].shape != value.shape:
+            out[key] = own[key]
+    return out
+
+
+def _hub_error(cfg: Dict[str, Any], reason: str) -> PretrainedLoadError:
+    repo = cfg.get("hf_hub_id")
+    name = cfg.get("architecture", "model") + (f".{cfg['tag']}" if cfg.get("tag") else "")
+    return PretrainedLoadError(
+        f"Pretrained weights for '{name}' live on the Hugging Face Hub as '{repo}' "
+        f"(file '{cfg.get('hf_hub_filename') or 'model.safetensors'}') and could not be loaded: {reason}.\n"
+        f"Fixes: connect to the network and retry; or download them once and set HF_HUB_OFFLINE=1 to use the "
+        f"local cache; or point at a local copy with timm.create_model('local-dir:/path/to/folder') or "
+        f"pretrained_cfg_overlay=dict(file='/path/to/model.safetensors'); or set LCNN_ZOO_HUB_NAMESPACE if the "
+        f"weights are published under another namespace.")
+
+
+def _hub_reachable() -> Optional[str]:
+    """None if the Hub endpoint accepts a TCP connection within the probe timeout, else the reason."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S):
+            return None
+    except OSError as e:
+        return f"{host}:{port} is unreachable ({e.__class__.__name__}: {e})"
+
+
+def _check_available(cfg: Dict[str, Any]) -> None:
+    """Fail fast (seconds, not a minute of retries) when Hub weights cannot possibly be fetched."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if cfg.get("source") == "local-dir" or cfg.get("file") or cfg.get("state_dict") is not None:
+        return
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        raise PretrainedLoadError(
+            f"No pretrained weights are published for '{cfg.get('architecture')}' "
+            f"({cfg.get('notes') or 'no hf_hub_id'}); use pretrained=False, or pass "
+            f"pretrained_cfg_overlay=dict(file=...) with your own checkpoint.")
+    filename = cfg.get("hf_hub_filename") or "model.safetensors"
+    if isinstance(try_to_load_from_cache(repo, filename), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise _hub_error(cfg, "HF_HUB_OFFLINE is set and the file is not in the local Hugging Face cache")
+    reason = _hub_reachable()
+    if reason is not None:
+        raise _hub_error(cfg, reason)
+
+
+def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str, pretrained: bool,
+               **kwargs: Any) -> nn.Module:
+    """``build_fn(model_cls, variant, pretrained, **kwargs)`` (timm's ``build_model_with_cfg``) with
+    bundled weights preferred and every loading failure turned into a :class:`PretrainedLoadError`
+    that names the weights and the fix."""
+    if not pretrained:
+        return build_fn(model_cls, variant, pretrained, **kwargs)
+    from huggingface_hub import errors as hf_errors
+    from safetensors import SafetensorError
+    from timm.models._builder import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
+    tag = cfg.get("tag") or ""
+    bundled = bundled_weights(variant, tag) if tag else None
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    if bundled is not None and not (overlay.get("file") or cfg.get("source") == "local-dir"):
+        overlay["file"] = str(bundled)
+        kwargs["pretrained_cfg_overlay"] = overlay
+        cfg["file"] = str(bundled)
+    _check_available(cfg)
+    where = cfg.get("file") or cfg.get("hf_hub_id") or variant
+    try:
+        return build_fn(model_cls, variant, pretrained, **kwargs)
+    except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.EntryNotFoundError,
+            hf_errors.OfflineModeIsEnabled) as e:
+        raise _hub_error(cfg, f"{e.__class__.__name__}: {e}") from e
+    except SafetensorError as e:
+        raise PretrainedLoadError(f"The weights file for '{variant}' ({where}) is not a valid safetensors file "
+                                  f"(truncated or corrupted?): {e}. Delete it and download again.") from e
+    except RuntimeError as e:
+        msg = str(e)
+        if "state_dict" in msg or "size mismatch" in msg or "Missing key" in msg or "Unexpected key" in msg:
+            raise PretrainedLoadError(f"The checkpoint {where} does not match the architecture '{variant}' "
+                                      f"(wrong model or shapes): {msg}") from e
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing
+# --------------------------------------------------------------------------------------------
+def save_pretrained(model: nn.Module, output_dir: str | os.PathLike, *, model_card: str,
+                    extra_files: Optional[Dict[str, str]] = None) -> Path:
+    """Write a Hub repo folder: ``model.safetensors``, timm's ``config.json``, ``README.md``.
+
+    Written into a temporary folder next to ``output_dir`` and renamed into place, so an
+    interrupted write never leaves a partial folder. An existing ``output_dir`` is replaced.
+    """
+    from timm.models import save_for_hf
+
+    output_dir = Path(output_dir).resolve()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        save_for_hf(model, str(tmp), safe_serialization=True)
+        (tmp / "README.md").write_text(model_card, encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        json.loads((tmp / "config.json").read_text())  # sanity: timm wrote valid JSON
+        if output_dir.exists():
+            backup = output_dir.with_name(f".{output_dir.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            output_dir.rename(backup)
+            tmp.rename(output_dir)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, token: Optional[str] = None, private: bool = False,
+                commit_message: str = "Add lcnn-zoo weights") -> str:
+    """Upload a folder written by :func:`save_pretrained` to ``repo_id``; returns the commit URL."""
+    from huggingface_hub import HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise PermissionError("No Hugging Face token: run `hf auth login` or set HF_TOKEN to push")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

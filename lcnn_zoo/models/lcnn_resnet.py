@@ -1,0 +1,446 @@
+"""The zoo's models, registered in timm: LCNN ResNets and their baselines.
+
+Every architecture comes in three variants so experiments run side by side from the registry:
+
+* ``lcnn_<arch>``          — the LCNN (paper §3): built as the plain net, then :func:`lcnn_zoo.lcnnify`
+  (centered softplus β₀=5, γ-Lipschitz BN without affine parameters γ₀=10, true-operator spectral
+  norm, averaged residuals), as in the paper's reference code;
+* ``lcnn_<arch>_softplus`` — the paper's "standard" baseline: the same net with softplus β=1e3
+  (fixed; centered, which changes no derivative), ordinary BN, convs and residual sums;
+* ``lcnn_<arch>_relu``     — the plain ReLU net.
+
+Architectures: the paper's CIFAR ResNet-18/34 (timm's ResNet with a 3×3 stride-1 stem and no
+max-pool), He et al.'s CIFAR ResNet-20/56 (3 stages of 16/32/64 channels, 1×1-conv projection
+shortcuts), the pre-activation wide ResNets WRN-16-8 / WRN-28-10 (Zagoruyko & Komodakis; the
+robustness literature's usual backbone), and timm's ImageNet ResNet-50 / Wide-ResNet-50-2.
+
+Input convention: images in [0, 1], **no normalisation** (``mean=(0,0,0)``, ``std=(1,1,1)`` in every
+``pretrained_cfg``), as in the reference code, so ℓ2 radii ε mean the same as in the paper. The
+convolution operator norms are computed for the cfg's ``input_size`` (``fixed_input_size=True``:
+timm passes ``img_size``; override with ``pretrained_cfg_overlay=dict(input_size=...)``).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch import nn
+
+from ..conversion import lcnnify
+from ..hub import hub_id, pretrained_filter_fn, safe_build
+from ..layers import CenteredSoftplus
+
+__all__ = ["CifarResNet", "LcnnResNet", "PreActBlock", "WideResNet"]
+
+KINDS = ("lcnn", "softplus", "relu")
+
+
+def _act_layer(kind: str):
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "softplus":
+        return partial(CenteredSoftplus, beta_init=1e3, learnable=False)
+    return nn.ReLU  # the LCNN's ReLUs are converted by lcnnify
+
+
+def _finalize(model: nn.Module, kind: str, in_chans: int, img_size: Sequence[int],
+              beta_init: float, gamma_init: float) -> None:
+    if kind == "lcnn":
+        lcnnify(model, input_size=(in_chans, *img_size), bn_affine=False, beta_init=beta_init,
+                gamma_init=gamma_init, strict=True)
+
+
+class LcnnResNet(ResNet):
+    """timm's :class:`~timm.models.resnet.ResNet` (any block/depth), optionally with the CIFAR stem
+    (3×3 stride-1 conv, no max-pool); ``kind`` is "lcnn", "softplus" (β=1e3) or "relu"."""
+
+    def __init__(self, block: Type[nn.Module], layers: Sequence[int], *, kind: str = "lcnn",
+                 cifar_stem: bool = True, img_size: Sequence[int] = (32, 32), in_chans: int = 3,
+                 beta_init: float = 5.0, gamma_init: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(block, layers, in_chans=in_chans, act_layer=_act_layer(kind), **kwargs)
+        self.kind = kind
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(in_chans, self.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+            for info in self.feature_info:  # the stem no longer downsamples by 4
+                info["reduction"] = max(1, info["reduction"] // (4 if info["module"] != "act1" else 2))
+        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init)
+
+
+class CifarResNet(nn.Module):
+    """He et al. (2016) CIFAR ResNet with 6n+2 layers: 3×3 conv stem, stages of n timm
+    ``BasicBlock``s with ``channels`` widths (stride 2 between stages, 1×1-conv projection
+    shortcuts), global average pooling and a linear classifier. Timm model API."""
+
+    def __init__(self, layers: Sequence[int] = (3, 3, 3), channels: Sequence[int] = (16, 32, 64), *,
+                 num_classes: int = 10, in_chans: int = 3, kind: str = "lcnn", img_size: Sequence[int] = (32, 32),
+                 global_pool: str = "avg", drop_rate: float = 0.0, beta_init: float = 5.0,
+                 gamma_init: float = 10.0, norm_layer: Type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        act_layer = _act_layer(kind)
+        self.kind = kind
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.conv1 = nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False)
+        self.bn1 = norm_layer(channels[0])
+        self.act1 = act_layer(inplace=True)
+        self.feature_info: List[Dict[str, Any]] = [dict(num_chs=channels[0], reduction=1, module="act1")]
+        in_chs, reduction = channels[0], 1
+        self.stages = nn.Sequential()
+        for i, (n, c) in enumerate(zip(layers, channels)):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            blocks = []
+            for j in range(n):
+                s = stride if j == 0 else 1
+                down = None
+                if s != 1 or in_chs != c:
+                    down = nn.Sequential(nn.Conv2d(in_chs, c, 1, stride=s, bias=False), norm_layer(c))
+                blocks.append(BasicBlock(in_chs, c, stride=s, downsample=down, act_layer=act_layer,
+                                         norm_layer=norm_layer))
+                in_chs = c
+            self.stages.add_module(str(i), nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=c, reduction=reduction, module=f"stages.{i}"))
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.act1(self.bn1(self.conv1(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation wide-ResNet block: BN-act-conv3×3-BN-act-(dropout)-conv3×3, plus the shortcut
+    (identity, or a 1×1 conv on the pre-activated input when the shape changes).
+
+    ``residual_scale`` multiplies the sum; :func:`lcnn_zoo.lcnnify` sets it to 0.5 (the average of
+    the two branches) — any block exposing this attribute is averaged the same way.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, *, act_layer=nn.ReLU,
+                 norm_layer=nn.BatchNorm2d, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.bn1 = norm_layer(in_chs)
+        self.act1 = act_layer(inplace=True)
+        self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = norm_layer(out_chs)
+        self.act2 = act_layer(inplace=True)
+        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_chs != out_chs:
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+        self.residual_scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = self.act1(self.bn1(x))
+        shortcut = x if self.shortcut is None else self.shortcut(o)
+        out = self.conv2(self.drop(self.act2(self.bn2(self.conv1(o)))))
+        out = out + shortcut
+        return out * self.residual_scale if self.residual_scale != 1.0 else out
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k for 32×32 inputs (Zagoruyko & Komodakis 2016): 3×3 conv stem (16), three groups of
+    (depth-4)/6 :class:`PreActBlock`s with 16k/32k/64k channels, final BN-act, global pool, linear."""
+
+    def __init__(self, depth: int = 28, widen_factor: int = 10, *, num_classes: int = 10, in_chans: int = 3,
+                 kind: str = "lcnn", img_size: Sequence[int] = (32, 32), global_pool: str = "avg",
+                 drop_rate: float = 0.0, block_drop_rate: float = 0.0, beta_init: float = 5.0,
+                 gamma_init: float = 10.0, norm_layer: Type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        act_layer = _act_layer(kind)
+        widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
+        self.kind = kind
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
+        self.feature_info: List[Dict[str, Any]] = [dict(num_chs=16, reduction=1, module="conv1")]
+        self.stages = nn.Sequential()
+        in_chs, reduction = 16, 1
+        for i, w in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            blocks = [PreActBlock(in_chs if j == 0 else w, w, stride if j == 0 else 1, act_layer=act_layer,
+                                  norm_layer=norm_layer, drop_rate=block_drop_rate) for j in range(n)]
+            in_chs = w
+            self.stages.add_module(str(i), nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
+        self.bn = norm_layer(in_chs)
+        self.act = act_layer(inplace=True)
+        self.num_features = self.head_hidden_size = in_chs
+        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.stages(self.conv1(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained configurations
+# --------------------------------------------------------------------------------------------
+_PAPER = "Efficient Training of Low-Curvature Neural Networks"
+
+
+def _cfg(variant: str, tag: Optional[str], *, num_classes: int, input_size: Tuple[int, int, int] = (3, 32, 32),
+         pool_size: Tuple[int, int] = (4, 4), notes: str = "", **kwargs: Any) -> Dict[str, Any]:
+    hub = {} if tag is None else {
+        "hf_hub_id": hub_id(variant, tag),
+        "hf_hub_filename": "model.safetensors",  # never fall back to a pickled file
+    }
+    return {
+        **hub,
+        "num_classes": num_classes,
+        "input_size": input_size,
+        "fixed_input_size": True,
+        "pool_size": pool_size,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": (0.0,) * input_size[0],
+        "std": (1.0,) * input_size[0],
+        "first_conv": "conv1",
+        "classifier": "fc",
+        "license": "apache-2.0",
+        "paper_name": _PAPER,
+        "paper_ids": "arXiv:2206.07144",
+        "origin_url": "https://github.com/kylematoba/lcnn",
+        "notes": notes,
+        **kwargs,
+    }
+
+
+def _tags_for(variant: str, datasets: Dict[str, Dict[str, Any]], gradreg: bool) -> Dict[str, Dict[str, Any]]:
+    out = {}
+    for ds, kw in datasets.items():
+        out[f"{variant}.{ds}"] = _cfg(variant, ds, **kw)
+        if gradreg:
+            out[f"{variant}.{ds}_gradreg"] = _cfg(variant, f"{ds}_gradreg", **kw)
+    return out
+
+
+_CIFAR = {"cifar10": dict(num_classes=10), "cifar100": dict(num_classes=100)}
+
+
+def _family(name: str, datasets: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    cfgs = {}
+    cfgs.update(_tags_for(f"lcnn_{name}", datasets, gradreg=True))
+    cfgs.update(_tags_for(f"lcnn_{name}_softplus", datasets, gradreg=True))
+    cfgs.update(_tags_for(f"lcnn_{name}_relu", datasets, gradreg=False))
+    return cfgs
+
+
+# CIFAR first: the default tag (and so the default input size) is 3×32×32 for every CIFAR model.
+_RESNET20_DATA = {**{k: dict(v, pool_size=(8, 8)) for k, v in _CIFAR.items()},
+                  "fmnist": dict(num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7))}
+_WRN_DATA = {k: dict(v, pool_size=(8, 8)) for k, v in _CIFAR.items()}
+_IN1K = dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+             notes="architecture only: no weights published")
+
+default_cfgs = generate_default_cfgs({
+    **_family("resnet18", _CIFAR),
+    **_family("resnet34", _CIFAR),
+    **_family("resnet20", _RESNET20_DATA),
+    **_family("resnet56", _RESNET20_DATA),
+    **_family("wide_resnet16_8", _WRN_DATA),
+    **_family("wide_resnet28_10", _WRN_DATA),
+    "lcnn_resnet50": _cfg("lcnn_resnet50", None, **_IN1K),
+    "lcnn_wide_resnet50_2": _cfg("lcnn_wide_resnet50_2", None, **_IN1K),
+})
+
+
+def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool, model_args: Dict[str, Any],
+            **kwargs: Any) -> nn.Module:
+    return safe_build(build_model_with_cfg, model_cls, variant, pretrained,
+                      pretrained_filter_fn=pretrained_filter_fn, **dict(model_args, **kwargs))
+
+
+def _resnet(variant: str, pretrained: bool, block, layers, kind: str, cifar_stem: bool = True,
+            **kwargs: Any) -> nn.Module:
+    args = dict(block=block, layers=layers, kind=kind, cifar_stem=cifar_stem)
+    return _create(LcnnResNet, variant, pretrained, args, **kwargs)
+
+
+_STAGE_FEATURES = dict(feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True))
+
+
+def _cifar_resnet(variant: str, pretrained: bool, n: int, kind: str, **kwargs: Any) -> nn.Module:
+    return _create(CifarResNet, variant, pretrained, dict(layers=(n, n, n), kind=kind, **_STAGE_FEATURES), **kwargs)
+
+
+def _wrn(variant: str, pretrained: bool, depth: int, k: int, kind: str, **kwargs: Any) -> nn.Module:
+    args = dict(depth=depth, widen_factor=k, kind=kind, **_STAGE_FEATURES)
+    return _create(WideResNet, variant, pretrained, args, **kwargs)
+
+
+# ---- CIFAR ResNet-18/34 (the paper's) ----
+@register_model
+def lcnn_resnet18(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """LCNN ResNet-18, CIFAR stem (the paper's main model)."""
+    return _resnet("lcnn_resnet18", pretrained, BasicBlock, (2, 2, 2, 2), "lcnn", **kwargs)
+
+
+@register_model
+def lcnn_resnet18_softplus(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """The paper's "standard" ResNet-18: softplus β=1e3, CIFAR stem."""
+    return _resnet("lcnn_resnet18_softplus", pretrained, BasicBlock, (2, 2, 2, 2), "softplus", **kwargs)
+
+
+@register_model
+def lcnn_resnet18_relu(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Plain ReLU ResNet-18, CIFAR stem."""
+    return _resnet("lcnn_resnet18_relu", pretrained, BasicBlock, (2, 2, 2, 2), "relu", **kwargs)
+
+
+@register_model
+def lcnn_resnet34(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """LCNN ResNet-34, CIFAR stem."""
+    return _resnet("lcnn_resnet34", pretrained, BasicBlock, (3, 4, 6, 3), "lcnn", **kwargs)
+
+
+@register_model
+def lcnn_resnet34_softplus(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Softplus-β=1e3 ResNet-34, CIFAR stem."""
+    return _resnet("lcnn_resnet34_softplus", pretrained, BasicBlock, (3, 4, 6, 3), "softplus", **kwargs)
+
+
+@register_model
+def lcnn_resnet34_relu(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Plain ReLU ResNet-34, CIFAR stem."""
+    return _resnet("lcnn_resnet34_relu", pretrained, BasicBlock, (3, 4, 6, 3), "relu", **kwargs)
+
+
+# ---- He et al. CIFAR ResNet-20/56 (compact) ----
+@register_model
+def lcnn_resnet20(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """LCNN ResNet-20 (He et al. CIFAR ResNet, 0.27 M parameters)."""
+    return _cifar_resnet("lcnn_resnet20", pretrained, 3, "lcnn", **kwargs)
+
+
+@register_model
+def lcnn_resnet20_softplus(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Softplus-β=1e3 ResNet-20."""
+    return _cifar_resnet("lcnn_resnet20_softplus", pretrained, 3, "softplus", **kwargs)
+
+
+@register_model
+def lcnn_resnet20_relu(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Plain ReLU ResNet-20."""
+    return _cifar_resnet("lcnn_resnet20_relu", pretrained, 3, "relu", **kwargs)
+
+
+@register_model
+def lcnn_resnet56(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """LCNN ResNet-56 (He et al. CIFAR ResNet)."""
+    return _cifar_resnet("lcnn_resnet56", pretrained, 9, "lcnn", **kwargs)
+
+
+@register_model
+def lcnn_resnet56_softplus(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Softplus-β=1e3 ResNet-56."""
+    return _cifar_resnet("lcnn_resnet56_softplus", pretrained, 9, "softplus", **kwargs)
+
+
+@register_model
+def lcnn_resnet56_relu(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Plain ReLU ResNet-56."""
+    return _cifar_resnet("lcnn_resnet56_relu", pretrained, 9, "relu", **kwargs)
+
+
+# ---- Wide ResNets (RobustBench's usual backbones) ----
+@register_model
+def lcnn_wide_resnet16_8(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """LCNN WRN-16-8."""
+    return _wrn("lcnn_wide_resnet16_8", pretrained, 16, 8, "lcnn", **kwargs)
+
+
+@register_model
+def lcnn_wide_resnet16_8_softplus(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Softplus-β=1e3 WRN-16-8."""
+    return _wrn("lcnn_wide_resnet16_8_softplus", pretrained, 16, 8, "softplus", **kwargs)
+
+
+@register_model
+def lcnn_wide_resnet16_8_relu(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Plain ReLU WRN-16-8."""
+    return _wrn("lcnn_wide_resnet16_8_relu", pretrained, 16, 8, "relu", **kwargs)
+
+
+@register_model
+def lcnn_wide_resnet28_10(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """LCNN WRN-28-10."""
+    return _wrn("lcnn_wide_resnet28_10", pretrained, 28, 10, "lcnn", **kwargs)
+
+
+@register_model
+def lcnn_wide_resnet28_10_softplus(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Softplus-β=1e3 WRN-28-10."""
+    return _wrn("lcnn_wide_resnet28_10_softplus", pretrained, 28, 10, "softplus", **kwargs)
+
+
+@register_model
+def lcnn_wide_resnet28_10_relu(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Plain ReLU WRN-28-10."""
+    return _wrn("lcnn_wide_resnet28_10_relu", pretrained, 28, 10, "relu", **kwargs)
+
+
+# ---- ImageNet architectures via lcnnify ----
+@register_model
+def lcnn_resnet50(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """LCNN of timm's ResNet-50 (ImageNet stem, 224×224). No weights published."""
+    return _resnet("lcnn_resnet50", pretrained, Bottleneck, (3, 4, 6, 3), "lcnn", cifar_stem=False, **kwargs)
+
+
+@register_model
+def lcnn_wide_resnet50_2(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """LCNN of timm's Wide-ResNet-50-2 (ImageNet stem, 224×224). No weights published."""
+    return _resnet("lcnn_wide_resnet50_2", pretrained, Bottleneck, (3, 4, 6, 3), "lcnn", cifar_stem=False,
+                   base_width=128, **kwargs)
