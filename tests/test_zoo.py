@@ -1,0 +1,197 @@
+"""The zoo: timm registry, pretrained loading through timm's real path (offline HF cache, local-dir,
+hf-hub:), fine-tuning adaptation, clear errors, publishing folders, torch.hub."""
+import time
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import lcnn_zoo
+from lcnn_zoo.hub import PretrainedLoadError, hub_id, save_pretrained
+
+from hf_cache import populate, remove
+
+FAMILIES = ["resnet18", "resnet34", "resnet20", "resnet56", "wide_resnet16_8", "wide_resnet28_10"]
+
+
+def test_registry_lists_models_and_baselines():
+    names = set(timm.list_models("lcnn_*"))
+    for f in FAMILIES:
+        assert {f"lcnn_{f}", f"lcnn_{f}_softplus", f"lcnn_{f}_relu"} <= names
+    assert {"lcnn_resnet50", "lcnn_wide_resnet50_2"} <= names
+    tags = set(timm.list_pretrained("lcnn_resnet18*"))
+    assert {"lcnn_resnet18.cifar10", "lcnn_resnet18.cifar100", "lcnn_resnet18.cifar10_gradreg",
+            "lcnn_resnet18_softplus.cifar100_gradreg", "lcnn_resnet18_relu.cifar10"} <= tags
+    assert "lcnn_resnet20.fmnist" in timm.list_pretrained("lcnn_resnet20*")
+
+
+@pytest.mark.parametrize("name", ["lcnn_resnet18", "lcnn_resnet20", "lcnn_resnet20_softplus", "lcnn_resnet20_relu",
+                                  "lcnn_wide_resnet16_8"])
+def test_models_build_and_cfg(name):
+    model = timm.create_model(name)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == (0.0, 0.0, 0.0) and cfg["std"] == (1.0, 1.0, 1.0)
+    assert cfg["first_conv"] == "conv1" and cfg["classifier"] == "fc" and cfg["num_classes"] == 10
+    assert cfg["license"] and cfg["paper_ids"] and cfg["hf_hub_id"] == hub_id(name, cfg["tag"])
+    assert cfg["hf_hub_filename"] == "model.safetensors"
+    out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    state = model.state_dict()
+    assert "conv1.weight" in state and "fc.weight" in state  # timm's adaptation keys exist
+    kinds = {type(m).__name__ for m in model.modules()}
+    if name.endswith("_relu"):
+        assert "ReLU" in kinds and "CenteredSoftplus" not in kinds
+    elif name.endswith("_softplus"):
+        betas = [m.beta.item() for m in model.modules() if isinstance(m, lcnn_zoo.CenteredSoftplus)]
+        assert betas and all(b == pytest.approx(1e3) for b in betas) and not list(model.parameters())[0] is None
+        assert "BatchNorm2d" in kinds
+    else:
+        assert "LipschitzBatchNorm2d" in kinds and "BatchNorm2d" not in kinds and model.lcnn_report.ok
+
+
+def test_timm_kwargs():
+    m = timm.create_model("lcnn_resnet20", num_classes=7, in_chans=1, drop_rate=0.2,
+                          pretrained_cfg_overlay=dict(input_size=(1, 24, 24)))
+    assert m(torch.rand(2, 1, 24, 24)).shape == (2, 7)
+    assert m.conv1.parametrizations.weight[0].input_shape == (1, 24, 24)
+    feats = timm.create_model("lcnn_resnet18", features_only=True, out_indices=(2, 4))(torch.rand(2, 3, 32, 32))
+    assert [f.shape[1:] for f in feats] == [(128, 16, 16), (512, 4, 4)]
+    fmnist = timm.create_model("lcnn_resnet20.fmnist")
+    assert fmnist.pretrained_cfg["input_size"] == (1, 28, 28) and fmnist.conv1.in_channels == 1
+
+
+def trained(name="lcnn_resnet20", steps=2, **kw):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kw)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    c, h, w = model.pretrained_cfg["input_size"]
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.rand(8, c, h, w)), torch.randint(0, 10, (8,))).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A trained lcnn_resnet20 written as a Hub folder and put in the offline HF cache."""
+    model = trained()
+    folder = save_pretrained(model, tmp_path_factory.mktemp("pub") / "lcnn_resnet20.cifar10", model_card="# test\n")
+    repo = hub_id("lcnn_resnet20", "cifar10")
+    populate(repo, folder)
+    yield model, folder, repo
+    remove(repo)
+
+
+def same_outputs(a, b, shape=(3, 32, 32)):
+    x = torch.rand(4, *shape)
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_folder_layout(published):
+    _, folder, _ = published
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+
+
+def test_pretrained_from_offline_cache_and_hf_hub_name(published):
+    model, _, repo = published
+    loaded = timm.create_model("lcnn_resnet20.cifar10", pretrained=True)
+    same_outputs(model, loaded)
+    via_hub = timm.create_model(f"hf-hub:{repo}", pretrained=True)
+    same_outputs(model, via_hub)
+
+
+def test_local_dir(published):
+    model, folder, _ = published
+    same_outputs(model, timm.create_model(f"local-dir:{folder}", pretrained=True))
+
+
+def test_finetune_adaptation(published):
+    model, _, _ = published
+    ft = timm.create_model("lcnn_resnet20.cifar10", pretrained=True, num_classes=3, in_chans=1)
+    src, dst = model.state_dict(), ft.state_dict()
+    assert ft.eval()(torch.rand(2, 1, 32, 32)).shape == (2, 3)
+    for key in ("stages.1.0.conv1.weight", "stages.2.2.bn2.running_var", "stages.0.0.act1.log_beta"):
+        torch.testing.assert_close(dst[key], src[key])
+    assert dst["conv1.weight"].shape[1] == 1 and dst["fc.weight"].shape[0] == 3
+
+
+def test_missing_weights_offline_is_prompt_and_clear():
+    t = time.perf_counter()
+    with pytest.raises(PretrainedLoadError) as err:
+        timm.create_model("lcnn_resnet18.cifar100", pretrained=True)
+    assert time.perf_counter() - t < 10
+    msg = str(err.value)
+    assert hub_id("lcnn_resnet18", "cifar100") in msg and "HF_HUB_OFFLINE" in msg and "local-dir" in msg
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    t = time.perf_counter()
+    with pytest.raises(PretrainedLoadError, match="unreachable"):
+        timm.create_model("lcnn_resnet18.cifar10", pretrained=True)
+    assert time.perf_counter() - t < 10
+
+
+def test_unpublished_architecture():
+    with pytest.raises(PretrainedLoadError, match="No pretrained weights"):
+        timm.create_model("lcnn_resnet50", pretrained=True)
+
+
+def test_corrupt_file(published, tmp_path):
+    _, folder, _ = published
+    repo = hub_id("lcnn_resnet20", "cifar100")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = (folder / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (bad / "config.json").write_bytes((folder / "config.json").read_bytes())
+    populate(repo, bad)
+    try:
+        with pytest.raises(PretrainedLoadError, match="not a valid safetensors"):
+            timm.create_model("lcnn_resnet20.cifar100", pretrained=True, num_classes=10)
+    finally:
+        remove(repo)
+
+
+def test_wrong_architecture(published):
+    _, folder, _ = published
+    repo = hub_id("lcnn_resnet56", "cifar10")
+    populate(repo, folder)
+    try:
+        with pytest.raises(PretrainedLoadError, match="does not match"):
+            timm.create_model("lcnn_resnet56.cifar10", pretrained=True)
+    finally:
+        remove(repo)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = timm.create_model("lcnn_resnet20")
+    out = save_pretrained(model, tmp_path / "repo", model_card="v1")
+    import timm.models as tm
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(tm, "save_for_hf", boom)
+    with pytest.raises(OSError):
+        save_pretrained(model, out, model_card="v2")
+    assert (out / "README.md").read_text() == "v1"  # the old folder is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no temp leftovers
+
+
+def test_torch_hub_local():
+    import pathlib
+    repo_dir = str(pathlib.Path(__file__).resolve().parents[1])
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("hubconf", f"{repo_dir}/hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    assert all(callable(getattr(hubconf, n, None)) for n in timm.list_models("lcnn_*"))
+    model = torch.hub.load(repo_dir, "lcnn_resnet20", source="local", num_classes=4)
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4)
