@@ -195,3 +195,67 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: Optional[str]
     api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
     info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     return str(getattr(info, "commit_url", info))
+
+
+# --------------------------------------------------------------------------------------------
+# Model cards
+# --------------------------------------------------------------------------------------------
+_TEMPLATE_BEGIN, _TEMPLATE_END = "<!-- BEGIN HUB TEMPLATE -->", "<!-- END HUB TEMPLATE -->"
+_KIND_DESCRIPTIONS = {
+    "lcnn": "low-curvature neural network (LCNN)",
+    "softplus": "softplus-β=1e3 baseline (the paper's \"standard\" model)",
+    "relu": "plain ReLU baseline",
+}
+_METRIC_LABELS = {
+    "accuracy": "clean accuracy (%)",
+    "grad_norm_mean": "E‖∇ₓℓ‖₂",
+    "hessian_norm_mean": "E‖∇²ₓℓ‖₂",
+    "curvature_mean": "E normalised curvature",
+}
+
+
+def find_model_card_template(path: Optional[str | os.PathLike] = None) -> str:
+    """The Hub template block of MODEL_CARD.md (given path, ./MODEL_CARD.md, or the repo root's)."""
+    candidates = [Path(path)] if path else [Path.cwd() / "MODEL_CARD.md",
+                                            Path(__file__).resolve().parents[1] / "MODEL_CARD.md"]
+    for c in candidates:
+        if c.is_file():
+            text = c.read_text(encoding="utf-8")
+            if _TEMPLATE_BEGIN not in text or _TEMPLATE_END not in text:
+                raise ValueError(f"{c} has no '{_TEMPLATE_BEGIN}' ... '{_TEMPLATE_END}' block")
+            return text.split(_TEMPLATE_BEGIN, 1)[1].split(_TEMPLATE_END, 1)[0].lstrip("\n")
+    raise FileNotFoundError(f"MODEL_CARD.md template not found (looked at {', '.join(map(str, candidates))}); "
+                            "run from a clone of lcnn-zoo or pass --template")
+
+
+def metrics_table(metrics: Optional[Dict[str, Any]]) -> str:
+    """Markdown table of an evaluation's metrics (only what was measured)."""
+    if not metrics:
+        return "No metrics were measured for this upload."
+    rows = []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                rows.append((f"{key} {sub}", v))
+        elif isinstance(value, (int, float)):
+            rows.append((_METRIC_LABELS.get(key, key), value))
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict[str, Any], kind: str,
+                      metrics: Optional[Dict[str, Any]] = None, recipe: str = "", eval_command: str = "") -> str:
+    """Fill the template's ``${...}`` fields (string.Template; unknown fields raise)."""
+    from string import Template
+
+    dataset = (model_name.split(".", 1)[1] if "." in model_name else "").split("_")[0] or "unknown"
+    dataset_names = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "fmnist": "Fashion-MNIST"}
+    return Template(template).substitute(
+        model_id=repo_id.split("/")[-1], model_name=model_name, repo_id=repo_id,
+        architecture=model_name.split(".")[0], kind_description=_KIND_DESCRIPTIONS.get(kind, kind),
+        dataset=dataset, dataset_description=dataset_names.get(dataset, dataset),
+        input_size="×".join(str(s) for s in cfg.get("input_size", ())),
+        recipe=recipe or "Not recorded.", eval_command=eval_command or "not recorded",
+        metrics_table=metrics_table(metrics),
+    )

@@ -195,3 +195,48 @@ def test_torch_hub_local():
     assert all(callable(getattr(hubconf, n, None)) for n in timm.list_models("lcnn_*"))
     model = torch.hub.load(repo_dir, "lcnn_resnet20", source="local", num_classes=4)
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_cli_push_writes_loadable_folder(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from lcnn_zoo.cli import main
+
+    model = trained(num_classes=100)
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_file(model.state_dict(), str(ckpt))
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps({"accuracy": 91.25, "curvature_mean": 3.5, "pgd_l2": {"0.1": 80.0}}))
+    out = tmp_path / "lcnn_resnet20.cifar100"
+    assert main(["push", str(ckpt), "--model", "lcnn_resnet20.cifar100", "--output-dir", str(out),
+                 "--metrics", str(metrics), "--eval-command", "lcnn-zoo eval ..."]) == 0
+    card = (out / "README.md").read_text()
+    assert "# lcnn_resnet20.cifar100" in card and "| clean accuracy (%) | 91.25 |" in card
+    assert "pgd_l2 0.1" in card and "${" not in card and "CIFAR-100" in card
+    same_outputs(model, timm.create_model(f"local-dir:{out}", pretrained=True))
+    repo = hub_id("lcnn_resnet20", "cifar100")
+    populate(repo, out)
+    try:
+        same_outputs(model, timm.create_model("lcnn_resnet20.cifar100", pretrained=True))
+    finally:
+        remove(repo)
+
+
+def test_cli_push_errors(tmp_path):
+    from lcnn_zoo.cli import load_checkpoint_state_dict, main
+
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint_state_dict(tmp_path / "nope.pth")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="safetensors"):
+        load_checkpoint_state_dict(bad)
+    pickled = tmp_path / "evil.pth"
+    import argparse
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1)}, pickled)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_checkpoint_state_dict(pickled)
+    with pytest.raises(SystemExit, match="architecture"):
+        main(["push", str(bad), "--model", "lcnn_resnet20"])
