@@ -71,9 +71,77 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import main as train_main
+
+    return train_main(args.rest)
+
+
+def _eval_config(args: argparse.Namespace):
+    from .evaluation import EvalConfig
+
+    return EvalConfig(limit=args.limit, geom_samples=args.geom_samples, pgd_samples=args.pgd_samples,
+                      pgd_steps=args.pgd_steps, eps=tuple(args.eps), noise_samples=args.noise_samples,
+                      hvp_iters=args.hvp_iters, batch_size=args.batch_size, seed=args.seed,
+                      progress=not args.no_progress)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import markdown_report, run_eval
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "lcnn-zoo eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lcnn-zoo eval"
+    results = run_eval(args.models, args.dataset, data_dir=args.data_dir, download=args.download, arch=args.arch,
+                       cfg=_eval_config(args), output=Path(args.output), command=command)
+    print(markdown_report(results))
+    print(f"wrote {Path(args.output) / 'eval.json'}, eval.md and gradient_robustness.png")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    return run_quickstart(output=Path(args.output), threads=args.threads, progress=not args.no_progress)
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    from .evaluation import EvalConfig
+
+    d = EvalConfig()
+    p.add_argument("--limit", type=int, default=d.limit, help="test images for accuracy (0: all)")
+    p.add_argument("--geom-samples", type=int, default=d.geom_samples, help="images for Tables 1 and 3 (per split)")
+    p.add_argument("--pgd-samples", type=int, default=d.pgd_samples, help="test images for Table 2")
+    p.add_argument("--pgd-steps", type=int, default=d.pgd_steps)
+    p.add_argument("--eps", type=float, nargs="+", default=list(d.eps), help="ℓ2 radii (input units)")
+    p.add_argument("--noise-samples", type=int, default=d.noise_samples, help="images for Figure 2")
+    p.add_argument("--hvp-iters", type=int, default=d.hvp_iters, help="Lanczos steps per image")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lcnn-zoo", description="Low-curvature neural networks for timm users")
     sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("quickstart", help="train a standard and an LCNN+GradReg model on Fashion-MNIST and compare")
+    p.add_argument("--output", default="runs/quickstart")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_quickstart)
+    p = sub.add_parser("train", help="train a model (all options: lcnn-zoo train --help)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("eval", help="the paper's measurements for one or more models, side by side")
+    p.add_argument("models", nargs="+", help="registry name[.tag], local-dir:/hf-hub: name, run folder or checkpoint")
+    p.add_argument("--dataset", default="fmnist", help="cifar10 | cifar100 | fmnist | folder:<path> | hf:<name>")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--arch", default=None, help="architecture for checkpoints that do not record it")
+    p.add_argument("--output", default="runs/eval", help="folder for eval.json, eval.md and plots")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    _add_eval_options(p)
+    p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("push", help="write (and optionally upload) a Hub repo folder for a trained checkpoint")
     p.add_argument("checkpoint", help=".safetensors state dict or a training checkpoint (.pth)")
     p.add_argument("--model", required=True, help="'<architecture>.<tag>', e.g. lcnn_resnet20.fmnist")

@@ -32,6 +32,7 @@ __all__ = [
     "spectral_norm_modules",
     "converge_spectral_norms",
     "frozen_state",
+    "sync_batchnorm",
 ]
 
 _LOG2 = math.log(2.0)
@@ -222,6 +223,7 @@ class LipschitzBatchNorm2d(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.gamma_raw = nn.Parameter(torch.tensor(_inv_softplus(gamma_init - 1.0), **fk))
         self.update_stats = True  # False inside `frozen_state`: batch stats are used, not recorded
+        self.process_group = None  # set by `sync_batchnorm`: batch statistics over all DDP processes
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -256,6 +258,8 @@ class LipschitzBatchNorm2d(nn.Module):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
+        if self.training and self.process_group is not None and _world_size(self.process_group) > 1:
+            return self._synced_batch_norm(x, record, momentum)
         use_running = (not self.training) or record
         return F.batch_norm(
             x,
@@ -263,6 +267,27 @@ class LipschitzBatchNorm2d(nn.Module):
             self.running_var if use_running else None,
             self.weight, self.bias, self.training, momentum, self.eps,
         )
+
+    def _synced_batch_norm(self, x: torch.Tensor, record: bool, momentum: float) -> torch.Tensor:
+        """Training-mode BN with batch statistics summed over the process group (differentiable,
+        so double backward works). Works on any backend, gloo on CPU included."""
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        count = torch.full((1,), x.numel() / c, device=x.device, dtype=x.dtype)
+        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]), group=self.process_group)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
+        if record:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                unbiased = var.detach() * (n.detach() / (n.detach() - 1).clamp_min(1.0))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.weight is not None:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._batch_norm(x)
@@ -642,6 +667,31 @@ def converge_spectral_norms(model: nn.Module, n_iter: int = 50, tol: Optional[fl
                 prev = cur
         count += 1
     return count
+
+
+def _world_size(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Synchronise batch statistics across DDP processes: γ-Lipschitz BNs sync themselves (any
+    backend); ordinary BatchNorms become ``nn.SyncBatchNorm`` (which PyTorch supports on GPUs only,
+    so they are left alone on CPU). Returns the model."""
+    for m in model.modules():
+        if isinstance(m, LipschitzBatchNorm2d):
+            m.process_group = process_group if process_group is not None else _default_group()
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type != "cpu":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    return model
+
+
+def _default_group():
+    import torch.distributed as dist
+
+    return dist.group.WORLD
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ is then that of the batch loss.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
@@ -84,65 +83,93 @@ class GradRegOutput(NamedTuple):
 
 
 def gradreg_exact(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                  loss_fn: LossFn = F.cross_entropy) -> GradRegOutput:
+                  loss_fn: LossFn = F.cross_entropy, *, loss_scale: Optional[torch.Tensor] = None) -> GradRegOutput:
     """Exact GradReg by double backpropagation.
 
     Returns (L, R, logits) with R still attached to the graph (``create_graph=True``), so
     ``(L + lambda_grad * R).backward()`` gives the exact parameter gradient.
     ``loss_fn`` must return the *mean* loss over the batch.
+
+    ``loss_scale``: with fp16 autocast and a ``GradScaler``, pass ``scaler.get_scale()``: the inner
+    input gradient is taken of the scaled loss (so it does not underflow) and unscaled before it
+    is squared — PyTorch's gradient-penalty recipe for AMP.
     """
     x = inputs.detach().requires_grad_(True)
     logits = model(x)
     loss = loss_fn(logits, targets)
     n = x.shape[0]
-    (gx,) = torch.autograd.grad(loss * n, x, create_graph=True)  # per-sample ∇ₓℓᵢ
-    penalty = gx.pow(2).sum() / n
+    outer = loss * n if loss_scale is None else loss * (n * loss_scale)
+    (gx,) = torch.autograd.grad(outer, x, create_graph=True)  # per-sample ∇ₓℓᵢ (× loss_scale)
+    if loss_scale is not None:
+        gx = gx / loss_scale
+    penalty = _at_least_fp32(gx).pow(2).sum() / n
     return GradRegOutput(loss, penalty, logits)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _global_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum over data-parallel processes (identity when not distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
 def gradreg_fd_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lambda_grad: float, *,
-                        loss_fn: LossFn = F.cross_entropy, step: float = 1e-2) -> GradRegOutput:
-    """Finite-difference GradReg: accumulates ∇θ(L + λ·R) into ``.grad`` without double backward.
+                        loss_fn: LossFn = F.cross_entropy, step: float = 1e-2,
+                        extra_loss: Optional[Callable[[], torch.Tensor]] = None,
+                        loss_scale: Optional[torch.Tensor] = None) -> GradRegOutput:
+    """Finite-difference GradReg: accumulates ∇θ(L + λ·R) (+ ∇θ extra_loss()) into ``.grad``
+    with two forward/backward passes and no double backward.
 
     With G = (∇ₓℓᵢ)ᵢ the per-sample input gradients (held constant), ∇θR = (2/B)·∇θ⟨∇ₓΣℓ, G⟩ and
     the directional derivative is a finite difference along G:
 
-        ∇θ(L + λR) ≈ ∇θL(x) + (2λ/h) · (∇θL(x + hG) − ∇θL(x))
+        ∇θ(L + λR) ≈ (1 − c)·∇θL(x) + c·∇θL(x + hG),   c = 2λ/h
 
     The step h = ``step``·√B / ‖G‖ moves each sample by ``step`` input units in RMS, whatever the
-    gradient scale. Cost: two forward/backward passes; works with ``torch.compile`` and DDP. The
-    second pass runs in :func:`~lcnn_zoo.layers.frozen_state`: BatchNorm running statistics and the
-    spectral-norm singular vectors are updated once per call, not twice.
+    gradient scale (‖G‖ is summed over data-parallel processes, so every process uses the same h).
+    The second pass runs in :func:`~lcnn_zoo.layers.frozen_state`: BatchNorm running statistics and
+    the spectral-norm singular vectors are updated once per call. Both passes are ordinary
+    ``backward()`` calls, so DDP averages the gradients as usual and ``torch.compile`` applies.
 
-    Returns (L, R, logits), detached; R is the exact penalty at x (from the first pass).
-    ``loss_fn`` must return the mean loss over the batch.
+    Call it with zeroed gradients (they are rescaled by 1 − c after the first pass). ``extra_loss``
+    (e.g. ``lambda: LCNNPenalty()(model)``) is added to the second pass, unscaled.
+    ``loss_scale``: the GradScaler scale for fp16 (the accumulated gradients are then scaled, as
+    ``scaler.step`` expects). Returns (L, R, logits), detached; R is exact at x.
     """
     if step <= 0:
         raise ValueError(f"gradreg_fd_backward: step must be > 0, got {step}")
     params = [p for p in model.parameters() if p.requires_grad]
+    scale = 1.0 if loss_scale is None else loss_scale
     x = inputs.detach().requires_grad_(True)
     logits = model(x)
     loss = loss_fn(logits, targets)
+    (loss * scale).backward()
     n = x.shape[0]
-    grads = torch.autograd.grad(loss, [x] + params, allow_unused=True)
-    per_sample = grads[0].detach() * n  # G, (B, ...)
-    g_norm = per_sample.norm()
-    penalty = g_norm.square() / n
-    h = step * math.sqrt(n) / g_norm.clamp_min(1e-12)
-    with frozen_state(model):
-        loss2 = loss_fn(model((x.detach() + h * per_sample)), targets)
-        grads2 = torch.autograd.grad(loss2, params, allow_unused=True)
+    per_sample = _at_least_fp32(x.grad.detach()) * n / scale  # G, (B, ...)
+    local_sq = per_sample.pow(2).sum()
+    penalty = local_sq / n
+    g_norm = _global_sum(local_sq).sqrt()
+    total_n = _global_sum(torch.tensor(float(n), device=x.device))
+    h = step * total_n.sqrt() / g_norm.clamp_min(1e-12)
     c = (2.0 * lambda_grad) / h
-    for p, g1, g2 in zip(params, grads[1:], grads2):
-        if g1 is None and g2 is None:
-            continue
-        g1 = torch.zeros_like(p) if g1 is None else g1
-        g2 = torch.zeros_like(p) if g2 is None else g2
-        total = g1 + c * (g2 - g1)
-        if p.grad is None:
-            p.grad = total
-        else:
-            p.grad.add_(total)
+    with torch.no_grad():
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, (1.0 - c).to(grads[0].dtype))
+    with frozen_state(model):
+        x2 = (x.detach() + h * per_sample).to(x.dtype)
+        loss2 = loss_fn(model(x2), targets)
+        total2 = loss2 * (c * scale)
+        if extra_loss is not None:
+            total2 = total2 + extra_loss() * scale
+        total2.backward()
     return GradRegOutput(loss.detach(), penalty.detach(), logits.detach())
 
 

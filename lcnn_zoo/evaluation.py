@@ -1,0 +1,287 @@
+"""The paper's measurements for one or several models, side by side: JSON, markdown tables, plots.
+
+* Table 1: accuracy and mean ± std of ‖∇ₓℓ‖₂, ‖∇²ₓℓ‖₂ and normalised curvature on test samples;
+* Table 2: accuracy under ℓ2-PGD at ε ∈ {0.05, 0.1, 0.15, 0.2} (input units: pixels in [0, 1]);
+* Table 3: train/test relative discrepancy of the three geometry measures;
+* Figure 2: relative gradient change vs noise norm, with the curvature prediction ‖ε‖·C(x).
+
+Used by ``lcnn-zoo eval`` and ``lcnn-zoo quickstart``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .geometry import CurvatureStats, curvature_stats, gradient_robustness, relative_discrepancy
+from .robustness import pgd_accuracy
+
+__all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plot_gradient_robustness",
+           "run_eval"]
+
+PAPER_EPS = (0.05, 0.1, 0.15, 0.2)
+NOISE_NORMS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+@dataclass
+class EvalConfig:
+    """What to measure and on how many samples (fixed subsets: the first N of each split)."""
+
+    limit: int = 0                      # test images for accuracy (0: all)
+    geom_samples: int = 256             # test (and train) images for the geometry tables
+    pgd_samples: int = 1000             # test images for PGD
+    pgd_steps: int = 10
+    eps: Sequence[float] = PAPER_EPS
+    noise_samples: int = 64             # test images for the gradient-robustness curve
+    noise_norms: Sequence[float] = NOISE_NORMS
+    hvp_iters: int = 10                 # Lanczos steps per sample
+    batch_size: int = 128
+    seed: int = 0
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_model(spec: str, *, arch: Optional[str] = None, device: Optional[torch.device] = None) -> Tuple[str, nn.Module]:
+    """Build a model from a registry name (with pretrained tag), ``local-dir:``/``hf-hub:`` name, a
+    run folder written by ``lcnn-zoo train``, or a checkpoint (``.pth`` / ``.safetensors``).
+
+    Returns (display name, model in eval mode).
+    """
+    import timm
+
+    from .cli import load_checkpoint_state_dict
+
+    path = Path(spec)
+    if path.is_dir() and (path / "args.json").is_file():  # a training run folder
+        run_args = json.loads((path / "args.json").read_text())
+        ckpt = path / "model.safetensors" if (path / "model.safetensors").is_file() else path / "last.pth"
+        summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
+        name = arch or run_args["model"]
+        input_size = summary.get("input_size") or run_args.get("input_size")
+        num_classes = summary.get("num_classes") or run_args.get("num_classes")
+        if input_size is None or num_classes is None:
+            from .training import load_checkpoint
+
+            meta = load_checkpoint(path / "last.pth")
+            input_size, num_classes = meta["input_size"], meta["num_classes"]
+        model = _build(name, num_classes, input_size)
+        _load_state(model, load_checkpoint_state_dict(ckpt), ckpt)
+        display = f"{path.name}"
+    elif path.suffix in (".pth", ".pt", ".safetensors") and path.is_file():
+        meta: Dict[str, Any] = {}
+        if path.suffix != ".safetensors":
+            from .training import load_checkpoint
+
+            meta = load_checkpoint(path)
+        name = arch or meta.get("arch")
+        if not name:
+            raise SystemExit(f"{path}: pass --arch (the checkpoint does not say which model it is)")
+        model = timm.create_model(name) if not meta else _build(name, meta["num_classes"], meta["input_size"])
+        _load_state(model, load_checkpoint_state_dict(path), path)
+        display = path.stem
+    else:
+        has_weights = spec.startswith(("local-dir:", "hf-hub:")) or "." in spec.split("/")[-1]
+        model = timm.create_model(spec, pretrained=has_weights)
+        display = spec
+    if device is not None:
+        model = model.to(device)
+    return display, model.eval()
+
+
+def _build(name: str, num_classes: int, input_size: Sequence[int]) -> nn.Module:
+    import timm
+
+    kwargs: Dict[str, Any] = dict(num_classes=int(num_classes), in_chans=int(input_size[0]))
+    if name.split(".")[0].startswith("lcnn_"):
+        kwargs["pretrained_cfg_overlay"] = dict(input_size=tuple(int(s) for s in input_size))
+    return timm.create_model(name.split(".")[0], **kwargs)
+
+
+def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], where: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise SystemExit(f"{where} does not match the model architecture: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+def _first(ds, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    n = min(n, len(ds)) if n else len(ds)
+    if hasattr(ds, "images"):  # in-memory datasets: slice directly
+        x = ds.images[:n]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        return x, ds.labels[:n]
+    xs, ys = zip(*(ds[i] for i in range(n)))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, bs: int):
+    for i in range(0, x.shape[0], bs):
+        yield x[i:i + bs], y[i:i + bs]
+
+
+def _geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device, gen) -> CurvatureStats:
+    parts = [curvature_stats(model, xb.to(device), yb.to(device), n_iter=cfg.hvp_iters, generator=gen)
+             for xb, yb in _batches(x, y, 32)]
+    return CurvatureStats(*(torch.cat([getattr(p, k).cpu() for p in parts])
+                            for k in ("grad_norm", "hessian_norm", "curvature")))
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, device) -> float:
+    correct = 0
+    for xb, yb in _batches(x, y, bs):
+        correct += int((model(xb.to(device)).argmax(1).cpu() == yb).sum())
+    return 100.0 * correct / max(len(y), 1)
+
+
+def evaluate_model(model: nn.Module, test_ds, train_ds, cfg: EvalConfig,
+                   device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """All measurements for one model. Returns a JSON-able dict."""
+    from tqdm import tqdm
+
+    device = device or next(model.parameters()).device
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps = tqdm(total=5, desc="measuring", leave=False, disable=not cfg.progress)
+    x_all, y_all = _first(test_ds, cfg.limit)
+    out: Dict[str, Any] = {"accuracy": _accuracy(model, x_all, y_all, cfg.batch_size, device),
+                           "test_samples": int(len(y_all))}
+    steps.update()
+    xg, yg = _first(test_ds, cfg.geom_samples)
+    test_geo = _geometry(model, xg, yg, cfg, device, gen)
+    out.update(test_geo.summary())
+    out["geometry_samples"] = int(len(yg))
+    steps.update()
+    xt, yt = _first(train_ds, cfg.geom_samples)
+    train_geo = _geometry(model, xt, yt, cfg, device, gen)
+    out["train_geometry"] = train_geo.summary()
+    out["train_test_discrepancy"] = relative_discrepancy(train_geo, test_geo)
+    steps.update()
+    xp, yp = _first(test_ds, cfg.pgd_samples)
+    pgd = pgd_accuracy(model, ((xb.to(device), yb.to(device)) for xb, yb in _batches(xp, yp, cfg.batch_size)),
+                       list(cfg.eps), steps=cfg.pgd_steps)
+    out["pgd_l2"] = {f"{e:g}": v for e, v in pgd.items()}
+    out["pgd_samples"], out["pgd_steps"] = int(len(yp)), cfg.pgd_steps
+    steps.update()
+    xn, yn = _first(test_ds, cfg.noise_samples)
+    rel = gradient_robustness(model, xn.to(device), yn.to(device), cfg.noise_norms, generator=gen).cpu()
+    curv = test_geo.curvature[: len(yn)]
+    out["gradient_robustness"] = {
+        "noise_norms": list(cfg.noise_norms),
+        "relative_change_mean": rel.mean(1).tolist(),
+        "relative_change_std": rel.std(1).tolist() if rel.shape[1] > 1 else [0.0] * len(cfg.noise_norms),
+        "prediction_mean": [float(r * curv.mean()) for r in cfg.noise_norms],
+        "samples": int(len(yn)),
+    }
+    steps.update()
+    steps.close()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+def _pm(m: Dict[str, Any], key: str) -> str:
+    return f"{m[key + '_mean']:.4g} ± {m[key + '_std']:.3g}"
+
+
+def markdown_report(results: Dict[str, Dict[str, Any]], command: str = "") -> str:
+    """Tables 1–3 of the paper for the evaluated models, as markdown."""
+    names = list(results)
+    lines = []
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    any_r = results[names[0]]
+    lines += [f"Table 1 — geometry on {any_r['geometry_samples']} test images, accuracy on {any_r['test_samples']}:", "",
+              "| model | E‖∇ₓℓ‖₂ | E‖∇²ₓℓ‖₂ | E C(x) | accuracy (%) |", "|---|---|---|---|---|"]
+    for n in names:
+        r = results[n]
+        lines.append(f"| {n} | {_pm(r, 'grad_norm')} | {_pm(r, 'hessian_norm')} | {_pm(r, 'curvature')} | "
+                     f"{r['accuracy']:.2f} |")
+    eps = list(any_r["pgd_l2"])
+    lines += ["", f"Table 2 — accuracy (%) under ℓ2-PGD ({any_r['pgd_steps']} steps, {any_r['pgd_samples']} test images):",
+              "", "| model | " + " | ".join(f"ε={e}" for e in eps) + " |", "|---" * (len(eps) + 1) + "|"]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{results[n]['pgd_l2'][e]:.2f}" for e in eps) + " |")
+    lines += ["", "Table 3 — train/test relative discrepancy |E_test − E_train| / E_test:", "",
+              "| model | Δ‖∇ₓℓ‖₂ | Δ‖∇²ₓℓ‖₂ | ΔC |", "|---|---|---|---|"]
+    for n in names:
+        d = results[n]["train_test_discrepancy"]
+        lines.append(f"| {n} | {d['grad_norm']:.3g} | {d['hessian_norm']:.3g} | {d['curvature']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_gradient_robustness(results: Dict[str, Dict[str, Any]], path: Path) -> Path:
+    """Figure 2: relative gradient change vs ‖ε‖ (solid) and the prediction ‖ε‖·E C (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, (name, r) in enumerate(results.items()):
+        g = r["gradient_robustness"]
+        color = f"C{i}"
+        ax.plot(g["noise_norms"], g["relative_change_mean"], "o-", color=color, label=name)
+        ax.plot(g["noise_norms"], g["prediction_mean"], "--", color=color, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("noise norm ‖ε‖₂")
+    ax.set_ylabel("‖∇ℓ(x+ε) − ∇ℓ(x)‖ / ‖∇ℓ(x)‖")
+    ax.set_title("Gradient robustness (dashed: ‖ε‖·E C(x))")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = None, download: bool = False,
+             arch: Optional[str] = None, cfg: Optional[EvalConfig] = None, output: Optional[Path] = None,
+             device: Optional[torch.device] = None, command: str = "") -> Dict[str, Dict[str, Any]]:
+    """Evaluate each model in ``specs`` on ``dataset``; write eval.json, eval.md and the plot to ``output``."""
+    from .data import build_dataset
+
+    cfg = cfg or EvalConfig()
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results: Dict[str, Dict[str, Any]] = {}
+    datasets: Dict[Tuple[int, ...], Tuple[Any, Any]] = {}
+    for spec in specs:
+        name, model = load_model(spec, arch=arch, device=device)
+        size = tuple(model.pretrained_cfg.get("input_size", ())) if hasattr(model, "pretrained_cfg") else ()
+        key = size or (0,)
+        if key not in datasets:
+            kw = dict(image_size=tuple(size[1:]), channels=size[0]) if size else {}
+            datasets[key] = (build_dataset(dataset, train=False, data_dir=data_dir, download=download, **kw),
+                             build_dataset(dataset, train=True, data_dir=data_dir, download=download, **kw))
+        test_ds, train_ds = datasets[key]
+        sample = test_ds[0][0]
+        if size and tuple(sample.shape) != size:
+            raise SystemExit(f"{spec} expects inputs of size {size}, but {dataset} images are {tuple(sample.shape)}")
+        if cfg.progress:
+            print(f"evaluating {name} on {dataset} ...", flush=True)
+        results[name] = evaluate_model(model, test_ds, train_ds, cfg, device)
+        results[name]["dataset"] = dataset
+    if output is not None:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        payload = {"command": command, "config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                  for k, v in cfg.__dict__.items()}, "results": results}
+        tmp = output / ".eval.json.tmp"
+        tmp.write_text(json.dumps(payload, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+        tmp.replace(output / "eval.json")
+        (output / "eval.md").write_text(markdown_report(results, command))
+        plot_gradient_robustness(results, output / "gradient_robustness.png")
+    return results

@@ -1,0 +1,203 @@
+"""Training entry point: configs, real short runs (Fashion-MNIST subset, CIFAR stand-in), exact resume
+after a kill, DDP with gloo on 2 processes, AMP, evaluation outputs."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lcnn_zoo.data import FMNIST_SYSTEM_DIR, BatchAugment, DataNotFoundError, build_dataset
+from lcnn_zoo.training import load_checkpoint, parse_args, train
+
+REPO = Path(__file__).resolve().parents[1]
+needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+FAST = ["--dataset", "fmnist", "--train-subset", "256", "--test-subset", "256", "--batch-size", "64",
+        "--lr", "0.05", "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3"]
+
+
+def test_config_and_cli_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: lcnn_resnet56\nepochs: 7\nlambda-grad: 0.5\ndecay_milestones: [3, 5]\n")
+    args = parse_args(["--config", str(cfg), "--epochs", "9"])
+    assert args.model == "lcnn_resnet56" and args.epochs == 9 and args.lambda_grad == 0.5
+    assert args.decay_milestones == [3, 5]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle: x\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(bad)])
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit):
+        parse_args(["--lambda-beta", "-1"])
+
+
+def test_shipped_configs_parse():
+    for cfg in sorted((REPO / "configs").glob("*.yaml")):
+        args = parse_args(["--config", str(cfg)])
+        assert args.epochs > 0, cfg
+
+
+def test_batch_augment_is_a_random_shift_and_flip():
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).reshape(2, 1, 5, 5)
+    out = BatchAugment(pad=2)(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    for i in range(2):  # every output row is a (possibly flipped) shifted window of the zero-padded input
+        xp = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        windows = [xp[:, a:a + 5, b:b + 5] for a in range(5) for b in range(5)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
+
+
+@needs_fmnist
+def test_fmnist_from_debian_package():
+    ds = build_dataset("fmnist", train=False)
+    assert len(ds) == 10000 and ds.images.shape[1:] == (1, 28, 28) and ds.num_classes == 10
+    x, y = ds[0]
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and 0 <= y < 10
+
+
+def test_missing_data_messages(tmp_path, monkeypatch):
+    monkeypatch.setattr("lcnn_zoo.data.FMNIST_SYSTEM_DIR", tmp_path / "nope")
+    with pytest.raises(DataNotFoundError, match="dataset-fashion-mnist"):
+        build_dataset("fmnist", train=True, data_dir=str(tmp_path))
+    with pytest.raises(DataNotFoundError, match="--download"):
+        build_dataset("cifar10", train=True, data_dir=str(tmp_path))
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        build_dataset(f"folder:{tmp_path / 'x'}", train=True)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_dataset("imagenet", train=True)
+
+
+def make_fake_cifar(root: Path, n_train=128, n_test=64):
+    """A small stand-in laid out like torchvision's CIFAR-10 download (cifar-10-batches-py)."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [("data_batch_1", n_train)] + [(f"data_batch_{i}", 0) for i in range(2, 6)] + [("test_batch", n_test)]:
+        labels = rng.integers(0, 10, n).tolist()
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+
+
+def test_cifar_code_path_on_stand_in(tmp_path, monkeypatch):
+    make_fake_cifar(tmp_path / "data")
+    # the stand-in files have other md5 sums than the real download
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
+    args = parse_args(["--model", "lcnn_resnet20", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                       "--epochs", "1", "--batch-size", "32", "--reg", "lcnn", "--no-progress",
+                       "--output", str(tmp_path / "runs"), "--experiment", "c10"])
+    summary = train(args)
+    assert summary["input_size"] == [3, 32, 32] and summary["num_classes"] == 10
+    assert np.isfinite(summary["history"][-1]["train_loss"])
+
+
+@needs_fmnist
+@pytest.mark.parametrize("reg,extra", [("none", ["--model", "lcnn_resnet20_softplus"]),
+                                       ("lcnn", []),
+                                       ("gradreg", ["--model", "lcnn_resnet20_softplus", "--gradreg", "exact"]),
+                                       ("lcnn_gradreg", ["--gradreg", "fd", "--model-ema"])])
+def test_short_runs_all_regs(tmp_path, reg, extra):
+    args = parse_args(FAST + ["--model", "lcnn_resnet20", "--reg", reg, "--epochs", "1", "--output", str(tmp_path),
+                              "--experiment", reg] + extra)
+    summary = train(args)
+    run = Path(summary["run_dir"])
+    assert {"last.pth", "model.safetensors", "summary.csv", "summary.json", "args.json"} <= {p.name for p in run.iterdir()}
+    h = summary["history"][-1]
+    assert np.isfinite(h["train_loss"]) and 0 <= summary["final"]["top1"] <= 100
+    if "gradreg" in reg:
+        assert h["train_grad_sq"] > 0
+    if reg.startswith("lcnn"):
+        assert h["train_sum_beta"] > 0 and h["train_sum_log_gamma"] > 0
+    ckpt = load_checkpoint(run / "last.pth")
+    assert ckpt["epoch"] == 1 and ckpt["arch"] == args.model
+    if "--model-ema" in extra:
+        assert ckpt["state_dict_ema"] is not None and "eval_ema_top1" in h
+
+
+def test_lcnn_reg_needs_lcnn_model(tmp_path):
+    with pytest.raises(SystemExit, match="needs an LCNN"):
+        train(parse_args(FAST + ["--model", "lcnn_resnet20_relu", "--reg", "lcnn", "--epochs", "1",
+                                 "--output", str(tmp_path)]))
+
+
+def _run_cli(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "lcnn_zoo.train"] + args, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@needs_fmnist
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    common = FAST + ["--model", "lcnn_resnet20", "--reg", "lcnn_gradreg", "--epochs", "3", "--eval-every", "10",
+                     "--output", str(tmp_path), "--threads", "1", "--train-subset", "512", "--drop-rate", "0.1"]
+    ref = _run_cli(common + ["--experiment", "ref"])
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+    # the same run, killed (SIGKILL) once its first epoch checkpoint exists, then resumed
+    victim = _run_cli(common + ["--experiment", "victim"])
+    ckpt = tmp_path / "victim" / "last.pth"
+    deadline = time.time() + 600
+    while not ckpt.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert load_checkpoint(ckpt)["epoch"] < 3, "the run finished before it could be killed"
+    resumed = _run_cli(common + ["--experiment", "victim", "--resume", "auto"])
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out
+    assert "resumed" in out
+    a = load_checkpoint(tmp_path / "ref" / "last.pth")["state_dict"]
+    b = load_checkpoint(ckpt)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@needs_fmnist
+def test_ddp_gloo_two_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "lcnn_zoo.train"] + FAST + ["--model", "lcnn_resnet20", "--reg", "lcnn_gradreg", "--gradreg", "fd",
+                                             "--epochs", "1", "--threads", "1", "--output", str(tmp_path),
+                                             "--experiment", "ddp"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert np.isfinite(summary["history"][0]["train_loss"]) and summary["final"]["count"] == 256
+    exact = subprocess.run(cmd[:-2] + ["--gradreg", "exact", "--experiment", "ddp2"], cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert exact.returncode != 0 and "--gradreg fd" in exact.stdout + exact.stderr
+
+
+@needs_fmnist
+def test_amp_bf16_and_fp16_gradscaler(tmp_path):
+    for dtype, gr in (("bfloat16", "fd"), ("float16", "exact")):
+        args = parse_args(FAST + ["--model", "lcnn_resnet20", "--reg", "lcnn_gradreg", "--gradreg", gr, "--epochs", "1",
+                                  "--amp", "--amp-dtype", dtype, "--output", str(tmp_path), "--experiment", dtype])
+        summary = train(args)
+        assert np.isfinite(summary["history"][0]["train_loss"]), dtype
+
+
+@needs_fmnist
+def test_eval_outputs(tmp_path):
+    from lcnn_zoo.cli import main
+
+    train(parse_args(FAST + ["--model", "lcnn_resnet20", "--reg", "lcnn", "--epochs", "1", "--output", str(tmp_path),
+                             "--experiment", "m"]))
+    out = tmp_path / "eval"
+    assert main(["eval", str(tmp_path / "m"), "--limit", "200", "--geom-samples", "8", "--pgd-samples", "16",
+                 "--noise-samples", "4", "--hvp-iters", "3", "--pgd-steps", "2", "--output", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads((out / "eval.json").read_text())["results"]["m"]
+    assert set(res["pgd_l2"]) == {"0.05", "0.1", "0.15", "0.2"} and res["test_samples"] == 200
+    assert res["curvature_mean"] > 0 and len(res["gradient_robustness"]["relative_change_mean"]) == 5
+    assert (out / "gradient_robustness.png").stat().st_size > 1000
+    assert "Table 2" in (out / "eval.md").read_text()
