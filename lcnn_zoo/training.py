@@ -204,6 +204,17 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _all_reduce_eval(m: Dict[str, float], world: int, device: torch.device) -> Dict[str, float]:
+    """Combine per-process evaluation results (top1 %, mean loss, count) into global ones."""
+    if world <= 1:
+        return m
+    sums = _all_reduce_mean({"correct": m["top1"] * m["count"] / 100.0, "loss_sum": m["loss"] * m["count"],
+                             "count": m["count"]}, world, device)
+    n = sums["count"] * world
+    return {"top1": 100.0 * sums["correct"] * world / max(n, 1), "loss": sums["loss_sum"] * world / max(n, 1),
+            "count": n}
+
+
 def _all_reduce_mean(values: Dict[str, float], world: int, device: torch.device) -> Dict[str, float]:
     if world <= 1:
         return values
@@ -363,6 +374,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     core = model.module if world > 1 else model
 
     train_loader = _loader(train_ds, args.batch_size, True, args.seed, rank, world, args.workers, drop_last=True)
+    # DistributedSampler pads the test set to a multiple of the world size (a few images count twice)
     test_loader = _loader(test_ds, max(args.batch_size, 256), False, args.seed, rank, world, args.workers,
                           drop_last=False)
     if len(train_loader) == 0:
@@ -442,7 +454,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             meters["loss"].update(float(loss.detach()), n)
             meters["top1"].update(100.0 * float((logits.argmax(1) == y).float().mean()), n)
             if grad_sq is not None:
-                meters["grad_sq"].update(float(grad_sq), n)
+                meters["grad_sq"].update(float(grad_sq.detach()), n)
             if lcnn_pen is not None:
                 with torch.no_grad():
                     terms = LCNNPenalty.terms(core)
@@ -461,13 +473,12 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         train_metrics = _all_reduce_mean(train_metrics, world, device)
         last = epoch + 1 == args.epochs
         if last or (epoch + 1) % max(args.eval_every, 1) == 0:
-            eval_metrics = evaluate(core, test_loader, device, args.channels_last, amp_ctx)
-            if world > 1:
-                eval_metrics = _all_reduce_mean(eval_metrics, world, device)
+            eval_metrics = _all_reduce_eval(evaluate(core, test_loader, device, args.channels_last, amp_ctx),
+                                            world, device)
             if ema is not None:
                 converge_spectral_norms(ema.module, n_iter=10)  # averaged u, v are not singular vectors
                 ema_metrics = evaluate(ema.module, test_loader, device, args.channels_last, amp_ctx)
-                eval_metrics.update({f"ema_{k}": v for k, v in _all_reduce_mean(ema_metrics, world, device).items()})
+                eval_metrics.update({f"ema_{k}": v for k, v in _all_reduce_eval(ema_metrics, world, device).items()})
         lr = optimizer.param_groups[0]["lr"]
         if is_main:
             update_summary(epoch + 1, train_metrics, eval_metrics if eval_metrics else None, str(summary_csv), lr=lr)
