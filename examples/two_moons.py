@@ -47,14 +47,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="two_moons.png")
     ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--lambda-beta", type=float, default=1e-2, help="LCNN penalty weight on Σβ (eq. 5)")
+    ap.add_argument("--scale", type=float, default=4.0, help="input spread (standardised data × scale)")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     x, y = two_moons(300, 0.15, gen)
-    x = (x - x.mean(0)) / x.std(0)
+    # Spectral normalisation makes the LCNN's logits 1-Lipschitz in its input: spread the points out
+    # (standardise, then ×args.scale) so that margins of a few units are possible.
+    x = (x - x.mean(0)) / x.std(0) * args.scale
     standard = fit(mlp(lambda: CenteredSoftplus(1e3, learnable=False)), x, y, args.steps)
-    lcnn = fit(lcnnify(mlp(nn.ReLU), beta_init=5.0), x, y, args.steps, LCNNPenalty(1e-2, 1e-2))
-    grid = torch.stack(torch.meshgrid(torch.linspace(-2.5, 2.5, 300), torch.linspace(-2.5, 2.5, 300),
+    lcnn = fit(lcnnify(mlp(nn.ReLU), beta_init=5.0), x, y, args.steps, LCNNPenalty(args.lambda_beta, 0.0))
+    grid = torch.stack(torch.meshgrid(torch.linspace(-2.5, 2.5, 300) * args.scale,
+                                      torch.linspace(-2.5, 2.5, 300) * args.scale,
                                       indexing="xy"), -1).reshape(-1, 2)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
     for ax, (name, model) in zip(axes, [("standard (softplus β=1e3)", standard), ("LCNN", lcnn)]):

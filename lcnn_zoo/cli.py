@@ -71,12 +71,6 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import main as train_main
-
-    return train_main(args.rest)
-
-
 def _eval_config(args: argparse.Namespace):
     from .evaluation import EvalConfig
 
@@ -91,7 +85,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "lcnn-zoo eval " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lcnn-zoo eval"
+    command = "lcnn-zoo eval " + " ".join(args.models)
     results = run_eval(args.models, args.dataset, data_dir=args.data_dir, download=args.download, arch=args.arch,
                        cfg=_eval_config(args), output=Path(args.output), command=command)
     print(markdown_report(results))
@@ -128,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_quickstart)
-    p = sub.add_parser("train", help="train a model (all options: lcnn-zoo train --help)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_train)
+    sub.add_parser("train", help="train a model (all options: lcnn-zoo train --help)", add_help=False)
     p = sub.add_parser("eval", help="the paper's measurements for one or more models, side by side")
     p.add_argument("models", nargs="+", help="registry name[.tag], local-dir:/hf-hub: name, run folder or checkpoint")
     p.add_argument("--dataset", default="fmnist", help="cifar10 | cifar100 | fmnist | folder:<path> | hf:<name>")
@@ -159,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":  # all of `lcnn-zoo train`'s options belong to the training parser
+        from .training import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -271,11 +271,9 @@ class LipschitzBatchNorm2d(nn.Module):
     def _synced_batch_norm(self, x: torch.Tensor, record: bool, momentum: float) -> torch.Tensor:
         """Training-mode BN with batch statistics summed over the process group (differentiable,
         so double backward works). Works on any backend, gloo on CPU included."""
-        from torch.distributed.nn.functional import all_reduce
-
         c = x.shape[1]
         count = torch.full((1,), x.numel() / c, device=x.device, dtype=x.dtype)
-        stats = all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]), group=self.process_group)
+        stats = _AllReduceSum.apply(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]), self.process_group)
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
@@ -667,6 +665,24 @@ def converge_spectral_norms(model: nn.Module, n_iter: int = 50, tol: Optional[fl
                 prev = cur
         count += 1
     return count
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): its gradient is the all-reduced gradient, itself differentiable
+    (so double backward through synchronised BatchNorm works)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
 
 
 def _world_size(group) -> int:

@@ -49,6 +49,9 @@ def get_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="lcnn_resnet20", help="timm model name (lcnn_* or any timm CNN)")
     g.add_argument("--pretrained", action="store_true", help="start from pretrained weights (fine-tuning)")
+    g.add_argument("--initial-checkpoint", default="",
+                   help="start from these weights (.safetensors / run folder / .pth); a head or stem of another "
+                        "shape is re-initialised (fine-tuning on a new dataset)")
     g.add_argument("--lcnnify", action="store_true", help="convert a non-lcnn timm model with lcnnify first")
     g.add_argument("--num-classes", type=int, default=None, help="default: the dataset's")
     g.add_argument("--in-chans", type=int, default=None, help="default: the dataset's")
@@ -241,9 +244,29 @@ def _build_model(args: argparse.Namespace, num_classes: int, input_size: tuple) 
     model = timm.create_model(name, pretrained=args.pretrained, **kwargs)
     if args.lcnnify and getattr(model, "lcnn_report", None) is None:
         lcnnify(model, input_size=tuple(input_size))
+    if args.initial_checkpoint:
+        _load_initial(model, args.initial_checkpoint)
     if args.reg in ("lcnn", "lcnn_gradreg") and getattr(model, "lcnn_report", None) is None:
         raise SystemExit(f"--reg {args.reg} needs an LCNN: use an lcnn_* model (not _softplus/_relu) or --lcnnify")
     return model
+
+
+def _load_initial(model: nn.Module, path: str) -> None:
+    """Load matching tensors of a checkpoint; keys whose shape differs (new head, new stem) are skipped."""
+    from .cli import load_checkpoint_state_dict
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    state = load_checkpoint_state_dict(p)
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise SystemExit(f"{p} does not fit {type(model).__name__}: unexpected keys {unknown[:5]}...")
+    skipped = sorted(k for k, v in state.items() if own[k].shape != v.shape)
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    if skipped:
+        print(f"initial checkpoint {p}: re-initialised {', '.join(skipped)} (shape differs)", file=sys.stderr)
 
 
 def _loader(ds, batch_size: int, shuffle: bool, seed: int, rank: int, world: int, workers: int,

@@ -201,3 +201,11 @@ def test_eval_outputs(tmp_path):
     assert res["curvature_mean"] > 0 and len(res["gradient_robustness"]["relative_change_mean"]) == 5
     assert (out / "gradient_robustness.png").stat().st_size > 1000
     assert "Table 2" in (out / "eval.md").read_text()
+
+
+def test_cli_dispatches_train_options(capsys):
+    from lcnn_zoo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0 and "--lambda-grad" in capsys.readouterr().out
