@@ -66,7 +66,8 @@ class _CenteredSoftplusFn(torch.autograd.Function):
     """Fused centered softplus: saves only (x, β) and gets ∂/∂x = σ(βx) exactly, even at x = 0.
 
     The backward is written with differentiable torch ops, so double backward (exact GradReg,
-    Hessian-vector products) works; ``jvp`` makes forward-mode AD (torch.func) work too.
+    Hessian-vector products) works. This class has no ``jvp`` so that torch.compile traces it
+    without a graph break; :class:`_CenteredSoftplusFnFwdAD` adds forward-mode AD for eager use.
     """
 
     generate_vmap_rule = True
@@ -79,7 +80,6 @@ class _CenteredSoftplusFn(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         x, beta = inputs
         ctx.save_for_backward(x, beta)
-        ctx.save_for_forward(x, beta)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
@@ -91,6 +91,16 @@ class _CenteredSoftplusFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_beta = (grad_out * _beta_derivative(x, beta, t, sig)).sum().reshape(beta.shape)
         return grad_x, grad_beta
+
+
+class _CenteredSoftplusFnFwdAD(_CenteredSoftplusFn):
+    """The same Function with a ``jvp`` (forward-mode AD, e.g. torch.func.jvp / forward-over-reverse)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        x, beta = inputs
+        ctx.save_for_backward(x, beta)
+        ctx.save_for_forward(x, beta)
 
     @staticmethod
     def jvp(ctx, x_t: Optional[torch.Tensor], beta_t: Optional[torch.Tensor]):  # type: ignore[override]
@@ -105,9 +115,14 @@ class _CenteredSoftplusFn(torch.autograd.Function):
         return out
 
 
+def _fn() -> type:
+    # torch.compile cannot trace a Function with a custom jvp; eager mode keeps forward-mode AD.
+    return _CenteredSoftplusFn if torch.compiler.is_compiling() else _CenteredSoftplusFnFwdAD
+
+
 def centered_softplus(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Functional centered softplus s0(x; β) (paper eq. 4). ``beta``: positive tensor, 0-dim."""
-    return _CenteredSoftplusFn.apply(x, beta)
+    return _fn().apply(x, beta)
 
 
 class CenteredSoftplus(nn.Module):
@@ -147,7 +162,7 @@ class CenteredSoftplus(nn.Module):
         return self.log_beta.exp()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _CenteredSoftplusFn.apply(x, self.beta)
+        return _fn().apply(x, self.beta)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta.item():.4g}, learnable={isinstance(self.log_beta, nn.Parameter)}"

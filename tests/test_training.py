@@ -209,3 +209,29 @@ def test_cli_dispatches_train_options(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0 and "--lambda-grad" in capsys.readouterr().out
+
+
+@needs_fmnist
+def test_finetune_on_image_folder(tmp_path):
+    """Fine-tune a trained 10-class run on a new 3-class image folder (ImageFolder layout)."""
+    from PIL import Image
+
+    base = train(parse_args(FAST + ["--model", "lcnn_resnet20", "--reg", "lcnn", "--epochs", "1",
+                                    "--output", str(tmp_path), "--experiment", "base"]))
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(3):
+            d = tmp_path / "folder" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(24 if split == "train" else 6):
+                img = (rng.random((20, 20)) * 80 + c * 80).astype(np.uint8)  # class = brightness
+                Image.fromarray(img, mode="L").save(d / f"{i}.png")
+    summary = train(parse_args(["--model", "lcnn_resnet20", "--reg", "lcnn", "--dataset", f"folder:{tmp_path / 'folder'}",
+                                "--input-size", "1", "28", "28", "--initial-checkpoint", base["run_dir"],
+                                "--epochs", "2", "--batch-size", "16", "--lr", "0.01", "--no-progress",
+                                "--output", str(tmp_path), "--experiment", "ft"]))
+    assert summary["num_classes"] == 3 and summary["input_size"] == [1, 28, 28]
+    ft = load_checkpoint(Path(summary["run_dir"]) / "last.pth")["state_dict"]
+    src = load_checkpoint(Path(base["run_dir"]) / "last.pth")["state_dict"]
+    assert ft["fc.weight"].shape[0] == 3
+    assert not torch.equal(ft["stages.1.0.conv1.weight"], src["stages.1.0.conv1.weight"])  # trained further

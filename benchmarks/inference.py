@@ -1,0 +1,52 @@
+"""Inference cost: eval forward of the CIFAR ResNet-18 at batch 64 and batch 1 — plain ReLU, the
+paper's softplus-β=1e3 model, the LCNN unfolded (eval mode, cached normalised weights) and
+``fold(LCNN)``. LCNN machinery is judged against the softplus model (same activation cost).
+
+    python -m benchmarks.inference [--threads 2] [--rounds 20] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+
+import timm
+import torch
+
+import lcnn_zoo
+from benchmarks.timing import dump, interleaved, machine, report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = {
+        "relu": timm.create_model("lcnn_resnet18_relu", num_classes=100).eval(),
+        "softplus": timm.create_model("lcnn_resnet18_softplus", num_classes=100).eval(),
+        "lcnn_unfolded": timm.create_model("lcnn_resnet18", num_classes=100).eval(),
+    }
+    models["lcnn_folded"] = lcnn_zoo.fold(models["lcnn_unfolded"])
+    out = {"machine": machine()}
+    for batch in (64, 1):
+        x = torch.rand(batch, 3, 32, 32)
+
+        def run(m):
+            def f():
+                with torch.no_grad():
+                    m(x)
+            return f
+        res = interleaved({k: run(m) for k, m in models.items()}, rounds=args.rounds)
+        base = res["softplus"]["median_s"]
+        cols = {"× softplus": {k: f"{v['median_s'] / base:.3f}" for k, v in res.items()}}
+        print(report(f"Eval forward, batch {batch}, {args.threads} threads, median of {args.rounds}", res, "relu", cols))
+        print()
+        out[f"batch{batch}"] = res
+    if args.json:
+        dump(args.json, out)
+
+
+if __name__ == "__main__":
+    main()
