@@ -66,9 +66,55 @@ def _cmd_push(args: argparse.Namespace) -> int:
     out = Path(args.output_dir) if args.output_dir else Path("hub") / repo_id.split("/")[-1]
     folder = hub.save_pretrained(model, out, model_card=card)
     print(f"wrote {folder} (model.safetensors, config.json, README.md)")
+    if args.bundle:
+        _bundle(folder, args.model, metrics, args.eval_command or "")
     if args.upload:
         print("uploaded:", hub.push_folder(folder, repo_id, private=args.private))
     return 0
+
+
+def _bundle(folder: Path, tag: str, metrics: Optional[dict], eval_command: str) -> None:
+    """Ship the folder's weights inside the package (lcnn_zoo/weights) with a manifest entry: sha256
+    and the accuracy on the first 1,000 test images, measured now through timm's loading path."""
+    import hashlib
+    import os
+    import shutil
+
+    import timm
+
+    from . import hub
+    from .data import build_dataset
+
+    dataset = {"fmnist": "fmnist", "cifar10": "cifar10", "cifar100": "cifar100"}.get(tag.split(".", 1)[1].split("_")[0])
+    if dataset is None:
+        raise SystemExit(f"--bundle: cannot tell the dataset of {tag}")
+    hub.WEIGHTS_DIR.mkdir(exist_ok=True)
+    target = hub.WEIGHTS_DIR / f"{tag}.safetensors"
+    tmp = target.with_suffix(".tmp")
+    shutil.copyfile(folder / "model.safetensors", tmp)
+    os.replace(tmp, target)
+    manifest = hub.bundled_manifest()
+    manifest[tag] = {"sha256": hashlib.sha256(target.read_bytes()).hexdigest()}
+    _write_manifest(manifest)
+    model = timm.create_model(tag, pretrained=True).eval()
+    ds = build_dataset(dataset, train=False)
+    x, y = ds.images[:1000].float() / 255.0, ds.labels[:1000]
+    with torch.no_grad():
+        acc = 100.0 * (model(x).argmax(1) == y).float().mean().item()
+    manifest[tag].update({"accuracy_first1000": round(acc, 2), "eval_command": eval_command, "metrics": metrics or {}})
+    _write_manifest(manifest)
+    print(f"bundled {target} (accuracy on the first 1,000 test images: {acc:.2f}%)")
+
+
+def _write_manifest(manifest: dict) -> None:
+    import os
+
+    from . import hub
+
+    path = hub.WEIGHTS_DIR / "manifest.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _eval_config(args: argparse.Namespace):
@@ -145,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", help="Hub repo id (default: $LCNN_ZOO_HUB_NAMESPACE/<model>.<tag>)")
     p.add_argument("--ema", action="store_true", help="publish the EMA weights of a training checkpoint")
     p.add_argument("--upload", action="store_true", help="upload with huggingface_hub (needs a token)")
+    p.add_argument("--bundle", action="store_true",
+                   help="also ship the weights inside the package (lcnn_zoo/weights) for offline pretrained=True")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.set_defaults(func=_cmd_push)
     return ap

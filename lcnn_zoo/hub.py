@@ -41,10 +41,24 @@ def hub_id(model: str, tag: str) -> str:
     return f"{NAMESPACE}/{model}.{tag}"
 
 
+def bundled_manifest() -> Dict[str, Dict[str, Any]]:
+    """``lcnn_zoo/weights/manifest.json``: for each shipped tag its sha256 and recorded metrics."""
+    path = WEIGHTS_DIR / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def bundled_weights(model: str, tag: str) -> Optional[Path]:
-    """Path of the weights shipped in the package for ``model.tag``, if any."""
+    """Path of the weights shipped in the package for ``model.tag``, if any (checksum verified)."""
+    import hashlib
+
     path = WEIGHTS_DIR / f"{model}.{tag}.safetensors"
-    return path if path.is_file() else None
+    if not path.is_file():
+        return None
+    expected = bundled_manifest().get(f"{model}.{tag}", {}).get("sha256")
+    if expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        raise PretrainedLoadError(f"The weights shipped for '{model}.{tag}' ({path}) do not match their checksum "
+                                  f"in manifest.json: the installation is corrupted; reinstall lcnn-zoo.")
+    return path
 
 
 def pretrained_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -71,7 +71,37 @@ class LcnnResNet(ResNet):
         _finalize(self, kind, in_chans, img_size, beta_init, gamma_init)
 
 
-class CifarResNet(nn.Module):
+class _ClassifierHead(nn.Module):
+    """timm's classifier API shared by the zoo's own CIFAR nets: ``global_pool`` + ``fc`` (+ dropout)."""
+
+    num_features: int
+    drop_rate: float
+
+    def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = num_features
+        self.global_pool, self.fc = create_classifier(num_features, num_classes, pool_type=global_pool)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class CifarResNet(_ClassifierHead):
     """He et al. (2016) CIFAR ResNet with 6n+2 layers: 3×3 conv stem, stages of n timm
     ``BasicBlock``s with ``channels`` widths (stride 2 between stages, 1×1-conv projection
     shortcuts), global average pooling and a linear classifier. Timm model API."""
@@ -83,8 +113,6 @@ class CifarResNet(nn.Module):
         super().__init__()
         act_layer = _act_layer(kind)
         self.kind = kind
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.conv1 = nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False)
         self.bn1 = norm_layer(channels[0])
@@ -106,32 +134,15 @@ class CifarResNet(nn.Module):
                 in_chs = c
             self.stages.add_module(str(i), nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=c, reduction=reduction, module=f"stages.{i}"))
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        self._init_head(in_chs, num_classes, global_pool, drop_rate)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         _finalize(self, kind, in_chans, img_size, beta_init, gamma_init)
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.act1(self.bn1(self.conv1(x))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class PreActBlock(nn.Module):
@@ -165,7 +176,7 @@ class PreActBlock(nn.Module):
         return out * self.residual_scale if self.residual_scale != 1.0 else out
 
 
-class WideResNet(nn.Module):
+class WideResNet(_ClassifierHead):
     """WRN-depth-k for 32×32 inputs (Zagoruyko & Komodakis 2016): 3×3 conv stem (16), three groups of
     (depth-4)/6 :class:`PreActBlock`s with 16k/32k/64k channels, final BN-act, global pool, linear."""
 
@@ -180,8 +191,6 @@ class WideResNet(nn.Module):
         act_layer = _act_layer(kind)
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.kind = kind
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         self.feature_info: List[Dict[str, Any]] = [dict(num_chs=16, reduction=1, module="conv1")]
@@ -197,32 +206,15 @@ class WideResNet(nn.Module):
             self.feature_info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
         self.bn = norm_layer(in_chs)
         self.act = act_layer(inplace=True)
-        self.num_features = self.head_hidden_size = in_chs
-        self.global_pool, self.fc = create_classifier(in_chs, num_classes, pool_type=global_pool)
+        self._init_head(in_chs, num_classes, global_pool, drop_rate)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         _finalize(self, kind, in_chans, img_size, beta_init, gamma_init)
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.stages(self.conv1(x))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # --------------------------------------------------------------------------------------------

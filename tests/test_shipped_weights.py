@@ -1,0 +1,45 @@
+"""Every tag shipped in lcnn_zoo/weights loads offline through timm and torch.hub, and reproduces the
+test accuracy recorded in its manifest (first 1,000 Fashion-MNIST test images, ±0.5 points)."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import lcnn_zoo  # noqa: F401
+from lcnn_zoo.data import FMNIST_SYSTEM_DIR, build_dataset
+from lcnn_zoo.hub import WEIGHTS_DIR, bundled_manifest
+
+MANIFEST = bundled_manifest()
+
+
+def test_manifest_matches_files():
+    files = {p.name.removesuffix(".safetensors") for p in Path(WEIGHTS_DIR).glob("*.safetensors")}
+    assert files == set(MANIFEST)
+    for tag, entry in MANIFEST.items():
+        assert {"sha256", "accuracy_first1000", "eval_command"} <= set(entry), tag
+
+
+@pytest.mark.skipif(not MANIFEST, reason="no weights shipped")
+@pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.parametrize("tag", sorted(MANIFEST))
+def test_shipped_tag_accuracy(tag):
+    model = timm.create_model(tag, pretrained=True).eval()
+    ds = build_dataset("fmnist", train=False)
+    x, y = ds.images[:1000].float() / 255.0, ds.labels[:1000]
+    with torch.no_grad():
+        acc = 100.0 * (model(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(MANIFEST[tag]["accuracy_first1000"], abs=0.5)
+
+
+@pytest.mark.skipif(not MANIFEST, reason="no weights shipped")
+def test_shipped_tag_via_torch_hub():
+    repo = str(Path(__file__).resolve().parents[1])
+    arch, tag = sorted(MANIFEST)[0].split(".", 1)
+    model = torch.hub.load(repo, arch, source="local", pretrained=True, pretrained_cfg=tag)
+    ref = timm.create_model(f"{arch}.{tag}", pretrained=True)
+    x = torch.rand(2, *ref.pretrained_cfg["input_size"])
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))
