@@ -57,12 +57,20 @@ def _cmd_push(args: argparse.Namespace) -> int:
     if args.ema:
         converge_spectral_norms(model, n_iter=50, tol=1e-6)  # averaged singular vectors are not singular vectors
     model.eval()
-    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    metrics = None
+    if args.metrics:
+        # A whole eval.json: this model's entry, by --metrics-key, tag name or run-folder name.
+        names = [n for n in (args.metrics_key, args.model, Path(args.checkpoint).resolve().parent.name) if n]
+        try:
+            metrics = hub.select_metrics(json.loads(Path(args.metrics).read_text()), names)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--metrics {args.metrics}: {e}") from e
     repo_id = args.repo_id or hub.hub_id(arch, tag)
+    recipe = hub.render_recipe(Path(args.recipe).read_text(), args.recipe) if args.recipe else ""
     card = hub.render_model_card(
         hub.find_model_card_template(args.template), model_name=args.model, repo_id=repo_id,
         cfg=model.pretrained_cfg, kind=getattr(model, "kind", "lcnn"), metrics=metrics,
-        recipe=Path(args.recipe).read_text() if args.recipe else "", eval_command=args.eval_command or "")
+        recipe=recipe, eval_command=args.eval_command or "")
     out = Path(args.output_dir) if args.output_dir else Path("hub") / repo_id.split("/")[-1]
     folder = hub.save_pretrained(model, out, model_card=card)
     print(f"wrote {folder} (model.safetensors, config.json, README.md)")
@@ -184,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help=".safetensors state dict or a training checkpoint (.pth)")
     p.add_argument("--model", required=True, help="'<architecture>.<tag>', e.g. lcnn_resnet20.fmnist")
     p.add_argument("--output-dir", help="folder to write (default: hub/<model>.<tag>)")
-    p.add_argument("--metrics", help="JSON written by `lcnn-zoo eval` for the model card")
-    p.add_argument("--recipe", help="text file describing the training recipe for the model card")
+    p.add_argument("--metrics", help="eval.json written by `lcnn-zoo eval`, for the model card")
+    p.add_argument("--metrics-key", help="which model of a multi-model eval.json (default: the --model name, "
+                                          "then the checkpoint's run-folder name)")
+    p.add_argument("--recipe", help="the training config (.yaml) or a text file describing the recipe, for the card")
     p.add_argument("--eval-command", help="the command that produced --metrics, quoted in the card")
     p.add_argument("--template", help="MODEL_CARD.md to take the template from")
     p.add_argument("--repo-id", help="Hub repo id (default: $LCNN_ZOO_HUB_NAMESPACE/<model>.<tag>)")

@@ -18,7 +18,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -224,7 +224,7 @@ _METRIC_LABELS = {
     "accuracy": "clean accuracy (%)",
     "grad_norm_mean": "E‖∇ₓℓ‖₂",
     "hessian_norm_mean": "E‖∇²ₓℓ‖₂",
-    "curvature_mean": "E normalised curvature",
+    "curvature_mean": "E normalised curvature C(x)",
 }
 
 
@@ -242,20 +242,73 @@ def find_model_card_template(path: Optional[str | os.PathLike] = None) -> str:
                             "run from a clone of lcnn-zoo or pass --template")
 
 
+def select_metrics(data: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
+    """One model's metrics from what ``lcnn-zoo eval`` wrote.
+
+    ``data`` is either a single model's metrics or a whole ``eval.json`` (``{"results": {name: metrics}}``);
+    in the latter case the entry is the first of ``names`` present, or the only one. Raises ValueError
+    naming the entries when none matches, so a card never shows another model's numbers.
+    """
+    results = data.get("results")
+    if not isinstance(results, dict):
+        return data
+    for name in names:
+        if name in results:
+            return results[name]
+    if len(results) == 1:
+        return next(iter(results.values()))
+    raise ValueError(f"the metrics file holds several models ({', '.join(results)}) and none is named "
+                     f"{' or '.join(map(repr, names))}: pass --metrics-key")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def metrics_table(metrics: Optional[Dict[str, Any]]) -> str:
-    """Markdown table of an evaluation's metrics (only what was measured)."""
+    """Markdown table of one model's measured metrics (what ``lcnn-zoo eval`` wrote; nothing else)."""
     if not metrics:
         return "No metrics were measured for this upload."
+    m = dict(metrics)
     rows = []
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            for sub, v in value.items():
-                rows.append((f"{key} {sub}", v))
-        elif isinstance(value, (int, float)):
-            rows.append((_METRIC_LABELS.get(key, key), value))
+    if "accuracy" in m:
+        rows.append((_METRIC_LABELS["accuracy"] + (f", {m['test_samples']} test images" if "test_samples" in m else ""),
+                     _fmt(m.pop("accuracy"))))
+        m.pop("test_samples", None)
+    n_geo = m.pop("geometry_samples", None)
+    for key in ("grad_norm", "hessian_norm", "curvature"):
+        if f"{key}_mean" in m:
+            mean, std = m.pop(f"{key}_mean"), m.pop(f"{key}_std", None)
+            label = _METRIC_LABELS[f"{key}_mean"] + (f" ({n_geo} test images)" if n_geo else "")
+            rows.append((label, _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")))
+    pgd = m.pop("pgd_l2", None)
+    if isinstance(pgd, dict):
+        steps, n = m.pop("pgd_steps", None), m.pop("pgd_samples", None)
+        how = ", ".join(s for s in (f"{steps} steps" if steps else "", f"{n} test images" if n else "") if s)
+        for eps, acc in pgd.items():
+            rows.append((f"accuracy (%) under ℓ2-PGD, ε={eps}" + (f" ({how})" if how else ""), _fmt(acc)))
+    disc = m.pop("train_test_discrepancy", None)
+    if isinstance(disc, dict):
+        for key, v in disc.items():
+            rows.append((f"train/test relative discrepancy of {key}", _fmt(v)))
+    m.pop("train_geometry", None)
+    m.pop("gradient_robustness", None)
+    m.pop("dataset", None)
+    for key, value in m.items():  # anything else measured, as it was recorded
+        if isinstance(value, (int, float)):
+            rows.append((_METRIC_LABELS.get(key, key), _fmt(value)))
+        elif isinstance(value, dict):
+            rows += [(f"{key} {sub}", _fmt(v)) for sub, v in value.items() if isinstance(v, (int, float))]
     lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows]
+    lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def render_recipe(text: str, path: str = "") -> str:
+    """The card's training section: a YAML config is shown as the command and the config."""
+    if path.endswith((".yaml", ".yml")):
+        return f"Trained with `lcnn-zoo train --config {path}`:\n\n```yaml\n{text.strip()}\n```"
+    return text
 
 
 def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict[str, Any], kind: str,

@@ -207,14 +207,30 @@ def test_cli_push_writes_loadable_folder(tmp_path):
     model = trained(num_classes=100)
     ckpt = tmp_path / "ckpt.safetensors"
     save_file(model.state_dict(), str(ckpt))
-    metrics = tmp_path / "m.json"
-    metrics.write_text(json.dumps({"accuracy": 91.25, "curvature_mean": 3.5, "pgd_l2": {"0.1": 80.0}}))
+    # A whole eval.json of several models, as `lcnn-zoo eval` writes it: the card takes this model's entry.
+    metrics = tmp_path / "eval.json"
+    mine = {"accuracy": 91.25, "test_samples": 1000, "curvature_mean": 3.5, "curvature_std": 0.5,
+            "pgd_l2": {"0.1": 80.0}, "pgd_steps": 10, "pgd_samples": 200}
+    other = {"accuracy": 12.5, "curvature_mean": 99.0}
+    metrics.write_text(json.dumps({"command": "lcnn-zoo eval ...",
+                                   "results": {"other": other, "lcnn_resnet20.cifar100": mine}}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: lcnn_resnet20\nepochs: 3\n")
     out = tmp_path / "lcnn_resnet20.cifar100"
     assert main(["push", str(ckpt), "--model", "lcnn_resnet20.cifar100", "--output-dir", str(out),
-                 "--metrics", str(metrics), "--eval-command", "lcnn-zoo eval ..."]) == 0
+                 "--metrics", str(metrics), "--eval-command", "lcnn-zoo eval ...", "--recipe", str(recipe)]) == 0
     card = (out / "README.md").read_text()
-    assert "# lcnn_resnet20.cifar100" in card and "| clean accuracy (%) | 91.25 |" in card
-    assert "pgd_l2 0.1" in card and "${" not in card and "CIFAR-100" in card
+    assert "# lcnn_resnet20.cifar100" in card and "| clean accuracy (%), 1000 test images | 91.25 |" in card
+    assert "| E normalised curvature C(x) | 3.5 ± 0.5 |" in card and "12.5" not in card and "99" not in card
+    assert "| accuracy (%) under ℓ2-PGD, ε=0.1 (10 steps, 200 test images) | 80 |" in card
+    assert "```yaml\nmodel: lcnn_resnet20\nepochs: 3\n```" in card
+    assert "${" not in card and "CIFAR-100" in card
+    # Several models and none of them this one: refused, naming what is there.
+    metrics.write_text(json.dumps({"results": {"a": other, "b": other}}))
+    with pytest.raises(SystemExit, match="several models.*--metrics-key"):
+        main(["push", str(ckpt), "--model", "lcnn_resnet20.cifar100", "--output-dir", str(tmp_path / "x"),
+              "--metrics", str(metrics)])
+    assert not (tmp_path / "x").exists()
     same_outputs(model, timm.create_model(f"local-dir:{out}", pretrained=True))
     repo = hub_id("lcnn_resnet20", "cifar100")
     populate(repo, out)
