@@ -367,6 +367,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     run_name = args.experiment or f"{args.model}-{args.dataset.replace(':', '_').replace('/', '_')}-{args.reg}"
     run_dir = Path(args.output) / run_name
     start_epoch = 0
+    resumed_history: List[Dict[str, Any]] = []
     if args.resume:
         ckpt_path = run_dir / "last.pth" if args.resume == "auto" else Path(args.resume)
         if args.resume == "auto" and not ckpt_path.is_file():
@@ -386,8 +387,21 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             start_epoch = int(ckpt["epoch"])
             if ckpt.get("rng") and world == 1:
                 _set_rng_state(ckpt["rng"])
+            resumed_history = list(ckpt.get("history") or [])
             if is_main:
                 print(f"resumed {ckpt_path} at epoch {start_epoch}", file=sys.stderr)
+            done = run_dir / "summary.json"
+            if start_epoch >= args.epochs and done.is_file() and (run_dir / "model.safetensors").is_file():
+                # A finished run: keep its summary and weights as they are (re-running a pipeline is safe).
+                if is_main:
+                    print(f"{run_dir} is already trained for {start_epoch}/{args.epochs} epochs: nothing to do "
+                          f"(raise --epochs to train on)", file=sys.stderr)
+                if world > 1:
+                    import torch.distributed as dist
+
+                    dist.barrier()
+                    dist.destroy_process_group()
+                return json.loads(done.read_text())
 
     if world > 1:
         model = sync_batchnorm(model)
@@ -419,7 +433,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
     summary_csv = run_dir / "summary.csv"
-    history: List[Dict[str, Any]] = []
+    history: List[Dict[str, Any]] = resumed_history  # the epochs before a resume, then this process's
     eval_metrics: Dict[str, float] = {}
     t_start = time.time()
 
@@ -513,7 +527,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "state_dict_ema": ema.module.state_dict() if ema is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": _rng_state(), "metrics": {**train_metrics, **{f"eval_{k}": v for k, v in eval_metrics.items()}},
+                "rng": _rng_state(), "history": history, "metrics": {**train_metrics, **{f"eval_{k}": v for k, v in eval_metrics.items()}},
                 "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
             }
             save_checkpoint(run_dir / "last.pth", payload)

@@ -159,6 +159,17 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # The summary of the resumed run covers every epoch, like the uninterrupted one.
+    summary = json.loads((tmp_path / "victim" / "summary.json").read_text())
+    ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]
+    assert summary["history"][-1]["train_loss"] == ref_summary["history"][-1]["train_loss"]
+    # Resuming a finished run changes nothing (a training pipeline can safely be re-run).
+    before = {f: (tmp_path / "victim" / f).read_bytes() for f in ("summary.json", "model.safetensors", "last.pth")}
+    again = _run_cli(common + ["--experiment", "victim", "--resume", "auto"])
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0 and "nothing to do" in out, out
+    assert before == {f: (tmp_path / "victim" / f).read_bytes() for f in before}
 
 
 @needs_fmnist
