@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -139,7 +140,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "lcnn-zoo eval " + " ".join(args.models)
+    # The whole command line, so eval.md / eval.json say exactly how to regenerate them.
+    command = "lcnn-zoo " + shlex.join(args.argv) if getattr(args, "argv", None) else "lcnn-zoo eval " + " ".join(args.models)
     results = run_eval(args.models, args.dataset, data_dir=args.data_dir, download=args.download, arch=args.arch,
                        cfg=_eval_config(args), output=Path(args.output), command=command)
     print(markdown_report(results))
@@ -215,6 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return int(args.func(args) or 0)
 
 

@@ -212,6 +212,10 @@ def test_eval_outputs(tmp_path):
     assert res["curvature_mean"] > 0 and len(res["gradient_robustness"]["relative_change_mean"]) == 5
     assert (out / "gradient_robustness.png").stat().st_size > 1000
     assert "Table 2" in (out / "eval.md").read_text()
+    # The recorded command is the whole command line (options included), so the tables can be regenerated.
+    recorded = json.loads((out / "eval.json").read_text())["command"]
+    assert recorded.startswith("lcnn-zoo eval ") and "--hvp-iters 3" in recorded and f"--output {out}" in recorded
+    assert f"Command: `{recorded}`" in (out / "eval.md").read_text()
 
 
 def test_cli_dispatches_train_options(capsys):
