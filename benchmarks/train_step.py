@@ -3,12 +3,11 @@
     python -m benchmarks.train_step [--threads 2] [--rounds 10] [--batch 64] [--json out.json]
 
 Variants (forward + loss + backward + SGD step), interleaved in one process, medians, as ratios
-to the plain ReLU model; peak memory measured per variant in a fresh subprocess (max RSS growth).
+to the plain ReLU model; peak memory measured per variant in a fresh subprocess (VmHWM above the RSS before the steps).
 """
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 
@@ -51,12 +50,25 @@ def make_step(variant: str, batch: int, classes: int = 100):
     return step
 
 
+def _vm_kib(field: str) -> int:
+    """A /proc/self/status field in KiB (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_memory_mb(variant: str, batch: int, threads: int) -> float:
-    """Max-RSS growth of two training steps of ``variant`` in a fresh interpreter (MiB)."""
-    code = (f"import torch, resource; torch.set_num_threads({threads});"
-            f"from benchmarks.train_step import make_step; s = make_step({variant!r}, {batch});"
-            "import gc; gc.collect(); r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            "s(); s(); print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
+    """Peak resident memory of two training steps of ``variant`` above the resident memory before them,
+    in a fresh interpreter (MiB).
+
+    The peak is VmHWM, the high-water mark of the new process's own address space. (``ru_maxrss``
+    would not do: Linux carries it over from the parent through fork + exec, so a child of a large
+    parent never reports growth.)
+    """
+    code = (f"import torch; torch.set_num_threads({threads});"
+            f"from benchmarks.train_step import make_step, _vm_kib; s = make_step({variant!r}, {batch});"
+            "import gc; gc.collect(); r0 = _vm_kib('VmRSS'); s(); s(); print((_vm_kib('VmHWM') - r0) / 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

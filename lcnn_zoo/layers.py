@@ -199,7 +199,8 @@ class LipschitzBatchNorm2d(nn.Module):
 
     (wᵢ = 1 when ``affine=False``). In eval mode BN is the diagonal affine map with that norm, so
     the layer's Lipschitz constant is ≤ γ exactly. In training mode BN(x) uses batch statistics
-    (like :class:`torch.nn.BatchNorm2d`) and the norm uses the running variance, as in the paper.
+    (like :class:`torch.nn.BatchNorm2d`) and the norm uses the running variance before this batch updates it
+    (the scale is folded into BatchNorm's weight, as in the reference implementations).
 
     γ = 1 + softplus(``gamma_raw``) ≥ 1 by construction. Buffers and parameters keep the
     ``torch.nn.BatchNorm2d`` names (``weight``, ``bias``, ``running_mean``, ``running_var``,
@@ -264,9 +265,22 @@ class LipschitzBatchNorm2d(nn.Module):
         self.running_var.fill_(1.0)
         self.num_batches_tracked.zero_()
 
-    def _batch_norm(self, x: torch.Tensor) -> torch.Tensor:
+    def _scaled_affine(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """BatchNorm's (weight, bias) with the Lipschitz scale folded in: (s·w, s·b), or s per channel."""
+        scale = self.lipschitz_scale()
+        if self.weight is None:
+            return scale.expand(self.num_features), None
+        return self.weight * scale, self.bias * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"{type(self).__name__} expects a 4D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        # The scale is folded into BatchNorm's affine weight, so F.batch_norm saves only its input for
+        # backward (multiplying its output by the scale would keep one more activation-sized tensor per
+        # layer) and no extra pass over the activation is made. It is computed from the running variance
+        # *before* this batch updates it (in eval mode there is no update); the gradient still reaches γ
+        # (and w, b) through the folded weight.
+        weight, bias = self._scaled_affine()
         record = self.training and self.update_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if record:
@@ -274,16 +288,17 @@ class LipschitzBatchNorm2d(nn.Module):
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
         if self.training and self.process_group is not None and _world_size(self.process_group) > 1:
-            return self._synced_batch_norm(x, record, momentum)
+            return self._synced_batch_norm(x, weight, bias, record, momentum)
         use_running = (not self.training) or record
         return F.batch_norm(
             x,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
-            self.weight, self.bias, self.training, momentum, self.eps,
+            weight, bias, self.training, momentum, self.eps,
         )
 
-    def _synced_batch_norm(self, x: torch.Tensor, record: bool, momentum: float) -> torch.Tensor:
+    def _synced_batch_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], record: bool,
+                           momentum: float) -> torch.Tensor:
         """Training-mode BN with batch statistics summed over the process group (differentiable,
         so double backward works). Works on any backend, gloo on CPU included."""
         c = x.shape[1]
@@ -297,16 +312,10 @@ class LipschitzBatchNorm2d(nn.Module):
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
                 unbiased = var.detach() * (n.detach() / (n.detach() - 1).clamp_min(1.0))
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
-        if self.weight is not None:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        y = (x - mean[None, :, None, None]) * (torch.rsqrt(var + self.eps) * weight.to(x.dtype))[None, :, None, None]
+        if bias is not None:
+            y = y + bias.to(x.dtype)[None, :, None, None]
         return y
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._batch_norm(x)
-        # The scale is computed after F.batch_norm updated the running stats in place (so autograd
-        # never sees a modified saved tensor).
-        return y * self.lipschitz_scale().to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "

@@ -64,11 +64,12 @@ def test_training_matches_batchnorm2d_times_scale(momentum):
         lbn.bias.copy_(ref.bias)
     for _ in range(3):
         x = torch.randn(8, 5, 4, 4) * 3 + 1
+        # The scale uses the running variance before this batch updates it (folded into BN's weight).
+        norm = (ref.weight.abs() / torch.sqrt(ref.running_var + ref.eps)).max()
         out, expected = lbn(x), ref(x)
         torch.testing.assert_close(lbn.running_mean, ref.running_mean)
         torch.testing.assert_close(lbn.running_var, ref.running_var)
         assert lbn.num_batches_tracked == ref.num_batches_tracked
-        norm = (ref.weight.abs() / torch.sqrt(ref.running_var + ref.eps)).max()
         torch.testing.assert_close(out, expected * torch.clamp(lbn.gamma / norm, max=1.0))
     lbn.eval(), ref.eval()
     x = torch.randn(2, 5, 4, 4)
@@ -103,3 +104,34 @@ def test_not_a_batchnorm_subclass_survives_syncbn_conversion():
 def test_rejects_non_4d():
     with pytest.raises(ValueError, match="4D"):
         LipschitzBatchNorm2d(3)(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_saves_no_extra_activation_for_backward(affine):
+    """The Lipschitz scale is folded into BatchNorm's weight: autograd keeps no tensor of the
+    output's size beyond what F.batch_norm keeps (its input), and the gradients match the unfused form."""
+    lbn = LipschitzBatchNorm2d(4, affine=affine, gamma_init=1.5).train()
+    with torch.no_grad():
+        lbn.running_var.fill_(1e-2)  # ‖BN‖ = 10 > γ: the scale is active
+    x = torch.randn(8, 4, 6, 6, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lbn(x)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert len(big) == 1 and big[0] is x
+    # gradients against the unfused definition BN(x) · min(γ, ‖BN‖)/‖BN‖
+    ref = LipschitzBatchNorm2d(4, affine=affine, gamma_init=1.5).train()
+    ref.load_state_dict({k: v for k, v in lbn.state_dict().items()})
+    with torch.no_grad():
+        ref.running_var.fill_(1e-2)
+        ref.num_batches_tracked.zero_()
+    x2 = x.detach().clone().requires_grad_(True)
+    scale = ref.lipschitz_scale()
+    y2 = torch.nn.functional.batch_norm(x2, None, None, ref.weight, ref.bias, True) * scale
+    g = torch.randn_like(y)
+    params = [p for p in lbn.parameters()]
+    grads = torch.autograd.grad(y, [x] + params, g)
+    grads2 = torch.autograd.grad(y2, [x2] + [p for p in ref.parameters()], g)
+    torch.testing.assert_close(y, y2)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b)
