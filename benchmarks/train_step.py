@@ -8,6 +8,7 @@ to the plain ReLU model; peak memory measured per variant in a fresh subprocess 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 
@@ -58,7 +59,7 @@ def _vm_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_mb(variant: str, batch: int, threads: int) -> float:
+def peak_memory_mb(variant: str, batch: int, threads: int, repeats: int = 3) -> float:
     """Peak resident memory of two training steps of ``variant`` above the resident memory before them,
     in a fresh interpreter (MiB).
 
@@ -69,8 +70,11 @@ def peak_memory_mb(variant: str, batch: int, threads: int) -> float:
     code = (f"import torch; torch.set_num_threads({threads});"
             f"from benchmarks.train_step import make_step, _vm_kib; s = make_step({variant!r}, {batch});"
             "import gc; gc.collect(); r0 = _vm_kib('VmRSS'); s(); s(); print((_vm_kib('VmHWM') - r0) / 1024)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeats):  # the allocator makes single readings vary by ~15 %: median of fresh processes
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        runs.append(float(out.stdout.strip().splitlines()[-1]))
+    return statistics.median(runs)
 
 
 def main() -> None:

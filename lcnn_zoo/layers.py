@@ -52,18 +52,31 @@ def _centered_softplus_t(t: torch.Tensor) -> torch.Tensor:
     return u + a + torch.log1p(0.5 * torch.expm1(-2.0 * a))
 
 
-def _beta_derivative(x: torch.Tensor, beta: torch.Tensor, t: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
-    """∂s0/∂β = (t·σ(t) − g(t)) / β², with the small-|t| cancellation removed by its Taylor series.
+def _derivatives_from_output(y: torch.Tensor, beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(∂s0/∂x, ∂s0/∂β) at the point whose *output* is y = s0(x; β), without x.
 
-    For |t| < 1e-2, t·σ(t) − g(t) = t²/8 − t⁴/64 + O(t⁶), so ∂s0/∂β = x²/8 · (1 − t²/8).
+    The backward needs only the output, like ReLU's, so autograd keeps one activation-sized tensor
+    per activation, the one the next layer saves anyway. With u = βy = g(βx) and d = 2 − e^{−u}:
+
+        σ(βx) = d / 2,   ∂s0/∂β = (t·σ(t) − u) / β²   with   t·σ(t) = (u·d + d·log d) / 2.
+
+    Near t = 0 the difference cancels: there t = log1p(2·expm1(u)) is exact and the series
+    t²/8·(1 − t²/8) is used. Saturated units (d = 0 in floating point) give d·log d = 0, with a
+    zero derivative, so double backward stays finite.
     """
-    direct = (t * sig - _centered_softplus_t(t)) / (beta * beta)
-    series = 0.125 * x * x * (1.0 - 0.125 * t * t)
-    return torch.where(t.abs() < 1e-2, series, direct)
+    u = y * beta
+    d = 2.0 - torch.exp(-u)
+    grad_x = 0.5 * d
+    dl = d.clamp_min(1e-30)
+    direct = (0.5 * (u * d + dl * torch.log(dl)) - u) / (beta * beta)
+    small = u.abs() < 5e-3
+    t = torch.log1p(2.0 * torch.expm1(torch.where(small, u, torch.zeros_like(u))))
+    series = 0.125 * t * t * (1.0 - 0.125 * t * t) / (beta * beta)
+    return grad_x, torch.where(small, series, direct)
 
 
 class _CenteredSoftplusFn(torch.autograd.Function):
-    """Fused centered softplus: saves only (x, β) and gets ∂/∂x = σ(βx) exactly, even at x = 0.
+    """Fused centered softplus. Saves only its output and β (see :func:`_derivatives_from_output`).
 
     The backward is written with differentiable torch ops, so double backward (exact GradReg,
     Hessian-vector products) works. This class has no ``jvp`` so that torch.compile traces it
@@ -78,40 +91,37 @@ class _CenteredSoftplusFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, beta = inputs
-        ctx.save_for_backward(x, beta)
+        _, beta = inputs
+        ctx.save_for_backward(output, beta)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        x, beta = ctx.saved_tensors
-        t = x * beta
-        sig = torch.sigmoid(t)
-        grad_x = grad_out * sig if ctx.needs_input_grad[0] else None
-        grad_beta = None
-        if ctx.needs_input_grad[1]:
-            grad_beta = (grad_out * _beta_derivative(x, beta, t, sig)).sum().reshape(beta.shape)
+        y, beta = ctx.saved_tensors
+        d_x, d_beta = _derivatives_from_output(y, beta)
+        grad_x = grad_out * d_x if ctx.needs_input_grad[0] else None
+        grad_beta = (grad_out * d_beta).sum().reshape(beta.shape) if ctx.needs_input_grad[1] else None
         return grad_x, grad_beta
 
 
 class _CenteredSoftplusFnFwdAD(_CenteredSoftplusFn):
-    """The same Function with a ``jvp`` (forward-mode AD, e.g. torch.func.jvp / forward-over-reverse)."""
+    """The same Function with a ``jvp`` (forward-mode AD, e.g. torch.func.jvp / forward-over-reverse).
+    It saves the output for the jvp too, so the input is not kept alive."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
-        x, beta = inputs
-        ctx.save_for_backward(x, beta)
-        ctx.save_for_forward(x, beta)
+        _, beta = inputs
+        ctx.save_for_backward(output, beta)
+        ctx.save_for_forward(output, beta)
 
     @staticmethod
     def jvp(ctx, x_t: Optional[torch.Tensor], beta_t: Optional[torch.Tensor]):  # type: ignore[override]
-        x, beta = ctx.saved_tensors
-        t = x * beta
-        sig = torch.sigmoid(t)
-        out = torch.zeros_like(x)
+        y, beta = ctx.saved_tensors
+        d_x, d_beta = _derivatives_from_output(y, beta)
+        out = torch.zeros_like(y)
         if x_t is not None:
-            out = out + sig * x_t
+            out = out + d_x * x_t
         if beta_t is not None:
-            out = out + _beta_derivative(x, beta, t, sig) * beta_t
+            out = out + d_beta * beta_t
         return out
 
 

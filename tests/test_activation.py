@@ -102,3 +102,34 @@ def test_frozen_matches_training_module():
     torch.testing.assert_close(FrozenCenteredSoftplus(float(act.beta.detach()))(x), act(x))
     fixed = CenteredSoftplus(beta_init=1e3, learnable=False)
     assert "log_beta" not in dict(fixed.named_parameters()) and "log_beta" in fixed.state_dict()
+
+
+@pytest.mark.parametrize("beta", [1e-4, 1e-2, 1.0, 5.0, 1e2, 1e4])
+def test_float32_derivatives_from_the_output(beta):
+    """The backward rebuilds σ(βx) and ∂s0/∂β from the output alone: within float32 rounding of the
+    float64 values over |βx| ≤ 1e4, and double backward stays finite for saturated units."""
+    t = torch.cat([-torch.logspace(-8, 4, 300), torch.zeros(1), torch.logspace(-8, 4, 300)]).double()
+    x = (t / beta).float().requires_grad_(True)
+    b = torch.tensor(beta, requires_grad=True)
+    w = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    y = centered_softplus(x, b)
+    gx, gb = torch.autograd.grad((y * w).sum(), [x, b], create_graph=True)
+    tt = x.detach().double() * beta
+    sig = torch.sigmoid(tt)
+    g = torch.nn.functional.softplus(tt) - math.log(2.0)
+    ref_gb = (w.double() * (tt * sig - g) / beta ** 2).sum()
+    assert (gx.double() / w.double() - sig).abs().max() < 3e-7
+    assert abs(gb.double() - ref_gb) <= 1e-4 * abs(ref_gb)
+    hx, hb = torch.autograd.grad((gx * torch.randn_like(gx)).sum() + gb, [x, b])
+    assert torch.isfinite(hx).all() and torch.isfinite(hb)
+
+
+def test_backward_keeps_only_the_output():
+    """Like ReLU, the activation saves its output (which the next layer keeps anyway), not its input."""
+    act = CenteredSoftplus(beta_init=2.0)
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = act(x * 1.0)
+    big = [s for s in saved if s.numel() == x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == y.data_ptr()
