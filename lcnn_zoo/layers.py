@@ -75,6 +75,26 @@ def _derivatives_from_output(y: torch.Tensor, beta: torch.Tensor) -> Tuple[torch
     return grad_x, torch.where(small, series, direct)
 
 
+def _fast_backward(grad_out: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, need_x: bool,
+                   need_beta: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The formulas of :func:`_derivatives_from_output` with in-place ops and only what is needed
+    (no β part for a fixed β): for backward passes that are not differentiated again."""
+    u = y * beta
+    sig = torch.neg(u).exp_().mul_(-0.5).add_(1.0)  # σ(βx) = 1 − e^{−u}/2
+    grad_x = grad_out * sig if need_x else None
+    grad_beta = None
+    if need_beta:
+        f = (2.0 * sig).clamp_min_(1e-30)
+        f.log_().mul_(sig)                      # σ·log 2σ
+        f.add_(sig.sub_(1.0).mul_(u))           # + u·(σ − 1) = t·σ(t) − u
+        small = u.abs() < 5e-3
+        t2 = torch.where(small, u, 0.0).expm1_().mul_(2.0).log1p_().square_()
+        series = t2.mul(0.125).mul_(t2.mul_(-0.125).add_(1.0))  # t²/8·(1 − t²/8)
+        f = torch.where(small, series, f)
+        grad_beta = (grad_out * f).sum().div(beta * beta).reshape(beta.shape)
+    return grad_x, grad_beta
+
+
 class _CenteredSoftplusFn(torch.autograd.Function):
     """Fused centered softplus. Saves only its output and β (see :func:`_derivatives_from_output`).
 
@@ -97,9 +117,12 @@ class _CenteredSoftplusFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         y, beta = ctx.saved_tensors
+        need_x, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not torch.is_grad_enabled():  # an ordinary backward (no create_graph): in place, fewer passes
+            return _fast_backward(grad_out, y, beta, need_x, need_beta)
         d_x, d_beta = _derivatives_from_output(y, beta)
-        grad_x = grad_out * d_x if ctx.needs_input_grad[0] else None
-        grad_beta = (grad_out * d_beta).sum().reshape(beta.shape) if ctx.needs_input_grad[1] else None
+        grad_x = grad_out * d_x if need_x else None
+        grad_beta = (grad_out * d_beta).sum().reshape(beta.shape) if need_beta else None
         return grad_x, grad_beta
 
 

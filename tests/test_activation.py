@@ -133,3 +133,17 @@ def test_backward_keeps_only_the_output():
         y = act(x * 1.0)
     big = [s for s in saved if s.numel() == x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == y.data_ptr()
+
+
+@pytest.mark.parametrize("beta", [1e-4, 0.3, 5.0, 1e3])
+@pytest.mark.parametrize("learnable", [True, False])
+def test_fast_backward_matches_differentiable_backward(beta, learnable):
+    """Plain backward takes an in-place path; with create_graph the differentiable one: same gradients."""
+    x = (torch.randn(3, 4, 5, 5) * 3 / beta).requires_grad_(True)
+    act = CenteredSoftplus(beta_init=beta, learnable=learnable)
+    g = torch.randn(3, 4, 5, 5)
+    params = [x] + ([act.log_beta] if learnable else [])
+    fast = torch.autograd.grad(act(x), params, g)
+    slow = torch.autograd.grad(act(x), params, g, create_graph=True)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b.detach(), rtol=2e-5, atol=1e-7)
