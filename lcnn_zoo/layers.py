@@ -79,11 +79,12 @@ def _fast_backward(grad_out: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, 
                    need_beta: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The formulas of :func:`_derivatives_from_output` with in-place ops and only what is needed
     (no β part for a fixed β): for backward passes that are not differentiated again."""
-    u = y * beta
-    sig = torch.neg(u).exp_().mul_(-0.5).add_(1.0)  # σ(βx) = 1 − e^{−u}/2
-    grad_x = grad_out * sig if need_x else None
+    e = torch.mul(y, -beta).exp_()  # e^{−u}, σ(βx) = 1 − e/2
+    grad_x = torch.addcmul(grad_out, grad_out, e, value=-0.5) if need_x else None  # three passes in all
     grad_beta = None
     if need_beta:
+        u = y * beta
+        sig = e.mul_(-0.5).add_(1.0)
         f = (2.0 * sig).clamp_min_(1e-30)
         f.log_().mul_(sig)                      # σ·log 2σ
         f.add_(sig.sub_(1.0).mul_(u))           # + u·(σ − 1) = t·σ(t) − u
