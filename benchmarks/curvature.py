@@ -50,9 +50,10 @@ def main() -> None:
     # softplus ResNet-18 (same architecture and cost, ordinary gradient scale); or a trained model.
     if "." in args.model:
         from lcnn_zoo.data import build_dataset
+        from lcnn_zoo.hub import tag_dataset
 
         model = timm.create_model(args.model, pretrained=True).eval()
-        ds = build_dataset(args.model.split(".", 1)[1].split("_")[0], train=False)
+        ds = build_dataset(tag_dataset(args.model), train=False)
         x, y = ds.images[:args.batch].float() / 255.0, ds.labels[:args.batch]
     else:
         model = timm.create_model(args.model, num_classes=10).eval()

@@ -94,8 +94,8 @@ def _bundle(folder: Path, tag: str, metrics: Optional[dict], eval_command: str) 
     from . import hub
     from .data import build_dataset
 
-    dataset = {"fmnist": "fmnist", "cifar10": "cifar10", "cifar100": "cifar100"}.get(tag.split(".", 1)[1].split("_")[0])
-    if dataset is None:
+    dataset = hub.tag_dataset(tag)
+    if dataset not in ("fmnist", "cifar10", "cifar100"):
         raise SystemExit(f"--bundle: cannot tell the dataset of {tag}")
     hub.WEIGHTS_DIR.mkdir(exist_ok=True)
     target = hub.WEIGHTS_DIR / f"{tag}.safetensors"
@@ -141,7 +141,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     # The whole command line, so eval.md / eval.json say exactly how to regenerate them.
-    command = "lcnn-zoo " + shlex.join(args.argv) if getattr(args, "argv", None) else "lcnn-zoo eval " + " ".join(args.models)
+    command = "lcnn-zoo " + shlex.join(args.argv)
     results = run_eval(args.models, args.dataset, data_dir=args.data_dir, download=args.download, arch=args.arch,
                        cfg=_eval_config(args), output=Path(args.output), command=command)
     print(markdown_report(results))

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-__all__ = ["NAMESPACE", "hub_id", "bundled_weights", "pretrained_filter_fn", "safe_build", "PretrainedLoadError",
+__all__ = ["NAMESPACE", "hub_id", "tag_dataset", "bundled_weights", "pretrained_filter_fn", "safe_build", "PretrainedLoadError",
            "save_pretrained", "push_folder"]
 
 NAMESPACE = os.environ.get("LCNN_ZOO_HUB_NAMESPACE", "lcnn-zoo").strip("/") or "lcnn-zoo"
@@ -39,6 +39,11 @@ class PretrainedLoadError(RuntimeError):
 def hub_id(model: str, tag: str) -> str:
     """Hub repo id of a pretrained tag, e.g. ``lcnn-zoo/lcnn_resnet18.cifar10``."""
     return f"{NAMESPACE}/{model}.{tag}"
+
+
+def tag_dataset(model_name: str) -> str:
+    """The dataset of a pretrained tag: ``lcnn_resnet20.fmnist_gradreg`` → ``fmnist``; ``""`` without a tag."""
+    return model_name.split(".", 1)[1].split("_")[0] if "." in model_name else ""
 
 
 def bundled_manifest() -> Dict[str, Dict[str, Any]]:
@@ -316,7 +321,7 @@ def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict
     """Fill the template's ``${...}`` fields (string.Template; unknown fields raise)."""
     from string import Template
 
-    dataset = (model_name.split(".", 1)[1] if "." in model_name else "").split("_")[0] or "unknown"
+    dataset = tag_dataset(model_name) or "unknown"
     dataset_names = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "fmnist": "Fashion-MNIST"}
     return Template(template).substitute(
         model_id=repo_id.split("/")[-1], model_name=model_name, repo_id=repo_id,

@@ -79,7 +79,11 @@ def _derivatives_from_output(y: torch.Tensor, beta: torch.Tensor) -> Tuple[torch
 def _fast_backward(grad_out: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, need_x: bool,
                    need_beta: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """The formulas of :func:`_derivatives_from_output` with in-place ops and only what is needed
-    (no β part for a fixed β): for backward passes that are not differentiated again."""
+    (no β part for a fixed β): for backward passes that are not differentiated again.
+
+    Deliberately a second, in-place copy of those formulas: calling the differentiable one for the
+    β part measured 1.6× slower on a 64×64×32×32 activation. test_fast_backward_matches_differentiable_backward
+    keeps the two equal."""
     e = torch.mul(y, -beta).exp_()  # e^{−u}, σ(βx) = 1 − e/2
     grad_x = torch.addcmul(grad_out, grad_out, e, value=-0.5) if need_x else None  # three passes in all
     grad_beta = None
