@@ -70,7 +70,7 @@ def load_model(spec: str, *, arch: Optional[str] = None, device: Optional[torch.
 
             meta = load_checkpoint(path / "last.pth")
             input_size, num_classes = meta["input_size"], meta["num_classes"]
-        model = _build(name, num_classes, input_size)
+        model = _build(name, num_classes, input_size, run_args.get("model_kwargs") or {})
         _load_state(model, load_checkpoint_state_dict(ckpt), ckpt)
         display = f"{path.name}"
     elif path.suffix in (".pth", ".pt", ".safetensors") and path.is_file():
@@ -94,10 +94,11 @@ def load_model(spec: str, *, arch: Optional[str] = None, device: Optional[torch.
     return display, model.eval()
 
 
-def _build(name: str, num_classes: int, input_size: Sequence[int]) -> nn.Module:
+def _build(name: str, num_classes: int, input_size: Sequence[int],
+           model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     import timm
 
-    kwargs: Dict[str, Any] = dict(num_classes=int(num_classes), in_chans=int(input_size[0]))
+    kwargs: Dict[str, Any] = dict(model_kwargs or {}, num_classes=int(num_classes), in_chans=int(input_size[0]))
     if name.split(".")[0].startswith("lcnn_"):
         kwargs["pretrained_cfg_overlay"] = dict(input_size=tuple(int(s) for s in input_size))
     return timm.create_model(name.split(".")[0], **kwargs)

@@ -24,11 +24,12 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import ParseKwargs
 from torch import nn
 
 from .layers import converge_spectral_norms, sync_batchnorm
@@ -58,6 +59,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
                    help="input size the model is built for (default: the dataset's image size)")
     g.add_argument("--drop-rate", type=float, default=0.0)
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="extra keyword arguments for timm.create_model, e.g. logit_scale=4 (as timm's train.py)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="fmnist", help="cifar10 | cifar100 | fmnist | folder:<path> | hf:<name>")
     g.add_argument("--data-dir", default=None, help="where the dataset lives")
@@ -138,6 +141,12 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     for name in ("lambda_beta", "lambda_gamma", "lambda_grad", "lr", "weight_decay"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    if not isinstance(args.model_kwargs, dict):
+        parser.error(f"model_kwargs must be a mapping of name: value, got {args.model_kwargs!r}")
+    reserved = sorted(set(args.model_kwargs) & {"num_classes", "in_chans", "pretrained", "pretrained_cfg_overlay"})
+    if reserved:
+        parser.error(f"--model-kwargs: set {reserved} with their own options (--num-classes, --in-chans, "
+                     f"--pretrained, --input-size)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,6 +247,7 @@ def _build_model(args: argparse.Namespace, num_classes: int, input_size: tuple) 
     from .conversion import lcnnify
 
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, in_chans=input_size[0], drop_rate=args.drop_rate)
+    kwargs.update(args.model_kwargs)
     name = args.model
     if name.split(".")[0].startswith("lcnn_"):
         kwargs["pretrained_cfg_overlay"] = dict(input_size=tuple(input_size))
@@ -245,14 +255,16 @@ def _build_model(args: argparse.Namespace, num_classes: int, input_size: tuple) 
     if args.lcnnify and getattr(model, "lcnn_report", None) is None:
         lcnnify(model, input_size=tuple(input_size))
     if args.initial_checkpoint:
-        _load_initial(model, args.initial_checkpoint)
+        # A logit_scale asked for explicitly is the new run's recipe: the checkpoint's does not replace it.
+        _load_initial(model, args.initial_checkpoint, keep=("logit_scale",) if "logit_scale" in args.model_kwargs else ())
     if args.reg in ("lcnn", "lcnn_gradreg") and getattr(model, "lcnn_report", None) is None:
         raise SystemExit(f"--reg {args.reg} needs an LCNN: use an lcnn_* model (not _softplus/_relu) or --lcnnify")
     return model
 
 
-def _load_initial(model: nn.Module, path: str) -> None:
-    """Load matching tensors of a checkpoint; keys whose shape differs (new head, new stem) are skipped."""
+def _load_initial(model: nn.Module, path: str, keep: Sequence[str] = ()) -> None:
+    """Load matching tensors of a checkpoint; keys whose shape differs (new head, new stem) are skipped,
+    and so are the ``keep`` keys (the model's own values stay)."""
     from .cli import load_checkpoint_state_dict
 
     p = Path(path)
@@ -264,7 +276,7 @@ def _load_initial(model: nn.Module, path: str) -> None:
     if unknown:
         raise SystemExit(f"{p} does not fit {type(model).__name__}: unexpected keys {unknown[:5]}...")
     skipped = sorted(k for k, v in state.items() if own[k].shape != v.shape)
-    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped and k not in keep}, strict=False)
     if skipped:
         print(f"initial checkpoint {p}: re-initialised {', '.join(skipped)} (shape differs)", file=sys.stderr)
 

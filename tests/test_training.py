@@ -38,6 +38,29 @@ def test_config_and_cli_override(tmp_path):
         parse_args(["--lambda-beta", "-1"])
 
 
+def test_model_kwargs_reach_the_model_and_the_evaluation(tmp_path):
+    from lcnn_zoo.evaluation import load_model
+
+    args = parse_args(FAST + ["--model", "lcnn_resnet20", "--reg", "lcnn", "--epochs", "1", "--output", str(tmp_path),
+                              "--experiment", "scaled", "--model-kwargs", "logit_scale=3"])
+    assert args.model_kwargs == {"logit_scale": 3}
+    run = Path(train(args)["run_dir"])
+    assert json.loads((run / "args.json").read_text())["model_kwargs"] == {"logit_scale": 3}
+    _, model = load_model(str(run))
+    assert model.logit_scale.item() == 3.0
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model_kwargs: {logit_scale: 2.0}\n")
+    assert parse_args(["--config", str(cfg)]).model_kwargs == {"logit_scale": 2.0}
+    for bad in (["--model-kwargs", "num_classes=3"], ["--config", str(_write(tmp_path / "b.yaml", "model_kwargs: 4\n"))]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
 def test_shipped_configs_parse():
     for cfg in sorted((REPO / "configs").glob("*.yaml")):
         args = parse_args(["--config", str(cfg)])

@@ -61,6 +61,33 @@ def test_timm_kwargs():
     assert fmnist.pretrained_cfg["input_size"] == (1, 28, 28) and fmnist.conv1.in_channels == 1
 
 
+@pytest.mark.parametrize("name", ["lcnn_resnet18", "lcnn_resnet20", "lcnn_wide_resnet16_8_softplus"])
+def test_logit_scale_multiplies_logits_and_travels_with_the_weights(name, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    scaled = timm.create_model(name, logit_scale=2.5).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = scaled(x)
+        unscaled = scaled.get_classifier()(scaled.forward_head(scaled.forward_features(x), pre_logits=True))
+    torch.testing.assert_close(logits, 2.5 * unscaled)
+    # A model built with the default scale takes the scale from the saved weights (a persistent buffer)...
+    save_file(scaled.state_dict(), tmp_path / "w.safetensors")
+    plain = timm.create_model(name).eval()
+    plain.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    assert plain.logit_scale.item() == 2.5
+    same_outputs(plain, scaled)
+    # ...and weights saved before the buffer existed (trained at scale 1) still load strictly.
+    old = {k: v for k, v in plain.state_dict().items() if k != "logit_scale"}
+    fresh = timm.create_model(name)
+    fresh.load_state_dict(old)
+    assert fresh.logit_scale.item() == 1.0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="logit_scale"):
+            timm.create_model(name, logit_scale=bad)
+
+
 def trained(name="lcnn_resnet20", steps=2, **kw):
     torch.manual_seed(0)
     model = timm.create_model(name, **kw)

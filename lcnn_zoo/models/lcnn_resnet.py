@@ -18,9 +18,15 @@ Input convention: images in [0, 1], **no normalisation** (``mean=(0,0,0)``, ``st
 ``pretrained_cfg``), as in the reference code, so ℓ2 radii ε mean the same as in the paper. The
 convolution operator norms are computed for the cfg's ``input_size`` (``fixed_input_size=True``:
 timm passes ``img_size``; override with ``pretrained_cfg_overlay=dict(input_size=...)``).
+
+Every model takes ``logit_scale`` (default 1, as the reference code): a fixed factor on the logits,
+stored as a persistent buffer. An LCNN's 1-Lipschitz classifier on about-unit-size features bounds
+its logit margins by the feature norm, which is small for nets with few features (ResNet-20/56: 64);
+the factor restores trainable margins without changing any logit's normalised curvature.
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -54,21 +60,48 @@ def _finalize(model: nn.Module, kind: str, in_chans: int, img_size: Sequence[int
                 gamma_init=gamma_init, strict=True)
 
 
+def _add_logit_scale(model: nn.Module, value: float) -> None:
+    """Give ``model`` its ``logit_scale``: a fixed factor on the logits, kept as a persistent 0-dim buffer.
+
+    Being in the state dict, the factor travels with the weights (safetensors, checkpoints, the Hub):
+    loading weights sets it, so a model is never evaluated with another scale than it was trained
+    with. Weights saved before the buffer existed (no ``logit_scale`` key) were trained at 1 and load
+    into a model built with the default; for them the model keeps the value it was built with.
+    """
+    value = float(value)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"logit_scale must be a finite positive number, got {value}")
+    model.register_buffer("logit_scale", torch.tensor(value))
+    model.register_load_state_dict_pre_hook(_logit_scale_if_missing)
+
+
+def _logit_scale_if_missing(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    key = prefix + "logit_scale"
+    if key not in state_dict:
+        state_dict[key] = module.logit_scale.detach().clone()
+
+
 class LcnnResNet(ResNet):
     """timm's :class:`~timm.models.resnet.ResNet` (any block/depth), optionally with the CIFAR stem
     (3×3 stride-1 conv, no max-pool); ``kind`` is "lcnn", "softplus" (β=1e3) or "relu"."""
 
     def __init__(self, block: Type[nn.Module], layers: Sequence[int], *, kind: str = "lcnn",
                  cifar_stem: bool = True, img_size: Sequence[int] = (32, 32), in_chans: int = 3,
-                 beta_init: float = 5.0, gamma_init: float = 10.0, **kwargs: Any) -> None:
+                 beta_init: float = 5.0, gamma_init: float = 10.0, logit_scale: float = 1.0,
+                 **kwargs: Any) -> None:
         super().__init__(block, layers, in_chans=in_chans, act_layer=_act_layer(kind), **kwargs)
         self.kind = kind
+        _add_logit_scale(self, logit_scale)
         if cifar_stem:
             self.conv1 = nn.Conv2d(in_chans, self.conv1.out_channels, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
             for info in self.feature_info:  # the stem no longer downsamples by 4
                 info["reduction"] = max(1, info["reduction"] // (4 if info["module"] != "act1" else 2))
         _finalize(self, kind, in_chans, img_size, beta_init, gamma_init)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = super().forward_head(x, pre_logits=pre_logits)
+        return x if pre_logits else x * self.logit_scale
 
 
 class _ClassifierHead(nn.Module):
@@ -95,7 +128,7 @@ class _ClassifierHead(nn.Module):
         x = self.global_pool(x)
         if self.drop_rate:
             x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
+        return x if pre_logits else self.fc(x) * self.logit_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -109,10 +142,12 @@ class CifarResNet(_ClassifierHead):
     def __init__(self, layers: Sequence[int] = (3, 3, 3), channels: Sequence[int] = (16, 32, 64), *,
                  num_classes: int = 10, in_chans: int = 3, kind: str = "lcnn", img_size: Sequence[int] = (32, 32),
                  global_pool: str = "avg", drop_rate: float = 0.0, beta_init: float = 5.0,
-                 gamma_init: float = 10.0, norm_layer: Type[nn.Module] = nn.BatchNorm2d) -> None:
+                 gamma_init: float = 10.0, logit_scale: float = 1.0,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         act_layer = _act_layer(kind)
         self.kind = kind
+        _add_logit_scale(self, logit_scale)
         self.grad_checkpointing = False
         self.conv1 = nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False)
         self.bn1 = norm_layer(channels[0])
@@ -183,7 +218,8 @@ class WideResNet(_ClassifierHead):
     def __init__(self, depth: int = 28, widen_factor: int = 10, *, num_classes: int = 10, in_chans: int = 3,
                  kind: str = "lcnn", img_size: Sequence[int] = (32, 32), global_pool: str = "avg",
                  drop_rate: float = 0.0, block_drop_rate: float = 0.0, beta_init: float = 5.0,
-                 gamma_init: float = 10.0, norm_layer: Type[nn.Module] = nn.BatchNorm2d) -> None:
+                 gamma_init: float = 10.0, logit_scale: float = 1.0,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d) -> None:
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
@@ -191,6 +227,7 @@ class WideResNet(_ClassifierHead):
         act_layer = _act_layer(kind)
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.kind = kind
+        _add_logit_scale(self, logit_scale)
         self.grad_checkpointing = False
         self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         self.feature_info: List[Dict[str, Any]] = [dict(num_chs=16, reduction=1, module="conv1")]
