@@ -9,7 +9,7 @@ from lcnn_zoo import LCNNPenalty, curvature_stats, fold, lcnnify, param_groups
 model = lcnnify(timm.create_model("resnet18", num_classes=10), input_size=(3, 32, 32), bn_affine=False)
 opt = torch.optim.SGD(param_groups(model, weight_decay=5e-4), lr=0.1, momentum=0.9)
 x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-loss = F.cross_entropy(model(x), y) + LCNNPenalty(lambda_beta=1e-2, lambda_gamma=1e-2)(model)
+loss = F.cross_entropy(model(x), y) + LCNNPenalty(lambda_beta=1e-3, lambda_gamma=1e-3)(model)
 loss.backward()
 opt.step()
 stats = curvature_stats(model, x, y, n_iter=10)

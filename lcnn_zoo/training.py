@@ -88,8 +88,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-ema-decay", type=float, default=0.999)
     g = p.add_argument_group("regularisation (paper eq. 5 and §5)")
     g.add_argument("--reg", default="lcnn", choices=REGS)
-    g.add_argument("--lambda-beta", type=float, default=1e-2)
-    g.add_argument("--lambda-gamma", type=float, default=1e-2)
+    g.add_argument("--lambda-beta", type=float, default=1e-3, help="weight on Σβ (eq. 5; the reference code's value)")
+    g.add_argument("--lambda-gamma", type=float, default=1e-3, help="weight on Σ log γ (eq. 5; the reference code's value)")
     g.add_argument("--lambda-grad", type=float, default=6e-3,
                    help="GradReg weight on mean ‖∇ₓℓᵢ‖² (reference λ=1e-3 at B=128 ↔ 6.1e-3)")
     g.add_argument("--gradreg", default="fd", choices=("exact", "fd"), help="double backprop or finite difference")
