@@ -18,7 +18,22 @@ def test_quickstart(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "eval.json").read_text())["results"]
     std, lcnn = results["standard"], results["lcnn_gradreg"]
-    assert lcnn["curvature_mean"] * 5 < std["curvature_mean"]  # clearly lower curvature
+    # The paper's three claims, on real data: similar accuracy, clearly lower curvature, higher PGD accuracy.
+    assert lcnn["accuracy"] > std["accuracy"] - 2.0
+    assert lcnn["curvature_mean"] * 5 < std["curvature_mean"]
     assert lcnn["hessian_norm_mean"] < std["hessian_norm_mean"]
+    assert lcnn["pgd_l2"]["0.2"] > std["pgd_l2"]["0.2"] + 5.0
     assert (out / "gradient_robustness.png").is_file() and "Table 2" in (out / "eval.md").read_text()
     assert "curvature: LCNN+GradReg" in proc.stdout
+
+
+def test_quickstart_recipe_parses():
+    """The recipe the README documents (fast check; the run itself is the slow test above)."""
+    from lcnn_zoo.quickstart import _COMMON, QUICKSTART_RUNS
+    from lcnn_zoo.training import parse_args
+
+    lcnn = parse_args(_COMMON + QUICKSTART_RUNS["lcnn_gradreg"])
+    assert lcnn.model == "lcnn_resnet20" and lcnn.model_kwargs == {"logit_scale": 4}
+    assert (lcnn.lambda_beta, lcnn.lambda_gamma, lcnn.lambda_grad, lcnn.epochs) == (1e-3, 1e-3, 1e-2, 3)
+    std = parse_args(_COMMON + QUICKSTART_RUNS["standard"])
+    assert std.model == "lcnn_resnet20_softplus" and std.reg == "none" and std.model_kwargs == {}
