@@ -56,6 +56,21 @@ def test_model_kwargs_reach_the_model_and_the_evaluation(tmp_path):
             parse_args(bad)
 
 
+def test_initial_checkpoint_keeps_an_explicit_logit_scale(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from lcnn_zoo.training import _load_initial
+
+    save_file(timm.create_model("lcnn_resnet20", logit_scale=2.0).state_dict(), tmp_path / "w.safetensors")
+    kept = timm.create_model("lcnn_resnet20", logit_scale=5.0)
+    _load_initial(kept, str(tmp_path / "w.safetensors"), keep=("logit_scale",))
+    assert kept.logit_scale.item() == 5.0
+    loaded = timm.create_model("lcnn_resnet20", logit_scale=5.0)
+    _load_initial(loaded, str(tmp_path / "w.safetensors"))
+    assert loaded.logit_scale.item() == 2.0
+
+
 def _write(path, text):
     path.write_text(text)
     return path

@@ -110,11 +110,13 @@ class _ClassifierHead(nn.Module):
     num_features: int
     drop_rate: float
 
-    def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
+    def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float,
+                   logit_scale: float) -> None:
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = num_features
         self.global_pool, self.fc = create_classifier(num_features, num_classes, pool_type=global_pool)
+        _add_logit_scale(self, logit_scale)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -147,7 +149,6 @@ class CifarResNet(_ClassifierHead):
         super().__init__()
         act_layer = _act_layer(kind)
         self.kind = kind
-        _add_logit_scale(self, logit_scale)
         self.grad_checkpointing = False
         self.conv1 = nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False)
         self.bn1 = norm_layer(channels[0])
@@ -169,7 +170,7 @@ class CifarResNet(_ClassifierHead):
                 in_chs = c
             self.stages.add_module(str(i), nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=c, reduction=reduction, module=f"stages.{i}"))
-        self._init_head(in_chs, num_classes, global_pool, drop_rate)
+        self._init_head(in_chs, num_classes, global_pool, drop_rate, logit_scale)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -227,7 +228,6 @@ class WideResNet(_ClassifierHead):
         act_layer = _act_layer(kind)
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.kind = kind
-        _add_logit_scale(self, logit_scale)
         self.grad_checkpointing = False
         self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         self.feature_info: List[Dict[str, Any]] = [dict(num_chs=16, reduction=1, module="conv1")]
@@ -243,7 +243,7 @@ class WideResNet(_ClassifierHead):
             self.feature_info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
         self.bn = norm_layer(in_chs)
         self.act = act_layer(inplace=True)
-        self._init_head(in_chs, num_classes, global_pool, drop_rate)
+        self._init_head(in_chs, num_classes, global_pool, drop_rate, logit_scale)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
