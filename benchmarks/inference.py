@@ -1,15 +1,18 @@
 """Inference cost: eval forward of the CIFAR ResNet-18 at batch 64 and batch 1 — plain ReLU, the
-paper's softplus-β=1e3 model, the LCNN unfolded (eval mode, cached normalised weights) and
-``fold(LCNN)``. LCNN machinery is judged against the softplus model (same activation cost).
+paper's softplus-β=1e3 model, the LCNN unfolded (eval mode: σ recomputed from the weights at every
+call), the same inside ``torch.nn.utils.parametrize.cached()`` (normalised weights computed once per
+block) and ``fold(LCNN)``. LCNN machinery is judged against the softplus model (same activation cost).
 
     python -m benchmarks.inference [--threads 2] [--rounds 20] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import timm
 import torch
+from torch.nn.utils import parametrize
 
 import lcnn_zoo
 from benchmarks.timing import dump, interleaved, machine, report
@@ -33,15 +36,18 @@ def main() -> None:
     for batch in (64, 1):
         x = torch.rand(batch, 3, 32, 32)
 
-        def run(m):
+        def run(m, cached=False):
             def f():
-                with torch.no_grad():
+                with torch.no_grad(), (parametrize.cached() if cached else contextlib.nullcontext()):
                     m(x)
             return f
-        res = interleaved({k: run(m) for k, m in models.items()}, rounds=args.rounds)
+        variants = {k: run(m) for k, m in models.items()}
+        variants["lcnn_unfolded_cached"] = run(models["lcnn_unfolded"], cached=True)
+        res = interleaved(variants, rounds=args.rounds)
         base = res["softplus"]["median_s"]
         cols = {"× softplus": {k: f"{v['median_s'] / base:.3f}" for k, v in res.items()}}
-        print(report(f"Eval forward, batch {batch}, {args.threads} threads, median of {args.rounds}", res, "relu", cols))
+        print(report(f"Eval forward, batch {batch}, {args.threads} threads, median of {args.rounds} "
+                     f"({out['machine']['cpu']})", res, "relu", cols))
         print()
         out[f"batch{batch}"] = res
     if args.json:

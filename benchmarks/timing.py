@@ -26,8 +26,20 @@ def interleaved(variants: Dict[str, Callable[[], object]], *, warmup: int = 2, r
             for k, v in samples.items()}
 
 
+def cpu_model() -> str:
+    """The CPU's model name as lscpu shows it (/proc/cpuinfo), e.g. 'AMD EPYC' or an Intel Xeon's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
             "python": platform.python_version(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 

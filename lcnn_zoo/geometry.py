@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linalg import lanczos, power_method
+
 __all__ = ["CurvatureStats", "curvature_stats", "gradient_robustness", "relative_discrepancy"]
 
 SumLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,57 +75,6 @@ def _input_grad(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_f
     return (x, g) if create_graph else g
 
 
-def _rows_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1)
-
-
-def _lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], b: int, d: int, n_iter: int, like: torch.Tensor,
-             generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Batched Lanczos with full re-orthogonalisation: max |Ritz value| per row, shape (B,)."""
-    k = max(1, min(n_iter, d))
-    dtype = like.dtype
-    q = torch.randn(b, d, generator=generator, dtype=dtype).to(like.device)
-    q = q / q.norm(dim=1, keepdim=True)
-    basis = torch.zeros(k, b, d, dtype=dtype, device=like.device)
-    alphas = torch.zeros(b, k, dtype=dtype, device=like.device)
-    betas = torch.zeros(b, k, dtype=dtype, device=like.device)
-    scale = torch.zeros(b, dtype=dtype, device=like.device)
-    for j in range(k):
-        basis[j] = q
-        w = hvp(q)
-        alpha = _rows_dot(w, q)
-        alphas[:, j] = alpha
-        for _ in range(2):  # classical Gram-Schmidt twice against the whole basis
-            w = w - torch.einsum("jb,jbd->bd", torch.einsum("jbd,bd->jb", basis[: j + 1], w), basis[: j + 1])
-        beta = w.norm(dim=1)
-        scale = torch.maximum(scale, alpha.abs().maximum(beta))
-        if j + 1 == k:
-            break
-        # Breakdown (an invariant subspace was found, e.g. a low-rank Hessian): restart with a
-        # random vector orthogonal to the basis and decouple it in T (β = 0).
-        broke = beta <= 1e-6 * scale.clamp_min(torch.finfo(dtype).tiny)
-        r = torch.randn(b, d, generator=generator, dtype=dtype).to(like.device)
-        for _ in range(2):
-            r = r - torch.einsum("jb,jbd->bd", torch.einsum("jbd,bd->jb", basis[: j + 1], r), basis[: j + 1])
-        w = torch.where(broke[:, None], r, w)
-        betas[:, j] = torch.where(broke, torch.zeros_like(beta), beta)
-        q = w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    t = torch.diag_embed(alphas) + torch.diag_embed(betas[:, : k - 1], 1) + torch.diag_embed(betas[:, : k - 1], -1)
-    return torch.linalg.eigvalsh(t).abs().amax(dim=-1)
-
-
-def _power(hvp: Callable[[torch.Tensor], torch.Tensor], b: int, d: int, n_iter: int, like: torch.Tensor,
-           generator: Optional[torch.Generator]) -> torch.Tensor:
-    v = torch.randn(b, d, generator=generator, dtype=like.dtype).to(like.device)
-    v = v / v.norm(dim=1, keepdim=True)
-    est = torch.zeros(b, dtype=like.dtype, device=like.device)
-    for _ in range(max(1, n_iter)):
-        w = hvp(v)
-        est = w.norm(dim=1)
-        v = w / est.clamp_min(torch.finfo(like.dtype).tiny)[:, None]
-    return est
-
-
 def curvature_stats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, n_iter: int = 10, *,
                     method: str = "lanczos", loss_fn: SumLossFn = _ce_sum, eps: float = 1e-6,
                     generator: Optional[torch.Generator] = None) -> CurvatureStats:
@@ -157,8 +108,11 @@ def curvature_stats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
             (hv,) = torch.autograd.grad(g, x, grad_outputs=v.reshape(x.shape), retain_graph=True)
             return hv.detach().reshape(b, d)
 
-        solver = _lanczos if method == "lanczos" else _power
-        hess = solver(hvp, b, d, n_iter, g, generator)
+        q0 = torch.randn(b, d, generator=generator, dtype=g.dtype).to(g.device)
+        if method == "lanczos":
+            hess, _ = lanczos(hvp, q0, n_iter, generator)
+        else:
+            hess = power_method(hvp, q0, n_iter)
     return CurvatureStats(grad_norm, hess, hess / (grad_norm + eps))
 
 

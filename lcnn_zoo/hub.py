@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-__all__ = ["NAMESPACE", "hub_id", "tag_dataset", "bundled_weights", "pretrained_filter_fn", "safe_build", "PretrainedLoadError",
+__all__ = ["NAMESPACE", "hub_id", "tag_dataset", "bundled_weights", "safe_build", "PretrainedLoadError",
            "save_pretrained", "push_folder"]
 
 NAMESPACE = os.environ.get("LCNN_ZOO_HUB_NAMESPACE", "lcnn-zoo").strip("/") or "lcnn-zoo"
@@ -64,21 +64,6 @@ def bundled_weights(model: str, tag: str) -> Optional[Path]:
         raise PretrainedLoadError(f"The weights shipped for '{model}.{tag}' ({path}) do not match their checksum "
                                   f"in manifest.json: the installation is corrupted; reinstall lcnn-zoo.")
     return path
-
-
-def pretrained_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Adapt a checkpoint to a model built with other ``num_classes``/``in_chans`` (timm hook).
-
-    timm replaces/drops ``<classifier>.weight`` and adapts ``<first_conv>.weight`` itself; the
-    spectral-norm singular vectors of those layers (``weight_u``/``weight_v``) then no longer fit,
-    so they are replaced by the freshly built model's own (power iteration re-converges in training).
-    """
-    own = model.state_dict()
-    out = dict(state_dict)
-    for key, value in state_dict.items():
-        if key.endswith(("weight_u", "weight_v")) and key in own and own[key].shape != value.shape:
-            out[key] = own[key]
-    return out
 
 
 def _hub_error(cfg: Dict[str, Any], reason: str) -> PretrainedLoadError:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CenteredSoftplus, LipschitzBatchNorm2d, frozen_state
+from .layers import CenteredSoftplus, LipschitzBatchNorm2d, frozen_state, pinned_lipschitz_scales
 
 __all__ = ["LCNNPenalty", "GradRegOutput", "gradreg_exact", "gradreg_fd_backward", "param_groups",
            "curvature_parameters"]
@@ -136,7 +136,9 @@ def gradreg_fd_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.T
     The step h = ``step``·√B / ‖G‖ moves each sample by ``step`` input units in RMS, whatever the
     gradient scale (‖G‖ is summed over data-parallel processes, so every process uses the same h).
     The second pass runs in :func:`~lcnn_zoo.layers.frozen_state`: BatchNorm running statistics and
-    the spectral-norm singular vectors are updated once per call. Both passes are ordinary
+    the spectral-norm singular vectors are updated once per call; both passes run in
+    :func:`~lcnn_zoo.layers.pinned_lipschitz_scales`, so each γ-Lipschitz BN clips with the same scale in
+    both (the first pass's update of the running variance would otherwise change it). Both passes are ordinary
     ``backward()`` calls, so DDP averages the gradients as usual and ``torch.compile`` applies.
 
     Call it with zeroed gradients (they are rescaled by 1 − c after the first pass). ``extra_loss``
@@ -146,6 +148,13 @@ def gradreg_fd_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.T
     """
     if step <= 0:
         raise ValueError(f"gradreg_fd_backward: step must be > 0, got {step}")
+    with pinned_lipschitz_scales(model):  # both passes differentiate the same function (one γ-clip)
+        return _fd_passes(model, inputs, targets, lambda_grad, loss_fn, step, extra_loss, loss_scale)
+
+
+def _fd_passes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lambda_grad: float, loss_fn: LossFn,
+               step: float, extra_loss: Optional[Callable[[], torch.Tensor]],
+               loss_scale: Optional[torch.Tensor]) -> GradRegOutput:
     params = [p for p in model.parameters() if p.requires_grad]
     scale = 1.0 if loss_scale is None else loss_scale
     x = inputs.detach().requires_grad_(True)

@@ -113,19 +113,33 @@ def test_one_iteration_per_training_forward_none_in_eval():
     assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
 
 
-def test_eval_caches_normalised_weight_until_weight_changes():
-    conv = nn.Conv2d(3, 4, 3, padding=1)
+def test_eval_sees_every_weight_change_and_caches_only_inside_parametrize_cached():
+    """No implicit cache: weights changed through .data (EMA/SWA/pruning tools) or swapped in by
+    torch.func.functional_call are always seen; parametrize.cached() is the opt-in cache."""
+    from torch.nn.utils import parametrize
+
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
     spectral_norm(conv, (3, 5, 5))
     conv.eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    orig = conv.parametrizations.weight.original
     with torch.no_grad():
-        w1, w2 = conv.weight, conv.weight
-        assert w1 is w2  # no recomputation
-        conv.parametrizations.weight.original.mul_(2.0)
-        w3 = conv.weight
-    assert w3 is not w1
-    torch.testing.assert_close(w3, w1)  # scale-invariant
+        before = conv(x)
+        orig.data[0].mul_(-3.0)  # not seen by autograd's version counter
+        after = conv(x)
+    sn = conv.parametrizations.weight[0]
+    expected = torch.nn.functional.conv2d(x, orig / sn.sigma(orig), conv.bias, padding=1)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected)
+    # functional_call with temporary weights, many times (a recycled pointer must not be mistaken)
+    for i in range(50):
+        w = torch.randn_like(orig)
+        out = torch.func.functional_call(conv, {"parametrizations.weight.original": w}, (x,))
+        torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w / sn.sigma(w), conv.bias, padding=1))
+    with torch.no_grad(), parametrize.cached():
+        assert conv.weight is conv.weight  # computed once within the block
     # with grad needed (fine-tuning in eval mode), the weight is differentiable
-    conv(torch.randn(1, 3, 5, 5)).sum().backward()
+    conv(torch.randn(1, 3, 5, 5, dtype=torch.float64)).sum().backward()
     assert conv.parametrizations.weight.original.grad is not None
 
 

@@ -27,6 +27,7 @@ the factor restores trainable margins without changing any logit's normalised cu
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
@@ -37,8 +38,9 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from ..conversion import lcnnify
-from ..hub import hub_id, pretrained_filter_fn, safe_build
+from ..hub import hub_id, safe_build
 from ..layers import CenteredSoftplus
+from ..layers.spectral_norm import deferred_convergence
 
 __all__ = ["CifarResNet", "LcnnResNet", "PreActBlock", "WideResNet"]
 
@@ -106,9 +108,6 @@ class LcnnResNet(ResNet):
 
 class _ClassifierHead(nn.Module):
     """timm's classifier API shared by the zoo's own CIFAR nets: ``global_pool`` + ``fc`` (+ dropout)."""
-
-    num_features: int
-    drop_rate: float
 
     def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float,
                    logit_scale: float) -> None:
@@ -328,8 +327,10 @@ default_cfgs = generate_default_cfgs({
 
 def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool, model_args: Dict[str, Any],
             **kwargs: Any) -> nn.Module:
-    return safe_build(build_model_with_cfg, model_cls, variant, pretrained,
-                      pretrained_filter_fn=pretrained_filter_fn, **dict(model_args, **kwargs))
+    # With pretrained weights the checkpoint brings converged singular vectors: converging the
+    # random initial weights' norms first would be thrown away.
+    with deferred_convergence() if pretrained else nullcontext():
+        return safe_build(build_model_with_cfg, model_cls, variant, pretrained, **dict(model_args, **kwargs))
 
 
 def _resnet(variant: str, pretrained: bool, block, layers, kind: str, cifar_stem: bool = True,

@@ -1,0 +1,207 @@
+"""γ-Lipschitz BatchNorm (paper §3.4.2), with batch statistics synchronised across DDP processes.
+
+In eval mode BatchNorm is the diagonal affine map x ↦ w·(x − μ)/sqrt(var + eps) + b, whose
+Lipschitz constant is ‖BN‖₂ = maxᵢ |wᵢ| / sqrt(running_varᵢ + eps). The γ-Lipschitz layer scales
+it by min(γ, ‖BN‖₂)/‖BN‖₂, so its Lipschitz constant is at most γ. Tensors are NCHW.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LipschitzBatchNorm2d", "LipschitzBatchNormAct2d", "sync_batchnorm", "DEFAULT_GAMMA_INIT"]
+
+DEFAULT_GAMMA_INIT = 10.0  # the reference code's initial γ
+
+
+def _inv_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+class LipschitzBatchNorm2d(nn.Module):
+    """γ-Lipschitz BatchNorm (paper §3.4.2) with a learnable γ ≥ 1.
+
+    output = min(γ, ‖BN‖₂) · BN(x) / ‖BN‖₂,   ‖BN‖₂ = maxᵢ |wᵢ| / sqrt(running_varᵢ + eps)
+
+    (wᵢ = 1 when ``affine=False``). In eval mode BN is the diagonal affine map with that norm, so
+    the layer's Lipschitz constant is ≤ γ exactly. In training mode BN(x) uses batch statistics
+    (like :class:`torch.nn.BatchNorm2d`) and is not a fixed map: the bound is an eval-mode property.
+    The scale uses the running variance before this batch updates it (the scale is folded into
+    BatchNorm's weight, as in the reference implementations), or the variance pinned by
+    :func:`lcnn_zoo.layers.pinned_lipschitz_scales`.
+
+    γ = 1 + softplus(``gamma_raw``) ≥ 1 by construction. Buffers and parameters keep the
+    ``torch.nn.BatchNorm2d`` names (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``). Deliberately *not* a ``_BatchNorm`` subclass, so that generic
+    rewrites such as ``nn.SyncBatchNorm.convert_sync_batchnorm`` cannot silently drop the clipping.
+
+    Args:
+        num_features: C of an (N, C, H, W) input.
+        gamma_init: initial γ (> 1). The reference code uses 10.
+        affine: learnable per-channel weight/bias. The paper uses ``False``.
+
+    Shape: (N, C, H, W) → (N, C, H, W), any memory format.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = False, gamma_init: float = DEFAULT_GAMMA_INIT, device=None, dtype=None) -> None:
+        super().__init__()
+        gamma_init = float(gamma_init)
+        if not (math.isfinite(gamma_init) and gamma_init > 1.0):
+            raise ValueError(f"LipschitzBatchNorm2d: gamma_init must be finite and > 1, got {gamma_init}")
+        if num_features <= 0:
+            raise ValueError(f"LipschitzBatchNorm2d: num_features must be positive, got {num_features}")
+        fk = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **fk))
+            self.bias = nn.Parameter(torch.zeros(num_features, **fk))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **fk))
+        self.register_buffer("running_var", torch.ones(num_features, **fk))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self.gamma_raw = nn.Parameter(torch.tensor(_inv_softplus(gamma_init - 1.0), **fk))
+        self.update_stats = True  # False inside `frozen_state`: batch stats are used, not recorded
+        self.process_group = None  # set by `sync_batchnorm`: batch statistics over all DDP processes
+        self.pinned_var: Optional[torch.Tensor] = None  # set by `state.pinned_lipschitz_scales`
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """The Lipschitz cap γ ≥ 1 (0-dim tensor, carries grad)."""
+        return 1.0 + F.softplus(self.gamma_raw)
+
+    def bn_lipschitz(self, running_var: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """‖BN‖₂ of the eval-mode BatchNorm (0-dim tensor): maxᵢ |wᵢ| / sqrt(running_varᵢ + eps)."""
+        var = self.running_var if running_var is None else running_var
+        inv_std = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            inv_std = self.weight.abs() * inv_std
+        return inv_std.max()
+
+    def lipschitz_scale(self) -> torch.Tensor:
+        """min(γ, ‖BN‖₂) / ‖BN‖₂ — the factor applied to the BatchNorm output (0-dim)."""
+        # Written as γ / max(‖BN‖, γ): no division by zero when ‖BN‖ = 0 (e.g. timm's zero-init last BN
+        # of a residual branch), and finite gradients everywhere.
+        gamma = self.gamma
+        return gamma / torch.maximum(self.bn_lipschitz(self.pinned_var), gamma)
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def _scaled_affine(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """BatchNorm's (weight, bias) with the Lipschitz scale folded in: (s·w, s·b), or s per channel."""
+        scale = self.lipschitz_scale()
+        if self.weight is None:
+            # A real (C,) tensor, not a stride-0 expand: F.batch_norm's CPU backward gives wrong
+            # gradients for channels_last inputs with an expanded weight.
+            return scale.repeat(self.num_features), None
+        return self.weight * scale, self.bias * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() != 4:  # (an FX proxy is not checked)
+            raise ValueError(f"{type(self).__name__} expects a 4D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        # The scale is folded into BatchNorm's affine weight, so F.batch_norm saves only its input for
+        # backward (multiplying its output by the scale would keep one more activation-sized tensor per
+        # layer) and no extra pass over the activation is made. It is computed from the running variance
+        # *before* this batch updates it (in eval mode there is no update); the gradient still reaches γ
+        # (and w, b) through the folded weight.
+        weight, bias = self._scaled_affine()
+        record = self.training and self.update_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if record:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        if self.training and self.process_group is not None and _world_size(self.process_group) > 1:
+            return self._synced_batch_norm(x, weight, bias, record, momentum)
+        use_running = (not self.training) or record
+        return F.batch_norm(
+            x,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            weight, bias, self.training, momentum, self.eps,
+        )
+
+    def _synced_batch_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], record: bool,
+                           momentum: float) -> torch.Tensor:
+        """Training-mode BN with batch statistics summed over the process group (differentiable,
+        so double backward works). Works on any backend, gloo on CPU included."""
+        c = x.shape[1]
+        count = torch.full((1,), x.numel() / c, device=x.device, dtype=x.dtype)
+        stats = _AllReduceSum.apply(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]), self.process_group)
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
+        if record:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                unbiased = var.detach() * (n.detach() / (n.detach() - 1).clamp_min(1.0))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        y = (x - mean[None, :, None, None]) * (torch.rsqrt(var + self.eps) * weight.to(x.dtype))[None, :, None, None]
+        if bias is not None:
+            y = y + bias.to(x.dtype)[None, :, None, None]
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"gamma={self.gamma.item():.4g}")
+
+
+class LipschitzBatchNormAct2d(LipschitzBatchNorm2d):
+    """:class:`LipschitzBatchNorm2d` followed by dropout/activation modules, the counterpart of
+    timm's ``BatchNormAct2d`` (same ``drop``/``act`` attribute names, so state-dict keys line up)."""
+
+    def __init__(self, num_features: int, act: Optional[nn.Module] = None, drop: Optional[nn.Module] = None,
+                 **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): its gradient is the all-reduced gradient, itself differentiable
+    (so double backward through synchronised BatchNorm works)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = t.clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
+
+
+def _world_size(group) -> int:
+    dist = torch.distributed
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Synchronise batch statistics across DDP processes: γ-Lipschitz BNs sync themselves (any
+    backend); ordinary BatchNorms become ``nn.SyncBatchNorm`` (which PyTorch supports on GPUs only,
+    so they are left alone on CPU). Returns the model."""
+    group = process_group if process_group is not None else torch.distributed.group.WORLD
+    for m in model.modules():
+        if isinstance(m, LipschitzBatchNorm2d):
+            m.process_group = group
+    p = next(model.parameters(), None)
+    if p is not None and p.device.type != "cpu":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    return model

@@ -1,0 +1,550 @@
+"""Spectral normalisation on the true linear operator of a layer (paper §3.4.1; Ryu et al. 2019).
+
+A weight parametrization W ↦ W / σ(W), σ = ‖A_W‖₂, where A_W is the layer's bias-free linear map:
+the matrix for ``nn.Linear``, and for ``nn.Conv2d`` the whole convolution on inputs of a fixed
+size (stride, padding of any mode, dilation and groups included). The operator is a small object
+with ``apply``, ``adjoint`` and ``shapes`` (:class:`LinearOperator`, :class:`Conv2dOperator`);
+:class:`SpectralNorm` runs power iteration on it. This file is the only one that touches the
+parametrization's hooks: :func:`spectral_norm` registers it, :func:`remove_spectral_norm` bakes
+the normalised weight back into a plain parameter.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..linalg import lanczos
+
+__all__ = ["SpectralNorm", "LinearOperator", "Conv2dOperator", "spectral_norm", "remove_spectral_norm",
+           "spectral_norm_modules", "spectral_norm_of", "conv_padding", "deferred_convergence", "CONVERGENCE_TOL",
+           "MAX_INIT_ITERATIONS"]
+
+CONVERGENCE_TOL = 1e-3  # relative accuracy of σ reached at initialisation (conversion, new input size)
+MAX_INIT_ITERATIONS = 1000  # operator products allowed to reach it
+LANCZOS_STEPS = 20  # Krylov dimension of one convergence cycle
+_EPS = 1e-12
+_INIT_SEED = 0  # start vectors come from a private generator: building a model leaves torch's RNG alone
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm().clamp_min(_EPS)
+
+
+class LinearOperator:
+    """x ↦ W x for a weight of shape (out, in); singular vectors of shapes (in,) and (out,)."""
+
+    kind = "linear"
+    padding = (0, 0, 0, 0)
+
+    def shapes(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]] = None
+               ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        if weight.dim() != 2:
+            raise ValueError(f"SpectralNorm(kind='linear') needs a 2D weight, got shape {tuple(weight.shape)}")
+        return (weight.shape[1],), (weight.shape[0],)
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.mv(weight, x)
+
+    def adjoint(self, y: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
+        return torch.mv(weight.t(), y)
+
+    def describe(self) -> str:
+        return "kind=linear"
+
+
+class Conv2dOperator:
+    """x ↦ conv2d(pad(x), W) on (1, C_in, H, W) inputs, bias excluded (it does not change the
+    Lipschitz constant). ``padding`` is (left, right, top, bottom) as for ``F.pad``, or None until
+    the input size is known (timm's dynamic TF-'same' padding)."""
+
+    kind = "conv2d"
+
+    def __init__(self, stride: Tuple[int, int] = (1, 1), padding: Optional[Tuple[int, int, int, int]] = (0, 0, 0, 0),
+                 dilation: Tuple[int, int] = (1, 1), groups: int = 1, padding_mode: str = "zeros") -> None:
+        self.stride = tuple(stride)
+        self.padding = None if padding is None else tuple(padding)
+        self.dilation = tuple(dilation)
+        self.groups = groups
+        self.padding_mode = padding_mode
+
+    def shapes(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]]
+               ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        if weight.dim() != 4:
+            raise ValueError(f"SpectralNorm(kind='conv2d') needs a 4D weight, got shape {tuple(weight.shape)}")
+        if input_shape is None or len(input_shape) != 3:
+            raise ValueError(f"SpectralNorm(conv2d) needs input_shape=(C, H, W), got {input_shape}")
+        c, h, w = (int(s) for s in input_shape)
+        if c != weight.shape[1] * self.groups:
+            raise ValueError(f"SpectralNorm: input has {c} channels, the conv expects {weight.shape[1] * self.groups}")
+        l, r, t, b = self.padding
+        kh, kw = weight.shape[-2:]
+        ho = (h + t + b - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + l + r - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"SpectralNorm: input shape {(c, h, w)} is too small for kernel "
+                             f"{(kh, kw)}, stride {self.stride}, dilation {self.dilation}")
+        return (1, c, h, w), (1, weight.shape[0], ho, wo)
+
+    def _symmetric_padding(self) -> Optional[Tuple[int, int]]:
+        l, r, t, b = self.padding
+        if self.padding_mode == "zeros" and l == r and t == b:
+            return (t, l)
+        return None
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        sym = self._symmetric_padding()
+        if sym is None:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self.padding, mode=mode)
+            sym = (0, 0)
+        return F.conv2d(x, weight, None, self.stride, sym, self.dilation, self.groups)
+
+    def adjoint(self, y: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
+        """The exact adjoint of :meth:`apply` for inputs of shape ``in_shape`` (1, C, H, W)."""
+        if self.padding_mode != "zeros":
+            # Reflect/replicate/circular padding: let autograd build the adjoint (a VJP).
+            with torch.enable_grad():
+                x = torch.zeros(tuple(in_shape), device=y.device, dtype=y.dtype, requires_grad=True)
+                (out,) = torch.autograd.grad(self.apply(x, weight.detach()), x, y)
+            return out
+        l, r, t, b = self.padding
+        hp, wp = in_shape[-2] + t + b, in_shape[-1] + l + r
+        kh, kw = weight.shape[-2:]
+        base_h = (y.shape[-2] - 1) * self.stride[0] + self.dilation[0] * (kh - 1) + 1
+        base_w = (y.shape[-1] - 1) * self.stride[1] + self.dilation[1] * (kw - 1) + 1
+        # Rows/columns the conv never reads (hp - base < stride) get a zero adjoint: output_padding.
+        out_pad = (hp - base_h, wp - base_w)
+        sym = self._symmetric_padding()
+        if sym is not None:
+            return F.conv_transpose2d(y, weight, None, self.stride, sym, out_pad, self.groups, self.dilation)
+        x = F.conv_transpose2d(y, weight, None, self.stride, 0, out_pad, self.groups, self.dilation)
+        return x[..., t:t + in_shape[-2], l:l + in_shape[-1]]
+
+    def describe(self) -> str:
+        return (f"kind=conv2d, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}")
+
+
+_OPERATORS = {"linear": LinearOperator, "conv2d": Conv2dOperator}
+
+
+class SpectralNorm(nn.Module):
+    """Parametrization W ↦ W / σ(W), σ = spectral norm of the layer's linear operator.
+
+    * ``kind="linear"``: the operator is the matrix W (out, in).
+    * ``kind="conv2d"``: the operator is the full convolution x ↦ conv2d(pad(x), W) on inputs of
+      shape (C_in, H, W) = ``input_shape`` — stride, padding (any mode, symmetric or the
+      asymmetric TF-'same' padding of timm's ``Conv2dSame``), dilation and groups included, bias
+      excluded. The singular "vectors" are tensors of the input shape (``_v``: (1, C_in, H, W)) and
+      output shape (``_u``: (1, C_out, H_out, W_out)); the adjoint is ``conv_transpose2d``
+      (autograd's VJP for non-zero padding modes), exact for grouped and depthwise convolutions.
+
+    The operator norm of a zero-padded convolution depends on the input size (it grows with H, W),
+    so it is computed for the size the layer sees when the model is fed inputs of the size given to
+    :func:`lcnn_zoo.lcnnify`; at another size the layer is not guaranteed 1-Lipschitz.
+
+    Power iteration: at initialisation until σ is accurate to ``init_tol`` (relative; at most
+    ``init_iterations`` iterations); then one step per training-mode forward
+    (``n_power_iterations``), on persistent buffers, with ``σ = ‖A_W v‖`` differentiated w.r.t. W
+    (u, v treated as constants, as in Miyato et al.). In eval mode no iteration runs and σ is
+    recomputed from the current weight at every call — nothing is cached, so weights changed in any
+    way (``.data``, EMA/SWA tools, ``torch.func.functional_call``) are always seen. For repeated
+    calls with fixed weights, ``torch.nn.utils.parametrize.cached()`` caches the normalised weight
+    within its block; :func:`lcnn_zoo.fold` bakes it for deployment.
+
+    Buffers are allocated at construction when the input shape is known, so a state_dict loads
+    into a freshly built model without a dummy forward. With ``input_shape=None`` they are
+    allocated by :meth:`initialize` (the first forward) or taken from a loaded state_dict. A state
+    dict whose singular vectors have other shapes (saved at another input size or channel count)
+    loads too: the vectors are recomputed for this layer's shape from the loaded weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, kind: str = "linear", *,
+                 input_shape: Optional[Sequence[int]] = None,
+                 stride: Tuple[int, int] = (1, 1), padding: Optional[Tuple[int, int, int, int]] = (0, 0, 0, 0),
+                 dilation: Tuple[int, int] = (1, 1), groups: int = 1, padding_mode: str = "zeros",
+                 n_power_iterations: int = 1, init_iterations: int = MAX_INIT_ITERATIONS,
+                 init_tol: float = CONVERGENCE_TOL) -> None:
+        super().__init__()
+        if kind not in _OPERATORS:
+            raise ValueError(f"SpectralNorm: kind must be one of {sorted(_OPERATORS)}, got {kind!r}")
+        if n_power_iterations < 0:
+            raise ValueError(f"SpectralNorm: n_power_iterations must be >= 0, got {n_power_iterations}")
+        self.op = LinearOperator() if kind == "linear" else Conv2dOperator(stride, padding, dilation, groups,
+                                                                            padding_mode)
+        if kind == "conv2d" and weight.dim() != 4:
+            raise ValueError(f"SpectralNorm(kind='conv2d') needs a 4D weight, got shape {tuple(weight.shape)}")
+        self.n_power_iterations = n_power_iterations
+        self.init_iterations = init_iterations
+        self.init_tol = init_tol
+        self.frozen = False  # True inside `frozen_state`: no power iteration
+        self.last_residual = 0.0  # relative residual of the last `converge` (see there)
+        self.vectors_loaded = False  # set when a state dict provided the singular vectors
+        self.register_buffer("_u", None)
+        self.register_buffer("_v", None)
+        if kind == "linear" or input_shape is not None:
+            self.initialize(weight, input_shape)
+
+    # ---- shapes ---------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.op.kind
+
+    @property
+    def padding(self) -> Optional[Tuple[int, int, int, int]]:
+        return self.op.padding
+
+    @property
+    def input_shape(self) -> Optional[Tuple[int, ...]]:
+        """Shape of one input sample the operator acts on (None until known)."""
+        if self._v is None:
+            return None
+        return tuple(self._v.shape[1:]) if self.kind == "conv2d" else tuple(self._v.shape)
+
+    @torch.no_grad()
+    def initialize(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]] = None) -> int:
+        """Allocate random unit singular vectors for ``input_shape`` and converge them (up to
+        ``init_iterations`` power iterations, to ``init_tol``). Returns the iterations run."""
+        v_shape, u_shape = self.op.shapes(weight, input_shape)
+        gen = torch.Generator().manual_seed(_INIT_SEED)
+        fk = {"device": weight.device, "dtype": weight.dtype}
+        self._v = _normalize(torch.randn(v_shape, generator=gen).to(**fk))
+        self._u = _normalize(torch.randn(u_shape, generator=gen).to(**fk))
+        self.vectors_loaded = False
+        if _DEFERRED is not None:  # weights (and vectors) are about to be loaded: see deferred_convergence
+            return 0
+        iters, _ = self.converge(weight, self.init_iterations, self.init_tol)
+        return iters
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        if self._v is None:  # lazily-shaped buffers take their shape from the checkpoint
+            for name in ("_u", "_v"):
+                if prefix + name in state_dict:
+                    setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def prepare_load(self, state_dict, prefix: str) -> None:
+        """Make the singular vectors of a state dict about to be loaded (internal keys under ``prefix``,
+        the parametrized layer's) fit this layer: vectors saved for another input size or channel
+        count are recomputed from the state dict's weight, and a weight without vectors (an ordinary
+        checkpoint) gets vectors converged for it."""
+        ku, kv = prefix + "parametrizations.weight.0._u", prefix + "parametrizations.weight.0._v"
+        weight = state_dict.get(prefix + "parametrizations.weight.original")
+        has_vectors = ku in state_dict and kv in state_dict
+        if self._v is None:
+            self.vectors_loaded = self.vectors_loaded or has_vectors
+            return
+        if has_vectors and (tuple(state_dict[kv].shape) != tuple(self._v.shape)
+                            or tuple(state_dict[ku].shape) != tuple(self._u.shape)):
+            has_vectors = self._adapt_vectors(state_dict, prefix, ku, kv, weight)
+        elif not has_vectors and weight is not None and self._fits(weight):
+            self.converge(weight.to(self._v), self.init_iterations, self.init_tol)
+            has_vectors = True
+        self.vectors_loaded = self.vectors_loaded or has_vectors
+
+    def _fits(self, weight: torch.Tensor) -> bool:
+        try:
+            self.op.shapes(weight, self.input_shape)
+            return True
+        except ValueError:
+            return False
+
+    @torch.no_grad()
+    def _adapt_vectors(self, state_dict, prefix: str, ku: str, kv: str, weight: Optional[torch.Tensor]) -> bool:
+        """The checkpoint's singular vectors were computed for another input shape or channel count:
+        recompute them for ours from the checkpoint's weight (True), or keep ours when it holds no
+        fitting weight for this layer (False; e.g. timm dropped a classifier of another size)."""
+        saved = (tuple(state_dict[ku].shape), tuple(state_dict[kv].shape))
+        if weight is not None and self._fits(weight):
+            iters, _ = self.converge(weight.to(self._v), self.init_iterations, self.init_tol)
+            layer = prefix[:-1] or "<root>"
+            warnings.warn(f"lcnn_zoo: the checkpoint's singular vectors for {layer} have shapes {saved}, this layer's "
+                          f"{(tuple(self._u.shape), tuple(self._v.shape))} (saved at another input size or channel count): recomputed from "
+                          f"the loaded weight ({iters} operator products).", stacklevel=4)
+            adapted = True
+        else:
+            adapted = False
+        state_dict[ku], state_dict[kv] = self._u.clone(), self._v.clone()
+        return adapted
+
+    # ---- the operator ----------------------------------------------------------------------
+    def operator(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A_W x (bias-free). Linear: (in,) → (out,); conv2d: (N, C_in, H, W) → (N, C_out, H_out, W_out)."""
+        return self.op.apply(x, weight)
+
+    def adjoint(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A_Wᵀ y, the exact adjoint of :meth:`operator`."""
+        return self.op.adjoint(y, weight, self._v.shape)
+
+    # ---- power iteration --------------------------------------------------------------------
+    def _check_ready(self) -> None:
+        if self._v is None or self.op.padding is None:
+            raise RuntimeError(
+                "SpectralNorm: the conv input size is unknown. Pass input_size=(C, H, W) to lcnnify(), "
+                "run one forward pass, or load a state_dict that contains the 'weight_u'/'weight_v' buffers.")
+
+    @torch.no_grad()
+    def power_iteration(self, weight: torch.Tensor, n_iter: int) -> None:
+        """Run ``n_iter`` full power iterations on the buffers (in place)."""
+        self._check_ready()
+        weight = weight.detach()
+        u, v = self._u, self._v
+        for _ in range(n_iter):
+            v = _normalize(self.adjoint(u, weight))
+            u = _normalize(self.operator(v, weight))
+        if n_iter:
+            self._u.copy_(u)
+            self._v.copy_(v)
+
+    @torch.no_grad()
+    def converge(self, weight: torch.Tensor, max_iter: int, tol: Optional[float] = CONVERGENCE_TOL
+                 ) -> Tuple[int, float]:
+        """Converge the singular vectors: Lanczos on AᵀA in cycles of up to ``LANCZOS_STEPS``
+        products, each restarted from the last Ritz vector, until σ is accurate to ``tol``
+        (relative) or ``max_iter`` operator products have run.
+
+        The test is the residual of AᵀA at v: with ρ = ‖Av‖² and r = AᵀAv − ρv, AᵀA has an
+        eigenvalue within ‖r‖ of ρ, so ‖r‖/ρ ≤ tol puts σ within ``tol``/2 of a singular value (the
+        largest, which the iteration converges to from a random start). ``tol=None`` runs all
+        ``max_iter`` products. Returns (products run, final relative residual).
+        """
+        self._check_ready()
+        weight = weight.detach()
+        shape = self._v.shape
+
+        def matvec(q: torch.Tensor) -> torch.Tensor:
+            return self.adjoint(self.operator(q.reshape(shape), weight), weight).reshape(1, -1)
+
+        v = self._v.reshape(1, -1)
+        gen = torch.Generator().manual_seed(_INIT_SEED)
+        used, residual = 0, float("inf")
+        while used < max_iter:
+            steps = min(LANCZOS_STEPS, max_iter - used)
+            if steps > 1:
+                _, v = lanczos(matvec, v, steps, gen, return_vectors=True)
+                used += steps
+            w = matvec(v)  # one more product: the residual, and a power step
+            used += 1
+            rho = float((w * v).sum())
+            residual = float((w - rho * v).norm()) / max(rho, _EPS)
+            v = _normalize(w)
+            if tol is not None and residual <= tol:
+                break
+        if used:
+            self._v.copy_(v.reshape(shape))
+            self._u.copy_(_normalize(self.operator(self._v, weight)))
+            self.last_residual = residual
+        return used, residual
+
+    def sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """Current estimate of ‖A_W‖₂ = ‖A_W v‖ (0-dim, differentiable w.r.t. ``weight``)."""
+        return self.operator(self._v, weight).norm().clamp_min(_EPS)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        self._check_ready()
+        if self.training and not self.frozen and self.n_power_iterations > 0:
+            with torch.no_grad():
+                w = weight.detach()
+                u = self._u
+                for _ in range(self.n_power_iterations - 1):
+                    u = _normalize(self.operator(_normalize(self.adjoint(u, w)), w))
+                v = _normalize(self.adjoint(u, w))
+            av = self.operator(v, weight)
+            sigma = av.norm().clamp_min(_EPS)
+            with torch.no_grad():
+                self._v.copy_(v)
+                self._u.copy_(av.detach() / sigma.detach())
+            return weight / sigma
+        return weight / self.sigma(weight)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "lcnn_zoo: an LCNN cannot be compiled with TorchScript (its spectral norms are torch parametrizations, "
+            "which TorchScript does not support); script lcnn_zoo.fold(model) instead, or use torch.export / "
+            "torch.compile.")
+
+    def extra_repr(self) -> str:
+        return f"{self.op.describe()}, input_shape={self.input_shape}"
+
+
+def conv_padding(conv: nn.Conv2d, input_hw: Optional[Sequence[int]]) -> Tuple[int, int, int, int]:
+    """Explicit (left, right, top, bottom) padding of ``conv`` for inputs of spatial size ``input_hw``."""
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import pad_same_arg
+
+    kh, kw = conv.kernel_size
+    if isinstance(conv, Conv2dSame) or getattr(conv, "same_pad", False):
+        if input_hw is None:
+            raise ValueError(f"{type(conv).__name__} pads dynamically: the input size must be known")
+        # timm computes TF-'same' padding from the actual input size; use its own helper.
+        return tuple(pad_same_arg(list(input_hw), [kh, kw], list(conv.stride), list(conv.dilation)))
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        # 'same' (stride 1): total d(k-1), the odd extra element goes to the right/bottom.
+        th, tw = conv.dilation[0] * (kh - 1), conv.dilation[1] * (kw - 1)
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def _needs_input_size(conv: nn.Conv2d) -> bool:
+    from timm.layers import Conv2dSame
+    return isinstance(conv, Conv2dSame) or bool(getattr(conv, "same_pad", False))
+
+
+def spectral_norm(module: nn.Module, input_shape: Optional[Sequence[int]] = None, *,
+                  n_power_iterations: int = 1, init_iterations: int = MAX_INIT_ITERATIONS,
+                  init_tol: float = CONVERGENCE_TOL) -> nn.Module:
+    """Register :class:`SpectralNorm` on ``module.weight`` (an ``nn.Linear`` or ``nn.Conv2d``).
+
+    For convolutions ``input_shape=(C, H, W)`` is the per-sample input shape the operator norm is
+    computed for; if None, it is taken from the first forward (a one-shot pre-hook) or from a loaded
+    state_dict. σ is converged to ``init_tol`` at once (at most ``init_iterations`` power
+    iterations). Returns ``module``.
+
+    State-dict layout (like torch's legacy ``spectral_norm``): ``weight`` holds the *unnormalised*
+    weight, ``weight_u``/``weight_v`` the singular vectors. Keeping the plain ``weight`` key means
+    ordinary checkpoints (e.g. timm ImageNet weights) load into a converted model, and timm's
+    classifier/stem adaptation, which works on ``<layer>.weight``, keeps working.
+    """
+    kw = dict(n_power_iterations=n_power_iterations, init_iterations=init_iterations, init_tol=init_tol)
+    if isinstance(module, nn.Linear):
+        sn = SpectralNorm(module.weight.detach(), "linear", **kw)
+    elif isinstance(module, nn.Conv2d):
+        hw = None
+        if input_shape is not None:
+            input_shape = tuple(int(s) for s in input_shape)
+            hw = input_shape[1:]
+        # Dynamic TF-'same' padding with an unknown input size: the padding is set on first forward.
+        padding = None if hw is None and _needs_input_size(module) else conv_padding(module, hw)
+        sn = SpectralNorm(
+            module.weight.detach(), "conv2d", input_shape=input_shape, stride=module.stride, padding=padding,
+            dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode, **kw)
+        if sn._v is None or sn.padding is None:
+            module.register_forward_pre_hook(_lazy_init_hook)
+    else:
+        raise TypeError(f"spectral_norm supports nn.Linear and nn.Conv2d, got {type(module).__name__}")
+    # A lazily-shaped conv cannot be evaluated yet: skip parametrize's eager consistency check.
+    lazy = sn._v is None or sn.padding is None
+    parametrize.register_parametrization(module, "weight", sn, unsafe=lazy)
+    module.register_state_dict_post_hook(_sn_state_dict_hook)
+    module.register_load_state_dict_pre_hook(_sn_load_pre_hook)
+    if _DEFERRED is not None and not lazy:
+        _DEFERRED.append(module)
+    return module
+
+
+def spectral_norm_of(module: nn.Module) -> Optional[SpectralNorm]:
+    """The :class:`SpectralNorm` on ``module.weight``, or None."""
+    if parametrize.is_parametrized(module, "weight"):
+        for p in module.parametrizations.weight:
+            if isinstance(p, SpectralNorm):
+                return p
+    return None
+
+
+_DEFERRED: Optional[List[nn.Module]] = None
+
+
+@contextlib.contextmanager
+def deferred_convergence() -> Iterator[None]:
+    """Within this block, new spectral norms start from random vectors without converging them;
+    on exit, those that no loaded state dict gave singular vectors are converged (to ``init_tol``).
+
+    For building a model whose weights are loaded right away (pretrained tags): converging the
+    random initial weights' norms would be thrown away.
+    """
+    global _DEFERRED
+    outer, _DEFERRED = _DEFERRED, []
+    try:
+        yield
+        pending = _DEFERRED
+    finally:
+        _DEFERRED = outer
+    for module in pending:
+        sn = spectral_norm_of(module)
+        if sn is not None and sn._v is not None and not sn.vectors_loaded:
+            sn.converge(module.parametrizations.weight.original, sn.init_iterations, sn.init_tol)
+
+
+@torch.no_grad()
+def remove_spectral_norm(module: nn.Module) -> nn.Module:
+    """Replace the spectrally normalised weight by a plain parameter holding its current (eval)
+    value W/σ, and remove every hook :func:`spectral_norm` added. Returns ``module``, now an
+    instance of its original class.
+
+    Not ``parametrize.remove_parametrizations``: on a deep copy it deletes the property from the
+    parametrized class that the copy *shares* with the original model, breaking the original.
+    """
+    if spectral_norm_of(module) is None:
+        raise ValueError(f"remove_spectral_norm: {type(module).__name__} has no spectral norm")
+    if set(module.parametrizations.keys()) != {"weight"} or len(module.parametrizations.weight) != 1:
+        raise ValueError(f"remove_spectral_norm: {type(module).__name__} has other parametrizations too")
+    sn = module.parametrizations.weight[0]
+    was_training = sn.training
+    sn.eval()
+    w = module.weight.detach().clone()
+    sn.train(was_training)
+    _drop_hooks(module._forward_pre_hooks, _lazy_init_hook)
+    _drop_hooks(module._state_dict_hooks, _sn_state_dict_hook)
+    _drop_hooks(module._load_state_dict_pre_hooks, _sn_load_pre_hook)
+    module.__class__ = type(module).__bases__[0]  # parametrize injects a direct subclass of the layer's class
+    del module._modules["parametrizations"]
+    module.register_parameter("weight", nn.Parameter(w))
+    return module
+
+
+def _drop_hooks(hooks, fn) -> None:
+    for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is fn]:
+        del hooks[key]
+
+
+# parametrize's internal key  <->  public key
+_SN_KEYS = (("parametrizations.weight.original", "weight"),
+            ("parametrizations.weight.0._u", "weight_u"),
+            ("parametrizations.weight.0._v", "weight_v"))
+
+
+def _sn_state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    for internal, public in _SN_KEYS:
+        if prefix + internal in state_dict:
+            state_dict[prefix + public] = state_dict.pop(prefix + internal)
+
+
+def _sn_load_pre_hook(module: nn.Module, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+    for internal, public in _SN_KEYS:
+        if prefix + public in state_dict and prefix + internal not in state_dict:
+            state_dict[prefix + internal] = state_dict.pop(prefix + public)
+    sn = spectral_norm_of(module)
+    if sn is not None:
+        sn.prepare_load(state_dict, prefix)
+
+
+def _lazy_init_hook(module: nn.Module, args) -> None:
+    sn = spectral_norm_of(module)
+    if sn is None:
+        return
+    x = args[0]
+    if sn.op.padding is None:
+        sn.op.padding = conv_padding(module, x.shape[-2:])
+    if sn._v is None:
+        sn.initialize(module.parametrizations.weight.original, tuple(x.shape[1:]))
+    _drop_hooks(module._forward_pre_hooks, _lazy_init_hook)  # done: no per-call cost from now on
+
+
+def spectral_norm_modules(model: nn.Module) -> Iterator[Tuple[nn.Module, SpectralNorm]]:
+    """Yield (layer, SpectralNorm parametrization) for every spectrally normalised weight."""
+    for m in model.modules():
+        sn = spectral_norm_of(m)
+        if sn is not None:
+            yield m, sn

@@ -1,0 +1,78 @@
+"""Model-wide state of the LCNN layers: forward passes that change nothing (:func:`frozen_state`),
+γ-clips held fixed across passes (:func:`pinned_lipschitz_scales`), and converged spectral norms
+(:func:`converge_spectral_norms`)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .batchnorm import LipschitzBatchNorm2d
+from .spectral_norm import SpectralNorm, spectral_norm_modules
+
+__all__ = ["frozen_state", "pinned_lipschitz_scales", "converge_spectral_norms"]
+
+
+@contextlib.contextmanager
+def frozen_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Context in which forward passes change no state: no power iteration, no BatchNorm
+    running-statistics update (batch statistics are still *used* in training mode).
+
+    Used for the second forward of finite-difference GradReg, so one optimisation step updates
+    BatchNorm statistics and spectral-norm vectors exactly once.
+    """
+    saved = []
+    for m in model.modules():
+        if isinstance(m, LipschitzBatchNorm2d):
+            saved.append((m, "update_stats", m.update_stats))
+            m.update_stats = False
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            saved.append((m, "track_running_stats", m.track_running_stats))
+            m.track_running_stats = False
+        elif isinstance(m, SpectralNorm):
+            saved.append((m, "frozen", m.frozen))
+            m.frozen = True
+    try:
+        yield model
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+
+
+@contextlib.contextmanager
+def pinned_lipschitz_scales(model: nn.Module) -> Iterator[nn.Module]:
+    """Context in which every γ-Lipschitz BN computes its scale from the running variance it has on
+    entry, however often forward passes update the running statistics meanwhile.
+
+    Finite-difference GradReg runs two forward passes of one step: the first updates the running
+    variance, and without this context the second pass's γ-clip would use the updated one, so the
+    two passes would differentiate different functions.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LipschitzBatchNorm2d)]
+    for m in layers:
+        m.pinned_var = m.running_var.detach().clone()
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.pinned_var = None
+
+
+@torch.no_grad()
+def converge_spectral_norms(model: nn.Module, n_iter: int = 50, tol: Optional[float] = None) -> int:
+    """Run up to ``n_iter`` extra power iterations on every spectrally normalised layer.
+
+    Use after training with few iterations, after averaging weights (EMA/SWA — averaged singular
+    vectors are not singular vectors), or before export. With ``tol``, a layer stops once its σ is
+    accurate to ``tol`` (relative; see :meth:`SpectralNorm.converge`). Returns the number of layers
+    processed.
+    """
+    count = 0
+    for m, sn in spectral_norm_modules(model):
+        if sn._v is None:
+            continue
+        sn.converge(m.parametrizations.weight.original, n_iter, tol)
+        count += 1
+    return count
