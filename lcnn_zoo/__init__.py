@@ -3,33 +3,51 @@
 Public API::
 
     from lcnn_zoo import lcnnify, fold, LCNNPenalty, curvature_stats
+
+``import lcnn_zoo`` registers the zoo's ``lcnn_*`` models in timm. The one exception is the
+``lcnn-zoo`` command itself: it registers them when it runs a command, so that ``lcnn-zoo train
+--help`` answers without importing torch and timm (seconds).
 """
-from .layers import (
-    CenteredSoftplus,
-    FrozenCenteredSoftplus,
-    LipschitzBatchNorm2d,
-    LipschitzBatchNormAct2d,
-    Scale,
-    SpectralNorm,
-    centered_softplus,
-    converge_spectral_norms,
-    frozen_state,
-    remove_spectral_norm,
-    spectral_norm,
-)
-from .conversion import (ConversionReport, LCNNConversionWarning, LCNNInputSizeWarning, fold, lcnnify,
-                         set_input_size)
-from .penalty import LCNNPenalty, gradreg_exact, gradreg_fd_backward, param_groups
-from .geometry import CurvatureStats, curvature_stats, gradient_robustness, relative_discrepancy
-from . import models  # noqa: F401  (registers lcnn_* in timm)
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CenteredSoftplus", "FrozenCenteredSoftplus", "LipschitzBatchNorm2d", "LipschitzBatchNormAct2d", "Scale",
-    "SpectralNorm", "centered_softplus", "converge_spectral_norms", "frozen_state", "spectral_norm",
-    "remove_spectral_norm",
-    "ConversionReport", "LCNNConversionWarning", "LCNNInputSizeWarning", "fold", "lcnnify", "set_input_size",
-    "LCNNPenalty", "gradreg_exact", "gradreg_fd_backward", "param_groups",
-    "CurvatureStats", "curvature_stats", "gradient_robustness", "relative_discrepancy",
-]
+_EXPORTS = {
+    "layers": ("CenteredSoftplus", "FrozenCenteredSoftplus", "LipschitzBatchNorm2d", "LipschitzBatchNormAct2d", "Scale",
+               "SpectralNorm", "centered_softplus", "converge_spectral_norms", "frozen_state", "spectral_norm",
+               "remove_spectral_norm"),
+    "conversion": ("ConversionReport", "LCNNConversionWarning", "LCNNInputSizeWarning", "fold", "lcnnify",
+                   "set_input_size"),
+    "penalty": ("LCNNPenalty", "gradreg_exact", "gradreg_fd_backward", "param_groups"),
+    "geometry": ("CurvatureStats", "curvature_stats", "gradient_robustness", "relative_discrepancy"),
+    "errors": ("UserError",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lcnn_zoo' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
+
+def register_models() -> None:
+    """Register the zoo's ``lcnn_*`` models in timm (what ``import lcnn_zoo`` does)."""
+    importlib.import_module(".models", __name__)
+
+
+if os.path.basename(sys.argv[0] if sys.argv else "") != "lcnn-zoo":
+    register_models()

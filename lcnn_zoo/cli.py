@@ -1,224 +1,195 @@
-"""The ``lcnn-zoo`` command line."""
+"""The ``lcnn-zoo`` command line: ``quickstart``, ``train``, ``eval``, ``push``.
+
+This module only parses: the options of ``train`` and ``eval`` are the fields of
+:class:`~lcnn_zoo.config.TrainConfig` and :class:`~lcnn_zoo.config.EvalConfig`, and each command
+hands a validated config to the module that does the work. It imports no torch at module level
+(the command modules are imported when a command runs), so ``--help`` answers at once. A mistake the
+user can fix (:class:`~lcnn_zoo.errors.UserError`) prints one line and exits with code 2.
+"""
 from __future__ import annotations
 
 import argparse
-import json
+import ast
+import dataclasses
+import importlib
 import shlex
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-import torch
+from . import register_models
+from .config import EvalConfig, TrainConfig, check_value, load_yaml
+from .errors import UserError
 
-__all__ = ["main", "load_checkpoint_state_dict"]
-
-
-def load_checkpoint_state_dict(path: str | Path, *, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a training checkpoint (``torch.load(weights_only=True)``;
-    nothing is unpickled). Training checkpoints hold it under ``state_dict`` (``state_dict_ema``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types
-            raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from e
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read checkpoint {path} with weights_only=True: {e}") from e
-    if isinstance(ckpt, dict) and ("state_dict" in ckpt or "state_dict_ema" in ckpt):
-        key = "state_dict_ema" if use_ema else "state_dict"
-        if key not in ckpt:
-            raise KeyError(f"{path} has no '{key}' entry (keys: {sorted(ckpt)})")
-        ckpt = ckpt[key]
-    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ValueError(f"{path} does not contain a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in ckpt.items()}
+__all__ = ["main", "train_config", "build_parser"]
 
 
-def _cmd_push(args: argparse.Namespace) -> int:
-    import timm
+class _KeyValues(argparse.Action):
+    """``KEY=VALUE …`` into a dict, values read as Python literals when they are ones — what timm's
+    ``ParseKwargs`` does; written here because importing timm would cost ``--help`` seconds."""
 
-    from . import hub
-    from .layers import converge_spectral_norms
-
-    if "." not in args.model:
-        raise SystemExit(f"--model must be '<architecture>.<tag>' (e.g. lcnn_resnet20.fmnist), got {args.model!r}")
-    arch, tag = args.model.split(".", 1)
-    model = timm.create_model(args.model, pretrained=False)
-    state = load_checkpoint_state_dict(args.checkpoint, use_ema=args.ema)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise SystemExit(f"checkpoint {args.checkpoint} does not match {args.model}: {e}") from e
-    if args.ema:
-        converge_spectral_norms(model, n_iter=50, tol=1e-6)  # averaged singular vectors are not singular vectors
-    model.eval()
-    metrics = None
-    if args.metrics:
-        # A whole eval.json: this model's entry, by --metrics-key, tag name or run-folder name.
-        names = [n for n in (args.metrics_key, args.model, Path(args.checkpoint).resolve().parent.name) if n]
-        try:
-            metrics = hub.select_metrics(json.loads(Path(args.metrics).read_text()), names)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--metrics {args.metrics}: {e}") from e
-    repo_id = args.repo_id or hub.hub_id(arch, tag)
-    recipe = hub.render_recipe(Path(args.recipe).read_text(), args.recipe) if args.recipe else ""
-    card = hub.render_model_card(
-        hub.find_model_card_template(args.template), model_name=args.model, repo_id=repo_id,
-        cfg=model.pretrained_cfg, kind=getattr(model, "kind", "lcnn"), metrics=metrics,
-        recipe=recipe, eval_command=args.eval_command or "")
-    out = Path(args.output_dir) if args.output_dir else Path("hub") / repo_id.split("/")[-1]
-    folder = hub.save_pretrained(model, out, model_card=card)
-    print(f"wrote {folder} (model.safetensors, config.json, README.md)")
-    if args.bundle:
-        _bundle(folder, args.model, metrics, args.eval_command or "")
-    if args.upload:
-        print("uploaded:", hub.push_folder(folder, repo_id, private=args.private))
-    return 0
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        out: Dict[str, Any] = {}
+        for item in values:
+            if "=" not in item:
+                parser.error(f"{option_string}: expected KEY=VALUE, got {item!r}")
+            key, value = item.split("=", 1)
+            try:
+                out[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                out[key] = value
+        setattr(namespace, self.dest, out)
 
 
-def _bundle(folder: Path, tag: str, metrics: Optional[dict], eval_command: str) -> None:
-    """Ship the folder's weights inside the package (lcnn_zoo/weights) with a manifest entry: sha256
-    and the accuracy on the first 1,000 test images, measured now through timm's loading path."""
-    import hashlib
-    import os
-    import shutil
-
-    import timm
-
-    from . import hub
-    from .data import build_dataset
-
-    dataset = hub.tag_dataset(tag)
-    if dataset not in ("fmnist", "cifar10", "cifar100"):
-        raise SystemExit(f"--bundle: cannot tell the dataset of {tag}")
-    hub.WEIGHTS_DIR.mkdir(exist_ok=True)
-    target = hub.WEIGHTS_DIR / f"{tag}.safetensors"
-    tmp = target.with_suffix(".tmp")
-    shutil.copyfile(folder / "model.safetensors", tmp)
-    os.replace(tmp, target)
-    manifest = hub.bundled_manifest()
-    manifest[tag] = {"sha256": hashlib.sha256(target.read_bytes()).hexdigest()}
-    _write_manifest(manifest)
-    model = timm.create_model(tag, pretrained=True).eval()
-    ds = build_dataset(dataset, train=False)
-    x, y = ds.images[:1000].float() / 255.0, ds.labels[:1000]
-    with torch.no_grad():
-        acc = 100.0 * (model(x).argmax(1) == y).float().mean().item()
-    manifest[tag].update({"accuracy_first1000": round(acc, 2), "eval_command": eval_command, "metrics": metrics or {}})
-    _write_manifest(manifest)
-    print(f"bundled {target} (accuracy on the first 1,000 test images: {acc:.2f}%)")
+def _add_field(group, f: dataclasses.Field) -> None:
+    meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kind, help_ = meta["kind"], meta["help"]
+    if kind == "bool":
+        if default:
+            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_)
+        else:
+            group.add_argument(flag, action="store_true", help=help_)
+    elif kind == "kwargs":
+        group.add_argument(flag, nargs="*", default=default, action=_KeyValues, metavar="KEY=VALUE", help=help_)
+    elif kind in ("ints", "floats"):
+        group.add_argument(flag, nargs="+", type=int if kind == "ints" else float, default=default, help=help_)
+    elif kind == "size3":
+        group.add_argument(flag, nargs=3, type=int, default=default, metavar=("C", "H", "W"), help=help_)
+    else:
+        conv = {"int": int, "float": float}.get(kind, str)
+        group.add_argument(flag, type=conv, default=default, choices=meta.get("choices"), help=help_)
 
 
-def _write_manifest(manifest: dict) -> None:
-    import os
-
-    from . import hub
-
-    path = hub.WEIGHTS_DIR / "manifest.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _fields_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: Dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        group = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
+        _add_field(group, f)
+    return p
 
 
-def _eval_config(args: argparse.Namespace):
-    from .evaluation import EvalConfig
-
-    return EvalConfig(limit=args.limit, geom_samples=args.geom_samples, pgd_samples=args.pgd_samples,
-                      pgd_steps=args.pgd_steps, eps=tuple(args.eps), noise_samples=args.noise_samples,
-                      hvp_iters=args.hvp_iters, batch_size=args.batch_size, seed=args.seed,
-                      progress=not args.no_progress)
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import markdown_report, run_eval
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # The whole command line, so eval.md / eval.json say exactly how to regenerate them.
-    command = "lcnn-zoo " + shlex.join(args.argv)
-    results = run_eval(args.models, args.dataset, data_dir=args.data_dir, download=args.download, arch=args.arch,
-                       cfg=_eval_config(args), output=Path(args.output), command=command)
-    print(markdown_report(results))
-    print(f"wrote {Path(args.output) / 'eval.json'}, eval.md and gradient_robustness.png")
-    return 0
-
-
-def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import run_quickstart
-
-    return run_quickstart(output=Path(args.output), threads=args.threads, progress=not args.no_progress)
-
-
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
-    from .evaluation import EvalConfig
-
-    d = EvalConfig()
-    p.add_argument("--limit", type=int, default=d.limit, help="test images for accuracy (0: all)")
-    p.add_argument("--geom-samples", type=int, default=d.geom_samples, help="images for Tables 1 and 3 (per split)")
-    p.add_argument("--pgd-samples", type=int, default=d.pgd_samples, help="test images for Table 2")
-    p.add_argument("--pgd-steps", type=int, default=d.pgd_steps)
-    p.add_argument("--eps", type=float, nargs="+", default=list(d.eps), help="ℓ2 radii (input units)")
-    p.add_argument("--noise-samples", type=int, default=d.noise_samples, help="images for Figure 2")
-    p.add_argument("--hvp-iters", type=int, default=d.hvp_iters, help="Lanczos steps per image")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
+def train_config(argv: List[str]) -> TrainConfig:
+    """A validated :class:`TrainConfig` from ``lcnn-zoo train`` arguments: the command line over the
+    ``--config`` YAML file over the defaults (like timm's train.py)."""
+    parser = _fields_parser(TrainConfig, "lcnn-zoo train", "Train an lcnn-zoo / timm model (see README, Training)")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        values = load_yaml(known.config)
+        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise UserError(f"{known.config}: unknown keys {unknown}")
+        for key, value in values.items():  # a bad value is named where it was written
+            check_value(fields[key], value, known.config)
+        parser.set_defaults(**values)
+    return TrainConfig(**vars(parser.parse_args(argv))).validate()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lcnn-zoo", description="Low-curvature neural networks for timm users")
+    ap = argparse.ArgumentParser(prog="lcnn-zoo", description="Low-curvature neural networks for timm users",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("quickstart", help="train a standard and an LCNN+GradReg model on Fashion-MNIST and compare")
-    p.add_argument("--output", default="runs/quickstart")
+    p = sub.add_parser("quickstart", help="train a standard and an LCNN+GradReg model on Fashion-MNIST and compare",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output", default="runs/quickstart", help="folder for the two runs and the comparison")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_quickstart)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("train", help="train a model (all options: lcnn-zoo train --help)", add_help=False)
-    p = sub.add_parser("eval", help="the paper's measurements for one or more models, side by side")
+    p = sub.add_parser("eval", help="the paper's measurements for one or more models, side by side",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("models", nargs="+", help="registry name[.tag], local-dir:/hf-hub: name, run folder or checkpoint")
     p.add_argument("--dataset", default="fmnist", help="cifar10 | cifar100 | fmnist | folder:<path> | hf:<name>")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--download", action="store_true")
+    p.add_argument("--data-dir", default=None, help="where the dataset lives")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR / Fashion-MNIST")
     p.add_argument("--arch", default=None, help="architecture for checkpoints that do not record it")
+    p.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="input size for checkpoints that do not record it (default: read from the weights)")
     p.add_argument("--output", default="runs/eval", help="folder for eval.json, eval.md and plots")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    _add_eval_options(p)
-    p.set_defaults(func=_cmd_eval)
-    p = sub.add_parser("push", help="write (and optionally upload) a Hub repo folder for a trained checkpoint")
-    p.add_argument("checkpoint", help=".safetensors state dict or a training checkpoint (.pth)")
-    p.add_argument("--model", required=True, help="'<architecture>.<tag>', e.g. lcnn_resnet20.fmnist")
-    p.add_argument("--output-dir", help="folder to write (default: hub/<model>.<tag>)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for f in dataclasses.fields(EvalConfig):
+        if f.name not in ("progress", "noise_norms"):
+            _add_field(p, f)
+    p = sub.add_parser("push", help="write (and optionally upload or ship) a Hub repo folder for trained weights",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help=".safetensors state dict, a training checkpoint (.pth) or a run folder")
+    p.add_argument("--model", required=True, help="'<architecture>.<tag>', a new tag name allowed (e.g. lcnn_resnet20.fm3)")
+    p.add_argument("--output-dir", help="folder to write (default: hub/<model>.<tag>); must be new, empty or a "
+                                        "previous push of the same model")
+    p.add_argument("--overwrite", action="store_true", help="replace the three repo files in a non-empty "
+                                                            "--output-dir (nothing else in it is touched)")
     p.add_argument("--metrics", help="eval.json written by `lcnn-zoo eval`, for the model card")
     p.add_argument("--metrics-key", help="which model of a multi-model eval.json (default: the --model name, "
                                           "then the checkpoint's run-folder name)")
     p.add_argument("--recipe", help="the training config (.yaml) or a text file describing the recipe, for the card")
     p.add_argument("--eval-command", help="the command that produced --metrics, quoted in the card")
+    p.add_argument("--dataset", default="", help="dataset name for the card (default: the tag's, e.g. fmnist)")
+    p.add_argument("--classes", default="", help="comma-separated class names for the card (default: the run "
+                                                 "folder's)")
     p.add_argument("--template", help="MODEL_CARD.md to take the template from")
     p.add_argument("--repo-id", help="Hub repo id (default: $LCNN_ZOO_HUB_NAMESPACE/<model>.<tag>)")
     p.add_argument("--ema", action="store_true", help="publish the EMA weights of a training checkpoint")
-    p.add_argument("--upload", action="store_true", help="upload with huggingface_hub (needs a token)")
+    p.add_argument("--upload", action="store_true", help="upload with huggingface_hub (needs a token) and record "
+                                                         "the tag in your published manifest")
     p.add_argument("--bundle", action="store_true",
                    help="also ship the weights inside the package (lcnn_zoo/weights) for offline pretrained=True")
+    p.add_argument("--replace-shipped", action="store_true", help="with --bundle: replace a tag that ships already")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    p.set_defaults(func=_cmd_push)
     return ap
+
+
+def _eval_config(args: argparse.Namespace) -> EvalConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}
+    return EvalConfig(**values, progress=not args.no_progress).validate()
+
+
+def _run(command: str, args: argparse.Namespace) -> int:
+    # The command modules import torch and timm: imported here, when a command runs (see module docstring).
+    register_models()
+    if command == "quickstart":
+        return importlib.import_module("lcnn_zoo.quickstart").run_quickstart(
+            output=Path(args.output), threads=args.threads, progress=not args.no_progress)
+    if command == "eval":
+        cfg = _eval_config(args)
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        evaluation = importlib.import_module("lcnn_zoo.evaluation")
+        results = evaluation.run_eval(args.models, args.dataset, data_dir=args.data_dir, download=args.download,
+                                      arch=args.arch, input_size=args.input_size, cfg=cfg, output=Path(args.output),
+                                      command="lcnn-zoo " + shlex.join(args.argv))
+        print(evaluation.markdown_report(results))
+        print(f"wrote {Path(args.output) / 'eval.json'}, eval.md and gradient_robustness.png")
+        return 0
+    if command == "push":
+        importlib.import_module("lcnn_zoo.publishing").publish(
+            args.checkpoint, args.model, output_dir=args.output_dir, overwrite=args.overwrite,
+            metrics_path=args.metrics, metrics_key=args.metrics_key, recipe_path=args.recipe,
+            eval_command=args.eval_command or "", dataset=args.dataset,
+            classes=[c.strip() for c in args.classes.split(",") if c.strip()], template=args.template,
+            repo_id=args.repo_id, ema=args.ema, upload=args.upload, ship=args.bundle,
+            replace_shipped=args.replace_shipped, private=args.private)
+        return 0
+    raise AssertionError(command)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "train":  # all of `lcnn-zoo train`'s options belong to the training parser
-        from .training import main as train_main
-
-        return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    return int(args.func(args) or 0)
+    try:
+        if argv and argv[0] == "train":  # all of `lcnn-zoo train`'s options belong to its own parser
+            cfg = train_config(argv[1:])
+            register_models()
+            importlib.import_module("lcnn_zoo.training").train(cfg)
+            return 0
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return int(_run(args.command, args) or 0)
+    except UserError as e:
+        print(f"lcnn-zoo: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

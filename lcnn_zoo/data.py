@@ -10,14 +10,17 @@ dataset's transform and has no pad-4 random crop, and per-image PIL transforms w
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .errors import UserError
 
 __all__ = ["TensorImageDataset", "BatchAugment", "build_dataset", "DataNotFoundError", "DATASETS",
            "FMNIST_SYSTEM_DIR"]
@@ -28,7 +31,7 @@ _FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-ima
 DATASETS = ("cifar10", "cifar100", "fmnist", "folder:<path>", "hf:<name>")
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """The data is not where we looked; the message says where and how to get it."""
 
 
@@ -89,8 +92,23 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LCNN_ZOO_CACHE", Path.home() / ".cache" / "lcnn_zoo"))
 
 
+def _source_key(files: Sequence[Path]) -> str:
+    """A cache key for a set of source files: their resolved paths, sizes and modification times."""
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _fmnist(root: Optional[str], train: bool, download: bool) -> TensorImageDataset:
-    """Fashion-MNIST through torchvision's reader, from Debian's idx files when present."""
+    """Fashion-MNIST through torchvision's reader, from Debian's idx files when present.
+
+    torchvision reads uncompressed idx files from ``<root>/FashionMNIST/raw``; the files found are
+    decompressed once into a cache folder keyed by their paths, sizes and times (another
+    ``--data-dir`` gets its own), each written under a per-process temporary name and renamed, so
+    concurrent processes (DDP ranks on a cold cache) never write the same file.
+    """
     from torchvision.datasets import FashionMNIST
 
     searched = []
@@ -99,24 +117,29 @@ def _fmnist(root: Optional[str], train: bool, download: bool) -> TensorImageData
         searched.append(str(src))
         gz = [src / f"{n}.gz" for n in _FMNIST_FILES]
         raw = [src / n for n in _FMNIST_FILES]
-        if all(p.is_file() for p in gz) or all(p.is_file() for p in raw):
-            # torchvision reads uncompressed idx files from <root>/FashionMNIST/raw
-            dest = _cache_dir() / "fashion-mnist"
-            raw_dir = dest / "FashionMNIST" / "raw"
-            raw_dir.mkdir(parents=True, exist_ok=True)
-            for name in _FMNIST_FILES:
-                target = raw_dir / name
-                if target.is_file():
-                    continue
-                tmp = target.with_suffix(".tmp")
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp)
-                else:
-                    with gzip.open(src / f"{name}.gz", "rb") as f_in, open(tmp, "wb") as f_out:
+        found = raw if all(p.is_file() for p in raw) else gz if all(p.is_file() for p in gz) else None
+        if found is None:
+            continue
+        dest = _cache_dir() / "fashion-mnist" / _source_key(found)
+        raw_dir = dest / "FashionMNIST" / "raw"
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        for name, path in zip(_FMNIST_FILES, found):
+            target = raw_dir / name
+            if target.is_file():
+                continue
+            tmp = target.with_name(f".{name}.tmp{os.getpid()}")
+            try:
+                if path.suffix == ".gz":
+                    with gzip.open(path, "rb") as f_in, open(tmp, "wb") as f_out:
                         shutil.copyfileobj(f_in, f_out)
+                else:
+                    shutil.copyfile(path, tmp)
                 os.replace(tmp, target)
-            ds = FashionMNIST(str(dest), train=train, download=False)
-            return TensorImageDataset(ds.data.unsqueeze(1).contiguous(), ds.targets, list(ds.classes))
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+        ds = FashionMNIST(str(dest), train=train, download=False)
+        return TensorImageDataset(ds.data.unsqueeze(1).contiguous(), ds.targets, list(ds.classes))
     if download:
         dest = Path(root) if root else _cache_dir() / "fashion-mnist"
         ds = FashionMNIST(str(dest), train=train, download=True)
@@ -142,23 +165,72 @@ def _cifar(name: str, root: Optional[str], train: bool, download: bool) -> Tenso
     return TensorImageDataset(images, torch.tensor(ds.targets), list(ds.classes))
 
 
-def _folder(path: str, train: bool, image_size: Optional[Tuple[int, int]], channels: int) -> Dataset:
-    from torchvision import datasets, transforms
+class _Folder(Dataset):
+    """torchvision's ImageFolder with the class list given (the training split's, so a val/ that
+    lacks a class keeps the same label numbers), images that fail to load named, and images of
+    different sizes (without a resize) reported with the option that fixes it."""
+
+    def __init__(self, root: Path, classes: List[str], transform, resized: bool) -> None:
+        from torchvision.datasets import ImageFolder
+
+        class _Fixed(ImageFolder):
+            def find_classes(self, directory):
+                found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+                extra = sorted(set(found) - set(classes))
+                if extra:
+                    raise UserError(f"{directory} has classes the training split does not: {extra}")
+                return classes, {c: i for i, c in enumerate(classes)}
+
+        self.inner = _Fixed(str(root), transform=transform, allow_empty=True)
+        if not len(self.inner):
+            raise DataNotFoundError(f"image folder {root} holds no images")
+        self.classes = list(classes)
+        self.resized = resized
+        self._shape: Optional[Tuple[int, ...]] = None
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        path = self.inner.samples[i][0]
+        try:
+            x, y = self.inner[i]
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            raise UserError(f"cannot read image {path}: {e}") from e
+        if self._shape is None:
+            self._shape = tuple(x.shape)
+        elif tuple(x.shape) != self._shape and not self.resized:
+            raise UserError(f"image {path} is {tuple(x.shape[1:])} (H, W), other images are {self._shape[1:]}: pass "
+                            f"--input-size C H W to resize every image to one size")
+        return x, y
+
+
+def _folder(path: str, train: bool, image_size: Optional[Tuple[int, int]], channels: Optional[int],
+            classes: Optional[List[str]], eval_on_train: bool) -> Dataset:
+    from torchvision import transforms
 
     root = Path(path)
-    split = root / ("train" if train else "val")
-    if not split.is_dir() and not train and (root / "test").is_dir():
-        split = root / "test"
-    if not split.is_dir():
-        split = root
-    if not split.is_dir():
+    if not root.is_dir():
         raise DataNotFoundError(f"image folder {root} does not exist (expected <root>/train/<class>/*.png and "
-                                f"<root>/val/<class>/*.png, or <root>/<class>/*.png)")
+                                f"<root>/val/<class>/*.png)")
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    if train:
+        split = train_dir
+    else:
+        split = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
+        if split is None:
+            if not eval_on_train:
+                raise UserError(f"image folder {root} has no val/ (or test/) split to evaluate on: add one, or pass "
+                                f"--eval-on-train to evaluate on the training images")
+            split = train_dir
+    if classes is None:
+        classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    channels = channels or 3
     tf = [transforms.Grayscale(1)] if channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
     if image_size is not None:
         tf.append(transforms.Resize(tuple(image_size)))
     tf.append(transforms.ToTensor())
-    return datasets.ImageFolder(str(split), transform=transforms.Compose(tf))
+    return _Folder(split, classes, transforms.Compose(tf), resized=image_size is not None)
 
 
 def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels: int) -> Dataset:
@@ -176,7 +248,7 @@ def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels:
     image_key = next((k for k in ("image", "img") if k in ds.column_names), None)
     label_key = next((k for k in ("label", "labels", "fine_label") if k in ds.column_names), None)
     if image_key is None or label_key is None:
-        raise ValueError(f"hf:{name}: no image/label columns in {ds.column_names}")
+        raise UserError(f"hf:{name}: no image/label columns in {ds.column_names}")
     tf = [transforms.Grayscale(1)] if channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
     if image_size is not None:
         tf.append(transforms.Resize(tuple(image_size)))
@@ -194,7 +266,8 @@ def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels:
 
 
 def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, download: bool = False,
-                  image_size: Optional[Tuple[int, int]] = None, channels: int = 3) -> Dataset:
+                  image_size: Optional[Tuple[int, int]] = None, channels: Optional[int] = None,
+                  classes: Optional[List[str]] = None, eval_on_train: bool = False) -> Dataset:
     """Return the ``train`` or test split of ``name``.
 
     Args:
@@ -202,7 +275,9 @@ def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, dow
         data_dir: where the data lives (CIFAR: torchvision's layout; Fashion-MNIST: the idx files;
             default: Debian's /usr/share/datasets/fashion-mnist, or ~/.cache/lcnn_zoo).
         download: let torchvision download CIFAR / Fashion-MNIST when missing.
-        image_size, channels: for folder/HF datasets (resize and convert).
+        image_size, channels: for folder/HF datasets (resize and convert; default 3 channels).
+        classes: a folder's class list (the training split's), so every split numbers classes alike.
+        eval_on_train: a folder without val/ or test/ evaluates on its training images (else: an error).
     """
     key = name.lower()
     if key in ("cifar10", "cifar100"):
@@ -210,10 +285,10 @@ def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, dow
     if key in ("fmnist", "fashion-mnist", "fashion_mnist"):
         return _fmnist(data_dir, train, download)
     if key.startswith("folder:"):
-        return _folder(name.split(":", 1)[1], train, image_size, channels)
+        return _folder(name.split(":", 1)[1], train, image_size, channels, classes, eval_on_train)
     if key.startswith("hf:"):
-        return _hf(name.split(":", 1)[1], train, image_size, channels)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        return _hf(name.split(":", 1)[1], train, image_size, channels or 3)
+    raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
 def num_classes_of(ds: Dataset) -> int:
@@ -221,6 +296,6 @@ def num_classes_of(ds: Dataset) -> int:
     classes = getattr(ds, "classes", None)
     if classes is not None:
         return len(classes)
-    raise ValueError("cannot infer the number of classes; pass --num-classes")
+    raise UserError("cannot infer the number of classes; pass --num-classes")
 
 

@@ -9,106 +9,88 @@ Used by ``lcnn-zoo eval`` and ``lcnn-zoo quickstart``.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+import timm
 import torch
 from torch import nn
 
+from .checkpoint import RunFolder, atomic_write, load_state_dict, write_json, write_text
+from .config import EvalConfig
+from .data import build_dataset, num_classes_of
+from .errors import UserError
+from .factory import create_model, input_size_of, split_spec, state_dict_shapes
 from .geometry import CurvatureStats, curvature_stats, gradient_robustness, relative_discrepancy
 from .robustness import pgd_accuracy
 
 __all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plot_gradient_robustness",
            "run_eval"]
 
-PAPER_EPS = (0.05, 0.1, 0.15, 0.2)
-NOISE_NORMS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-
-
-@dataclass
-class EvalConfig:
-    """What to measure and on how many samples (fixed subsets: the first N of each split)."""
-
-    limit: int = 0                      # test images for accuracy (0: all)
-    geom_samples: int = 256             # test (and train) images for the geometry tables
-    pgd_samples: int = 1000             # test images for PGD
-    pgd_steps: int = 10
-    eps: Sequence[float] = PAPER_EPS
-    noise_samples: int = 64             # test images for the gradient-robustness curve
-    noise_norms: Sequence[float] = NOISE_NORMS
-    hvp_iters: int = 10                 # Lanczos steps per sample
-    batch_size: int = 128
-    seed: int = 0
-    progress: bool = True
-
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def load_model(spec: str, *, arch: Optional[str] = None, device: Optional[torch.device] = None) -> Tuple[str, nn.Module]:
+def load_model(spec: str, *, arch: Optional[str] = None, input_size: Optional[Sequence[int]] = None,
+               device: Optional[torch.device] = None) -> Tuple[str, nn.Module]:
     """Build a model from a registry name (with pretrained tag), ``local-dir:``/``hf-hub:`` name, a
     run folder written by ``lcnn-zoo train``, or a checkpoint (``.pth`` / ``.safetensors``).
 
     Returns (display name, model in eval mode).
     """
-    import timm
-
-    from .cli import load_checkpoint_state_dict
-
     path = Path(spec)
-    if path.is_dir() and (path / "args.json").is_file():  # a training run folder
-        run_args = json.loads((path / "args.json").read_text())
-        ckpt = path / "model.safetensors" if (path / "model.safetensors").is_file() else path / "last.pth"
-        summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-        name = arch or run_args["model"]
-        input_size = summary.get("input_size") or run_args.get("input_size")
-        num_classes = summary.get("num_classes") or run_args.get("num_classes")
-        if input_size is None or num_classes is None:
-            from .training import load_checkpoint
-
-            meta = load_checkpoint(path / "last.pth")
-            input_size, num_classes = meta["input_size"], meta["num_classes"]
-        model = _build(name, num_classes, input_size, run_args.get("model_kwargs") or {})
-        _load_state(model, load_checkpoint_state_dict(ckpt), ckpt)
-        display = f"{path.name}"
-    elif path.suffix in (".pth", ".pt", ".safetensors") and path.is_file():
-        meta: Dict[str, Any] = {}
-        if path.suffix != ".safetensors":
-            from .training import load_checkpoint
-
-            meta = load_checkpoint(path)
-        name = arch or meta.get("arch")
-        if not name:
-            raise SystemExit(f"{path}: pass --arch (the checkpoint does not say which model it is)")
-        model = timm.create_model(name) if not meta else _build(name, meta["num_classes"], meta["input_size"])
-        _load_state(model, load_checkpoint_state_dict(path), path)
-        display = path.stem
+    if path.is_dir():
+        if not RunFolder.is_run(path):
+            raise UserError(f"{path} is a folder but not a run folder of `lcnn-zoo train` (no args.json); for a Hub "
+                            f"repo folder use local-dir:{path}")
+        name, model = path.name, _from_run(RunFolder(path), arch)
+    elif path.suffix in (".pth", ".pt", ".safetensors"):
+        if not path.is_file():
+            raise UserError(f"checkpoint not found: {path}")
+        name, model = path.stem, _from_checkpoint(path, arch, input_size)
     else:
-        has_weights = spec.startswith(("local-dir:", "hf-hub:")) or "." in spec.split("/")[-1]
-        model = timm.create_model(spec, pretrained=has_weights)
-        display = spec
-    if device is not None:
-        model = model.to(device)
-    return display, model.eval()
+        _, tag = split_spec(spec)
+        pretrained = bool(tag) or spec.startswith(("hf-hub:", "local-dir:"))
+        name, model = spec, create_model(spec, input_size=input_size, pretrained=pretrained)
+    return name, (model.to(device) if device is not None else model).eval()
 
 
-def _build(name: str, num_classes: int, input_size: Sequence[int],
-           model_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
-    import timm
+def _from_run(run: RunFolder, arch: Optional[str]) -> nn.Module:
+    args = run.args()
+    summary = run.summary()
+    input_size = summary.get("input_size") or args.get("input_size")
+    num_classes = summary.get("num_classes") or args.get("num_classes")
+    if input_size is None or num_classes is None:
+        meta = run.load_checkpoint()
+        input_size, num_classes = meta["input_size"], meta["num_classes"]
+    architecture, _ = split_spec(arch or args["model"])  # the run's weights, not the tag's
+    model = create_model(architecture, input_size=input_size, num_classes=num_classes,
+                         model_kwargs=args.get("model_kwargs") or {}, convert=bool(args.get("lcnnify")))
+    _load_state(model, load_state_dict(run.weights()), run.weights())
+    return model.eval()
 
-    kwargs: Dict[str, Any] = dict(model_kwargs or {}, num_classes=int(num_classes), in_chans=int(input_size[0]))
-    if name.split(".")[0].startswith("lcnn_"):
-        kwargs["pretrained_cfg_overlay"] = dict(input_size=tuple(int(s) for s in input_size))
-    return timm.create_model(name.split(".")[0], **kwargs)
+
+def _from_checkpoint(path: Path, arch: Optional[str], input_size: Optional[Sequence[int]]) -> nn.Module:
+    meta: Dict[str, Any] = RunFolder(path.parent).load_checkpoint(path) if path.suffix != ".safetensors" else {}
+    state = load_state_dict(path)
+    name = arch or meta.get("arch")
+    if not name:
+        raise UserError(f"{path}: pass --arch (the checkpoint does not say which model it is)")
+    size, classes = input_size or meta.get("input_size"), meta.get("num_classes")
+    if size is None or classes is None:
+        found_size, found_classes = state_dict_shapes(name, state)
+        size, classes = size or found_size, classes or found_classes
+    model = create_model(split_spec(name)[0], input_size=size, num_classes=classes)
+    _load_state(model, state, path)
+    return model
 
 
 def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], where: Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise SystemExit(f"{where} does not match the model architecture: {e}") from e
+        raise UserError(f"{where} does not match the model architecture: {str(e).splitlines()[0]} "
+                        f"(pass --arch and --input-size if it was trained for another)") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,48 +223,52 @@ def plot_gradient_robustness(results: Dict[str, Dict[str, Any]], path: Path) -> 
     ax.set_title("Gradient robustness (dashed: ‖ε‖·E C(x))")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
 def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = None, download: bool = False,
-             arch: Optional[str] = None, cfg: Optional[EvalConfig] = None, output: Optional[Path] = None,
+             arch: Optional[str] = None, input_size: Optional[Sequence[int]] = None,
+             cfg: Optional[EvalConfig] = None, output: Optional[Path] = None,
              device: Optional[torch.device] = None, command: str = "") -> Dict[str, Dict[str, Any]]:
-    """Evaluate each model in ``specs`` on ``dataset``; write eval.json, eval.md and the plot to ``output``."""
-    from .data import build_dataset
+    """Evaluate each model in ``specs`` on ``dataset``; write eval.json, eval.md and the plot to ``output``.
 
-    cfg = cfg or EvalConfig()
+    Every model is loaded and checked against the data (input size, number of classes) before any
+    measurement starts, so a mistake costs seconds, not a partial evaluation.
+    """
+    cfg = (cfg or EvalConfig()).validate()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results: Dict[str, Dict[str, Any]] = {}
+    models = [load_model(spec, arch=arch, input_size=input_size, device=device) for spec in specs]
     datasets: Dict[Tuple[int, ...], Tuple[Any, Any]] = {}
-    for spec in specs:
-        name, model = load_model(spec, arch=arch, device=device)
-        size = tuple(model.pretrained_cfg.get("input_size", ())) if hasattr(model, "pretrained_cfg") else ()
-        key = size or (0,)
-        if key not in datasets:
+    for spec, (name, model) in zip(specs, models):
+        size = input_size_of(model) or ()
+        if size not in datasets:
             kw = dict(image_size=tuple(size[1:]), channels=size[0]) if size else {}
-            datasets[key] = (build_dataset(dataset, train=False, data_dir=data_dir, download=download, **kw),
-                             build_dataset(dataset, train=True, data_dir=data_dir, download=download, **kw))
-        test_ds, train_ds = datasets[key]
+            test_ds = build_dataset(dataset, train=False, data_dir=data_dir, download=download, **kw)
+            train_ds = build_dataset(dataset, train=True, data_dir=data_dir, download=download,
+                                     classes=getattr(test_ds, "classes", None), **kw)
+            datasets[size] = (test_ds, train_ds)
+        test_ds, _ = datasets[size]
         sample = test_ds[0][0]
-        if size and tuple(sample.shape) != size:
-            raise SystemExit(f"{spec} expects inputs of size {size}, but {dataset} images are {tuple(sample.shape)}")
+        if size and tuple(sample.shape) != tuple(size):
+            raise UserError(f"{spec} expects inputs of size {tuple(size)}, but {dataset} images are "
+                            f"{tuple(sample.shape)}")
+        outputs = getattr(model, "num_classes", None)
+        classes = num_classes_of(test_ds)
+        if outputs is not None and outputs < classes:
+            raise UserError(f"{spec} has {outputs} classes and {dataset} has {classes}: evaluate it on the data it "
+                            f"was trained for")
+    results: Dict[str, Dict[str, Any]] = {}
+    for name, model in models:
+        test_ds, train_ds = datasets[input_size_of(model) or ()]
         if cfg.progress:
             print(f"evaluating {name} on {dataset} ...", flush=True)
         results[name] = evaluate_model(model, test_ds, train_ds, cfg, device)
         results[name]["dataset"] = dataset
     if output is not None:
         output = Path(output)
-        output.mkdir(parents=True, exist_ok=True)
-        payload = {"command": command, "config": {k: (list(v) if isinstance(v, tuple) else v)
-                                                  for k, v in cfg.__dict__.items()}, "results": results}
-        tmp = output / ".eval.json.tmp"
-        tmp.write_text(json.dumps(payload, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-        tmp.replace(output / "eval.json")
-        (output / "eval.md").write_text(markdown_report(results, command))
+        write_json(output / "eval.json", {"command": command, "config": dict(cfg.__dict__), "results": results})
+        write_text(output / "eval.md", markdown_report(results, command))
         plot_gradient_robustness(results, output / "gradient_robustness.png")
     return results

@@ -1,43 +1,55 @@
-"""Pretrained weights: Hugging Face Hub ids, loading with clear errors, bundled weights, publishing.
+"""Pretrained weights, loading side: where each tag's weights are, and loading them with clear errors.
 
-* Every pretrained tag ``<model>.<tag>`` has its own Hub repo ``<namespace>/<model>.<tag>`` holding
-  ``model.safetensors`` + timm's ``config.json`` + a model card (like timm's own repos). The
-  namespace is ``$LCNN_ZOO_HUB_NAMESPACE`` (read at import), default ``lcnn-zoo``.
-* Loading goes through timm (``build_model_with_cfg`` → huggingface_hub); only safetensors are
-  ever read from the network.
-* Weights shipped inside the package (``lcnn_zoo/weights/<model>.<tag>.safetensors``) are used
-  first, so those tags load offline right after ``pip install``.
-* The published state dict is the *unfolded* LCNN (trainable; ``lcnn_zoo.fold`` makes it
-  deployable), spectral-norm keys as ``<layer>.weight`` (unnormalised), ``weight_u``, ``weight_v``.
+* Weights shipped inside the package (``lcnn_zoo/weights/<model>.<tag>.safetensors``, listed with
+  their sha256 in ``weights/manifest.json``) load offline right after ``pip install``.
+* Weights published on the Hugging Face Hub are listed in a *published manifest*: the package's
+  ``weights/published.json`` and the user's own (``$LCNN_ZOO_PUBLISHED``, default
+  ``~/.cache/lcnn_zoo/published.json``), which ``lcnn-zoo push --upload`` updates. Each Hub repo is
+  ``<namespace>/<model>.<tag>`` (namespace ``$LCNN_ZOO_HUB_NAMESPACE``, default ``lcnn-zoo``).
+* A tag has a download location in its timm cfg only if one of these holds weights for it, so
+  ``timm.list_pretrained("lcnn*")`` lists exactly what loads. Every other tag is an architecture
+  with a recipe: ``pretrained=True`` says at once how to train it.
+* Loading goes through timm (``build_model_with_cfg`` → huggingface_hub); only safetensors are read.
+
+Publishing (repo folders, cards, uploads, bundling) is :mod:`lcnn_zoo.publishing`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import socket
-import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional
 from urllib.parse import urlparse
 
-import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import errors as hf_errors
+from huggingface_hub import try_to_load_from_cache
+from safetensors import SafetensorError
+from timm.models import resolve_pretrained_cfg
 from torch import nn
 
-__all__ = ["NAMESPACE", "hub_id", "tag_dataset", "bundled_weights", "safe_build", "PretrainedLoadError",
-           "save_pretrained", "push_folder"]
+from .errors import UserError
+
+__all__ = ["NAMESPACE", "WEIGHTS_DIR", "REPO_CONFIGS", "hub_id", "tag_dataset", "bundled_manifest",
+           "published_manifest", "published_manifest_path", "weights_location", "bundled_weights", "recipe_hint",
+           "check_hub_spec", "safe_build", "PretrainedLoadError", "HUB_FILENAME"]
 
 NAMESPACE = os.environ.get("LCNN_ZOO_HUB_NAMESPACE", "lcnn-zoo").strip("/") or "lcnn-zoo"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # present in a clone (the recipes)
+HUB_FILENAME = "model.safetensors"  # never fall back to a pickled file
 _PROBE_TIMEOUT_S = float(os.environ.get("LCNN_ZOO_HUB_PROBE_TIMEOUT", "3"))
 
 
-class PretrainedLoadError(RuntimeError):
+class PretrainedLoadError(UserError, RuntimeError):
     """Pretrained weights could not be loaded; the message says which and how to fix it."""
 
 
 def hub_id(model: str, tag: str) -> str:
-    """Hub repo id of a pretrained tag, e.g. ``lcnn-zoo/lcnn_resnet18.cifar10``."""
+    """Hub repo id of a pretrained tag in the current namespace, e.g. ``lcnn-zoo/lcnn_resnet18.cifar10``."""
     return f"{NAMESPACE}/{model}.{tag}"
 
 
@@ -46,43 +58,91 @@ def tag_dataset(model_name: str) -> str:
     return model_name.split(".", 1)[1].split("_")[0] if "." in model_name else ""
 
 
+def _read_manifest(path: Path) -> Dict[str, Dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PretrainedLoadError(f"{path} is not valid JSON (truncated or corrupted?): {e}; restore it "
+                                  f"(reinstall lcnn-zoo for the package's own)") from e
+    if not isinstance(data, dict):
+        raise PretrainedLoadError(f"{path} is not a weights manifest (expected a mapping of tag: entry)")
+    return data
+
+
 def bundled_manifest() -> Dict[str, Dict[str, Any]]:
     """``lcnn_zoo/weights/manifest.json``: for each shipped tag its sha256 and recorded metrics."""
-    path = WEIGHTS_DIR / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return _read_manifest(WEIGHTS_DIR / "manifest.json")
+
+
+def published_manifest_path() -> Path:
+    """The user's published manifest (``$LCNN_ZOO_PUBLISHED`` or ``~/.cache/lcnn_zoo/published.json``)."""
+    default = Path(os.environ.get("LCNN_ZOO_CACHE", Path.home() / ".cache" / "lcnn_zoo")) / "published.json"
+    return Path(os.environ.get("LCNN_ZOO_PUBLISHED", default))
+
+
+def published_manifest() -> Dict[str, Dict[str, Any]]:
+    """Tags published on the Hub: the package's ``weights/published.json``, then the user's (which wins)."""
+    return {**_read_manifest(WEIGHTS_DIR / "published.json"), **_read_manifest(published_manifest_path())}
+
+
+def weights_location(model: str, tag: str, *, strict: bool = True) -> Dict[str, Any]:
+    """The timm cfg keys that say where ``model.tag``'s weights are: ``file`` for shipped weights,
+    ``hf_hub_id`` for published ones, nothing for a recipe-only tag. With ``strict=False`` (building
+    the registry at import) a corrupt manifest warns instead of raising; loading raises, naming it."""
+    if not strict:
+        try:
+            return weights_location(model, tag)
+        except PretrainedLoadError as e:
+            warnings.warn(str(e), stacklevel=2)
+            return {}
+    name = f"{model}.{tag}"
+    if (WEIGHTS_DIR / f"{name}.safetensors").is_file() and name in bundled_manifest():
+        return {"file": str(WEIGHTS_DIR / f"{name}.safetensors")}
+    entry = published_manifest().get(name)
+    if entry and entry.get("repo_id"):
+        return {"hf_hub_id": entry["repo_id"], "hf_hub_filename": HUB_FILENAME}
+    return {}
 
 
 def bundled_weights(model: str, tag: str) -> Optional[Path]:
-    """Path of the weights shipped in the package for ``model.tag``, if any (checksum verified)."""
-    import hashlib
-
+    """Path of the weights shipped in the package for ``model.tag``, if any, after checking them
+    against the manifest's sha256 (a file without a manifest entry and checksum is refused)."""
     path = WEIGHTS_DIR / f"{model}.{tag}.safetensors"
     if not path.is_file():
         return None
     expected = bundled_manifest().get(f"{model}.{tag}", {}).get("sha256")
-    if expected and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+    if not expected:
+        raise PretrainedLoadError(f"The weights shipped for '{model}.{tag}' ({path}) have no checksum in manifest.json: "
+                                  f"they are not trusted; reinstall lcnn-zoo or re-bundle them with `lcnn-zoo push "
+                                  f"--bundle`.")
+    if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
         raise PretrainedLoadError(f"The weights shipped for '{model}.{tag}' ({path}) do not match their checksum "
                                   f"in manifest.json: the installation is corrupted; reinstall lcnn-zoo.")
     return path
 
 
-def _hub_error(cfg: Dict[str, Any], reason: str) -> PretrainedLoadError:
-    repo = cfg.get("hf_hub_id")
-    name = cfg.get("architecture", "model") + (f".{cfg['tag']}" if cfg.get("tag") else "")
-    return PretrainedLoadError(
-        f"Pretrained weights for '{name}' live on the Hugging Face Hub as '{repo}' "
-        f"(file '{cfg.get('hf_hub_filename') or 'model.safetensors'}') and could not be loaded: {reason}.\n"
-        f"Fixes: connect to the network and retry; or download them once and set HF_HUB_OFFLINE=1 to use the "
-        f"local cache; or point at a local copy with timm.create_model('local-dir:/path/to/folder') or "
-        f"pretrained_cfg_overlay=dict(file='/path/to/model.safetensors'); or set LCNN_ZOO_HUB_NAMESPACE if the "
-        f"weights are published under another namespace.")
+def recipe_hint(model: str, tag: str) -> str:
+    """The command that trains ``model.tag`` (its committed config when there is one)."""
+    dataset = tag.split("_")[0]
+    gradreg = tag.endswith("_gradreg")
+    base = model.removeprefix("lcnn_")
+    kind = "lcnn"
+    for suffix in ("_softplus", "_relu"):
+        if base.endswith(suffix):
+            base, kind = base[: -len(suffix)], suffix[1:]
+    variant = {"lcnn": "lcnn_gradreg" if gradreg else "lcnn", "softplus": "gradreg" if gradreg else "standard"}.get(kind)
+    config = f"configs/{dataset}_{base}_{variant}.yaml"
+    if variant and (REPO_CONFIGS / Path(config).name).is_file():
+        return f"`lcnn-zoo train --config {config} --download` (one command, see README)"
+    reg = ("lcnn_gradreg" if gradreg else "lcnn") if kind == "lcnn" else ("gradreg" if gradreg else "none")
+    return f"`lcnn-zoo train --model {model} --dataset {dataset} --reg {reg} --download` (see README, Training)"
 
 
 def _hub_reachable() -> Optional[str]:
     """None if the Hub endpoint accepts a TCP connection within the probe timeout, else the reason."""
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(hf_constants.ENDPOINT)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S):
@@ -91,57 +151,68 @@ def _hub_reachable() -> Optional[str]:
         return f"{host}:{port} is unreachable ({e.__class__.__name__}: {e})"
 
 
-def _check_available(cfg: Dict[str, Any]) -> None:
-    """Fail fast (seconds, not a minute of retries) when Hub weights cannot possibly be fetched."""
-    from huggingface_hub import constants, try_to_load_from_cache
+def _unreachable(what: str, repo: str, reason: str) -> PretrainedLoadError:
+    return PretrainedLoadError(
+        f"{what} is published on the Hugging Face Hub as '{repo}' and could not be loaded: {reason}.\n"
+        f"Fixes: connect to the network and retry; or download it once and set HF_HUB_OFFLINE=1 to use the local "
+        f"cache; or point at a local copy with timm.create_model('local-dir:/path/to/folder').")
 
-    if cfg.get("source") == "local-dir" or cfg.get("file") or cfg.get("state_dict") is not None:
-        return
-    repo = cfg.get("hf_hub_id")
-    if not repo:
-        raise PretrainedLoadError(
-            f"No pretrained weights are published for '{cfg.get('architecture')}' "
-            f"({cfg.get('notes') or 'no hf_hub_id'}); use pretrained=False, or pass "
-            f"pretrained_cfg_overlay=dict(file=...) with your own checkpoint.")
-    filename = cfg.get("hf_hub_filename") or "model.safetensors"
+
+def _check_fetchable(what: str, repo: str, filename: str) -> None:
+    """Fail fast (seconds, not a minute of retries) when a Hub file cannot possibly be fetched."""
     if isinstance(try_to_load_from_cache(repo, filename), str):
         return
-    if constants.HF_HUB_OFFLINE:
-        raise _hub_error(cfg, "HF_HUB_OFFLINE is set and the file is not in the local Hugging Face cache")
+    if hf_constants.HF_HUB_OFFLINE:
+        raise _unreachable(what, repo, "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache")
     reason = _hub_reachable()
     if reason is not None:
-        raise _hub_error(cfg, reason)
+        raise _unreachable(what, repo, reason)
+
+
+def check_hub_spec(spec: str) -> None:
+    """For ``hf-hub:<repo>`` names: fail at once, clearly, when the repo cannot be fetched."""
+    if spec.startswith("hf-hub:"):
+        repo = spec.split(":", 1)[1].split("@")[0]
+        _check_fetchable(f"'{repo}'", repo, "config.json")
 
 
 def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str, pretrained: bool,
                **kwargs: Any) -> nn.Module:
-    """``build_fn(model_cls, variant, pretrained, **kwargs)`` (timm's ``build_model_with_cfg``) with
-    bundled weights preferred and every loading failure turned into a :class:`PretrainedLoadError`
-    that names the weights and the fix."""
+    """``build_fn(model_cls, variant, pretrained, **kwargs)`` (timm's ``build_model_with_cfg``): shipped
+    weights checked against their checksum, tags without weights refused at once with the command
+    that trains them, and every loading failure turned into a :class:`PretrainedLoadError` that
+    names the weights and the fix."""
     if not pretrained:
         return build_fn(model_cls, variant, pretrained, **kwargs)
-    from huggingface_hub import errors as hf_errors
-    from safetensors import SafetensorError
-    from timm.models._builder import resolve_pretrained_cfg
-
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                  pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
     tag = cfg.get("tag") or ""
-    bundled = bundled_weights(variant, tag) if tag else None
+    name = f"{variant}.{tag}" if tag else variant
+    local = cfg.get("source") == "local-dir" or cfg.get("state_dict") is not None
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    if bundled is not None and not (overlay.get("file") or cfg.get("source") == "local-dir"):
-        overlay["file"] = str(bundled)
-        kwargs["pretrained_cfg_overlay"] = overlay
-        cfg["file"] = str(bundled)
-    _check_available(cfg)
+    if tag and not local and not overlay.get("file") and not overlay.get("hf_hub_id"):
+        # The manifests as they are now: weights published after import (lcnn-zoo push --upload) load too.
+        where = weights_location(variant, tag)
+        cfg = {k: v for k, v in cfg.items() if k not in ("file", "hf_hub_id")}
+        cfg.update(where)
+        kwargs["pretrained_cfg_overlay"] = {**overlay, "file": None, "hf_hub_id": None, **where}
+    if not local and cfg.get("file") and Path(cfg["file"]).resolve().parent == WEIGHTS_DIR:
+        bundled_weights(variant, tag)  # shipped: verify the checksum first
+    elif not local and not cfg.get("file"):
+        repo = cfg.get("hf_hub_id")
+        if not repo:
+            how = recipe_hint(variant, tag) if tag else "pass a checkpoint with pretrained_cfg_overlay=dict(file=...)"
+            raise PretrainedLoadError(f"no pretrained weights have been published for {name}; train them with {how}")
+        _check_fetchable(f"Pretrained weights for '{name}'", repo, cfg.get("hf_hub_filename") or HUB_FILENAME)
     where = cfg.get("file") or cfg.get("hf_hub_id") or variant
     try:
         return build_fn(model_cls, variant, pretrained, **kwargs)
     except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.EntryNotFoundError,
             hf_errors.OfflineModeIsEnabled) as e:
-        raise _hub_error(cfg, f"{e.__class__.__name__}: {e}") from e
+        raise _unreachable(f"Pretrained weights for '{name}'", str(cfg.get("hf_hub_id")),
+                           f"{e.__class__.__name__}: {e}") from e
     except SafetensorError as e:
-        raise PretrainedLoadError(f"The weights file for '{variant}' ({where}) is not a valid safetensors file "
+        raise PretrainedLoadError(f"The weights file for '{name}' ({where}) is not a valid safetensors file "
                                   f"(truncated or corrupted?): {e}. Delete it and download again.") from e
     except RuntimeError as e:
         msg = str(e)
@@ -149,170 +220,3 @@ def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str
             raise PretrainedLoadError(f"The checkpoint {where} does not match the architecture '{variant}' "
                                       f"(wrong model or shapes): {msg}") from e
         raise
-
-
-# --------------------------------------------------------------------------------------------
-# Publishing
-# --------------------------------------------------------------------------------------------
-def save_pretrained(model: nn.Module, output_dir: str | os.PathLike, *, model_card: str,
-                    extra_files: Optional[Dict[str, str]] = None) -> Path:
-    """Write a Hub repo folder: ``model.safetensors``, timm's ``config.json``, ``README.md``.
-
-    Written into a temporary folder next to ``output_dir`` and renamed into place, so an
-    interrupted write never leaves a partial folder. An existing ``output_dir`` is replaced.
-    """
-    from timm.models import save_for_hf
-
-    output_dir = Path(output_dir).resolve()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        save_for_hf(model, str(tmp), safe_serialization=True)
-        (tmp / "README.md").write_text(model_card, encoding="utf-8")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        json.loads((tmp / "config.json").read_text())  # sanity: timm wrote valid JSON
-        if output_dir.exists():
-            backup = output_dir.with_name(f".{output_dir.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            output_dir.rename(backup)
-            tmp.rename(output_dir)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
-
-
-def push_folder(folder: str | os.PathLike, repo_id: str, *, token: Optional[str] = None, private: bool = False,
-                commit_message: str = "Add lcnn-zoo weights") -> str:
-    """Upload a folder written by :func:`save_pretrained` to ``repo_id``; returns the commit URL."""
-    from huggingface_hub import HfApi, get_token
-
-    token = token or get_token()
-    if not token:
-        raise PermissionError("No Hugging Face token: run `hf auth login` or set HF_TOKEN to push")
-    api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
-    return str(getattr(info, "commit_url", info))
-
-
-# --------------------------------------------------------------------------------------------
-# Model cards
-# --------------------------------------------------------------------------------------------
-_TEMPLATE_BEGIN, _TEMPLATE_END = "<!-- BEGIN HUB TEMPLATE -->", "<!-- END HUB TEMPLATE -->"
-_KIND_DESCRIPTIONS = {
-    "lcnn": "low-curvature neural network (LCNN)",
-    "softplus": "softplus-β=1e3 baseline (the paper's \"standard\" model)",
-    "relu": "plain ReLU baseline",
-}
-_METRIC_LABELS = {
-    "accuracy": "clean accuracy (%)",
-    "grad_norm_mean": "E‖∇ₓℓ‖₂",
-    "hessian_norm_mean": "E‖∇²ₓℓ‖₂",
-    "curvature_mean": "E normalised curvature C(x)",
-}
-
-
-def find_model_card_template(path: Optional[str | os.PathLike] = None) -> str:
-    """The Hub template block of MODEL_CARD.md (given path, ./MODEL_CARD.md, or the repo root's)."""
-    candidates = [Path(path)] if path else [Path.cwd() / "MODEL_CARD.md",
-                                            Path(__file__).resolve().parents[1] / "MODEL_CARD.md"]
-    for c in candidates:
-        if c.is_file():
-            text = c.read_text(encoding="utf-8")
-            if _TEMPLATE_BEGIN not in text or _TEMPLATE_END not in text:
-                raise ValueError(f"{c} has no '{_TEMPLATE_BEGIN}' ... '{_TEMPLATE_END}' block")
-            return text.split(_TEMPLATE_BEGIN, 1)[1].split(_TEMPLATE_END, 1)[0].lstrip("\n")
-    raise FileNotFoundError(f"MODEL_CARD.md template not found (looked at {', '.join(map(str, candidates))}); "
-                            "run from a clone of lcnn-zoo or pass --template")
-
-
-def select_metrics(data: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
-    """One model's metrics from what ``lcnn-zoo eval`` wrote.
-
-    ``data`` is either a single model's metrics or a whole ``eval.json`` (``{"results": {name: metrics}}``);
-    in the latter case the entry is the first of ``names`` present, or the only one. Raises ValueError
-    naming the entries when none matches, so a card never shows another model's numbers.
-    """
-    results = data.get("results")
-    if not isinstance(results, dict):
-        return data
-    for name in names:
-        if name in results:
-            return results[name]
-    if len(results) == 1:
-        return next(iter(results.values()))
-    raise ValueError(f"the metrics file holds several models ({', '.join(results)}) and none is named "
-                     f"{' or '.join(map(repr, names))}: pass --metrics-key")
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def metrics_table(metrics: Optional[Dict[str, Any]]) -> str:
-    """Markdown table of one model's measured metrics (what ``lcnn-zoo eval`` wrote; nothing else)."""
-    if not metrics:
-        return "No metrics were measured for this upload."
-    m = dict(metrics)
-    rows = []
-    if "accuracy" in m:
-        rows.append((_METRIC_LABELS["accuracy"] + (f", {m['test_samples']} test images" if "test_samples" in m else ""),
-                     _fmt(m.pop("accuracy"))))
-        m.pop("test_samples", None)
-    n_geo = m.pop("geometry_samples", None)
-    for key in ("grad_norm", "hessian_norm", "curvature"):
-        if f"{key}_mean" in m:
-            mean, std = m.pop(f"{key}_mean"), m.pop(f"{key}_std", None)
-            label = _METRIC_LABELS[f"{key}_mean"] + (f" ({n_geo} test images)" if n_geo else "")
-            rows.append((label, _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")))
-    pgd = m.pop("pgd_l2", None)
-    if isinstance(pgd, dict):
-        steps, n = m.pop("pgd_steps", None), m.pop("pgd_samples", None)
-        how = ", ".join(s for s in (f"{steps} steps" if steps else "", f"{n} test images" if n else "") if s)
-        for eps, acc in pgd.items():
-            rows.append((f"accuracy (%) under ℓ2-PGD, ε={eps}" + (f" ({how})" if how else ""), _fmt(acc)))
-    disc = m.pop("train_test_discrepancy", None)
-    if isinstance(disc, dict):
-        for key, v in disc.items():
-            rows.append((f"train/test relative discrepancy of {key}", _fmt(v)))
-    m.pop("train_geometry", None)
-    m.pop("gradient_robustness", None)
-    m.pop("dataset", None)
-    for key, value in m.items():  # anything else measured, as it was recorded
-        if isinstance(value, (int, float)):
-            rows.append((_METRIC_LABELS.get(key, key), _fmt(value)))
-        elif isinstance(value, dict):
-            rows += [(f"{key} {sub}", _fmt(v)) for sub, v in value.items() if isinstance(v, (int, float))]
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines)
-
-
-def render_recipe(text: str, path: str = "") -> str:
-    """The card's training section: a YAML config is shown as the command and the config."""
-    if path.endswith((".yaml", ".yml")):
-        return f"Trained with `lcnn-zoo train --config {path}`:\n\n```yaml\n{text.strip()}\n```"
-    return text
-
-
-def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict[str, Any], kind: str,
-                      metrics: Optional[Dict[str, Any]] = None, recipe: str = "", eval_command: str = "") -> str:
-    """Fill the template's ``${...}`` fields (string.Template; unknown fields raise)."""
-    from string import Template
-
-    dataset = tag_dataset(model_name) or "unknown"
-    dataset_names = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "fmnist": "Fashion-MNIST"}
-    return Template(template).substitute(
-        model_id=repo_id.split("/")[-1], model_name=model_name, repo_id=repo_id,
-        architecture=model_name.split(".")[0], kind_description=_KIND_DESCRIPTIONS.get(kind, kind),
-        dataset=dataset, dataset_description=dataset_names.get(dataset, dataset),
-        input_size="×".join(str(s) for s in cfg.get("input_size", ())),
-        recipe=recipe or "Not recorded.", eval_command=eval_command or "not recorded",
-        metrics_table=metrics_table(metrics),
-    )

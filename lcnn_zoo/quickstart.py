@@ -17,20 +17,23 @@ on this recipe (test accuracy 70.78 / 79.32 / 82.56 / 79.70%, from
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from .evaluation import EvalConfig, markdown_report, run_eval
-from .training import parse_args, train
+from .checkpoint import write_json
+from .cli import train_config
+from .config import EvalConfig
+from .data import build_dataset
+from .evaluation import markdown_report, run_eval
+from .training import train
 
-__all__ = ["run_quickstart", "QUICKSTART_RUNS"]
+__all__ = ["run_quickstart", "QUICKSTART_RUNS", "QUICKSTART_COMMON", "QUICKSTART_EVAL"]
 
-_COMMON = ["--dataset", "fmnist", "--train-subset", "6000", "--epochs", "3", "--batch-size", "64",
-           "--lr", "0.05", "--sched", "cosine", "--aug-pad", "2", "--weight-decay", "5e-4", "--seed", "0",
-           "--eval-every", "1000"]
+QUICKSTART_COMMON = ["--dataset", "fmnist", "--train-subset", "6000", "--epochs", "3", "--batch-size", "64",
+                     "--lr", "0.05", "--sched", "cosine", "--aug-pad", "2", "--weight-decay", "5e-4", "--seed", "0",
+                     "--eval-every", "1000"]
 QUICKSTART_RUNS = {
     "standard": ["--model", "lcnn_resnet20_softplus", "--reg", "none"],
     "lcnn_gradreg": ["--model", "lcnn_resnet20", "--model-kwargs", "logit_scale=4", "--reg", "lcnn_gradreg",
@@ -40,9 +43,7 @@ QUICKSTART_EVAL = EvalConfig(geom_samples=100, pgd_samples=200, pgd_steps=10, no
 
 
 def run_quickstart(output: Path = Path("runs/quickstart"), threads: int = 0, progress: bool = True) -> int:
-    """Train both models, evaluate them, print the comparison. Returns a process exit code."""
-    from .data import build_dataset
-
+    """Train both models, evaluate them, print the comparison and the wall time. Returns an exit code."""
     build_dataset("fmnist", train=False)  # fails early, with instructions, if the data is missing
     if threads:
         torch.set_num_threads(threads)
@@ -50,9 +51,9 @@ def run_quickstart(output: Path = Path("runs/quickstart"), threads: int = 0, pro
     run_dirs = []
     for name, extra in QUICKSTART_RUNS.items():
         print(f"[{time.time() - t0:5.0f}s] training {name}: {' '.join(extra)}", flush=True)
-        args = parse_args(_COMMON + extra + ["--output", str(output), "--experiment", name]
-                          + ([] if progress else ["--no-progress"]))
-        summary = train(args)
+        cfg = train_config(QUICKSTART_COMMON + extra + ["--output", str(output), "--experiment", name]
+                           + ([] if progress else ["--no-progress"]))
+        summary = train(cfg)
         run_dirs.append(summary["run_dir"])
         print(f"[{time.time() - t0:5.0f}s] {name}: test accuracy {summary['final']['top1']:.2f}%", flush=True)
     print(f"[{time.time() - t0:5.0f}s] measuring ...", flush=True)
@@ -63,10 +64,11 @@ def run_quickstart(output: Path = Path("runs/quickstart"), threads: int = 0, pro
     print(markdown_report(results, command="lcnn-zoo quickstart"))
     ratio = std["curvature_mean"] / max(lcnn["curvature_mean"], 1e-12)
     eps = max(std["pgd_l2"], key=float)
+    wall = time.time() - t0
     print(f"accuracy: standard {std['accuracy']:.2f}%, LCNN+GradReg {lcnn['accuracy']:.2f}%")
     print(f"curvature: LCNN+GradReg {ratio:.1f}x lower than standard")
     print(f"PGD-ℓ2 accuracy at ε={eps}: standard {std['pgd_l2'][eps]:.2f}%, LCNN+GradReg {lcnn['pgd_l2'][eps]:.2f}%")
-    print(f"[{time.time() - t0:5.0f}s] wrote {Path(output) / 'eval.md'}, eval.json and gradient_robustness.png")
-    (Path(output) / "quickstart.json").write_text(json.dumps(
-        {"wall_time_s": time.time() - t0, "curvature_ratio": ratio, "runs": QUICKSTART_RUNS}, indent=2))
+    print(f"[{wall:5.0f}s] wrote {Path(output) / 'eval.md'}, eval.json and gradient_robustness.png")
+    print(f"quickstart wall time: {wall:.0f} s")
+    write_json(Path(output) / "quickstart.json", {"wall_time_s": wall, "curvature_ratio": ratio, "runs": QUICKSTART_RUNS})
     return 0

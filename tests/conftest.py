@@ -7,6 +7,8 @@ _HF_HOME = tempfile.mkdtemp(prefix="lcnn-zoo-hf-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", _HF_HOME)
 os.environ.setdefault("HF_HUB_CACHE", os.path.join(_HF_HOME, "hub"))
+# The user's published manifest (lcnn-zoo push --upload writes it): a throw-away one for the tests.
+os.environ["LCNN_ZOO_PUBLISHED"] = os.path.join(_HF_HOME, "published.json")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -6,6 +6,27 @@ from pathlib import Path
 from huggingface_hub import constants
 
 
+def publish(tag: str, repo_id: str) -> None:
+    """Record ``tag`` → ``repo_id`` in the (test) published manifest, as ``lcnn-zoo push --upload`` does."""
+    import json
+    import os
+
+    path = Path(os.environ["LCNN_ZOO_PUBLISHED"])
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[tag] = {"repo_id": repo_id}
+    path.write_text(json.dumps(data))
+
+
+def unpublish(tag: str) -> None:
+    import json
+    import os
+
+    path = Path(os.environ["LCNN_ZOO_PUBLISHED"])
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.pop(tag, None)
+    path.write_text(json.dumps(data))
+
+
 def populate(repo_id: str, folder: Path, revision: str = "main") -> Path:
     """Copy ``folder``'s files into ``$HF_HUB_CACHE/models--org--name`` (blobs + snapshot + ref)."""
     cache = Path(constants.HF_HUB_CACHE)

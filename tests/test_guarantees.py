@@ -74,7 +74,7 @@ def test_channels_last_gradients_equal_contiguous(name, train):
 @pytest.mark.parametrize("train", [True, False])
 def test_channels_last_whole_zoo_model(train):
     torch.manual_seed(0)
-    model = timm.create_model("lcnn_resnet20", num_classes=5).double()
+    model = timm.create_model("lcnn_resnet20.cifar10", num_classes=5).double()
     x = torch.rand(4, 3, 32, 32, dtype=torch.float64)
     _, g_c = _grads(model, x, train)
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -120,7 +120,7 @@ def test_fd_gradreg_matches_exact_in_train_mode_with_active_clip():
 
 # ---- 3. weights changed in place, at the model level ----------------------------------------------
 def test_zoo_model_eval_sees_in_place_weight_updates():
-    model = timm.create_model("lcnn_resnet20", num_classes=3).eval()
+    model = timm.create_model("lcnn_resnet20.cifar10", num_classes=3).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         before = model(x)
@@ -249,19 +249,19 @@ def test_dense_check_can_fail_where_the_report_flags():
 
 
 def test_report_of_logit_scale_is_a_declared_gain():
-    model = timm.create_model("lcnn_resnet20", logit_scale=4)
+    model = timm.create_model("lcnn_resnet20.cifar10", logit_scale=4)
     assert model.lcnn_report.ok and model.lcnn_report.gains == [("logit_scale", 4.0)]
     assert "fixed gain ×4" in str(model.lcnn_report)
 
 
 def test_lcnnify_refuses_a_model_with_lcnn_layers():
-    lcnn = timm.create_model("lcnn_resnet20")
+    lcnn = timm.create_model("lcnn_resnet20.cifar10")
     with pytest.raises(ValueError, match="already contains LCNN layers"):
         lcnnify(nn.Sequential(lcnn, nn.Identity()), input_size=(3, 32, 32))
     with pytest.raises(ValueError, match="already contains LCNN layers"):
         lcnnify(lcnn)
     # a fixed-β softplus net (the paper's "standard" model) converts: its β becomes learnable
-    std = lcnnify(timm.create_model("lcnn_resnet20_softplus"))
+    std = lcnnify(timm.create_model("lcnn_resnet20_softplus.cifar10"))
     assert all(isinstance(m.log_beta, nn.Parameter) for m in std.modules() if isinstance(m, CenteredSoftplus))
 
 
@@ -307,7 +307,7 @@ def test_norms_are_converged_at_conversion():
 
 # ---- 6. input size ------------------------------------------------------------------------------
 def test_other_input_size_warns_once_and_set_input_size_recomputes():
-    model = timm.create_model("lcnn_resnet20", num_classes=3).double().eval()
+    model = timm.create_model("lcnn_resnet20.cifar10", num_classes=3).double().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error", LCNNInputSizeWarning)
         model(torch.rand(1, 3, 32, 32, dtype=torch.float64))  # the size it was built for: silent
@@ -327,8 +327,8 @@ def test_other_input_size_warns_once_and_set_input_size_recomputes():
 
 
 def test_state_dict_of_another_input_size_loads_with_converged_vectors():
-    src = timm.create_model("lcnn_resnet20", pretrained_cfg_overlay=dict(input_size=(3, 24, 24)))
-    dst = timm.create_model("lcnn_resnet20")
+    src = timm.create_model("lcnn_resnet20.cifar10", pretrained_cfg_overlay=dict(input_size=(3, 24, 24)))
+    dst = timm.create_model("lcnn_resnet20.cifar10")
     with pytest.warns(UserWarning, match="recomputed from the loaded weight"):
         dst.load_state_dict(src.state_dict())
     for m, sn in spectral_norm_modules(dst):
@@ -339,7 +339,7 @@ def test_state_dict_of_another_input_size_loads_with_converged_vectors():
 
 
 # ---- 7. reset_classifier -----------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["lcnn_resnet20", "lcnn_resnet18", "lcnn_wide_resnet16_8", "timm_resnet18"])
+@pytest.mark.parametrize("name", ["lcnn_resnet20.cifar10", "lcnn_resnet18", "lcnn_wide_resnet16_8", "timm_resnet18"])
 def test_reset_classifier_keeps_the_head_spectrally_normalised(name):
     if name == "timm_resnet18":
         model = quiet_lcnnify(timm.create_model("resnet18", num_classes=4), input_size=(3, 32, 32))
@@ -387,8 +387,8 @@ def test_frozen_softplus_matches_the_training_activation():
 
 def test_lcnn_refuses_torchscript_with_one_clear_sentence():
     with pytest.raises(RuntimeError, match="cannot be compiled with TorchScript.*fold"):
-        torch.jit.script(timm.create_model("lcnn_resnet20"))
-    scripted = torch.jit.script(timm.create_model("lcnn_resnet20_softplus").eval())  # the baselines script
+        torch.jit.script(timm.create_model("lcnn_resnet20.cifar10"))
+    scripted = torch.jit.script(timm.create_model("lcnn_resnet20_softplus.cifar10").eval())  # the baselines script
     assert scripted(torch.rand(1, 3, 32, 32)).shape == (1, 10)
 
 

@@ -29,8 +29,8 @@ def test_quickstart(tmp_path):
 
 def test_quickstart_recipe_parses():
     """The recipe the README documents (fast check; the run itself is the slow test above)."""
-    from lcnn_zoo.quickstart import _COMMON, QUICKSTART_RUNS
-    from lcnn_zoo.training import parse_args
+    from lcnn_zoo.cli import train_config as parse_args
+    from lcnn_zoo.quickstart import QUICKSTART_COMMON as _COMMON, QUICKSTART_RUNS
 
     lcnn = parse_args(_COMMON + QUICKSTART_RUNS["lcnn_gradreg"])
     assert lcnn.model == "lcnn_resnet20" and lcnn.model_kwargs == {"logit_scale": 4}

@@ -8,41 +8,67 @@ import torch
 from torch import nn
 
 import lcnn_zoo
-from lcnn_zoo.hub import PretrainedLoadError, hub_id, save_pretrained
+from lcnn_zoo.errors import UserError
+from lcnn_zoo.factory import create_model
+from lcnn_zoo.hub import PretrainedLoadError, hub_id
+from lcnn_zoo.publishing import save_pretrained
 
-from hf_cache import populate, remove
+from hf_cache import populate, publish, remove, unpublish
 
 FAMILIES = ["resnet18", "resnet34", "resnet20", "resnet56", "wide_resnet16_8", "wide_resnet28_10"]
 
 
-def test_registry_lists_models_and_baselines():
+def test_registry_lists_models_and_only_tags_that_load():
     names = set(timm.list_models("lcnn_*"))
     for f in FAMILIES:
         assert {f"lcnn_{f}", f"lcnn_{f}_softplus", f"lcnn_{f}_relu"} <= names
     assert {"lcnn_resnet50", "lcnn_wide_resnet50_2"} <= names
-    tags = set(timm.list_pretrained("lcnn_resnet18*"))
-    assert {"lcnn_resnet18.cifar10", "lcnn_resnet18.cifar100", "lcnn_resnet18.cifar10_gradreg",
-            "lcnn_resnet18_softplus.cifar100_gradreg", "lcnn_resnet18_relu.cifar10"} <= tags
-    assert "lcnn_resnet20.fmnist" in timm.list_pretrained("lcnn_resnet20*")
+    # Only tags with weights are advertised: the shipped ones (no upload is recorded on this machine).
+    listed = set(timm.list_pretrained("lcnn*"))
+    assert listed == set(lcnn_zoo.hub.bundled_manifest())
+    for tag in listed:
+        timm.create_model(tag, pretrained=True)  # every listed tag loads, offline
+    # Recipe-only tags stay creatable as architectures.
+    assert timm.create_model("lcnn_resnet18.cifar100").num_classes == 100
 
 
-@pytest.mark.parametrize("name", ["lcnn_resnet18", "lcnn_resnet20", "lcnn_resnet20_softplus", "lcnn_resnet20_relu",
-                                  "lcnn_wide_resnet16_8"])
+def test_recipe_only_tag_says_how_to_train_it():
+    t = time.perf_counter()
+    with pytest.raises(PretrainedLoadError) as err:
+        timm.create_model("lcnn_resnet18.cifar100", pretrained=True)
+    assert time.perf_counter() - t < 10
+    msg = str(err.value)
+    assert msg.startswith("no pretrained weights have been published for lcnn_resnet18.cifar100; train them with")
+    assert "lcnn-zoo train --config configs/cifar100_resnet18_lcnn.yaml" in msg
+    assert "network" not in msg and "unreachable" not in msg and "HF_HUB_OFFLINE" not in msg
+
+
+def test_default_tag_has_weights_where_any_does():
+    assert timm.create_model("lcnn_resnet20").pretrained_cfg["tag"] == "fmnist"
+    assert timm.create_model("lcnn_resnet20_softplus").pretrained_cfg["tag"] == "fmnist"
+    assert timm.create_model("lcnn_resnet20_relu").pretrained_cfg["tag"] == "cifar10"  # none has weights
+    model = timm.create_model("lcnn_resnet20", pretrained=True)  # the shipped .fmnist, not a missing .cifar10
+    assert model.conv1.in_channels == 1
+
+
+@pytest.mark.parametrize("name", ["lcnn_resnet18", "lcnn_resnet20.cifar10", "lcnn_resnet20_softplus.cifar10",
+                                  "lcnn_resnet20_relu", "lcnn_wide_resnet16_8"])
 def test_models_build_and_cfg(name):
     model = timm.create_model(name)
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == (0.0, 0.0, 0.0) and cfg["std"] == (1.0, 1.0, 1.0)
     assert cfg["first_conv"] == "conv1" and cfg["classifier"] == "fc" and cfg["num_classes"] == 10
-    assert cfg["license"] and cfg["paper_ids"] and cfg["hf_hub_id"] == hub_id(name, cfg["tag"])
-    assert cfg["hf_hub_filename"] == "model.safetensors"
+    assert cfg["license"] and cfg["paper_ids"]
+    assert not cfg.get("hf_hub_id") and "recipe only" in cfg["notes"]  # no weights: no download location
     out = model(torch.rand(2, 3, 32, 32))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     state = model.state_dict()
     assert "conv1.weight" in state and "fc.weight" in state  # timm's adaptation keys exist
     kinds = {type(m).__name__ for m in model.modules()}
-    if name.endswith("_relu"):
+    arch = name.split(".")[0]
+    if arch.endswith("_relu"):
         assert "ReLU" in kinds and "CenteredSoftplus" not in kinds
-    elif name.endswith("_softplus"):
+    elif arch.endswith("_softplus"):
         betas = [m.beta.item() for m in model.modules() if isinstance(m, lcnn_zoo.CenteredSoftplus)]
         assert betas and all(b == pytest.approx(1e3) for b in betas) and not list(model.parameters())[0] is None
         assert "BatchNorm2d" in kinds
@@ -51,7 +77,7 @@ def test_models_build_and_cfg(name):
 
 
 def test_timm_kwargs():
-    m = timm.create_model("lcnn_resnet20", num_classes=7, in_chans=1, drop_rate=0.2,
+    m = timm.create_model("lcnn_resnet20.cifar10", num_classes=7, in_chans=1, drop_rate=0.2,
                           pretrained_cfg_overlay=dict(input_size=(1, 24, 24)))
     assert m(torch.rand(2, 1, 24, 24)).shape == (2, 7)
     assert m.conv1.parametrizations.weight[0].input_shape == (1, 24, 24)
@@ -61,7 +87,7 @@ def test_timm_kwargs():
     assert fmnist.pretrained_cfg["input_size"] == (1, 28, 28) and fmnist.conv1.in_channels == 1
 
 
-@pytest.mark.parametrize("name", ["lcnn_resnet18", "lcnn_resnet20", "lcnn_wide_resnet16_8_softplus"])
+@pytest.mark.parametrize("name", ["lcnn_resnet18", "lcnn_resnet20.cifar10", "lcnn_wide_resnet16_8_softplus"])
 def test_logit_scale_multiplies_logits_and_travels_with_the_weights(name, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -88,7 +114,7 @@ def test_logit_scale_multiplies_logits_and_travels_with_the_weights(name, tmp_pa
             timm.create_model(name, logit_scale=bad)
 
 
-def trained(name="lcnn_resnet20", steps=2, **kw):
+def trained(name="lcnn_resnet20.cifar10", steps=2, **kw):
     torch.manual_seed(0)
     model = timm.create_model(name, **kw)
     model.train()
@@ -108,7 +134,9 @@ def published(tmp_path_factory):
     folder = save_pretrained(model, tmp_path_factory.mktemp("pub") / "lcnn_resnet20.cifar10", model_card="# test\n")
     repo = hub_id("lcnn_resnet20", "cifar10")
     populate(repo, folder)
+    publish("lcnn_resnet20.cifar10", repo)  # what `lcnn-zoo push --upload` records
     yield model, folder, repo
+    unpublish("lcnn_resnet20.cifar10")
     remove(repo)
 
 
@@ -147,27 +175,37 @@ def test_finetune_adaptation(published):
     assert dst["conv1.weight"].shape[1] == 1 and dst["fc.weight"].shape[0] == 3
 
 
-def test_missing_weights_offline_is_prompt_and_clear():
-    t = time.perf_counter()
-    with pytest.raises(PretrainedLoadError) as err:
-        timm.create_model("lcnn_resnet18.cifar100", pretrained=True)
-    assert time.perf_counter() - t < 10
-    msg = str(err.value)
-    assert hub_id("lcnn_resnet18", "cifar100") in msg and "HF_HUB_OFFLINE" in msg and "local-dir" in msg
+def test_published_but_not_cached_offline_is_prompt_and_clear():
+    publish("lcnn_resnet18.cifar100", hub_id("lcnn_resnet18", "cifar100"))
+    try:
+        t = time.perf_counter()
+        with pytest.raises(PretrainedLoadError) as err:
+            timm.create_model("lcnn_resnet18.cifar100", pretrained=True)
+        assert time.perf_counter() - t < 10
+        msg = str(err.value)
+        assert hub_id("lcnn_resnet18", "cifar100") in msg and "HF_HUB_OFFLINE" in msg and "local-dir" in msg
+    finally:
+        unpublish("lcnn_resnet18.cifar100")
 
 
 def test_unreachable_hub_fails_fast(monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
-    t = time.perf_counter()
-    with pytest.raises(PretrainedLoadError, match="unreachable"):
-        timm.create_model("lcnn_resnet18.cifar10", pretrained=True)
-    assert time.perf_counter() - t < 10
+    publish("lcnn_resnet18.cifar10", hub_id("lcnn_resnet18", "cifar10"))
+    try:
+        t = time.perf_counter()
+        with pytest.raises(PretrainedLoadError, match="unreachable"):
+            timm.create_model("lcnn_resnet18.cifar10", pretrained=True)
+        with pytest.raises(PretrainedLoadError, match="unreachable"):  # hf-hub: names use the same probe
+            create_model("hf-hub:someone/lcnn_resnet18.cifar10", pretrained=True)
+        assert time.perf_counter() - t < 15
+    finally:
+        unpublish("lcnn_resnet18.cifar10")
 
 
 def test_unpublished_architecture():
-    with pytest.raises(PretrainedLoadError, match="No pretrained weights"):
+    with pytest.raises(PretrainedLoadError, match="no pretrained weights have been published for lcnn_resnet50"):
         timm.create_model("lcnn_resnet50", pretrained=True)
 
 
@@ -180,10 +218,12 @@ def test_corrupt_file(published, tmp_path):
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     (bad / "config.json").write_bytes((folder / "config.json").read_bytes())
     populate(repo, bad)
+    publish("lcnn_resnet20.cifar100", repo)
     try:
         with pytest.raises(PretrainedLoadError, match="not a valid safetensors"):
             timm.create_model("lcnn_resnet20.cifar100", pretrained=True, num_classes=10)
     finally:
+        unpublish("lcnn_resnet20.cifar100")
         remove(repo)
 
 
@@ -191,25 +231,28 @@ def test_wrong_architecture(published):
     _, folder, _ = published
     repo = hub_id("lcnn_resnet56", "cifar10")
     populate(repo, folder)
+    publish("lcnn_resnet56.cifar10", repo)
     try:
         with pytest.raises(PretrainedLoadError, match="does not match"):
             timm.create_model("lcnn_resnet56.cifar10", pretrained=True)
     finally:
+        unpublish("lcnn_resnet56.cifar10")
         remove(repo)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    model = timm.create_model("lcnn_resnet20")
+    model = timm.create_model("lcnn_resnet20.cifar10")
     out = save_pretrained(model, tmp_path / "repo", model_card="v1")
-    import timm.models as tm
+    import lcnn_zoo.publishing as pub
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(tm, "save_for_hf", boom)
+    monkeypatch.setattr(pub, "save_for_hf", boom)
     with pytest.raises(OSError):
         save_pretrained(model, out, model_card="v2")
     assert (out / "README.md").read_text() == "v1"  # the old folder is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no temp leftovers
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_torch_hub_local():
@@ -220,11 +263,11 @@ def test_torch_hub_local():
     hubconf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hubconf)
     assert all(callable(getattr(hubconf, n, None)) for n in timm.list_models("lcnn_*"))
-    model = torch.hub.load(repo_dir, "lcnn_resnet20", source="local", num_classes=4)
+    model = torch.hub.load(repo_dir, "lcnn_resnet20", source="local", num_classes=4, pretrained_cfg="cifar10")
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4)
 
 
-def test_cli_push_writes_loadable_folder(tmp_path):
+def test_cli_push_writes_loadable_folder(tmp_path, capsys):
     import json
 
     from safetensors.torch import save_file
@@ -254,32 +297,35 @@ def test_cli_push_writes_loadable_folder(tmp_path):
     assert "${" not in card and "CIFAR-100" in card
     # Several models and none of them this one: refused, naming what is there.
     metrics.write_text(json.dumps({"results": {"a": other, "b": other}}))
-    with pytest.raises(SystemExit, match="several models.*--metrics-key"):
-        main(["push", str(ckpt), "--model", "lcnn_resnet20.cifar100", "--output-dir", str(tmp_path / "x"),
-              "--metrics", str(metrics)])
+    assert main(["push", str(ckpt), "--model", "lcnn_resnet20.cifar100", "--output-dir", str(tmp_path / "x"),
+                 "--metrics", str(metrics)]) == 2
+    assert "several models" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     same_outputs(model, timm.create_model(f"local-dir:{out}", pretrained=True))
     repo = hub_id("lcnn_resnet20", "cifar100")
     populate(repo, out)
+    publish("lcnn_resnet20.cifar100", repo)
     try:
         same_outputs(model, timm.create_model("lcnn_resnet20.cifar100", pretrained=True))
     finally:
+        unpublish("lcnn_resnet20.cifar100")
         remove(repo)
 
 
-def test_cli_push_errors(tmp_path):
-    from lcnn_zoo.cli import load_checkpoint_state_dict, main
+def test_cli_push_errors(tmp_path, capsys):
+    from lcnn_zoo.checkpoint import load_state_dict as load_checkpoint_state_dict
+    from lcnn_zoo.cli import main
 
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="not found"):
         load_checkpoint_state_dict(tmp_path / "nope.pth")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 10)
-    with pytest.raises(ValueError, match="safetensors"):
+    with pytest.raises(UserError, match="safetensors"):
         load_checkpoint_state_dict(bad)
     pickled = tmp_path / "evil.pth"
     import argparse
     torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1)}, pickled)
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(UserError, match="weights_only"):
         load_checkpoint_state_dict(pickled)
-    with pytest.raises(SystemExit, match="architecture"):
-        main(["push", str(bad), "--model", "lcnn_resnet20"])
+    assert main(["push", str(bad), "--model", "lcnn_resnet20"]) == 2
+    assert "architecture" in capsys.readouterr().err

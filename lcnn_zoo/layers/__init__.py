@@ -16,7 +16,7 @@ from .batchnorm import DEFAULT_GAMMA_INIT, LipschitzBatchNorm2d, LipschitzBatchN
 from .scale import Scale
 from .spectral_norm import (CONVERGENCE_TOL, Conv2dOperator, LinearOperator, SpectralNorm, conv_padding,
                             remove_spectral_norm, spectral_norm, spectral_norm_modules, spectral_norm_of)
-from .state import converge_spectral_norms, frozen_state, pinned_lipschitz_scales
+from .state import converge_spectral_norms, frozen_state, pinned_lipschitz_scales, recalibrate_batchnorm
 
 for _cls in (CenteredSoftplus, LipschitzBatchNorm2d, LipschitzBatchNormAct2d):
     register_notrace_module(_cls)
@@ -27,5 +27,5 @@ __all__ = [
     "Scale",
     "SpectralNorm", "LinearOperator", "Conv2dOperator", "spectral_norm", "remove_spectral_norm",
     "spectral_norm_modules", "spectral_norm_of", "conv_padding", "CONVERGENCE_TOL",
-    "frozen_state", "pinned_lipschitz_scales", "converge_spectral_norms",
+    "frozen_state", "pinned_lipschitz_scales", "converge_spectral_norms", "recalibrate_batchnorm",
 ]

@@ -38,7 +38,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from ..conversion import lcnnify
-from ..hub import hub_id, safe_build
+from ..hub import recipe_hint, safe_build, weights_location
 from ..layers import CenteredSoftplus
 from ..layers.spectral_norm import deferred_convergence
 
@@ -261,12 +261,12 @@ _PAPER = "Efficient Training of Low-Curvature Neural Networks"
 
 def _cfg(variant: str, tag: Optional[str], *, num_classes: int, input_size: Tuple[int, int, int] = (3, 32, 32),
          pool_size: Tuple[int, int] = (4, 4), notes: str = "", **kwargs: Any) -> Dict[str, Any]:
-    hub = {} if tag is None else {
-        "hf_hub_id": hub_id(variant, tag),
-        "hf_hub_filename": "model.safetensors",  # never fall back to a pickled file
-    }
+    # A download location only where weights exist (shipped or published): list_pretrained lists what loads.
+    where = weights_location(variant, tag, strict=False) if tag is not None else {}
+    if tag is not None and not where:
+        notes = notes or f"recipe only: train with {recipe_hint(variant, tag)}"
     return {
-        **hub,
+        **where,
         "num_classes": num_classes,
         "input_size": input_size,
         "fixed_input_size": True,
@@ -287,12 +287,18 @@ def _cfg(variant: str, tag: Optional[str], *, num_classes: int, input_size: Tupl
 
 
 def _tags_for(variant: str, datasets: Dict[str, Dict[str, Any]], gradreg: bool) -> Dict[str, Dict[str, Any]]:
+    """The variant's tags, those with weights first: timm's default tag (the first) then has weights
+    wherever any tag does."""
     out = {}
     for ds, kw in datasets.items():
         out[f"{variant}.{ds}"] = _cfg(variant, ds, **kw)
         if gradreg:
             out[f"{variant}.{ds}_gradreg"] = _cfg(variant, f"{ds}_gradreg", **kw)
-    return out
+    return dict(sorted(out.items(), key=lambda item: not _has_weights(item[1])))
+
+
+def _has_weights(cfg: Dict[str, Any]) -> bool:
+    return bool(cfg.get("file") or cfg.get("hf_hub_id"))
 
 
 _CIFAR = {"cifar10": dict(num_classes=10), "cifar100": dict(num_classes=100)}
@@ -306,12 +312,12 @@ def _family(name: str, datasets: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[st
     return cfgs
 
 
-# CIFAR first: the default tag (and so the default input size) is 3×32×32 for every CIFAR model.
+# A variant's default tag is one with weights where any has (lcnn_resnet20 → .fmnist, 1×28×28), else CIFAR-10's.
 _RESNET20_DATA = {**{k: dict(v, pool_size=(8, 8)) for k, v in _CIFAR.items()},
                   "fmnist": dict(num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7))}
 _WRN_DATA = {k: dict(v, pool_size=(8, 8)) for k, v in _CIFAR.items()}
 _IN1K = dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-             notes="architecture only: no weights published")
+             notes="architecture only: no weights and no recipe")
 
 default_cfgs = generate_default_cfgs({
     **_family("resnet18", _CIFAR),

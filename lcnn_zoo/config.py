@@ -1,0 +1,292 @@
+"""What a training or evaluation run is asked to do: :class:`TrainConfig` and :class:`EvalConfig`,
+typed and validated once, before any work starts.
+
+The command line and YAML files share the keys (``lcnn-zoo train --lr 0.1`` and ``lr: 0.1``); the
+options, their defaults and their help are the fields below, so ``lcnn-zoo train --help`` lists
+exactly what a config may hold. This module imports no torch, so ``--help`` answers at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from .errors import UserError
+
+__all__ = ["TrainConfig", "EvalConfig", "REGS", "SCHEDULERS", "RESUME_MAY_CHANGE", "load_yaml", "check_value",
+           "resume_conflicts", "PAPER_EPS", "NOISE_NORMS"]
+
+REGS = ("none", "lcnn", "gradreg", "lcnn_gradreg")
+SCHEDULERS = ("multistep", "cosine", "step", "poly", "tanh", "none")
+#: options a resumed run may change; every other one must match the checkpoint's recipe
+RESUME_MAY_CHANGE = frozenset({"epochs", "eval_every", "no_progress", "threads", "workers", "resume", "device",
+                               "output", "experiment", "data_dir", "download", "dist_timeout", "compile", "config"})
+PAPER_EPS = (0.05, 0.1, 0.15, 0.2)
+NOISE_NORMS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
+def _opt(default: Any, help: str, group: str, kind: str, **extra: Any) -> Any:
+    """A config field: ``kind`` is how the value is checked and parsed (str, int, float, bool,
+    ints, size3, kwargs, choice); ``extra``: ``choices``, ``minimum``, ``maximum``, ``optional``."""
+    meta = {"help": help, "group": group, "kind": kind, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``lcnn-zoo train`` (see the README's Training section)."""
+
+    config: str = _opt("", "YAML file with the same keys as these options (the command line overrides it)",
+                       "config", "str")
+    # ---- model
+    model: str = _opt("lcnn_resnet20", "timm model name[.tag] (lcnn_* or any timm CNN)", "model", "str")
+    pretrained: bool = _opt(False, "start from the tag's pretrained weights (fine-tuning)", "model", "bool")
+    initial_checkpoint: str = _opt("", "start from these weights (.safetensors / run folder / .pth); a head or "
+                                       "stem of another shape is re-initialised", "model", "str")
+    lcnnify: bool = _opt(False, "convert a non-lcnn timm model with lcnnify first", "model", "bool")
+    num_classes: Optional[int] = _opt(None, "classes (default: the dataset's)", "model", "int", minimum=1,
+                                      optional=True)
+    input_size: Optional[List[int]] = _opt(None, "C H W the model is built for (default: the dataset's image "
+                                                 "size); images are resized to it", "model", "size3", optional=True)
+    drop_rate: float = _opt(0.0, "dropout before the classifier", "model", "float", minimum=0.0, maximum=0.99)
+    model_kwargs: Dict[str, Any] = _opt({}, "extra keyword arguments for timm.create_model, e.g. logit_scale=4",
+                                        "model", "kwargs")
+    # ---- data
+    dataset: str = _opt("fmnist", "cifar10 | cifar100 | fmnist | folder:<path> | hf:<name>", "data", "str")
+    data_dir: Optional[str] = _opt(None, "where the dataset lives", "data", "str", optional=True)
+    download: bool = _opt(False, "let torchvision download CIFAR / Fashion-MNIST", "data", "bool")
+    train_subset: int = _opt(0, "train on a fixed random subset of this size (0: all)", "data", "int", minimum=0)
+    test_subset: int = _opt(0, "evaluate on a fixed random subset of this size (0: all)", "data", "int", minimum=0)
+    eval_on_train: bool = _opt(False, "for an image folder without a val/ (or test/) split: evaluate on the "
+                                      "training images (the report says so)", "data", "bool")
+    aug_pad: int = _opt(4, "pad-and-random-crop padding in pixels (0: none)", "data", "int", minimum=0)
+    no_flip: bool = _opt(False, "disable random horizontal flips", "data", "bool")
+    mixup: float = _opt(0.0, "timm Mixup alpha (0: off)", "data", "float", minimum=0.0)
+    cutmix: float = _opt(0.0, "timm CutMix alpha (0: off)", "data", "float", minimum=0.0)
+    smoothing: float = _opt(0.0, "label smoothing", "data", "float", minimum=0.0, maximum=0.99)
+    workers: int = _opt(0, "DataLoader workers", "data", "int", minimum=0)
+    # ---- optimisation
+    epochs: int = _opt(200, "epochs (a resumed run may raise it: the schedule is rebuilt)", "optimisation", "int",
+                       minimum=1)
+    batch_size: int = _opt(128, "per process", "optimisation", "int", minimum=1)
+    opt: str = _opt("sgd", "timm optimizer name", "optimisation", "str")
+    lr: float = _opt(0.1, "learning rate", "optimisation", "float", minimum=0.0)
+    momentum: float = _opt(0.9, "momentum", "optimisation", "float", minimum=0.0, maximum=0.999999)
+    weight_decay: float = _opt(5e-4, "weight decay (never on β, γ)", "optimisation", "float", minimum=0.0)
+    sched: str = _opt("multistep", "timm scheduler", "optimisation", "choice", choices=SCHEDULERS)
+    decay_milestones: List[int] = _opt([150, 175], "multistep: epochs at which the lr decays", "optimisation",
+                                       "ints", minimum=1)
+    decay_rate: float = _opt(0.1, "lr decay factor", "optimisation", "float", minimum=0.0)
+    warmup_epochs: int = _opt(0, "linear warm-up epochs", "optimisation", "int", minimum=0)
+    model_ema: bool = _opt(False, "keep a ModelEmaV3 copy (evaluated too)", "optimisation", "bool")
+    model_ema_decay: float = _opt(0.999, "EMA decay", "optimisation", "float", minimum=0.0, maximum=0.999999)
+    # ---- regularisation
+    reg: str = _opt("lcnn", "none | lcnn | gradreg | lcnn_gradreg", "regularisation (paper eq. 5 and §5)",
+                    "choice", choices=REGS)
+    lambda_beta: float = _opt(1e-3, "weight on Σβ (eq. 5; the reference code's value)",
+                              "regularisation (paper eq. 5 and §5)", "float", minimum=0.0)
+    lambda_gamma: float = _opt(1e-3, "weight on Σ log γ (eq. 5; the reference code's value)",
+                               "regularisation (paper eq. 5 and §5)", "float", minimum=0.0)
+    lambda_grad: float = _opt(6e-3, "GradReg weight on mean ‖∇ₓℓᵢ‖² (reference λ=1e-3 at B=128 ↔ 6.1e-3)",
+                              "regularisation (paper eq. 5 and §5)", "float", minimum=0.0)
+    gradreg: str = _opt("fd", "exact (double backprop) or fd (finite difference)",
+                        "regularisation (paper eq. 5 and §5)", "choice", choices=("exact", "fd"))
+    fd_step: float = _opt(1e-2, "FD GradReg RMS per-sample step (input units)",
+                          "regularisation (paper eq. 5 and §5)", "float", minimum=1e-12)
+    gradreg_fraction: float = _opt(1.0, "FD GradReg on a random fraction of each batch (an unbiased estimate "
+                                        "of the per-sample mean; 1: all)", "regularisation (paper eq. 5 and §5)",
+                                   "float", minimum=1e-6, maximum=1.0)
+    # ---- runtime
+    amp: bool = _opt(False, "autocast mixed precision", "runtime", "bool")
+    amp_dtype: str = _opt("bfloat16", "autocast dtype (float16 needs a GPU)", "runtime", "choice",
+                          choices=("bfloat16", "float16"))
+    channels_last: bool = _opt(False, "channels_last memory format", "runtime", "bool")
+    compile: bool = _opt(False, "torch.compile the model", "runtime", "bool")
+    device: Optional[str] = _opt(None, "cpu | cuda (default: cuda if available)", "runtime", "str", optional=True)
+    threads: int = _opt(0, "torch.set_num_threads (0: leave)", "runtime", "int", minimum=0)
+    seed: int = _opt(42, "random seed", "runtime", "int", minimum=0)
+    output: str = _opt("runs", "parent folder of run folders", "runtime", "str")
+    experiment: str = _opt("", "run folder name (default: <model>-<dataset>-<reg>)", "runtime", "str")
+    resume: str = _opt("", "checkpoint to resume, or 'auto' for <run>/last.pth", "runtime", "str")
+    no_progress: bool = _opt(False, "no progress bars", "runtime", "bool")
+    eval_every: int = _opt(1, "evaluate every N epochs (and the last)", "runtime", "int", minimum=1)
+    dist_timeout: float = _opt(600.0, "DDP: seconds a collective waits for the other processes before the run "
+                                      "fails", "runtime", "float", minimum=1.0)
+
+    # -----------------------------------------------------------------------------------------
+    @classmethod
+    def options(cls) -> List[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+    def validate(self, source: str = "") -> "TrainConfig":
+        """Check every value's type and range; raise :class:`UserError` naming the option."""
+        for f in self.options():
+            setattr(self, f.name, check_value(f, getattr(self, f.name), source))
+        reserved = sorted(set(self.model_kwargs) & {"num_classes", "in_chans", "pretrained", "pretrained_cfg_overlay"})
+        if reserved:
+            raise UserError(f"--model-kwargs: set {reserved} with their own options (--num-classes, "
+                            f"--input-size, --pretrained)")
+        if self.decay_milestones != sorted(set(self.decay_milestones)):
+            raise UserError(f"--decay-milestones must be increasing epochs, got {self.decay_milestones}")
+        if self.resume not in ("", "auto") and not Path(self.resume).is_file():
+            raise UserError(f"--resume {self.resume}: no such checkpoint (use 'auto' for <run>/last.pth)")
+        if self.initial_checkpoint and not Path(self.initial_checkpoint).exists():
+            raise UserError(f"--initial-checkpoint {self.initial_checkpoint}: no such file or folder")
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.experiment or f"{self.model}-{self.dataset.replace(':', '_').replace('/', '_')}-{self.reg}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in self.options()}
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], source: str = "") -> "TrainConfig":
+        known = {f.name for f in cls.options()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"{source or 'config'}: unknown keys {unknown}")
+        return cls(**values).validate(source)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_value(f: dataclasses.Field, value: Any, source: str = "") -> Any:
+    """``value`` checked against field ``f``'s kind and range (YAML gives bools and strings as
+    they are written, so ``no_flip: "false"`` is an error, not a true value)."""
+    meta = f.metadata
+    kind = meta["kind"]
+    where = f"{source}: " if source else ""
+    name = f.name if source else _flag(f.name)  # a YAML key as written there, an option as typed
+
+    def bad(expected: str) -> UserError:
+        return UserError(f"{where}{name} must be {expected}, got {value!r}")
+
+    if value is None:
+        if meta.get("optional"):
+            return None
+        raise bad("given")
+    if kind in ("str", "choice"):
+        if not isinstance(value, str):
+            raise bad("a string")
+        if kind == "choice" and value not in meta["choices"]:
+            raise bad(f"one of {', '.join(meta['choices'])}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false (a YAML boolean, not a string)")
+        return value
+    if kind in ("int", "float"):
+        number = _number(value, kind, bad)
+        _check_range(number, meta, bad)
+        return number
+    if kind == "ints":
+        if not isinstance(value, (list, tuple)) or not value:
+            raise bad("a list of integers")
+        out = [_number(v, "int", bad) for v in value]
+        for v in out:
+            _check_range(v, meta, bad)
+        return out
+    if kind == "size3":
+        if not isinstance(value, (list, tuple)) or len(value) != 3:
+            raise bad("three integers C H W")
+        out = [_number(v, "int", bad) for v in value]
+        if min(out) <= 0:
+            raise bad("three positive integers C H W")
+        return out
+    if kind == "kwargs":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("a mapping of name: value")
+        return dict(value)
+    raise AssertionError(kind)
+
+
+def _number(value: Any, kind: str, bad) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad("a number" if kind == "float" else "an integer")
+    if kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise bad("an integer")
+        return int(value)
+    if not math.isfinite(value):
+        raise bad("a finite number")
+    return float(value)
+
+
+def _check_range(v: float, meta: Dict[str, Any], bad) -> None:
+    lo, hi = meta.get("minimum"), meta.get("maximum")
+    if lo is not None and v < lo:
+        raise bad(f">= {lo}")
+    if hi is not None and v > hi:
+        raise bad(f"<= {hi}")
+
+
+def load_yaml(path: str | Path) -> Dict[str, Any]:
+    """A YAML config as a mapping with ``_`` keys (``lambda-grad`` and ``lambda_grad`` both work)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resume_conflicts(current: Dict[str, Any], recorded: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """Options a resumed run changes but may not: (name, now, in the checkpoint)."""
+    out = []
+    for key, now in current.items():
+        if key in RESUME_MAY_CHANGE or key not in recorded:
+            continue
+        then = recorded[key]
+        if isinstance(then, (list, tuple)) and isinstance(now, (list, tuple)):
+            same = list(then) == list(now)
+        else:
+            same = then == now
+        if not same:
+            out.append((key, now, then))
+    return out
+
+
+@dataclass
+class EvalConfig:
+    """What ``lcnn-zoo eval`` measures and on how many samples (fixed subsets: the first N of each split)."""
+
+    limit: int = _opt(0, "test images for accuracy (0: all)", "measurements", "int", minimum=0)
+    geom_samples: int = _opt(256, "images for Tables 1 and 3 (per split)", "measurements", "int", minimum=1)
+    pgd_samples: int = _opt(1000, "test images for Table 2", "measurements", "int", minimum=1)
+    pgd_steps: int = _opt(10, "PGD steps", "measurements", "int", minimum=1)
+    eps: List[float] = _opt(list(PAPER_EPS), "ℓ2 radii (input units)", "measurements", "floats", minimum=0.0)
+    noise_samples: int = _opt(64, "images for Figure 2", "measurements", "int", minimum=1)
+    noise_norms: List[float] = _opt(list(NOISE_NORMS), "noise norms for Figure 2", "measurements", "floats",
+                                    minimum=0.0)
+    hvp_iters: int = _opt(10, "Lanczos steps per image", "measurements", "int", minimum=1)
+    batch_size: int = _opt(128, "batch size", "measurements", "int", minimum=1)
+    seed: int = _opt(0, "seed for the random vectors", "measurements", "int", minimum=0)
+    progress: bool = _opt(True, "progress bars", "measurements", "bool")
+
+    def validate(self) -> "EvalConfig":
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["kind"] == "floats":
+                if not isinstance(value, (list, tuple)) or not value:
+                    raise UserError(f"{_flag(f.name)} must be a list of numbers, got {value!r}")
+                for v in value:
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                        raise UserError(f"{_flag(f.name)} must be finite numbers >= 0, got {value!r}")
+                setattr(self, f.name, [float(v) for v in value])
+            else:
+                setattr(self, f.name, check_value(f, value))
+        return self
