@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 
 from .errors import UserError
 
@@ -111,8 +112,6 @@ def load_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> Dict[s
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types
@@ -248,8 +247,6 @@ class RunFolder:
         _save_torch(self.file(self.LAST), payload)
 
     def save_weights(self, state_dict: Dict[str, torch.Tensor], name: str = WEIGHTS) -> Path:
-        from safetensors.torch import save
-
         data = save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})
         return atomic_write(self.file(name), lambda f: f.write(data))
 

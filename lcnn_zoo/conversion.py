@@ -1,5 +1,5 @@
-"""Turning any timm / torchvision CNN into an LCNN (:func:`lcnnify`, paper §3.3–3.4) and back into
-plain, exportable torch modules for deployment (:func:`fold`).
+"""Turning any timm / torchvision CNN into an LCNN (:func:`lcnnify`, paper §3.3–3.4); back into plain
+torch modules is :func:`lcnn_zoo.fold` (:mod:`lcnn_zoo.folding`).
 
 What lcnnify rewrites is one table, :data:`RULES`: each row says which modules it takes and how it
 rewrites them, or — for modules it keeps — why the bound does not cover them. The report attached
@@ -8,7 +8,6 @@ checks the traced graph and asks this table about the modules it does not know.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,17 +15,38 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import (
+    BatchNormAct2d,
+    Conv2dSame,
+    ScaledStdConv2d,
+    ScaledStdConv2dSame,
+    StdConv2d,
+    StdConv2dSame,
+)
+from timm.layers import activations as timm_acts
+from timm.layers import activations_me as timm_acts_me
+from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+from timm.models.resnet import BasicBlock as TimmBasic
+from timm.models.resnet import Bottleneck as TimmBottleneck
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models import resnet as tv_resnet
 
 from .coverage import analyse
-from .layers import (DEFAULT_BETA_INIT, DEFAULT_GAMMA_INIT, CenteredSoftplus, FrozenCenteredSoftplus,
-                     LipschitzBatchNorm2d, LipschitzBatchNormAct2d, Scale, conv_padding, remove_spectral_norm,
-                     spectral_norm, spectral_norm_modules, spectral_norm_of)
+from .layers import (
+    DEFAULT_BETA_INIT,
+    DEFAULT_GAMMA_INIT,
+    CenteredSoftplus,
+    LipschitzBatchNorm2d,
+    LipschitzBatchNormAct2d,
+    Scale,
+    conv_padding,
+    spectral_norm,
+    spectral_norm_of,
+)
 from .layers.spectral_norm import CONVERGENCE_TOL, MAX_INIT_ITERATIONS
 
-__all__ = ["lcnnify", "fold", "set_input_size", "average_residual", "ConversionReport", "LCNNConversionWarning",
-           "LCNNInputSizeWarning", "RULES", "Rule", "ACTIVATION_TYPES", "RESIDUAL_TYPES"]
+__all__ = ["lcnnify", "set_input_size", "average_residual", "detach_lcnn_state", "ConversionReport",
+           "LCNNConversionWarning", "LCNNInputSizeWarning", "RULES", "Rule", "ACTIVATION_TYPES", "RESIDUAL_TYPES"]
 
 
 class LCNNConversionWarning(UserWarning):
@@ -108,40 +128,19 @@ class Rule:
     before_children: bool = False
 
 
-def _activation_types() -> Tuple[type, ...]:
-    """ReLU-family and other non-gating activations that become CenteredSoftplus."""
-    from timm.layers import activations as ta
-
-    types = [nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU, nn.CELU,
-             nn.SELU, nn.Mish, nn.PReLU, nn.RReLU, nn.Softplus]
-    for name in ("Swish", "Mish", "HardSwish", "HardMish", "GELU", "GELUTanh", "QuickGELU", "PReLU"):
-        if hasattr(ta, name):
-            types.append(getattr(ta, name))
-    try:
-        from timm.layers import activations_me as tme
-        for name in ("SwishMe", "MishMe", "HardSwishMe", "HardMishMe"):
-            if hasattr(tme, name):
-                types.append(getattr(tme, name))
-    except ImportError:  # pragma: no cover - older timm
-        pass
-    return tuple(types)
-
-
-ACTIVATION_TYPES = _activation_types()
-
-
-def _residual_types() -> Tuple[type, ...]:
-    from timm.models.resnet import BasicBlock, Bottleneck
-    from torchvision.models import resnet as tv
-
-    return (BasicBlock, Bottleneck, tv.BasicBlock, tv.Bottleneck)
-
-
-RESIDUAL_TYPES = _residual_types()
+#: ReLU-family and other non-gating activations that become CenteredSoftplus (torch's and timm's).
+ACTIVATION_TYPES: Tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.PReLU,
+    nn.RReLU, nn.Softplus,
+    *(getattr(timm_acts, n) for n in ("Swish", "Mish", "HardSwish", "HardMish", "GELU", "GELUTanh", "QuickGELU",
+                                      "PReLU") if hasattr(timm_acts, n)),
+    *(getattr(timm_acts_me, n) for n in ("SwishMe", "MishMe", "HardSwishMe", "HardMishMe") if hasattr(timm_acts_me, n)),
+)
+#: ResNet blocks whose residual sum lcnnify averages (timm's and torchvision's).
+RESIDUAL_TYPES: Tuple[type, ...] = (TimmBasic, TimmBottleneck, tv_resnet.BasicBlock, tv_resnet.Bottleneck)
 
 
 def _is_maxpool(m: nn.Module) -> bool:
-    from timm.layers.pool2d_same import MaxPool2dSame
 
     return isinstance(m, (nn.MaxPool2d, MaxPool2dSame))
 
@@ -150,16 +149,14 @@ def average_residual(block: nn.Module, name: str = "", ctx: Optional[_Context] =
     """The rewrite lcnnify applies to ResNet blocks: make ``out = branch + shortcut`` into ``out = (branch + shortcut) / 2`` in the ResNet blocks
     of timm and torchvision, by scaling both summands with :class:`Scale` (0.5) modules placed where
     each block's forward applies them."""
-    from timm.models.resnet import BasicBlock as TBasic, Bottleneck as TBottle
-    from torchvision.models.resnet import BasicBlock as VBasic
 
     half = Scale(0.5)
-    if isinstance(block, (TBasic, TBottle)):
+    if isinstance(block, (TimmBasic, TimmBottleneck)):
         # timm: ... bn2/bn3 -> se -> drop_path -> (+ downsample(shortcut)). drop_path is the last
         # module on the branch (and is skipped when None), so the scale goes there.
         block.drop_path = half if block.drop_path is None else nn.Sequential(block.drop_path, half)
     else:
-        last = "bn2" if isinstance(block, VBasic) else "bn3"
+        last = "bn2" if isinstance(block, tv_resnet.BasicBlock) else "bn3"
         setattr(block, last, nn.Sequential(getattr(block, last), half))
     if block.downsample is None:
         block.downsample = Scale(0.5)
@@ -179,7 +176,6 @@ def _effective_conv(conv: nn.Conv2d) -> nn.Conv2d:
     Weight standardisation is scale-invariant, so it would undo spectral normalisation; the LCNN
     keeps the function the conv computes now and drops the standardisation from then on.
     """
-    from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 
     if not isinstance(conv, (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)):
         return conv
@@ -219,7 +215,6 @@ def _lipschitz_bn(bn: nn.Module, name: str, ctx: _Context) -> LipschitzBatchNorm
     affine = bn.affine if ctx.bn_affine is None else ctx.bn_affine
     fk = {"device": bn.running_mean.device, "dtype": bn.running_mean.dtype}
     kw = dict(eps=bn.eps, momentum=bn.momentum, affine=affine, gamma_init=ctx.gamma_init, **fk)
-    from timm.layers import BatchNormAct2d
 
     if isinstance(bn, BatchNormAct2d):  # its act was converted with its children
         new = LipschitzBatchNormAct2d(bn.num_features, act=bn.act, drop=bn.drop, **kw)
@@ -237,7 +232,6 @@ def _lipschitz_bn(bn: nn.Module, name: str, ctx: _Context) -> LipschitzBatchNorm
 
 
 def _maxpool_to_avgpool(module: nn.Module, name: str, ctx: _Context) -> nn.Module:
-    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 
     if isinstance(module, MaxPool2dSame):
         return AvgPool2dSame(module.kernel_size, module.stride, ceil_mode=module.ceil_mode)
@@ -412,16 +406,7 @@ def lcnnify(
     Returns:
         ``model`` (same object), converted.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"lcnnify expects an nn.Module, got {type(model).__name__}")
-    done = next((n for n, m in model.named_modules()
-                 if isinstance(m, LipschitzBatchNorm2d) or spectral_norm_of(m) is not None), None)
-    if done is not None or getattr(model, "lcnn_report", None) is not None:
-        raise ValueError(f"lcnnify: the model already contains LCNN layers ({done or 'lcnn_report'}): it has been "
-                         "converted; convert the original model instead")
-    size = _resolve_input_size(model, input_size)
-    if strict and size is None:
-        raise ValueError("lcnnify: strict=True needs input_size=(C, H, W): the coverage check runs at that size")
+    size = _check_convertible(model, input_size, strict)
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     ctx = _Context(beta_init, gamma_init, bn_affine, average_residuals, replace_maxpool,
                    dict(n_power_iterations=n_power_iterations, init_iterations=init_iterations,
@@ -442,8 +427,27 @@ def lcnnify(
     return model
 
 
+def _check_convertible(model: nn.Module, input_size: Optional[Sequence[int]], strict: bool
+                       ) -> Optional[Tuple[int, int, int]]:
+    """The input size to convert at; refuses what lcnnify cannot convert (once more, or strictly blind)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"lcnnify expects an nn.Module, got {type(model).__name__}")
+    done = next((n for n, m in model.named_modules()
+                 if isinstance(m, LipschitzBatchNorm2d) or spectral_norm_of(m) is not None), None)
+    if done is not None or getattr(model, "lcnn_report", None) is not None:
+        raise ValueError(f"lcnnify: the model already contains LCNN layers ({done or 'lcnn_report'}): it has been "
+                         "converted; convert the original model instead")
+    size = _resolve_input_size(model, input_size)
+    if strict and size is None:
+        raise ValueError("lcnnify: strict=True needs input_size=(C, H, W): the coverage check runs at that size")
+    return size
+
+
 def _check_coverage(model: nn.Module, *, strict: bool = False, stacklevel: int = 2) -> None:
     report = model.lcnn_report
+    if any(p.is_meta for p in model.parameters()):
+        report.analysis = "pending"  # no values on the meta device: checked by set_input_size once materialised
+        return
     cov = analyse(model, report.input_size, _reason_for)
     report.unconverted = [(f.name, f.op, f.reason) for f in cov.findings]
     report.gains = cov.gains
@@ -524,6 +528,7 @@ def _reset_classifier(self: nn.Module, *args, **kwargs):
         for m in head.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)) and spectral_norm_of(m) is None:
                 spectral_norm(m)  # a conv head gets its input size at the first forward
+                m.train(self.training)
     return out
 
 
@@ -542,84 +547,9 @@ def _keep_head_spectral(model: nn.Module) -> None:
     model.__class__ = cls
 
 
-# --------------------------------------------------------------------------------------------
-# Folding for deployment
-# --------------------------------------------------------------------------------------------
-def _plain_bn(lbn: LipschitzBatchNorm2d) -> nn.BatchNorm2d:
-    """The eval-mode γ-Lipschitz BN as an ordinary affine BatchNorm2d (exact)."""
-    c = lbn.lipschitz_scale().detach()
-    fk = {"device": lbn.running_mean.device, "dtype": lbn.running_mean.dtype}
-    bn = nn.BatchNorm2d(lbn.num_features, eps=lbn.eps, affine=True, **fk)
-    with torch.no_grad():
-        w = lbn.weight if lbn.weight is not None else torch.ones(lbn.num_features, **fk)
-        b = lbn.bias if lbn.bias is not None else torch.zeros(lbn.num_features, **fk)
-        bn.weight.copy_(w * c)
-        bn.bias.copy_(b * c)
-        bn.running_mean.copy_(lbn.running_mean)
-        bn.running_var.copy_(lbn.running_var)
-        bn.num_batches_tracked.copy_(lbn.num_batches_tracked)
-    return bn.eval()
-
-
-def _replace_modules(model: nn.Module, fn: Callable[[nn.Module], Optional[nn.Module]]) -> None:
-    for name, child in list(model.named_children()):
-        new = fn(child)
-        if new is not None:
-            setattr(model, name, new)
-        else:
-            _replace_modules(child, fn)
-
-
-@torch.no_grad()
-def _fuse_conv_bn(model: nn.Module, x: torch.Tensor) -> int:
-    """Fuse every BatchNorm2d whose input is exactly the output of a Conv2d (and of nothing else)."""
-    produced: Dict[int, Tuple[nn.Module, torch.Tensor]] = {}
-    consumers: Counter = Counter()
-    bn_inputs: List[Tuple[nn.BatchNorm2d, int]] = []
-    handles = []
-    keep: List[torch.Tensor] = []  # keep tensors alive so ids stay unique during the trace
-
-    def hook(mod, args, out):
-        if args and isinstance(args[0], torch.Tensor):
-            consumers[id(args[0])] += 1
-            keep.append(args[0])
-            if isinstance(mod, nn.BatchNorm2d):
-                bn_inputs.append((mod, id(args[0])))
-        if isinstance(out, torch.Tensor):
-            keep.append(out)
-            if isinstance(mod, nn.Conv2d):
-                produced[id(out)] = (mod, out)
-
-    leaves = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or not list(m.children())]
-    for m in leaves:
-        handles.append(m.register_forward_hook(hook))
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    pairs = {}
-    for bn, tid in bn_inputs:
-        if tid in produced and consumers[tid] == 1:
-            pairs[id(bn)] = (produced[tid][0], bn)
-    if not pairs:
-        return 0
-    conv_ids = {id(c): b for c, b in pairs.values()}
-    bn_ids = set(pairs)
-
-    def swap(m: nn.Module) -> Optional[nn.Module]:
-        if id(m) in conv_ids:
-            return fuse_conv_bn_eval(m, conv_ids[id(m)])
-        if id(m) in bn_ids:
-            return nn.Identity()
-        return None
-
-    _replace_modules(model, swap)
-    return len(pairs)
-
-
-def _strip_lcnn_state(model: nn.Module) -> None:
-    """Remove what lcnnify attached to the root: the report, the input-size hook, the head subclass."""
+def detach_lcnn_state(model: nn.Module) -> None:
+    """Remove what lcnnify attached to the model itself: the report, the input-size hook and the
+    ``reset_classifier`` subclass (what :func:`lcnn_zoo.fold` does once the layers are plain)."""
     for key in [k for k, h in model._forward_pre_hooks.items() if h is _input_size_hook]:
         del model._forward_pre_hooks[key]
     for attr in ("lcnn_report", "_lcnn_input_size", "_lcnn_size_warned"):
@@ -627,71 +557,3 @@ def _strip_lcnn_state(model: nn.Module) -> None:
             delattr(model, attr)
     if getattr(type(model), "_lcnn_spectral_head", False) and type(model) in _SPECTRAL_HEAD_CLASSES.values():
         model.__class__ = type(model).__bases__[0]
-
-
-@torch.no_grad()
-def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inplace: bool = False,
-         rtol: float = 1e-5) -> nn.Module:
-    """Turn a (trained) LCNN into plain torch modules with identical eval-mode outputs.
-
-    * spectral normalisation is baked into the weights (W / σ with the current singular vectors),
-      and the parametrizations and every lcnn_zoo state-dict hook are removed;
-    * each γ-Lipschitz BN becomes the equivalent affine ``BatchNorm2d``, fused into the preceding
-      convolution when it consumes that convolution's output alone;
-    * :class:`CenteredSoftplus` becomes :class:`FrozenCenteredSoftplus` (``softplus(x, β) − log2/β``,
-      constant β). It and :class:`~lcnn_zoo.layers.Scale` (the residual average's ×0.5) are the
-      lcnn_zoo classes left in a folded model — each one line of plain torch ops, for which torch.nn
-      has no module; the zoo's own architectures keep their classes (``lcnn_zoo.models``);
-    * the report, the input-size hook and the ``reset_classifier`` subclass lcnnify added go.
-
-    The result is in eval mode; its own state dict loads into it, and it scripts (TorchScript),
-    traces, exports (``torch.export``) and exports to ONNX. A self-check compares its outputs on
-    ``example_input`` (default: random, of the ``model.lcnn_report.input_size``) with the LCNN's and
-    raises if the maximum deviation exceeds ``rtol`` times the largest output magnitude.
-
-    Args:
-        inplace: modify ``model`` itself instead of a deep copy.
-    """
-    if not any(spectral_norm_of(m) is not None or isinstance(m, (LipschitzBatchNorm2d, CenteredSoftplus))
-               for m in model.modules()):
-        raise ValueError("fold: the model has no LCNN layers to fold (is it folded already?)")
-    folded = model if inplace else copy.deepcopy(model)
-    folded.eval()
-    if example_input is None:
-        size = getattr(getattr(model, "lcnn_report", None), "input_size", None)
-        if size is None:
-            shapes = [sn.input_shape for _, sn in spectral_norm_modules(folded)
-                      if sn.kind == "conv2d" and sn.input_shape]
-            if not shapes:
-                raise ValueError("fold: pass example_input (the model's input size is unknown)")
-            size = shapes[0]
-        p = next(folded.parameters())
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        example_input = torch.rand(2, *size, generator=gen).to(device=p.device, dtype=p.dtype)
-    reference = folded(example_input)
-
-    for m, _ in list(spectral_norm_modules(folded)):
-        remove_spectral_norm(m)
-
-    def swap(m: nn.Module) -> Optional[nn.Module]:
-        if isinstance(m, LipschitzBatchNormAct2d):
-            inner = [_plain_bn(m)] + [swap(x) or x for x in (m.drop, m.act) if not isinstance(x, nn.Identity)]
-            return nn.Sequential(*inner)
-        if isinstance(m, LipschitzBatchNorm2d):
-            return _plain_bn(m)
-        if isinstance(m, CenteredSoftplus):
-            return FrozenCenteredSoftplus(float(m.beta.detach()))
-        return None
-
-    _replace_modules(folded, swap)
-    _strip_lcnn_state(folded)
-    _fuse_conv_bn(folded, example_input)
-    for p in folded.parameters():
-        p.requires_grad_(False)
-    out = folded(example_input)
-    err = (out - reference).abs().max()
-    scale = reference.abs().max().clamp_min(1e-12)
-    if not torch.isfinite(out).all() or err > rtol * scale:
-        raise RuntimeError(f"fold: folded outputs deviate from the LCNN by {float(err):.3g} "
-                           f"(> {rtol} x {float(scale):.3g}); please report this model")
-    return folded

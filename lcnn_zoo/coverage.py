@@ -26,16 +26,22 @@ that sums, concatenations and gates between modules were not checked.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx
+from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import nn
 
-from .layers import (CenteredSoftplus, FrozenCenteredSoftplus, LipschitzBatchNorm2d, LipschitzBatchNormAct2d,
-                     Scale, spectral_norm_of)
+from .layers import (
+    CenteredSoftplus,
+    FrozenCenteredSoftplus,
+    LipschitzBatchNorm2d,
+    LipschitzBatchNormAct2d,
+    Scale,
+    spectral_norm_of,
+)
 
 __all__ = ["Finding", "Coverage", "analyse", "BOUND_TOL"]
 
@@ -146,8 +152,6 @@ class _Tracer(torch.fx.Tracer):
     """Leaves: spectrally normalised layers, the LCNN layers, and modules timm knows not to trace."""
 
     def __init__(self) -> None:
-        from timm.layers import get_notrace_functions, get_notrace_modules
-
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
         self._notrace = tuple(get_notrace_modules())
 

@@ -12,16 +12,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-import timm
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .checkpoint import RunFolder, atomic_write, load_state_dict, write_json, write_text
 from .config import EvalConfig
 from .data import build_dataset, num_classes_of
 from .errors import UserError
 from .factory import create_model, input_size_of, split_spec, state_dict_shapes
-from .geometry import CurvatureStats, curvature_stats, gradient_robustness, relative_discrepancy
+from .geometry import (
+    CurvatureStats,
+    curvature_stats,
+    gradient_robustness,
+    relative_discrepancy,
+)
+from .layers.spectral_norm import deferred_convergence
 from .robustness import pgd_accuracy
 
 __all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plot_gradient_robustness",
@@ -64,9 +70,10 @@ def _from_run(run: RunFolder, arch: Optional[str]) -> nn.Module:
         meta = run.load_checkpoint()
         input_size, num_classes = meta["input_size"], meta["num_classes"]
     architecture, _ = split_spec(arch or args["model"])  # the run's weights, not the tag's
-    model = create_model(architecture, input_size=input_size, num_classes=num_classes,
-                         model_kwargs=args.get("model_kwargs") or {}, convert=bool(args.get("lcnnify")))
-    _load_state(model, load_state_dict(run.weights()), run.weights())
+    with deferred_convergence():  # the run's weights bring their singular vectors
+        model = create_model(architecture, input_size=input_size, num_classes=num_classes,
+                             model_kwargs=args.get("model_kwargs") or {}, convert=bool(args.get("lcnnify")))
+        _load_state(model, load_state_dict(run.weights()), run.weights())
     return model.eval()
 
 
@@ -80,8 +87,9 @@ def _from_checkpoint(path: Path, arch: Optional[str], input_size: Optional[Seque
     if size is None or classes is None:
         found_size, found_classes = state_dict_shapes(name, state)
         size, classes = size or found_size, classes or found_classes
-    model = create_model(split_spec(name)[0], input_size=size, num_classes=classes)
-    _load_state(model, state, path)
+    with deferred_convergence():  # the checkpoint brings its singular vectors
+        model = create_model(split_spec(name)[0], input_size=size, num_classes=classes)
+        _load_state(model, state, path)
     return model
 
 
@@ -129,8 +137,6 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, devic
 def evaluate_model(model: nn.Module, test_ds, train_ds, cfg: EvalConfig,
                    device: Optional[torch.device] = None) -> Dict[str, Any]:
     """All measurements for one model. Returns a JSON-able dict."""
-    from tqdm import tqdm
-
     device = device or next(model.parameters()).device
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-import torch
-
 import timm
+import torch
 from timm.models import parse_model_name, split_model_name_tag
 from torch import nn
 

@@ -13,14 +13,14 @@ is then that of the batch loss.
 from __future__ import annotations
 
 import math
-
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CenteredSoftplus, LipschitzBatchNorm2d, frozen_state, pinned_lipschitz_scales
+from .layers import CenteredSoftplus, LipschitzBatchNorm2d, frozen_state
 
 __all__ = ["LCNNPenalty", "GradRegOutput", "gradreg_exact", "gradreg_fd_backward", "param_groups",
            "curvature_parameters"]
@@ -115,8 +115,6 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 def _global_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum over data-parallel processes (identity when not distributed)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
         dist.all_reduce(value)
@@ -139,9 +137,8 @@ def gradreg_fd_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.T
     The step h = ``step``·√B / ‖G‖ moves each sample by ``step`` input units in RMS, whatever the
     gradient scale (‖G‖ is summed over data-parallel processes, so every process uses the same h).
     The second pass runs in :func:`~lcnn_zoo.layers.frozen_state`: BatchNorm running statistics and
-    the spectral-norm singular vectors are updated once per call; both passes run in
-    :func:`~lcnn_zoo.layers.pinned_lipschitz_scales`, so each γ-Lipschitz BN clips with the same scale in
-    both (the first pass's update of the running variance would otherwise change it). Both passes are ordinary
+    the spectral-norm singular vectors are updated once per call, and each γ-Lipschitz BN clips with the
+    scale of the first pass (its update of the running variance does not change the second's). Both passes are ordinary
     ``backward()`` calls, so DDP averages the gradients as usual and ``torch.compile`` applies.
 
     Call it with zeroed gradients (they are rescaled by 1 − c after the first pass). ``extra_loss``
@@ -159,9 +156,7 @@ def gradreg_fd_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.T
         raise ValueError(f"gradreg_fd_backward: step must be > 0, got {step}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"gradreg_fd_backward: fraction must be in (0, 1], got {fraction}")
-    with pinned_lipschitz_scales(model):  # both passes differentiate the same function (one γ-clip)
-        return _fd_passes(model, inputs, targets, lambda_grad, loss_fn, step, extra_loss, loss_scale,
-                          fraction, generator)
+    return _fd_passes(model, inputs, targets, lambda_grad, loss_fn, step, extra_loss, loss_scale, fraction, generator)
 
 
 def _fd_passes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lambda_grad: float, loss_fn: LossFn,

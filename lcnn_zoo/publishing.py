@@ -12,22 +12,37 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from string import Template
 from typing import Any, Dict, Optional, Sequence
 
-import timm
 import torch
+from huggingface_hub import HfApi, get_token
 from timm.models import save_for_hf
 from torch import nn
 
-from .checkpoint import atomic_write, read_json, write_json, write_text
+from . import hub
+from .checkpoint import (
+    RunFolder,
+    atomic_write,
+    load_state_dict,
+    read_json,
+    write_json,
+    write_text,
+)
 from .data import build_dataset
 from .errors import UserError
-from . import hub
-from .hub import HUB_FILENAME, bundled_manifest, published_manifest_path, tag_dataset
+from .factory import create_model, split_spec, state_dict_shapes
+from .hub import (
+    HUB_FILENAME,
+    bundled_manifest,
+    hub_id,
+    published_manifest_path,
+    tag_dataset,
+)
+from .layers import converge_spectral_norms
+from .layers.spectral_norm import deferred_convergence
 
 __all__ = ["PUSH_FILES", "save_pretrained", "push_folder", "record_published", "bundle", "select_metrics",
            "metrics_table", "render_recipe", "render_model_card", "find_model_card_template"]
@@ -78,8 +93,6 @@ def save_pretrained(model: nn.Module, output_dir: str | os.PathLike, *, model_ca
 def push_folder(folder: str | os.PathLike, repo_id: str, *, token: Optional[str] = None, private: bool = False,
                 commit_message: str = "Add lcnn-zoo weights") -> str:
     """Upload a folder written by :func:`save_pretrained` to ``repo_id``; returns the commit URL."""
-    from huggingface_hub import HfApi, get_token
-
     token = token or get_token()
     if not token:
         raise UserError("No Hugging Face token: run `hf auth login` or set HF_TOKEN to push")
@@ -265,8 +278,6 @@ def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict
 # --------------------------------------------------------------------------------------------
 def _run_info(checkpoint: Path) -> Dict[str, Any]:
     """The run folder's summary when the checkpoint is (in) one, else {}."""
-    from .checkpoint import RunFolder
-
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
     return RunFolder(folder).summary() if RunFolder.is_run(folder) else {}
 
@@ -280,11 +291,7 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
     """Everything ``lcnn-zoo push`` does: build ``model_name``'s architecture for the checkpoint's
     input size and classes (a new tag name is fine), load the weights, write the repo folder with
     its card, then optionally ship them in the package and upload them. Returns the folder."""
-    from .checkpoint import RunFolder, load_state_dict
-    from .factory import create_model, split_spec, state_dict_shapes
-    from .hub import hub_id
-    from .layers import converge_spectral_norms
-
+    from .checkpoint import RunFolder
     if "." not in model_name:
         raise UserError(f"--model must be '<architecture>.<tag>' (e.g. lcnn_resnet20.fmnist), got {model_name!r}")
     arch, tag = split_spec(model_name)
@@ -294,9 +301,10 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
     info = _run_info(source)
     size, n_classes = state_dict_shapes(arch, state)
     size, n_classes = info.get("input_size") or size, info.get("num_classes") or n_classes
-    model = create_model(arch, input_size=size, num_classes=n_classes)
     try:
-        model.load_state_dict(state, strict=True)
+        with deferred_convergence():  # the checkpoint brings its singular vectors
+            model = create_model(arch, input_size=size, num_classes=n_classes)
+            model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise UserError(f"checkpoint {weights} does not match {arch}: {str(e).splitlines()[0]}") from e
     if ema:

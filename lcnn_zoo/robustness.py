@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 __all__ = ["pgd_l2", "pgd_accuracy"]
 
@@ -68,8 +69,6 @@ def pgd_accuracy(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.T
 
     The model is evaluated in eval mode (restored afterwards). Returns {eps: accuracy}.
     """
-    from tqdm import tqdm
-
     was = model.training
     model.eval()
     correct = {float(e): 0 for e in eps_list}

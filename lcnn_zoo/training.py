@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import random
 import sys
 import time
 from contextlib import nullcontext
@@ -26,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -33,6 +35,12 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, ModelEmaV3
 from torch import nn
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
 from tqdm import tqdm
 
 from .checkpoint import RunFolder, rng_state, set_rng_state
@@ -287,8 +295,6 @@ def _init_distributed(device: torch.device, timeout_s: float) -> Tuple[int, int]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    import torch.distributed as dist
-
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_s))
     if device.type == "cuda":
@@ -299,8 +305,6 @@ def _init_distributed(device: torch.device, timeout_s: float) -> Tuple[int, int]
 def _all_reduce_mean(values: Dict[str, float], world: int, device: torch.device) -> Dict[str, float]:
     if world <= 1:
         return values
-    import torch.distributed as dist
-
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -320,8 +324,6 @@ def _all_reduce_eval(m: Dict[str, float], world: int, device: torch.device) -> D
 
 def _loader(ds, batch_size: int, shuffle: bool, seed: int, rank: int, world: int, workers: int,
             drop_last: bool) -> torch.utils.data.DataLoader:
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
-
     if world > 1:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last)
@@ -519,8 +521,6 @@ def _train_locked(cfg: TrainConfig, device: torch.device, folder: RunFolder) -> 
     try:
         torch.manual_seed(cfg.seed + rank)
         np.random.seed(cfg.seed + rank)
-        import random
-
         random.seed(cfg.seed + rank)
         run = _setup(cfg, device, rank, world, num_classes, input_size)
         run.classes = [str(c) for c in getattr(train_ds, "classes", [])]
@@ -556,7 +556,5 @@ def _train_locked(cfg: TrainConfig, device: torch.device, folder: RunFolder) -> 
         return summary
     finally:
         if world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
             dist.destroy_process_group()

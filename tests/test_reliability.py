@@ -1,6 +1,5 @@
 """Data safety and training integrity (docs/reliability.md): nothing a user owns is deleted, a run
 never silently trains on the wrong thing, and mistakes get one clear line and exit code 2."""
-import fcntl
 import gzip
 import json
 import os

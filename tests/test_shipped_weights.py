@@ -1,6 +1,5 @@
 """Every tag shipped in lcnn_zoo/weights loads offline through timm and torch.hub, and reproduces the
 test accuracy recorded in its manifest (first 1,000 Fashion-MNIST test images, ±0.5 points)."""
-import json
 from pathlib import Path
 
 import pytest

@@ -37,7 +37,6 @@ CONVS = {
 def test_conv_operator_norm_is_one(name):
     conv = CONVS[name]().double()
     shape = (4, 7, 9)
-    sigma0 = operator_norm(conv, shape) if conv.bias is None else None  # noqa: F841
     spectral_norm(conv, shape, init_iterations=0)
     converge_spectral_norms(conv, n_iter=500, tol=1e-12)
     conv.eval()

@@ -4,19 +4,38 @@
 * :mod:`.spectral_norm` — spectral normalisation of the true operator of Linear/Conv2d layers (§3.4.1);
 * :mod:`.batchnorm` — γ-Lipschitz BatchNorm, with synchronised statistics for DDP (§3.4.2);
 * :mod:`.scale` — the constant factor that averages residual branches (§3.2's product bound);
-* :mod:`.state` — model-wide state: frozen passes, pinned γ-clips, converged spectral norms.
+* :mod:`.state` — model-wide state: frozen passes, converged spectral norms, recalibrated BatchNorm.
 
 The LCNN layers are registered as FX leaf modules with timm (``register_notrace_module``), so
 timm's FX feature extraction treats each as one operation.
 """
 from timm.layers import register_notrace_module
 
-from .activation import DEFAULT_BETA_INIT, CenteredSoftplus, FrozenCenteredSoftplus, centered_softplus
-from .batchnorm import DEFAULT_GAMMA_INIT, LipschitzBatchNorm2d, LipschitzBatchNormAct2d, sync_batchnorm
+from .activation import (
+    DEFAULT_BETA_INIT,
+    CenteredSoftplus,
+    FrozenCenteredSoftplus,
+    centered_softplus,
+)
+from .batchnorm import (
+    DEFAULT_GAMMA_INIT,
+    LipschitzBatchNorm2d,
+    LipschitzBatchNormAct2d,
+    sync_batchnorm,
+)
 from .scale import Scale
-from .spectral_norm import (CONVERGENCE_TOL, Conv2dOperator, LinearOperator, SpectralNorm, conv_padding,
-                            remove_spectral_norm, spectral_norm, spectral_norm_modules, spectral_norm_of)
-from .state import converge_spectral_norms, frozen_state, pinned_lipschitz_scales, recalibrate_batchnorm
+from .spectral_norm import (
+    CONVERGENCE_TOL,
+    Conv2dOperator,
+    LinearOperator,
+    SpectralNorm,
+    conv_padding,
+    remove_spectral_norm,
+    spectral_norm,
+    spectral_norm_modules,
+    spectral_norm_of,
+)
+from .state import converge_spectral_norms, frozen_state, recalibrate_batchnorm
 
 for _cls in (CenteredSoftplus, LipschitzBatchNorm2d, LipschitzBatchNormAct2d):
     register_notrace_module(_cls)
@@ -27,5 +46,5 @@ __all__ = [
     "Scale",
     "SpectralNorm", "LinearOperator", "Conv2dOperator", "spectral_norm", "remove_spectral_norm",
     "spectral_norm_modules", "spectral_norm_of", "conv_padding", "CONVERGENCE_TOL",
-    "frozen_state", "pinned_lipschitz_scales", "converge_spectral_norms", "recalibrate_batchnorm",
+    "frozen_state", "converge_spectral_norms", "recalibrate_batchnorm",
 ]

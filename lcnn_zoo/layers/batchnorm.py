@@ -31,8 +31,9 @@ class LipschitzBatchNorm2d(nn.Module):
     the layer's Lipschitz constant is ≤ γ exactly. In training mode BN(x) uses batch statistics
     (like :class:`torch.nn.BatchNorm2d`) and is not a fixed map: the bound is an eval-mode property.
     The scale uses the running variance before this batch updates it (the scale is folded into
-    BatchNorm's weight, as in the reference implementations), or the variance pinned by
-    :func:`lcnn_zoo.layers.pinned_lipschitz_scales`.
+    BatchNorm's weight, as in the reference implementations); a forward in
+    :func:`~lcnn_zoo.layers.frozen_state` (FD GradReg's second pass, a gradient-checkpoint recompute)
+    reuses the scale of the last forward that updated the statistics, so both compute one function.
 
     γ = 1 + softplus(``gamma_raw``) ≥ 1 by construction. Buffers and parameters keep the
     ``torch.nn.BatchNorm2d`` names (``weight``, ``bias``, ``running_mean``, ``running_var``,
@@ -70,9 +71,11 @@ class LipschitzBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **fk))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         self.gamma_raw = nn.Parameter(torch.tensor(_inv_softplus(gamma_init - 1.0), **fk))
+        # The running variance the last recording forward computed its γ-clip from: a frozen forward
+        # (FD GradReg's second pass, a gradient-checkpoint recompute) clips with the same scale.
+        self.register_buffer("scale_var", torch.ones(num_features, **fk), persistent=False)
         self.update_stats = True  # False inside `frozen_state`: batch stats are used, not recorded
         self.process_group = None  # set by `sync_batchnorm`: batch statistics over all DDP processes
-        self.pinned_var: Optional[torch.Tensor] = None  # set by `state.pinned_lipschitz_scales`
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -87,21 +90,27 @@ class LipschitzBatchNorm2d(nn.Module):
             inv_std = self.weight.abs() * inv_std
         return inv_std.max()
 
-    def lipschitz_scale(self) -> torch.Tensor:
+    def lipschitz_scale(self, running_var: Optional[torch.Tensor] = None) -> torch.Tensor:
         """min(γ, ‖BN‖₂) / ‖BN‖₂ — the factor applied to the BatchNorm output (0-dim)."""
         # Written as γ / max(‖BN‖, γ): no division by zero when ‖BN‖ = 0 (e.g. timm's zero-init last BN
         # of a residual branch), and finite gradients everywhere.
         gamma = self.gamma
-        return gamma / torch.maximum(self.bn_lipschitz(self.pinned_var), gamma)
+        return gamma / torch.maximum(self.bn_lipschitz(running_var), gamma)
 
     def reset_running_stats(self) -> None:
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
+        self.scale_var.fill_(1.0)
         self.num_batches_tracked.zero_()
 
-    def _scaled_affine(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():
+            self.scale_var.copy_(self.running_var)
+
+    def _scaled_affine(self, var: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """BatchNorm's (weight, bias) with the Lipschitz scale folded in: (s·w, s·b), or s per channel."""
-        scale = self.lipschitz_scale()
+        scale = self.lipschitz_scale(var)
         if self.weight is None:
             # A real (C,) tensor, not a stride-0 expand: F.batch_norm's CPU backward gives wrong
             # gradients for channels_last inputs with an expanded weight.
@@ -116,8 +125,11 @@ class LipschitzBatchNorm2d(nn.Module):
         # layer) and no extra pass over the activation is made. It is computed from the running variance
         # *before* this batch updates it (in eval mode there is no update); the gradient still reaches γ
         # (and w, b) through the folded weight.
-        weight, bias = self._scaled_affine()
         record = self.training and self.update_stats
+        if record:  # the scale of this step: the running variance before this batch updates it
+            with torch.no_grad():
+                self.scale_var.copy_(self.running_var)
+        weight, bias = self._scaled_affine(self.scale_var if self.training else self.running_var)
         momentum = 0.0 if self.momentum is None else self.momentum
         if record:
             self.num_batches_tracked.add_(1)

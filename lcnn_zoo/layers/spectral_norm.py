@@ -16,6 +16,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from timm.layers.padding import pad_same_arg
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -318,6 +320,8 @@ class SpectralNorm(nn.Module):
         """
         self._check_ready()
         weight = weight.detach()
+        if weight.is_meta:  # a model built on the meta device holds no values to iterate on
+            return 0, float("nan")
         shape = self._v.shape
 
         def matvec(q: torch.Tensor) -> torch.Tensor:
@@ -377,9 +381,6 @@ class SpectralNorm(nn.Module):
 
 def conv_padding(conv: nn.Conv2d, input_hw: Optional[Sequence[int]]) -> Tuple[int, int, int, int]:
     """Explicit (left, right, top, bottom) padding of ``conv`` for inputs of spatial size ``input_hw``."""
-    from timm.layers import Conv2dSame
-    from timm.layers.padding import pad_same_arg
-
     kh, kw = conv.kernel_size
     if isinstance(conv, Conv2dSame) or getattr(conv, "same_pad", False):
         if input_hw is None:
@@ -397,7 +398,6 @@ def conv_padding(conv: nn.Conv2d, input_hw: Optional[Sequence[int]]) -> Tuple[in
 
 
 def _needs_input_size(conv: nn.Conv2d) -> bool:
-    from timm.layers import Conv2dSame
     return isinstance(conv, Conv2dSame) or bool(getattr(conv, "same_pad", False))
 
 

@@ -1,6 +1,6 @@
 """Model-wide state of the LCNN layers: forward passes that change nothing (:func:`frozen_state`),
-γ-clips held fixed across passes (:func:`pinned_lipschitz_scales`), converged spectral norms
-(:func:`converge_spectral_norms`) and BatchNorm statistics recomputed (:func:`recalibrate_batchnorm`)."""
+converged spectral norms (:func:`converge_spectral_norms`) and BatchNorm statistics recomputed
+(:func:`recalibrate_batchnorm`)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,7 @@ from torch import nn
 from .batchnorm import LipschitzBatchNorm2d
 from .spectral_norm import SpectralNorm, spectral_norm_modules
 
-__all__ = ["frozen_state", "pinned_lipschitz_scales", "converge_spectral_norms", "recalibrate_batchnorm"]
+__all__ = ["frozen_state", "converge_spectral_norms", "recalibrate_batchnorm"]
 
 
 @contextlib.contextmanager
@@ -20,8 +20,10 @@ def frozen_state(model: nn.Module) -> Iterator[nn.Module]:
     """Context in which forward passes change no state: no power iteration, no BatchNorm
     running-statistics update (batch statistics are still *used* in training mode).
 
-    Used for the second forward of finite-difference GradReg, so one optimisation step updates
-    BatchNorm statistics and spectral-norm vectors exactly once.
+    Used for the second forward of finite-difference GradReg and for gradient-checkpoint
+    recomputes, so one optimisation step updates BatchNorm statistics and spectral-norm vectors
+    exactly once, and the frozen pass computes the same function as the recording one (the same
+    singular vectors, the same γ-clips).
     """
     saved = []
     for m in model.modules():
@@ -39,25 +41,6 @@ def frozen_state(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, name, value in saved:
             setattr(m, name, value)
-
-
-@contextlib.contextmanager
-def pinned_lipschitz_scales(model: nn.Module) -> Iterator[nn.Module]:
-    """Context in which every γ-Lipschitz BN computes its scale from the running variance it has on
-    entry, however often forward passes update the running statistics meanwhile.
-
-    Finite-difference GradReg runs two forward passes of one step: the first updates the running
-    variance, and without this context the second pass's γ-clip would use the updated one, so the
-    two passes would differentiate different functions.
-    """
-    layers = [m for m in model.modules() if isinstance(m, LipschitzBatchNorm2d)]
-    for m in layers:
-        m.pinned_var = m.running_var.detach().clone()
-    try:
-        yield model
-    finally:
-        for m in layers:
-            m.pinned_var = None
 
 
 @torch.no_grad()

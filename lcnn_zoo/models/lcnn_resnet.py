@@ -24,22 +24,28 @@ stored as a persistent buffer. An LCNN's 1-Lipschitz classifier on about-unit-si
 its logit margins by the feature norm, which is small for nets with few features (ResNet-20/56: 64);
 the factor restores trainable margins without changing any logit's normalised curvature.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch.fx copies forward()'s annotations into the code
+# it generates, and TorchScript (timm's fx + torchscript test) cannot read them as strings.
+import contextlib
 import math
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
-from timm.layers import create_classifier
+import torch.nn.functional as F
+from timm.layers import DropPath, create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import (
+    feature_take_indices,  # the helper every timm model's forward_intermediates uses
+)
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..conversion import lcnnify
 from ..hub import recipe_hint, safe_build, weights_location
-from ..layers import CenteredSoftplus
+from ..layers import CenteredSoftplus, frozen_state
 from ..layers.spectral_norm import deferred_convergence
 
 __all__ = ["CifarResNet", "LcnnResNet", "PreActBlock", "WideResNet"]
@@ -55,8 +61,10 @@ def _act_layer(kind: str):
     return nn.ReLU  # the LCNN's ReLUs are converted by lcnnify
 
 
-def _finalize(model: nn.Module, kind: str, in_chans: int, img_size: Sequence[int],
-              beta_init: float, gamma_init: float) -> None:
+def _finalize(model: nn.Module, kind: str, in_chans: int, img_size: Sequence[int], beta_init: float,
+              gamma_init: float, device=None, dtype=None) -> None:
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
     if kind == "lcnn":
         lcnnify(model, input_size=(in_chans, *img_size), bn_affine=False, beta_init=beta_init,
                 gamma_init=gamma_init, strict=True)
@@ -90,7 +98,7 @@ class LcnnResNet(ResNet):
     def __init__(self, block: Type[nn.Module], layers: Sequence[int], *, kind: str = "lcnn",
                  cifar_stem: bool = True, img_size: Sequence[int] = (32, 32), in_chans: int = 3,
                  beta_init: float = 5.0, gamma_init: float = 10.0, logit_scale: float = 1.0,
-                 **kwargs: Any) -> None:
+                 device=None, dtype=None, **kwargs: Any) -> None:
         super().__init__(block, layers, in_chans=in_chans, act_layer=_act_layer(kind), **kwargs)
         self.kind = kind
         _add_logit_scale(self, logit_scale)
@@ -99,15 +107,25 @@ class LcnnResNet(ResNet):
             self.maxpool = nn.Identity()
             for info in self.feature_info:  # the stem no longer downsamples by 4
                 info["reduction"] = max(1, info["reduction"] // (4 if info["module"] != "act1" else 2))
-        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init)
+        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init, device, dtype)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = super().forward_head(x, pre_logits=pre_logits)
-        return x if pre_logits else x * self.logit_scale
+        # timm's ResNet.forward_head, then the logit scale (TorchScript cannot call super())
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x) * self.logit_scale
 
 
-class _ClassifierHead(nn.Module):
-    """timm's classifier API shared by the zoo's own CIFAR nets: ``global_pool`` + ``fc`` (+ dropout)."""
+class _StagedNet(nn.Module):
+    """timm's model API for the zoo's own CIFAR nets — a stem, ``stages``, an optional final norm,
+    ``global_pool`` + ``fc`` (+ dropout) — with gradient checkpointing, ``group_matcher``,
+    ``forward_intermediates`` and ``prune_intermediate_layers`` as timm's models have them.
+
+    Gradient checkpointing recomputes each stage in :func:`~lcnn_zoo.layers.frozen_state`, so the
+    recompute runs no power iteration and records no BatchNorm statistics: it computes exactly the
+    function of the forward it replays.
+    """
 
     def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float,
                    logit_scale: float) -> None:
@@ -115,45 +133,117 @@ class _ClassifierHead(nn.Module):
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = num_features
         self.global_pool, self.fc = create_classifier(num_features, num_classes, pool_type=global_pool)
+        self.grad_checkpointing = False
         _add_logit_scale(self, logit_scale)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^conv1|^bn1", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        pool = global_pool if global_pool is not None else self.global_pool.pool_type
+        ref = self.conv1.weight
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=pool)
+        for m in (self.global_pool, self.fc):
+            m.to(device=ref.device, dtype=ref.dtype).train(self.training)
+
+    @torch.jit.ignore
+    def _checkpointed(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(stage, x, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), frozen_state(stage)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for stage in self.stages:
+                x = self._checkpointed(stage, x)
+        else:
+            x = self.stages(x)
+        return self.final_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
         if self.drop_rate:
-            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x) * self.logit_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's forward_intermediates: features after the stem (index 0) and each stage (1…)."""
+        assert output_fmt in ("NCHW",), "Output shape must be NCHW."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        x = self.stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index]
+        for i, stage in enumerate(stages, start=1):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return self.final_norm(x), intermediates
 
-class CifarResNet(_ClassifierHead):
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Keep the stages ``indices`` need (timm's API); returns the indices taken."""
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        self.stages = self.stages[:max_index]
+        if prune_norm:
+            self._prune_norm()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def _prune_norm(self) -> None:
+        pass
+
+
+def _drop_path_rates(rate: float, n: int) -> List[float]:
+    """Stochastic-depth rates growing linearly over the ``n`` blocks (timm's convention)."""
+    return [rate * i / max(n - 1, 1) for i in range(n)]
+
+
+class CifarResNet(_StagedNet):
     """He et al. (2016) CIFAR ResNet with 6n+2 layers: 3×3 conv stem, stages of n timm
     ``BasicBlock``s with ``channels`` widths (stride 2 between stages, 1×1-conv projection
     shortcuts), global average pooling and a linear classifier. Timm model API."""
 
     def __init__(self, layers: Sequence[int] = (3, 3, 3), channels: Sequence[int] = (16, 32, 64), *,
                  num_classes: int = 10, in_chans: int = 3, kind: str = "lcnn", img_size: Sequence[int] = (32, 32),
-                 global_pool: str = "avg", drop_rate: float = 0.0, beta_init: float = 5.0,
-                 gamma_init: float = 10.0, logit_scale: float = 1.0,
-                 norm_layer: Type[nn.Module] = nn.BatchNorm2d) -> None:
+                 global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 beta_init: float = 5.0, gamma_init: float = 10.0, logit_scale: float = 1.0,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d, device=None, dtype=None) -> None:
         super().__init__()
         act_layer = _act_layer(kind)
         self.kind = kind
-        self.grad_checkpointing = False
+        self.in_chans = in_chans
         self.conv1 = nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False)
         self.bn1 = norm_layer(channels[0])
         self.act1 = act_layer(inplace=True)
         self.feature_info: List[Dict[str, Any]] = [dict(num_chs=channels[0], reduction=1, module="act1")]
         in_chs, reduction = channels[0], 1
+        dpr = iter(_drop_path_rates(drop_path_rate, sum(layers)))
         self.stages = nn.Sequential()
         for i, (n, c) in enumerate(zip(layers, channels)):
             stride = 1 if i == 0 else 2
@@ -164,8 +254,9 @@ class CifarResNet(_ClassifierHead):
                 down = None
                 if s != 1 or in_chs != c:
                     down = nn.Sequential(nn.Conv2d(in_chs, c, 1, stride=s, bias=False), norm_layer(c))
+                rate = next(dpr)
                 blocks.append(BasicBlock(in_chs, c, stride=s, downsample=down, act_layer=act_layer,
-                                         norm_layer=norm_layer))
+                                         norm_layer=norm_layer, drop_path=DropPath(rate) if rate > 0 else None))
                 in_chs = c
             self.stages.add_module(str(i), nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=c, reduction=reduction, module=f"stages.{i}"))
@@ -173,23 +264,22 @@ class CifarResNet(_ClassifierHead):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init)
+        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init, device, dtype)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.act1(self.bn1(self.conv1(x))))
-
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
 
 
 class PreActBlock(nn.Module):
     """Pre-activation wide-ResNet block: BN-act-conv3×3-BN-act-(dropout)-conv3×3, plus the shortcut
     (identity, or a 1×1 conv on the pre-activated input when the shape changes).
 
-    ``residual_scale`` multiplies the sum; :func:`lcnn_zoo.lcnnify` sets it to 0.5 (the average of
-    the two branches) — any block exposing this attribute is averaged the same way.
+    ``residual_scale`` multiplies both summands; :func:`lcnn_zoo.lcnnify` sets it to 0.5 (the average
+    of the two branches) — any block exposing this attribute is averaged the same way.
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int = 1, *, act_layer=nn.ReLU,
-                 norm_layer=nn.BatchNorm2d, drop_rate: float = 0.0) -> None:
+                 norm_layer=nn.BatchNorm2d, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.bn1 = norm_layer(in_chs)
         self.act1 = act_layer(inplace=True)
@@ -198,6 +288,7 @@ class PreActBlock(nn.Module):
         self.act2 = act_layer(inplace=True)
         self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.shortcut = None
         if stride != 1 or in_chs != out_chs:
             self.shortcut = nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
@@ -206,20 +297,21 @@ class PreActBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = self.act1(self.bn1(x))
         shortcut = x if self.shortcut is None else self.shortcut(o)
-        out = self.conv2(self.drop(self.act2(self.bn2(self.conv1(o)))))
-        out = out + shortcut
-        return out * self.residual_scale if self.residual_scale != 1.0 else out
+        out = self.drop_path(self.conv2(self.drop(self.act2(self.bn2(self.conv1(o))))))
+        if self.residual_scale != 1.0:  # ×0.5 is exact in floating point: the same sum, bit for bit
+            return out * self.residual_scale + shortcut * self.residual_scale
+        return out + shortcut
 
 
-class WideResNet(_ClassifierHead):
+class WideResNet(_StagedNet):
     """WRN-depth-k for 32×32 inputs (Zagoruyko & Komodakis 2016): 3×3 conv stem (16), three groups of
     (depth-4)/6 :class:`PreActBlock`s with 16k/32k/64k channels, final BN-act, global pool, linear."""
 
     def __init__(self, depth: int = 28, widen_factor: int = 10, *, num_classes: int = 10, in_chans: int = 3,
                  kind: str = "lcnn", img_size: Sequence[int] = (32, 32), global_pool: str = "avg",
-                 drop_rate: float = 0.0, block_drop_rate: float = 0.0, beta_init: float = 5.0,
-                 gamma_init: float = 10.0, logit_scale: float = 1.0,
-                 norm_layer: Type[nn.Module] = nn.BatchNorm2d) -> None:
+                 drop_rate: float = 0.0, block_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 beta_init: float = 5.0, gamma_init: float = 10.0, logit_scale: float = 1.0,
+                 norm_layer: Type[nn.Module] = nn.BatchNorm2d, device=None, dtype=None) -> None:
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
@@ -227,16 +319,18 @@ class WideResNet(_ClassifierHead):
         act_layer = _act_layer(kind)
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
         self.kind = kind
-        self.grad_checkpointing = False
+        self.in_chans = in_chans
         self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         self.feature_info: List[Dict[str, Any]] = [dict(num_chs=16, reduction=1, module="conv1")]
         self.stages = nn.Sequential()
         in_chs, reduction = 16, 1
+        dpr = iter(_drop_path_rates(drop_path_rate, 3 * n))
         for i, w in enumerate(widths):
             stride = 1 if i == 0 else 2
             reduction *= stride
             blocks = [PreActBlock(in_chs if j == 0 else w, w, stride if j == 0 else 1, act_layer=act_layer,
-                                  norm_layer=norm_layer, drop_rate=block_drop_rate) for j in range(n)]
+                                  norm_layer=norm_layer, drop_rate=block_drop_rate, drop_path_rate=next(dpr))
+                      for j in range(n)]
             in_chs = w
             self.stages.add_module(str(i), nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
@@ -246,11 +340,16 @@ class WideResNet(_ClassifierHead):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init)
+        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init, device, dtype)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.stages(self.conv1(x))))
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(x)
 
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(x))
+
+    def _prune_norm(self) -> None:
+        self.bn, self.act = nn.Identity(), nn.Identity()
 
 
 # --------------------------------------------------------------------------------------------

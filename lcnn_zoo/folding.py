@@ -1,0 +1,164 @@
+"""Folding a trained LCNN into plain, exportable torch modules for deployment (:func:`fold`)."""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .conversion import detach_lcnn_state
+from .layers import (
+    CenteredSoftplus,
+    FrozenCenteredSoftplus,
+    LipschitzBatchNorm2d,
+    LipschitzBatchNormAct2d,
+    remove_spectral_norm,
+    spectral_norm_modules,
+    spectral_norm_of,
+)
+
+__all__ = ["fold"]
+
+
+def _plain_bn(lbn: LipschitzBatchNorm2d) -> nn.BatchNorm2d:
+    """The eval-mode γ-Lipschitz BN as an ordinary affine BatchNorm2d (exact)."""
+    c = lbn.lipschitz_scale().detach()
+    fk = {"device": lbn.running_mean.device, "dtype": lbn.running_mean.dtype}
+    bn = nn.BatchNorm2d(lbn.num_features, eps=lbn.eps, affine=True, **fk)
+    with torch.no_grad():
+        w = lbn.weight if lbn.weight is not None else torch.ones(lbn.num_features, **fk)
+        b = lbn.bias if lbn.bias is not None else torch.zeros(lbn.num_features, **fk)
+        bn.weight.copy_(w * c)
+        bn.bias.copy_(b * c)
+        bn.running_mean.copy_(lbn.running_mean)
+        bn.running_var.copy_(lbn.running_var)
+        bn.num_batches_tracked.copy_(lbn.num_batches_tracked)
+    return bn.eval()
+
+
+def _replace_modules(model: nn.Module, fn: Callable[[nn.Module], Optional[nn.Module]]) -> None:
+    for name, child in list(model.named_children()):
+        new = fn(child)
+        if new is not None:
+            setattr(model, name, new)
+        else:
+            _replace_modules(child, fn)
+
+
+@torch.no_grad()
+def _fuse_conv_bn(model: nn.Module, x: torch.Tensor) -> int:
+    """Fuse every BatchNorm2d whose input is exactly the output of a Conv2d (and of nothing else)."""
+    produced: Dict[int, Tuple[nn.Module, torch.Tensor]] = {}
+    consumers: Counter = Counter()
+    bn_inputs: List[Tuple[nn.BatchNorm2d, int]] = []
+    handles = []
+    keep: List[torch.Tensor] = []  # keep tensors alive so ids stay unique during the trace
+
+    def hook(mod, args, out):
+        if args and isinstance(args[0], torch.Tensor):
+            consumers[id(args[0])] += 1
+            keep.append(args[0])
+            if isinstance(mod, nn.BatchNorm2d):
+                bn_inputs.append((mod, id(args[0])))
+        if isinstance(out, torch.Tensor):
+            keep.append(out)
+            if isinstance(mod, nn.Conv2d):
+                produced[id(out)] = (mod, out)
+
+    leaves = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or not list(m.children())]
+    for m in leaves:
+        handles.append(m.register_forward_hook(hook))
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    pairs = {}
+    for bn, tid in bn_inputs:
+        if tid in produced and consumers[tid] == 1:
+            pairs[id(bn)] = (produced[tid][0], bn)
+    if not pairs:
+        return 0
+    conv_ids = {id(c): b for c, b in pairs.values()}
+    bn_ids = set(pairs)
+
+    def swap(m: nn.Module) -> Optional[nn.Module]:
+        if id(m) in conv_ids:
+            return fuse_conv_bn_eval(m, conv_ids[id(m)])
+        if id(m) in bn_ids:
+            return nn.Identity()
+        return None
+
+    _replace_modules(model, swap)
+    return len(pairs)
+
+
+@torch.no_grad()
+def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inplace: bool = False,
+         rtol: float = 1e-5) -> nn.Module:
+    """Turn a (trained) LCNN into plain torch modules with identical eval-mode outputs.
+
+    * spectral normalisation is baked into the weights (W / σ with the current singular vectors),
+      and the parametrizations and every lcnn_zoo state-dict hook are removed;
+    * each γ-Lipschitz BN becomes the equivalent affine ``BatchNorm2d``, fused into the preceding
+      convolution when it consumes that convolution's output alone;
+    * :class:`CenteredSoftplus` becomes :class:`FrozenCenteredSoftplus` (``softplus(x, β) − log2/β``,
+      constant β). It and :class:`~lcnn_zoo.layers.Scale` (the residual average's ×0.5) are the
+      lcnn_zoo classes left in a folded model — each one line of plain torch ops, for which torch.nn
+      has no module; the zoo's own architectures keep their classes (``lcnn_zoo.models``);
+    * the report, the input-size hook and the ``reset_classifier`` subclass lcnnify added go.
+
+    The result is in eval mode; its own state dict loads into it, and it scripts (TorchScript),
+    traces, exports (``torch.export``) and exports to ONNX. A self-check compares its outputs on
+    ``example_input`` (default: random, of the ``model.lcnn_report.input_size``) with the LCNN's and
+    raises if the maximum deviation exceeds ``rtol`` times the largest output magnitude.
+
+    Args:
+        inplace: modify ``model`` itself instead of a deep copy.
+    """
+    if not any(spectral_norm_of(m) is not None or isinstance(m, (LipschitzBatchNorm2d, CenteredSoftplus))
+               for m in model.modules()):
+        raise ValueError("fold: the model has no LCNN layers to fold (is it folded already?)")
+    folded = model if inplace else copy.deepcopy(model)
+    folded.eval()
+    if example_input is None:
+        size = getattr(getattr(model, "lcnn_report", None), "input_size", None)
+        if size is None:
+            shapes = [sn.input_shape for _, sn in spectral_norm_modules(folded)
+                      if sn.kind == "conv2d" and sn.input_shape]
+            if not shapes:
+                raise ValueError("fold: pass example_input (the model's input size is unknown)")
+            size = shapes[0]
+        p = next(folded.parameters())
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        example_input = torch.rand(2, *size, generator=gen).to(device=p.device, dtype=p.dtype)
+    reference = folded(example_input)
+
+    for m, _ in list(spectral_norm_modules(folded)):
+        remove_spectral_norm(m)
+
+    def swap(m: nn.Module) -> Optional[nn.Module]:
+        if isinstance(m, LipschitzBatchNormAct2d):
+            inner = [_plain_bn(m)] + [swap(x) or x for x in (m.drop, m.act) if not isinstance(x, nn.Identity)]
+            return nn.Sequential(*inner)
+        if isinstance(m, LipschitzBatchNorm2d):
+            return _plain_bn(m)
+        if isinstance(m, CenteredSoftplus):
+            return FrozenCenteredSoftplus(float(m.beta.detach()))
+        return None
+
+    _replace_modules(folded, swap)
+    detach_lcnn_state(folded)
+    _fuse_conv_bn(folded, example_input)
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    out = folded(example_input)
+    err = (out - reference).abs().max()
+    scale = reference.abs().max().clamp_min(1e-12)
+    if not torch.isfinite(out).all() or err > rtol * scale:
+        raise RuntimeError(f"fold: folded outputs deviate from the LCNN by {float(err):.3g} "
+                           f"(> {rtol} x {float(scale):.3g}); please report this model")
+    return folded
