@@ -1,9 +1,12 @@
 """Training-step cost of the LCNN machinery: CIFAR ResNet-18, batch 64, 3×32×32, 100 classes.
 
-    python -m benchmarks.train_step [--threads 2] [--rounds 10] [--batch 64] [--json out.json]
+    python -m benchmarks.train_step [--threads 2] [--rounds 10] [--batch 64] [--compile] [--json out.json]
 
-Variants (forward + loss + backward + SGD step), interleaved in one process, medians, as ratios
-to the plain ReLU model; peak memory measured per variant in a fresh subprocess (VmHWM above the RSS before the steps).
+Variants (forward + loss + backward + SGD step), interleaved in one process, medians, as ratios to
+timm's own resnet18 with the CIFAR stem (``timm_relu``: the fastest plain net a user would otherwise
+train) and to the zoo's ReLU net; peak memory measured per variant in a fresh subprocess (VmHWM above
+the RSS before the steps). ``lcnn_gradreg_fd_f25`` is FD GradReg on a quarter of each batch.
+``--compile``: every variant through ``torch.compile`` (the same mode for all), with compile times.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import time
 
 import timm
 import torch
@@ -19,24 +23,39 @@ import torch.nn.functional as F
 import lcnn_zoo
 from benchmarks.timing import dump, interleaved, machine, report
 
-VARIANTS = ["relu", "softplus", "lcnn", "gradreg_exact", "gradreg_fd", "lcnn_gradreg_exact", "lcnn_gradreg_fd"]
+VARIANTS = ["timm_relu", "relu", "softplus", "lcnn", "gradreg_exact", "gradreg_fd", "lcnn_gradreg_exact",
+            "lcnn_gradreg_fd", "lcnn_gradreg_fd_f25"]
 
 
-def make_step(variant: str, batch: int, classes: int = 100):
+def _model(variant: str, classes: int) -> torch.nn.Module:
+    if variant == "timm_relu":
+        model = timm.create_model("resnet18", num_classes=classes)
+        model.conv1 = torch.nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)  # the CIFAR stem
+        model.maxpool = torch.nn.Identity()
+        return model
     arch = {"relu": "lcnn_resnet18_relu", "softplus": "lcnn_resnet18_softplus"}.get(
         variant, "lcnn_resnet18" if variant.startswith("lcnn") else "lcnn_resnet18_softplus")
+    return timm.create_model(arch, num_classes=classes)
+
+
+def make_step(variant: str, batch: int, classes: int = 100, compile_: bool = False):
     torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=classes).train()
-    opt = torch.optim.SGD(lcnn_zoo.param_groups(model, 5e-4), lr=0.01, momentum=0.9)
+    model = _model(variant, classes).train()
+    module = model
+    if compile_:
+        model = torch.compile(model)
+    opt = torch.optim.SGD(lcnn_zoo.param_groups(module, 5e-4), lr=0.01, momentum=0.9)
     x = torch.rand(batch, 3, 32, 32)
     y = torch.randint(0, classes, (batch,))
     pen = lcnn_zoo.LCNNPenalty() if variant.startswith("lcnn") else None
     lam = 6e-3
+    fraction = 0.25 if variant.endswith("_f25") else 1.0
 
     def step():
         opt.zero_grad(set_to_none=True)
-        if variant.endswith("_fd"):
-            lcnn_zoo.gradreg_fd_backward(model, x, y, lam, extra_loss=(lambda: pen(model)) if pen else None)
+        if "_fd" in variant:
+            lcnn_zoo.gradreg_fd_backward(model, x, y, lam, extra_loss=(lambda: pen(module)) if pen else None,
+                                         fraction=fraction, generator=torch.Generator().manual_seed(0))
         else:
             if variant.endswith("_exact"):
                 out = lcnn_zoo.gradreg_exact(model, x, y)
@@ -44,7 +63,7 @@ def make_step(variant: str, batch: int, classes: int = 100):
             else:
                 total = F.cross_entropy(model(x), y)
             if pen is not None:
-                total = total + pen(model)
+                total = total + pen(module)
             total.backward()
         opt.step()
 
@@ -85,22 +104,36 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every variant")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    steps = {v: make_step(v, args.batch) for v in args.variants}
+    steps, compile_s = {}, {}
+    for v in args.variants:
+        steps[v] = make_step(v, args.batch, compile_=args.compile)
+        if args.compile:  # the first call compiles: timed on its own
+            t = time.perf_counter()
+            steps[v]()
+            compile_s[v] = time.perf_counter() - t
     res = interleaved(steps, warmup=args.warmup, rounds=args.rounds)
-    mem = {} if args.no_memory else {v: peak_memory_mb(v, args.batch, args.threads) for v in args.variants}
-    base_mem = mem.get("relu")
-    cols = {}
+    mem = {} if args.no_memory or args.compile else {v: peak_memory_mb(v, args.batch, args.threads)
+                                                     for v in args.variants}
+    base_mem = mem.get("timm_relu")
+    zoo = res.get("relu", res[args.variants[0]])["median_s"]
+    cols = {"× zoo relu": {k: f"{r['median_s'] / zoo:.2f}" for k, r in res.items()}}
     if mem:
         cols["peak MiB"] = {k: f"{v:.0f}" for k, v in mem.items()}
         if base_mem:
-            cols["× relu mem"] = {k: f"{v / base_mem:.2f}" for k, v in mem.items()}
-    print(report(f"Training step, CIFAR ResNet-18, batch {args.batch}, {args.threads} threads, "
-                 f"median of {args.rounds} (interleaved)", res, "relu" if "relu" in res else args.variants[0], cols))
+            cols["× timm mem"] = {k: f"{v / base_mem:.2f}" for k, v in mem.items()}
+    if compile_s:
+        cols["compile s"] = {k: f"{v:.0f}" for k, v in compile_s.items()}
+    mode = "compiled" if args.compile else "eager"
+    print(report(f"Training step ({mode}), CIFAR ResNet-18, batch {args.batch}, {args.threads} threads, median of "
+                 f"{args.rounds} (interleaved), {machine()['cpu']}", res,
+                 "timm_relu" if "timm_relu" in res else args.variants[0], cols))
     if args.json:
-        dump(args.json, {"machine": machine(), "args": vars(args), "time": res, "peak_memory_mib": mem})
+        dump(args.json, {"machine": machine(), "args": vars(args), "time": res, "peak_memory_mib": mem,
+                         "compile_s": compile_s})
 
 
 if __name__ == "__main__":
