@@ -113,7 +113,8 @@ class TrainConfig:
     experiment: str = _opt("", "run folder name (default: <model>-<dataset>-<reg>)", "runtime", "str")
     resume: str = _opt("", "checkpoint to resume, or 'auto' for <run>/last.pth", "runtime", "str")
     no_progress: bool = _opt(False, "no progress bars", "runtime", "bool")
-    eval_every: int = _opt(1, "evaluate every N epochs (and the last)", "runtime", "int", minimum=1)
+    eval_every: int = _opt(1, "evaluate every N epochs (and the last); 0: never (no test accuracy, no "
+                               "model_best; for runs measured afterwards by `lcnn-zoo eval`)", "runtime", "int", minimum=0)
     dist_timeout: float = _opt(600.0, "DDP: seconds a collective waits for the other processes before the run "
                                       "fails", "runtime", "float", minimum=1.0)
 

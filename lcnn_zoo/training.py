@@ -466,7 +466,7 @@ def _epochs(run: _Run, folder: RunFolder, start: int, loaders, augment, mixup, n
         last = epoch + 1 == cfg.epochs
         if last:
             _recalibrate_if_short(run, train_loader)
-        evaluated = last or (epoch + 1) % cfg.eval_every == 0
+        evaluated = cfg.eval_every > 0 and (last or (epoch + 1) % cfg.eval_every == 0)
         if evaluated:
             eval_m = _all_reduce_eval(evaluate(run.core, test_loader, run.device, cfg.channels_last, run.amp),
                                       run.world, run.device)

@@ -59,3 +59,23 @@ def test_pgd_accuracy_monotone_and_restores_mode():
     with torch.no_grad():
         clean = 100.0 * (model(x).argmax(1) == y).double().mean().item()
     assert acc[0.0] == pytest.approx(clean)
+
+
+def test_pgd_accuracy_attacks_survivors_only_and_matches_analytic():
+    """Radii in any order; each attacks only what survived the smaller ones, and the result is the
+    optimal attack's robust accuracy (a linear model: robust iff margin > ε)."""
+    model = linear_binary()
+    x = torch.randn(300, 20, dtype=torch.float64)
+    y = torch.randint(0, 2, (300,))
+    calls = []
+    model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    eps_list = [0.5, 0.0, 2.0, 0.1]
+    acc = pgd_accuracy(model, [(x, y)], eps_list, steps=20, clamp=None)
+    assert list(acc) == eps_list
+    with torch.no_grad():
+        m = margins(model, x, y)
+    for e in eps_list:
+        assert acc[e] == pytest.approx(100.0 * (m > e).double().mean().item())
+    # 1 clean pass of 300, then 20 steps + 1 check per positive radius on the survivors only
+    survivors = [int((m > e).sum()) for e in (0.0, 0.1, 0.5)]
+    assert calls == [300] + [n for n in survivors for _ in range(21)]

@@ -168,6 +168,20 @@ def test_short_runs_all_regs(tmp_path, reg, extra):
         assert ckpt["state_dict_ema"] is not None and "eval_ema_top1" in h
 
 
+@needs_fmnist
+def test_eval_every_zero_never_evaluates(tmp_path):
+    """--eval-every 0 (what the quickstart uses, whose evaluation measures the test set once): no test
+    pass, no model_best; the weights are still written for `lcnn-zoo eval`."""
+    args = parse_args(FAST + ["--model", "lcnn_resnet20", "--reg", "none", "--epochs", "2", "--eval-every", "0",
+                              "--output", str(tmp_path), "--experiment", "e0"])
+    summary = train(args)
+    run = Path(summary["run_dir"])
+    assert summary["final"] == {} and not any("eval_top1" in row for row in summary["history"])
+    assert (run / "model.safetensors").is_file() and not (run / "model_best.safetensors").exists()
+    with pytest.raises(UserError):
+        parse_args(["--eval-every", "-1"])
+
+
 def test_lcnn_reg_needs_lcnn_model(tmp_path):
     with pytest.raises(UserError, match="needs an LCNN"):
         train(parse_args(FAST + ["--model", "lcnn_resnet20_relu", "--reg", "lcnn", "--epochs", "1",
