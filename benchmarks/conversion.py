@@ -7,6 +7,7 @@ with σ converged to 1e-3, against the 3 power iterations conversion ran before,
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 import warnings
 
@@ -16,6 +17,9 @@ import torch
 import lcnn_zoo
 from benchmarks.timing import dump, machine
 from lcnn_zoo.layers import spectral_norm_modules
+
+# The module, not the `spectral_norm()` function that `lcnn_zoo.layers` exports under the same name.
+SN = importlib.import_module("lcnn_zoo.layers.spectral_norm")
 
 CASES = (("CIFAR ResNet-20", "lcnn_resnet20_relu", (3, 32, 32)), ("CIFAR ResNet-18", "lcnn_resnet18_relu", (3, 32, 32)),
          ("ResNet-50", "resnet50", (3, 224, 224)))
@@ -29,13 +33,12 @@ def _convert(arch: str, size, init_iterations: int):
         if init_iterations:
             lcnn_zoo.lcnnify(model, input_size=size)
         else:  # the old behaviour: 3 plain power iterations and no convergence test
-            import lcnn_zoo.layers.spectral_norm as sn
-            saved = sn.LANCZOS_STEPS
-            sn.LANCZOS_STEPS = 1
+            saved = SN.LANCZOS_STEPS
+            SN.LANCZOS_STEPS = 1
             try:
                 lcnn_zoo.lcnnify(model, input_size=size, init_iterations=3)
             finally:
-                sn.LANCZOS_STEPS = saved
+                SN.LANCZOS_STEPS = saved
         return model, time.perf_counter() - t
 
 
