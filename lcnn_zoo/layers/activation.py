@@ -33,33 +33,6 @@ def _centered_softplus_t(t: torch.Tensor) -> torch.Tensor:
     return u + a + torch.log1p(0.5 * torch.expm1(-2.0 * a))
 
 
-def _centered_softplus_t_cpu(t: torch.Tensor) -> torch.Tensor:
-    """:func:`_centered_softplus_t` with ``exp``/``log`` in place of ``expm1``/``log1p``, for float32
-    and float64 on the CPU.
-
-    Why: PyTorch's CPU kernels for expm1 and log1p are about 10× slower than exp and log (in the LCNN
-    ResNet-18 training step 9.4 and 9.2 ms a call against 0.94 and 1.1 ms, together 17 % of the step:
-    ``python -m benchmarks.profile_step --variant lcnn``). Kahan's identities give them from exp and
-    log to a few ulp. With x = −|t| (clamped where e^x would leave the normal range; beyond it g moves
-    by less than an ulp) and w = e^x: expm1(x) = (w − 1)·x / log w, and log1p(z) = log(v)·z / (v − 1)
-    with v = 1 + z. Where w or v rounds to 1 both factors would be 0; subtracting the smallest normal
-    number from each makes the ratio exactly 1 there (the answer is then x or z) and changes it by less
-    than 1e-30 elsewhere (the ratio is taken before the product, which could underflow) — no
-    ``torch.where`` or mask (on CPU, 16× and 3× a multiply).
-    g(t) = relu(t) + log1p(expm1(−|t|)/2): the exact form's function, within 2.4 ulp in float32 and
-    float64 over 1e-30 ≤ |t| ≤ 1e4 (test_activation.py). Forward only; the Function's backward has its
-    own formulas.
-    """
-    tiny = torch.finfo(t.dtype).tiny
-    x = t.abs().neg_().clamp_min_(math.log(tiny) + 2.0)
-    w = torch.exp(x)
-    em1 = torch.sub(w, 1.0).sub_(tiny).div_(torch.log(w).sub_(tiny)).mul_(x)  # expm1(x): the ratio first
-    z = em1.mul_(0.5)                                                         # ∈ [−½, 0]
-    v = z + 1.0
-    lg = torch.log(v).sub_(tiny).div_(v.sub_(1.0).sub_(tiny)).mul_(z)        # log1p(z)
-    return lg.add_(torch.relu(t))
-
-
 def _derivatives_from_output(y: torch.Tensor, beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(∂s0/∂x, ∂s0/∂β) at the point whose *output* is y = s0(x; β), without x.
 
@@ -124,9 +97,7 @@ class _CenteredSoftplusFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        fast_cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        g = _centered_softplus_t_cpu if fast_cpu else _centered_softplus_t
-        return g(x * beta) / beta
+        return _centered_softplus_t(x * beta) / beta
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
