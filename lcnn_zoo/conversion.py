@@ -223,7 +223,9 @@ def _lipschitz_bn(bn: nn.Module, name: str, ctx: _Context) -> LipschitzBatchNorm
     with torch.no_grad():
         new.running_mean.copy_(bn.running_mean)
         new.running_var.copy_(bn.running_var)
-        new.num_batches_tracked.copy_(bn.num_batches_tracked)
+        # The statistics were recorded for the unconverted network (its convolutions were not normalised):
+        # counted as unseen, so a short fine-tune recomputes them at its end (training._recalibrate_if_short).
+        new.num_batches_tracked.zero_()
         if affine and bn.affine:
             new.weight.copy_(bn.weight)
             new.bias.copy_(bn.bias)

@@ -52,9 +52,9 @@ from .layers import converge_spectral_norms, recalibrate_batchnorm, sync_batchno
 from .penalty import LCNNPenalty, gradreg_exact, gradreg_fd_backward, param_groups
 
 __all__ = ["train", "train_one_epoch", "evaluate", "resume", "Regulariser", "StepOutput", "make_regulariser",
-           "RECALIBRATE_BELOW_STEPS"]
+           "RECALIBRATE_BELOW_STEPS", "batches_seen_by_batchnorm"]
 
-RECALIBRATE_BELOW_STEPS = 100  # runs shorter than this (per process) get their BatchNorm statistics recomputed
+RECALIBRATE_BELOW_STEPS = 100  # BatchNorms that recorded fewer batches get their statistics recomputed at the end
 RECALIBRATE_BATCHES = 50
 
 
@@ -439,16 +439,30 @@ def _epoch_message(cfg: TrainConfig, epoch: int, train_m: Dict[str, float], eval
             + f"  {train_m['epoch_time_s']:.0f}s")
 
 
+def batches_seen_by_batchnorm(model: nn.Module) -> Optional[int]:
+    """The fewest batches any BatchNorm of ``model`` has recorded statistics from (its
+    ``num_batches_tracked``, which a pretrained state dict carries), or None without BatchNorms."""
+    counts = [int(m.num_batches_tracked) for m in model.modules()
+              if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor)]
+    return min(counts) if counts else None
+
+
 def _recalibrate_if_short(run: _Run, train_loader) -> None:
-    if run.steps >= RECALIBRATE_BELOW_STEPS:
+    """Recompute BatchNorm statistics when they have seen fewer than ~100 batches in all (a short run
+    from scratch: its running variance still carries the initial 1). Not after fine-tuning a model
+    whose statistics come from its pretraining: in an LCNN they also set the γ-clip its weights were
+    trained with, and recomputing them from a few batches changed a fine-tuned model's test accuracy
+    from 95 % to 48 % (README walkthrough, step 4)."""
+    seen = batches_seen_by_batchnorm(run.core)
+    if seen is None or seen >= RECALIBRATE_BELOW_STEPS:
         return
     if isinstance(getattr(train_loader.sampler, "generator", None), torch.Generator):
         train_loader.sampler.generator.manual_seed(run.cfg.seed)  # the same batches in a resumed run
     batches = (x.to(run.device) for _, (x, _) in zip(range(RECALIBRATE_BATCHES), train_loader))
     n = recalibrate_batchnorm(run.core, batches)
     if run.is_main:
-        print(f"recalibrated BatchNorm statistics on {n} training batches: the run had {run.steps} steps, fewer than "
-              f"the ~{RECALIBRATE_BELOW_STEPS} its running statistics need at momentum 0.1", file=sys.stderr)
+        print(f"recalibrated BatchNorm statistics on {n} training batches: they had seen {seen} batches, fewer than "
+              f"the ~{RECALIBRATE_BELOW_STEPS} their running statistics need at momentum 0.1", file=sys.stderr)
 
 
 def _epochs(run: _Run, folder: RunFolder, start: int, loaders, augment, mixup, num_classes, input_size) -> Dict:
