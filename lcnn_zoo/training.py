@@ -172,7 +172,6 @@ class _Run:
     amp: Callable
     history: List[Dict[str, Any]] = field(default_factory=list)
     best: Dict[str, Any] = field(default_factory=dict)
-    steps: int = 0
     classes: List[str] = field(default_factory=list)
 
     @property
@@ -207,7 +206,6 @@ def train_one_epoch(run: _Run, loader, epoch: int, augment: BatchAugment, mixup:
             run.optimizer.step()
         if run.ema is not None:
             run.ema.update(run.core)
-        run.steps += 1
         n = x.shape[0]
         for k, v in {"loss": float(out.loss), "top1": 100.0 * float((out.logits.argmax(1) == y).float().mean()),
                      **out.stats}.items():
@@ -282,7 +280,6 @@ def resume(run: _Run, folder: RunFolder, cfg: TrainConfig) -> int:
         set_rng_state(ckpt["rng"])
     run.history = list(ckpt.get("history") or [])
     run.best = dict(ckpt.get("best") or {})
-    run.steps = int(ckpt.get("steps", 0))
     if run.is_main:
         print(f"resumed {path} at epoch {done}", file=sys.stderr)
     return done
@@ -426,7 +423,7 @@ def _checkpoint(run: _Run, epoch: int, num_classes: int, input_size: tuple) -> D
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "state_dict_ema": run.ema.module.state_dict() if run.ema is not None else None,
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
-        "rng": rng_state(), "history": run.history, "best": run.best, "steps": run.steps,
+        "rng": rng_state(), "history": run.history, "best": run.best,
         "config": run.cfg.to_dict(),
     }
 
