@@ -1,41 +1,38 @@
-"""Write small random stand-ins for CIFAR-10 and CIFAR-100 in torchvision's download layout
-(``cifar-10-batches-py``, ``cifar-100-python``), for exercising the CIFAR code paths offline —
-``examples/cifar_zoo.sh --dry-run`` uses them. Their checksums are not the official ones, so
-loading them warns.
+"""Write small random stand-ins for CIFAR-10 and CIFAR-100 in the datasets' official *binary*
+layout (``cifar-10-batches-bin``, ``cifar-100-binary``: fixed-size records, read without
+unpickling), for exercising the CIFAR code paths offline — ``examples/cifar_zoo.sh --dry-run``
+uses them.
 
     python examples/cifar_standin.py OUT [--train 64 --test 32]
 """
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
 import numpy as np
 
 
+def _records(rng: np.random.Generator, n: int, classes: int, label_bytes: int) -> bytes:
+    labels = rng.integers(0, classes, (n, label_bytes), dtype=np.uint8)
+    pixels = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    return np.concatenate([labels, pixels], axis=1).tobytes()
+
+
 def write(out: Path, n_train: int, n_test: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-
-    def batch(n: int, classes: int, key: str) -> dict:
-        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: rng.integers(0, classes, n).tolist()}
-
-    c10 = out / "cifar-10-batches-py"
+    c10 = out / "cifar-10-batches-bin"
     c10.mkdir(parents=True, exist_ok=True)
     for i in range(1, 6):
-        with open(c10 / f"data_batch_{i}", "wb") as f:
-            pickle.dump(batch(n_train // 5 + (i <= n_train % 5), 10, "labels"), f)
-    with open(c10 / "test_batch", "wb") as f:
-        pickle.dump(batch(n_test, 10, "labels"), f)
-    with open(c10 / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
-    c100 = out / "cifar-100-python"
+        (c10 / f"data_batch_{i}.bin").write_bytes(_records(rng, n_train // 5 + (i <= n_train % 5), 10, 1))
+    (c10 / "test_batch.bin").write_bytes(_records(rng, n_test, 10, 1))
+    (c10 / "batches.meta.txt").write_text("".join(f"class{i}\n" for i in range(10)))
+    c100 = out / "cifar-100-binary"
     c100.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", n_train), ("test", n_test)):
-        with open(c100 / name, "wb") as f:
-            pickle.dump(batch(n, 100, "fine_labels"), f)
-    with open(c100 / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)]}, f)
+    (c100 / "train.bin").write_bytes(_records(rng, n_train, 100, 2))
+    (c100 / "test.bin").write_bytes(_records(rng, n_test, 100, 2))
+    (c100 / "fine_label_names.txt").write_text("".join(f"class{i}\n" for i in range(100)))
+    (c100 / "coarse_label_names.txt").write_text("".join(f"super{i}\n" for i in range(20)))
 
 
 def main() -> None:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
-import fcntl
 import io
 import json
 import os
@@ -27,63 +25,20 @@ import random
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
 from .errors import UserError
+from .writing import atomic_write, file_lock, is_temporary, write_json, write_text
 
 __all__ = ["atomic_write", "write_text", "write_json", "read_json", "load_state_dict", "rng_state", "set_rng_state",
            "RunFolder", "CheckpointError"]
 
-_TMP_MARK = ".tmp-lcnn-"  # temporary files are named .<name>.tmp-lcnn-<pid>: ours to clean up
-
-
 class CheckpointError(UserError):
     """A checkpoint or run file cannot be read (missing, truncated, not ours); the message names it."""
-
-
-def _umask_mode(base: int) -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return base & ~mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = True) -> Path:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it onto ``path``.
-
-    The file gets the usual mode (0666 minus the umask). On any failure the temporary file is
-    removed and ``path`` is left as it was; a full disk raises :class:`UserError` saying so.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on device while writing {path}: free some space and resume "
-                            f"(the previous version of the file is intact)") from e
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
@@ -203,31 +158,21 @@ class RunFolder:
                 raise CheckpointError(f"{path} is not an lcnn-zoo training checkpoint (missing '{key}')")
         return ckpt
 
+    def unfinished_start(self) -> bool:
+        """Whether the folder holds only this run's own files and no checkpoint: a run stopped
+        before its first epoch ended, which ``--resume auto`` starts again in place."""
+        names = [p.name for p in self.path.iterdir()]
+        own = set(self._OURS) | {self.LOCK}
+        return self.LAST not in names and all(n in own or is_temporary(n, self._OURS) for n in names)
+
     # ---- writing ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator["RunFolder"]:
-        """Hold the folder for one run: a second run in it fails at once, naming the holder."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        f = open(self.file(self.LOCK), "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise UserError(f"{self.path} is in use by another training run ({holder}): wait for it to finish, "
-                            f"or choose another --experiment") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        f.flush()
-        self._lock_file = f
-        try:
+        """Hold the folder for one run: a second run in it fails at once, naming the holder. The
+        lock file is never followed if it is a symbolic link (see :func:`~lcnn_zoo.writing.file_lock`)."""
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        with file_lock(self.file(self.LOCK), f"{self.path} (another training run holds it)", describe=holder):
             yield self
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            f.close()
-            self._lock_file = None
 
     def clean_stale_temporaries(self) -> List[Path]:
         """Remove temporary files an interrupted write of *this folder's files* left behind (only
@@ -235,7 +180,7 @@ class RunFolder:
         removed = []
         if self.path.is_dir():
             for p in self.path.iterdir():
-                if any(p.name.startswith(f".{name}{_TMP_MARK}") for name in self._OURS):
+                if is_temporary(p.name, self._OURS) and not p.is_dir():
                     p.unlink()
                     removed.append(p)
         return removed

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from . import register_models
 from .config import EvalConfig, TrainConfig, check_value, load_yaml
-from .errors import UserError
+from .errors import UserError, one_line, shown
 
 __all__ = ["main", "train_config", "build_parser"]
 
@@ -34,7 +34,7 @@ class _KeyValues(argparse.Action):
         out: Dict[str, Any] = {}
         for item in values:
             if "=" not in item:
-                parser.error(f"{option_string}: expected KEY=VALUE, got {item!r}")
+                parser.error(f"{option_string}: expected KEY=VALUE, got {shown(item)}")
             key, value = item.split("=", 1)
             try:
                 out[key] = ast.literal_eval(value)
@@ -82,7 +82,7 @@ def train_config(argv: List[str]) -> TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise UserError(f"{known.config}: unknown keys {unknown}")
+            raise UserError(f"{shown(known.config)}: unknown keys {shown(unknown)}")
         for key, value in values.items():  # a bad value is named where it was written
             check_value(fields[key], value, known.config)
         parser.set_defaults(**values)
@@ -108,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=None, help="architecture for checkpoints that do not record it")
     p.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
                    help="input size for checkpoints that do not record it (default: read from the weights)")
-    p.add_argument("--output", default="runs/eval", help="folder for eval.json, eval.md and plots")
+    p.add_argument("--output", default="runs/eval", help="new folder for eval.json, eval.md and plots (one that "
+                                                         "holds anything gets a -N suffix: nothing is overwritten)")
+    p.add_argument("--random-init", action="store_true", help="allow an architecture name without a tag: "
+                                                              "measure the model as initialised")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for f in dataclasses.fields(EvalConfig):
         if f.name not in ("progress", "noise_norms"):
@@ -155,16 +159,21 @@ def _run(command: str, args: argparse.Namespace) -> int:
             output=Path(args.output), threads=args.threads, progress=not args.no_progress)
     if command == "eval":
         cfg = _eval_config(args)
+        preflight = importlib.import_module("lcnn_zoo.preflight")
+        preflight.output_folder(args.output)  # a new folder that can be written: checked before any measuring
+        device = preflight.check_device(args.device)
         import torch
 
         if args.threads:
             torch.set_num_threads(args.threads)
         evaluation = importlib.import_module("lcnn_zoo.evaluation")
+        command = "lcnn-zoo " + shlex.join(args.argv)
         results = evaluation.run_eval(args.models, args.dataset, data_dir=args.data_dir, download=args.download,
-                                      arch=args.arch, input_size=args.input_size, cfg=cfg, output=Path(args.output),
-                                      command="lcnn-zoo " + shlex.join(args.argv))
+                                      arch=args.arch, input_size=args.input_size, cfg=cfg, device=device,
+                                      command=command, random_init=args.random_init)
+        out = evaluation.write_report(results, preflight.new_output_folder(args.output), cfg=cfg, command=command)
         print(evaluation.markdown_report(results))
-        print(f"wrote {Path(args.output) / 'eval.json'}, eval.md and gradient_robustness.png")
+        print(f"wrote {out / 'eval.json'}, eval.md and gradient_robustness.png")
         return 0
     if command == "push":
         importlib.import_module("lcnn_zoo.publishing").publish(
@@ -210,8 +219,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.argv = argv
         return int(_run(args.command, args) or 0)
     except UserError as e:
-        print(f"lcnn-zoo: error: {e}", file=sys.stderr)
+        print(f"lcnn-zoo: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        hint = getattr(e, "hint", "") or "nothing was left half-written (every file is written whole or not at all)"
+        print(f"lcnn-zoo: interrupted: {one_line(hint)}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

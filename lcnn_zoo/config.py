@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import UserError
+from .errors import UserError, shown
 
 __all__ = ["TrainConfig", "EvalConfig", "REGS", "SCHEDULERS", "RESUME_MAY_CHANGE", "load_yaml", "check_value",
            "resume_conflicts", "PAPER_EPS", "NOISE_NORMS"]
@@ -22,7 +22,8 @@ REGS = ("none", "lcnn", "gradreg", "lcnn_gradreg")
 SCHEDULERS = ("multistep", "cosine", "step", "poly", "tanh", "none")
 #: options a resumed run may change; every other one must match the checkpoint's recipe
 RESUME_MAY_CHANGE = frozenset({"epochs", "eval_every", "no_progress", "threads", "workers", "resume", "device",
-                               "output", "experiment", "data_dir", "download", "dist_timeout", "compile", "config"})
+                               "output", "experiment", "data_dir", "download", "dist_timeout", "compile", "config",
+                               "if_exists"})
 PAPER_EPS = (0.05, 0.1, 0.15, 0.2)
 NOISE_NORMS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -47,6 +48,8 @@ class TrainConfig:
     pretrained: bool = _opt(False, "start from the tag's pretrained weights (fine-tuning)", "model", "bool")
     initial_checkpoint: str = _opt("", "start from these weights (.safetensors / run folder / .pth); a head or "
                                        "stem of another shape is re-initialised", "model", "str")
+    allow_partial: bool = _opt(False, "let --initial-checkpoint cover only part of the model (the rest stays as "
+                                      "initialised; timm's strict=False)", "model", "bool")
     lcnnify: bool = _opt(False, "convert a non-lcnn timm model with lcnnify first", "model", "bool")
     num_classes: Optional[int] = _opt(None, "classes (default: the dataset's)", "model", "int", minimum=1,
                                       optional=True)
@@ -110,7 +113,10 @@ class TrainConfig:
     threads: int = _opt(0, "torch.set_num_threads (0: leave)", "runtime", "int", minimum=0)
     seed: int = _opt(42, "random seed", "runtime", "int", minimum=0)
     output: str = _opt("runs", "parent folder of run folders", "runtime", "str")
-    experiment: str = _opt("", "run folder name (default: <model>-<dataset>-<reg>)", "runtime", "str")
+    experiment: str = _opt("", "run folder name, not a path (default: <model>-<dataset>-<reg>)", "runtime", "str")
+    if_exists: str = _opt("suffix", "when the run folder holds another run (without --resume): suffix — train in "
+                                    "a new <name>-N folder, as timm's train.py does; refuse — stop with an error",
+                          "runtime", "choice", choices=("suffix", "refuse"))
     resume: str = _opt("", "checkpoint to resume, or 'auto' for <run>/last.pth", "runtime", "str")
     no_progress: bool = _opt(False, "no progress bars", "runtime", "bool")
     eval_every: int = _opt(1, "evaluate every N epochs (and the last); 0: never (no test accuracy, no "
@@ -132,11 +138,11 @@ class TrainConfig:
             raise UserError(f"--model-kwargs: set {reserved} with their own options (--num-classes, "
                             f"--input-size, --pretrained)")
         if self.decay_milestones != sorted(set(self.decay_milestones)):
-            raise UserError(f"--decay-milestones must be increasing epochs, got {self.decay_milestones}")
+            raise UserError(f"--decay-milestones must be increasing epochs, got {shown(self.decay_milestones)}")
         if self.resume not in ("", "auto") and not Path(self.resume).is_file():
-            raise UserError(f"--resume {self.resume}: no such checkpoint (use 'auto' for <run>/last.pth)")
+            raise UserError(f"--resume {shown(self.resume)}: no such checkpoint (use 'auto' for <run>/last.pth)")
         if self.initial_checkpoint and not Path(self.initial_checkpoint).exists():
-            raise UserError(f"--initial-checkpoint {self.initial_checkpoint}: no such file or folder")
+            raise UserError(f"--initial-checkpoint {shown(self.initial_checkpoint)}: no such file or folder")
         return self
 
     @property
@@ -151,7 +157,7 @@ class TrainConfig:
         known = {f.name for f in cls.options()}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UserError(f"{source or 'config'}: unknown keys {unknown}")
+            raise UserError(f"{source or 'config'}: unknown keys {shown(unknown)}")
         return cls(**values).validate(source)
 
 
@@ -168,7 +174,7 @@ def check_value(f: dataclasses.Field, value: Any, source: str = "") -> Any:
     name = f.name if source else _flag(f.name)  # a YAML key as written there, an option as typed
 
     def bad(expected: str) -> UserError:
-        return UserError(f"{where}{name} must be {expected}, got {value!r}")
+        return UserError(f"{where}{name} must be {expected}, got {shown(value)}")
 
     if value is None:
         if meta.get("optional"):
@@ -229,19 +235,48 @@ def _check_range(v: float, meta: Dict[str, Any], bad) -> None:
         raise bad(f"<= {hi}")
 
 
+MAX_YAML_ALIASES = 100  # a config needs none; a billion-laughs file needs thousands
+
+
+def _safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with a cap on aliases (``*ref``): a config has no use for thousands, and a
+    billion-laughs file needs them."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_YAML_ALIASES:
+                    raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*references)")
+            return super().compose_node(parent, index)
+
+    loader = Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> Dict[str, Any]:
     """A YAML config as a mapping with ``_`` keys (``lambda-grad`` and ``lambda_grad`` both work)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {shown(Path(path))}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"{shown(Path(path))}: not a readable text file ({e.__class__.__name__})") from e
+    try:
+        data = _safe_yaml(text) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        raise UserError(f"{shown(Path(path))}: not valid YAML ({shown(str(e).splitlines()[0], 120)})") from e
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of option: value")
+        raise UserError(f"{shown(Path(path))}: expected a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
@@ -283,10 +318,10 @@ class EvalConfig:
             value = getattr(self, f.name)
             if f.metadata["kind"] == "floats":
                 if not isinstance(value, (list, tuple)) or not value:
-                    raise UserError(f"{_flag(f.name)} must be a list of numbers, got {value!r}")
+                    raise UserError(f"{_flag(f.name)} must be a list of numbers, got {shown(value)}")
                 for v in value:
                     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                        raise UserError(f"{_flag(f.name)} must be finite numbers >= 0, got {value!r}")
+                        raise UserError(f"{_flag(f.name)} must be finite numbers >= 0, got {shown(value)}")
                 setattr(self, f.name, [float(v) for v in value])
             else:
                 setattr(self, f.name, check_value(f, value))

@@ -12,22 +12,26 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import pickle
 import shutil
-import warnings
+import zlib
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
+from torchvision.datasets.utils import check_integrity
 
-from .errors import UserError
+from .errors import UserError, shown
+from .writing import atomic_write
 
-__all__ = ["TensorImageDataset", "BatchAugment", "build_dataset", "DataNotFoundError", "DATASETS",
-           "FMNIST_SYSTEM_DIR"]
+__all__ = ["TensorImageDataset", "BatchAugment", "build_dataset", "describe_dataset", "DataInfo", "DataNotFoundError",
+           "DATASETS", "FMNIST_SYSTEM_DIR", "read_image", "folder_classes"]
 
 FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 _FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -67,6 +71,24 @@ class TensorImageDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def to_size(self, channels: Optional[int], size: Optional[Tuple[int, int]]) -> "TensorImageDataset":
+        """The images converted to ``channels`` (grey → RGB by replication, RGB → grey by ITU-R 601
+        luma, as PIL's ``convert("L")``) and resized to ``size`` = (H, W) (bilinear, antialiased),
+        so a model built for ``--input-size`` is trained and measured at that size."""
+        x = self.images
+        if channels is not None and channels != x.shape[1]:
+            if x.shape[1] == 1:
+                x = x.expand(-1, channels, -1, -1).contiguous()
+            elif x.shape[1] == 3 and channels == 1:
+                w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                y = (x.float() * w).sum(1, keepdim=True)
+                x = y.round_().clamp_(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y
+            else:
+                raise UserError(f"cannot convert {x.shape[1]}-channel images to {channels} channels (--input-size)")
+        if size is not None and tuple(size) != tuple(x.shape[2:]):
+            x = transforms.functional.resize(x, list(size), antialias=True)
+        return self if x is self.images else TensorImageDataset(x, self.labels, self.classes)
+
 
 class BatchAugment:
     """Random crop after zero-padding by ``pad`` pixels, and random horizontal flips, on a batch
@@ -105,86 +127,166 @@ def _source_key(files: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def fmnist_files(root: Optional[str]) -> Optional[List[Path]]:
+    """The four Fashion-MNIST idx files (raw or .gz) in ``root``, else in Debian's folder when no
+    ``root`` is given; None when they are not there. An explicit ``root`` is never replaced by
+    another copy: a mistyped ``--data-dir`` is an error, not a silent fallback."""
+    for src in ([Path(root)] if root else [FMNIST_SYSTEM_DIR]):
+        gz = [src / f"{n}.gz" for n in _FMNIST_FILES]
+        raw = [src / n for n in _FMNIST_FILES]
+        found = raw if all(p.is_file() for p in raw) else gz if all(p.is_file() for p in gz) else None
+        if found is not None:
+            return found
+    return None
+
+
 def _fmnist(root: Optional[str], train: bool, download: bool) -> TensorImageDataset:
     """Fashion-MNIST through torchvision's reader, from Debian's idx files when present.
 
     torchvision reads uncompressed idx files from ``<root>/FashionMNIST/raw``; the files found are
     decompressed once into a cache folder keyed by their paths, sizes and times (another
-    ``--data-dir`` gets its own), each written under a per-process temporary name and renamed, so
-    concurrent processes (DDP ranks on a cold cache) never write the same file.
+    ``--data-dir`` gets its own), each written atomically (:func:`~lcnn_zoo.writing.atomic_write`),
+    so concurrent processes (DDP ranks on a cold cache) never write the same file.
     """
-    searched = []
-    sources = ([Path(root)] if root else []) + [FMNIST_SYSTEM_DIR]
-    for src in sources:
-        searched.append(str(src))
-        gz = [src / f"{n}.gz" for n in _FMNIST_FILES]
-        raw = [src / n for n in _FMNIST_FILES]
-        found = raw if all(p.is_file() for p in raw) else gz if all(p.is_file() for p in gz) else None
-        if found is None:
-            continue
-        dest = _cache_dir() / "fashion-mnist" / _source_key(found)
+    found = fmnist_files(root)
+    if found is not None:
+        cache = _cache_dir()
+        dest = cache / "fashion-mnist" / _source_key(found)
         raw_dir = dest / "FashionMNIST" / "raw"
-        raw_dir.mkdir(parents=True, exist_ok=True)
         for name, path in zip(_FMNIST_FILES, found):
             target = raw_dir / name
             if target.is_file():
                 continue
-            tmp = target.with_name(f".{name}.tmp{os.getpid()}")
             try:
                 if path.suffix == ".gz":
-                    with gzip.open(path, "rb") as f_in, open(tmp, "wb") as f_out:
-                        shutil.copyfileobj(f_in, f_out)
+                    with gzip.open(path, "rb") as f_in:
+                        atomic_write(target, lambda f_out, src=f_in: shutil.copyfileobj(src, f_out))
                 else:
-                    shutil.copyfile(path, tmp)
-                os.replace(tmp, target)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-        ds = FashionMNIST(str(dest), train=train, download=False)
+                    atomic_write(target, lambda f_out, src=path: f_out.write(src.read_bytes()))
+            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+                raise UserError(f"{shown(Path(path))} is truncated or corrupted ({e}): restore it (Debian: apt-get "
+                                f"install --reinstall dataset-fashion-mnist)") from e
+            except UserError as e:
+                raise UserError(f"cannot write the Fashion-MNIST cache under {shown(Path(cache))} ($LCNN_ZOO_CACHE): "
+                                f"{e}") from e
+        try:
+            ds = FashionMNIST(str(dest), train=train, download=False)
+        except (RuntimeError, ValueError, AssertionError) as e:
+            raise UserError(f"the Fashion-MNIST files in {shown(Path(found[0].parent))} are damaged ({e}): restore "
+                            f"them") from e
         return TensorImageDataset(ds.data.unsqueeze(1).contiguous(), ds.targets, list(ds.classes))
     if download:
         dest = Path(root) if root else _cache_dir() / "fashion-mnist"
         ds = FashionMNIST(str(dest), train=train, download=True)
         return TensorImageDataset(ds.data.unsqueeze(1).contiguous(), ds.targets, list(ds.classes))
+    where = shown(Path(root)) if root else str(FMNIST_SYSTEM_DIR)
     raise DataNotFoundError(
-        f"Fashion-MNIST not found (looked in {', '.join(searched)} for {_FMNIST_FILES[0]}[.gz] etc.). "
-        f"Install Debian's package (apt-get install dataset-fashion-mnist), pass --data-dir with the idx files, "
-        f"or add --download to fetch it with torchvision.")
+        f"Fashion-MNIST not found in {where} (looked for {_FMNIST_FILES[0]}[.gz] and the other three idx files). "
+        + (f"Check --data-dir, or leave it out to use Debian's copy ({FMNIST_SYSTEM_DIR}, apt-get install "
+           f"dataset-fashion-mnist), " if root else
+           "Install Debian's package (apt-get install dataset-fashion-mnist), pass --data-dir with the idx files, ")
+        + "or add --download to fetch it with torchvision.")
+
+
+#: CIFAR's binary version (the official ``*-binary.tar.gz``): fixed-size records, read without unpickling
+_CIFAR_BINARY = {
+    "cifar10": dict(folder="cifar-10-batches-bin", train=[f"data_batch_{i}.bin" for i in range(1, 6)],
+                    test=["test_batch.bin"], names="batches.meta.txt", label_bytes=1, classes=10),
+    "cifar100": dict(folder="cifar-100-binary", train=["train.bin"], test=["test.bin"],
+                     names="fine_label_names.txt", label_bytes=2, classes=100),
+}
+
+
+def _cifar_binary(name: str, folder: Path, train: bool) -> TensorImageDataset:
+    """CIFAR's binary version: each record is the label byte(s) then 3,072 pixel bytes (CIFAR-100:
+    coarse then fine label). Only ``numpy.frombuffer`` touches the bytes; sizes and labels are checked."""
+    spec = _CIFAR_BINARY[name]
+    record = spec["label_bytes"] + 3072
+    names_file = folder / spec["names"]
+    if not names_file.is_file():
+        raise DataNotFoundError(f"{shown(Path(folder))} lacks {spec['names']} (the class names)")
+    classes = [ln.strip() for ln in names_file.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    if len(classes) != spec["classes"]:
+        raise UserError(f"{shown(Path(names_file))} lists {len(classes)} class names, {name.upper()} has {spec['classes']}")
+    chunks = []
+    for fname in spec["train" if train else "test"]:
+        path = folder / fname
+        if not path.is_file():
+            raise DataNotFoundError(f"{shown(Path(path))} not found ({name.upper()} binary version)")
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size == 0 or raw.size % record:
+            raise UserError(f"{shown(Path(path))} is not a {name.upper()} binary batch (size {raw.size} is not a "
+                            f"multiple of {record} bytes): truncated or another file")
+        chunks.append(raw.reshape(-1, record))
+    data = np.concatenate(chunks)
+    labels = torch.from_numpy(data[:, spec["label_bytes"] - 1].astype(np.int64))
+    if int(labels.max()) >= spec["classes"]:
+        raise UserError(f"{shown(Path(folder))} holds labels up to {int(labels.max())}, {name.upper()} has "
+                        f"{spec['classes']} classes: not a {name.upper()} binary batch")
+    images = torch.from_numpy(data[:, spec["label_bytes"]:].copy()).view(-1, 3, 32, 32)
+    return TensorImageDataset(images, labels, classes)
 
 
 def _cifar(name: str, root: Optional[str], train: bool, download: bool) -> TensorImageDataset:
-    """CIFAR-10/100 through torchvision. Files whose checksums differ from the official download (a
-    re-packed copy, or the stand-ins ``examples/cifar_standin.py`` writes) load with a warning."""
+    """CIFAR-10/100: the binary version when present (read without unpickling), else torchvision's
+    own loader of the python version, which unpickles its files only after they match the official
+    download's checksums. A python-version folder whose files differ is refused, never unpickled
+    (a pickle can run code): convert a re-packed copy to the binary layout."""
     base = CIFAR10 if name == "cifar10" else CIFAR100
-
-    class _Checked(base):
-        def _check_integrity(self) -> bool:
-            if super()._check_integrity():
-                return True
-            folder = Path(self.root) / self.base_folder
-            present = all((folder / f).is_file() for f, _ in self.train_list + self.test_list)
-            if present:
-                warnings.warn(f"{folder}: the files' checksums differ from the official {name.upper()} download",
-                              stacklevel=2)
-            return present
-
-        def _load_meta(self) -> None:  # torchvision's, without its checksum test (done above, with a warning)
-            path = Path(self.root) / self.base_folder / self.meta["filename"]
-            if not path.is_file():
-                raise RuntimeError(f"{path} not found")
-            with open(path, "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
     dest = Path(root) if root else _cache_dir() / name
+    binary = dest / _CIFAR_BINARY[name]["folder"]
+    if binary.is_dir():
+        return _cifar_binary(name, binary, train)
+    folder = dest / base.base_folder
+    if folder.is_dir():
+        files = base.train_list + base.test_list + [(base.meta["filename"], base.meta["md5"])]
+        differ = [f for f, md5 in files if (folder / f).is_file() and not check_integrity(str(folder / f), md5)]
+        if differ:
+            raise UserError(f"{shown(Path(folder))}: {', '.join(differ[:3])} differ from the official {name.upper()} "
+                            f"download; this format is a pickle, which lcnn-zoo unpickles only when torchvision's "
+                            f"checksums match. Use the official files, or the binary layout "
+                            f"({_CIFAR_BINARY[name]['folder']}/, read without unpickling)")
     try:
-        ds = _Checked(str(dest), train=train, download=download)
+        ds = base(str(dest), train=train, download=download)
     except RuntimeError as e:
         raise DataNotFoundError(
-            f"{name.upper()} not found in {dest} ({e}). Add --download to fetch it with torchvision, or pass "
-            f"--data-dir pointing at the folder that contains '{base.base_folder}'.") from e
+            f"{name.upper()} not found in {shown(Path(dest))} ({e}). Add --download to fetch it with torchvision, or "
+            f"pass --data-dir pointing at the folder that contains '{base.base_folder}' or "
+            f"'{_CIFAR_BINARY[name]['folder']}'.") from e
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return TensorImageDataset(images, torch.tensor(ds.targets), list(ds.classes))
+
+
+def read_image(path: str, channels: int) -> torch.Tensor:
+    """An image file as a float tensor (C, H, W) in [0, 1], scaled by its bit depth: a 16-bit PNG
+    (PIL mode ``I;16``/``I``) is divided by 65535, not clipped at 255 as ``convert("RGB")`` would;
+    every other mode is converted to grey (``L``) or ``RGB`` and divided by 255."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode.startswith("I"):  # 16-bit grey (I;16, I;16B, …) or 32-bit integer read from one
+            grey = torch.from_numpy(np.asarray(im, dtype=np.int32).clip(0, 65535).astype(np.float32) / 65535.0)[None]
+            return grey if channels == 1 else grey.expand(3, -1, -1).contiguous()
+        if im.mode == "F":
+            raise UserError(f"image {shown(path)} holds floating-point pixels (PIL mode F): save it as an 8- or 16-bit "
+                            f"PNG")
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    x = torch.from_numpy(arr.copy()).view(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1)
+    return x.float().div_(255.0).contiguous()
+
+
+def folder_classes(path: str) -> List[str]:
+    """The class names of an image folder (its ``train/`` split's sub-folders), at least two."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataNotFoundError(f"image folder {shown(Path(root))} does not exist (expected <root>/train/<class>/*.png "
+                                f"and <root>/val/<class>/*.png)")
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    if len(classes) < 2:
+        raise UserError(f"image folder {shown(Path(train_dir))} has {len(classes)} class folder(s): a classifier needs "
+                        f"at least 2 (one sub-folder of images per class)")
+    return classes
 
 
 class _Folder(Dataset):
@@ -192,7 +294,7 @@ class _Folder(Dataset):
     lacks a class keeps the same label numbers), images that fail to load named, and images of
     different sizes (without a resize) reported with the option that fixes it."""
 
-    def __init__(self, root: Path, classes: List[str], transform, resized: bool) -> None:
+    def __init__(self, root: Path, classes: List[str], transform, resized: bool, loader) -> None:
         class _Fixed(ImageFolder):
             def find_classes(self, directory):
                 found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
@@ -201,7 +303,7 @@ class _Folder(Dataset):
                     raise UserError(f"{directory} has classes the training split does not: {extra}")
                 return classes, {c: i for i, c in enumerate(classes)}
 
-        self.inner = _Fixed(str(root), transform=transform, allow_empty=True)
+        self.inner = _Fixed(str(root), transform=transform, allow_empty=True, loader=loader)
         if not len(self.inner):
             raise DataNotFoundError(f"image folder {root} holds no images")
         self.classes = list(classes)
@@ -228,9 +330,7 @@ class _Folder(Dataset):
 def _folder(path: str, train: bool, image_size: Optional[Tuple[int, int]], channels: Optional[int],
             classes: Optional[List[str]], eval_on_train: bool) -> Dataset:
     root = Path(path)
-    if not root.is_dir():
-        raise DataNotFoundError(f"image folder {root} does not exist (expected <root>/train/<class>/*.png and "
-                                f"<root>/val/<class>/*.png)")
+    found = folder_classes(path)
     train_dir = root / "train" if (root / "train").is_dir() else root
     if train:
         split = train_dir
@@ -238,17 +338,12 @@ def _folder(path: str, train: bool, image_size: Optional[Tuple[int, int]], chann
         split = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
         if split is None:
             if not eval_on_train:
-                raise UserError(f"image folder {root} has no val/ (or test/) split to evaluate on: add one, or pass "
-                                f"--eval-on-train to evaluate on the training images")
+                raise UserError(f"image folder {shown(Path(root))} has no val/ (or test/) split to evaluate on: add one, "
+                                f"or pass --eval-on-train to evaluate on the training images")
             split = train_dir
-    if classes is None:
-        classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
-    channels = channels or 3
-    tf = [transforms.Grayscale(1)] if channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
-    if image_size is not None:
-        tf.append(transforms.Resize(tuple(image_size)))
-    tf.append(transforms.ToTensor())
-    return _Folder(split, classes, transforms.Compose(tf), resized=image_size is not None)
+    tf = transforms.Resize(tuple(image_size), antialias=True) if image_size is not None else None
+    return _Folder(split, classes or found, tf, resized=image_size is not None,
+                   loader=partial(read_image, channels=channels or 3))
 
 
 def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels: int) -> Dataset:
@@ -281,6 +376,52 @@ def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels:
     return _Wrapped()
 
 
+@dataclass
+class DataInfo:
+    """What a dataset is, read from its metadata alone (no images loaded): ``classes`` (names, or
+    None where only the count is known), ``num_classes``, ``channels`` and ``size`` = (H, W) as
+    stored (None: per image, converted on loading)."""
+
+    num_classes: Optional[int]
+    classes: Optional[List[str]] = None
+    channels: Optional[int] = None
+    size: Optional[Tuple[int, int]] = None
+
+
+def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = False) -> DataInfo:
+    """The :class:`DataInfo` of what :func:`build_dataset` would load, raising the same errors it
+    would (missing data, a mistyped ``--data-dir``, a folder of fewer than 2 classes, an unwritable
+    cache) before anything is read or written."""
+    key = name.lower()
+    if key in ("cifar10", "cifar100", "fmnist", "fashion-mnist", "fashion_mnist"):
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise DataNotFoundError(f"--data-dir {shown(Path(data_dir))} does not exist or is not a folder")
+    if key in ("fmnist", "fashion-mnist", "fashion_mnist"):
+        found = fmnist_files(data_dir)
+        if found is None and not download:
+            _fmnist(data_dir, True, False)  # raises the not-found error
+        if found is not None and not (_cache_dir() / "fashion-mnist" / _source_key(found)).is_dir():
+            from .writing import check_writable_parent
+
+            check_writable_parent(_cache_dir(), "the data cache ($LCNN_ZOO_CACHE)")
+        return DataInfo(10, list(FashionMNIST.classes), 1, (28, 28))
+    if key in ("cifar10", "cifar100"):
+        n = 10 if key == "cifar10" else 100
+        dest = Path(data_dir) if data_dir else _cache_dir() / key
+        base = CIFAR10 if key == "cifar10" else CIFAR100
+        if not download and not (dest / _CIFAR_BINARY[key]["folder"]).is_dir() and not (dest / base.base_folder).is_dir():
+            raise DataNotFoundError(f"{key.upper()} not found in {shown(Path(dest))}: add --download to fetch it with "
+                                    f"torchvision, or pass --data-dir pointing at the folder that contains "
+                                    f"'{base.base_folder}' or '{_CIFAR_BINARY[key]['folder']}'")
+        return DataInfo(n, None, 3, (32, 32))
+    if key.startswith("folder:"):
+        classes = folder_classes(name.split(":", 1)[1])
+        return DataInfo(len(classes), classes)
+    if key.startswith("hf:"):
+        return DataInfo(None)
+    raise UserError(f"unknown dataset {shown(name)}; choose one of {', '.join(DATASETS)}")
+
+
 def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, download: bool = False,
                   image_size: Optional[Tuple[int, int]] = None, channels: Optional[int] = None,
                   classes: Optional[List[str]] = None, eval_on_train: bool = False) -> Dataset:
@@ -291,20 +432,22 @@ def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, dow
         data_dir: where the data lives (CIFAR: torchvision's layout; Fashion-MNIST: the idx files;
             default: Debian's /usr/share/datasets/fashion-mnist, or ~/.cache/lcnn_zoo).
         download: let torchvision download CIFAR / Fashion-MNIST when missing.
-        image_size, channels: for folder/HF datasets (resize and convert; default 3 channels).
+        image_size, channels: resize to (H, W) and convert to this many channels (folder/HF datasets:
+            default 3 channels; in-memory datasets: default as stored).
         classes: a folder's class list (the training split's), so every split numbers classes alike.
         eval_on_train: a folder without val/ or test/ evaluates on its training images (else: an error).
     """
     key = name.lower()
-    if key in ("cifar10", "cifar100"):
-        return _cifar(key, data_dir, train, download)
-    if key in ("fmnist", "fashion-mnist", "fashion_mnist"):
-        return _fmnist(data_dir, train, download)
+    if key in ("cifar10", "cifar100", "fmnist", "fashion-mnist", "fashion_mnist"):
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise DataNotFoundError(f"--data-dir {shown(Path(data_dir))} does not exist or is not a folder")
+        ds = _cifar(key, data_dir, train, download) if key.startswith("cifar") else _fmnist(data_dir, train, download)
+        return ds.to_size(channels, image_size)
     if key.startswith("folder:"):
         return _folder(name.split(":", 1)[1], train, image_size, channels, classes, eval_on_train)
     if key.startswith("hf:"):
         return _hf(name.split(":", 1)[1], train, image_size, channels or 3)
-    raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    raise UserError(f"unknown dataset {shown(name)}; choose one of {', '.join(DATASETS)}")
 
 
 def num_classes_of(ds: Dataset) -> int:

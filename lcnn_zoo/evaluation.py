@@ -10,7 +10,7 @@ Used by ``lcnn-zoo eval`` and ``lcnn-zoo quickstart``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .checkpoint import RunFolder, atomic_write, load_state_dict, write_json, write_text
 from .config import EvalConfig
 from .data import build_dataset, num_classes_of
-from .errors import UserError
+from .errors import UserError, shown
 from .factory import create_model, input_size_of, split_spec, state_dict_shapes
 from .geometry import (
     CurvatureStats,
@@ -31,33 +31,40 @@ from .layers.spectral_norm import deferred_convergence
 from .robustness import pgd_accuracy
 
 __all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plot_gradient_robustness",
-           "run_eval"]
+           "run_eval", "write_report"]
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 def load_model(spec: str, *, arch: Optional[str] = None, input_size: Optional[Sequence[int]] = None,
-               device: Optional[torch.device] = None) -> Tuple[str, nn.Module]:
+               device: Optional[torch.device] = None, random_init: bool = False) -> Tuple[str, nn.Module]:
     """Build a model from a registry name (with pretrained tag), ``local-dir:``/``hf-hub:`` name, a
     run folder written by ``lcnn-zoo train``, or a checkpoint (``.pth`` / ``.safetensors``).
 
+    A registry name without a tag is an architecture, not weights: it is refused unless
+    ``random_init`` (then the model is measured as initialised, and its name says so).
     Returns (display name, model in eval mode).
     """
     path = Path(spec)
     if path.is_dir():
         if not RunFolder.is_run(path):
-            raise UserError(f"{path} is a folder but not a run folder of `lcnn-zoo train` (no args.json); for a Hub "
-                            f"repo folder use local-dir:{path}")
+            raise UserError(f"{shown(Path(path))} is a folder but not a run folder of `lcnn-zoo train` (no args.json); "
+                            f"for a Hub repo folder use local-dir:{shown(Path(path))}")
         name, model = path.name, _from_run(RunFolder(path), arch)
     elif path.suffix in (".pth", ".pt", ".safetensors"):
         if not path.is_file():
-            raise UserError(f"checkpoint not found: {path}")
+            raise UserError(f"checkpoint not found: {shown(Path(path))}")
         name, model = path.stem, _from_checkpoint(path, arch, input_size)
     else:
         _, tag = split_spec(spec)
         pretrained = bool(tag) or spec.startswith(("hf-hub:", "local-dir:"))
-        name, model = spec, create_model(spec, input_size=input_size, pretrained=pretrained)
+        if not pretrained and not random_init:
+            raise UserError(f"{shown(spec)} names an architecture, not trained weights: name a tag (see "
+                            f"timm.list_pretrained('lcnn*')), a run folder or a checkpoint, or pass --random-init "
+                            f"to measure it as initialised")
+        name, model = (spec if pretrained else f"{spec} (random init)"), create_model(
+            spec, input_size=input_size, pretrained=pretrained)
     return name, (model.to(device) if device is not None else model).eval()
 
 
@@ -234,18 +241,35 @@ def plot_gradient_robustness(results: Dict[str, Dict[str, Any]], path: Path) -> 
     return path
 
 
+def _unique_names(specs: Sequence[str], names: Sequence[str]) -> List[str]:
+    """Display names, one per model: a name given twice (two run folders both called ``exp``)
+    becomes the spec as typed, and a spec given twice is numbered."""
+    out: List[str] = []
+    for spec, name in zip(specs, names):
+        candidate = name if list(names).count(name) == 1 else spec
+        base, i = candidate, 2
+        while candidate in out:
+            candidate, i = f"{base} ({i})", i + 1
+        out.append(candidate)
+    return out
+
+
 def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = None, download: bool = False,
              arch: Optional[str] = None, input_size: Optional[Sequence[int]] = None,
              cfg: Optional[EvalConfig] = None, output: Optional[Path] = None,
-             device: Optional[torch.device] = None, command: str = "") -> Dict[str, Dict[str, Any]]:
-    """Evaluate each model in ``specs`` on ``dataset``; write eval.json, eval.md and the plot to ``output``.
+             device: Optional[torch.device] = None, command: str = "",
+             random_init: bool = False) -> Dict[str, Dict[str, Any]]:
+    """Evaluate each model in ``specs`` on ``dataset``; with ``output``, write eval.json, eval.md and
+    the plot into that folder (:func:`write_report`; the caller chose it: a new folder of its own).
 
     Every model is loaded and checked against the data (input size, number of classes) before any
     measurement starts, so a mistake costs seconds, not a partial evaluation.
     """
     cfg = (cfg or EvalConfig()).validate()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = [load_model(spec, arch=arch, input_size=input_size, device=device) for spec in specs]
+    loaded = [load_model(spec, arch=arch, input_size=input_size, device=device, random_init=random_init)
+              for spec in specs]
+    models = list(zip(_unique_names(specs, [n for n, _ in loaded]), [m for _, m in loaded]))
     datasets: Dict[Tuple[int, ...], Tuple[Any, Any]] = {}
     for spec, (name, model) in zip(specs, models):
         size = input_size_of(model) or ()
@@ -258,13 +282,13 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
         test_ds, _ = datasets[size]
         sample = test_ds[0][0]
         if size and tuple(sample.shape) != tuple(size):
-            raise UserError(f"{spec} expects inputs of size {tuple(size)}, but {dataset} images are "
+            raise UserError(f"{shown(spec)} expects inputs of size {tuple(size)}, but {shown(dataset)} images are "
                             f"{tuple(sample.shape)}")
         outputs = getattr(model, "num_classes", None)
         classes = num_classes_of(test_ds)
         if outputs is not None and outputs < classes:
-            raise UserError(f"{spec} has {outputs} classes and {dataset} has {classes}: evaluate it on the data it "
-                            f"was trained for")
+            raise UserError(f"{shown(spec)} has {outputs} classes and {shown(dataset)} has {classes}: evaluate it on "
+                            f"the data it was trained for")
     results: Dict[str, Dict[str, Any]] = {}
     for name, model in models:
         test_ds, train_ds = datasets[input_size_of(model) or ()]
@@ -273,8 +297,13 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
         results[name] = evaluate_model(model, test_ds, train_ds, cfg, device)
         results[name]["dataset"] = dataset
     if output is not None:
-        output = Path(output)
-        write_json(output / "eval.json", {"command": command, "config": dict(cfg.__dict__), "results": results})
-        write_text(output / "eval.md", markdown_report(results, command))
-        plot_gradient_robustness(results, output / "gradient_robustness.png")
+        write_report(results, Path(output), cfg=cfg, command=command)
     return results
+
+
+def write_report(results: Dict[str, Dict[str, Any]], folder: Path, *, cfg: EvalConfig, command: str = "") -> Path:
+    """eval.json, eval.md and gradient_robustness.png in ``folder`` (each written atomically)."""
+    write_json(folder / "eval.json", {"command": command, "config": dict(cfg.__dict__), "results": results})
+    write_text(folder / "eval.md", markdown_report(results, command))
+    plot_gradient_robustness(results, folder / "gradient_robustness.png")
+    return folder

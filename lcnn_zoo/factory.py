@@ -19,8 +19,8 @@ from torch import nn
 
 from .checkpoint import RunFolder, load_state_dict, read_json
 from .conversion import lcnnify, set_input_size
-from .errors import UserError
-from .hub import check_hub_spec
+from .errors import UserError, shown
+from .hub import HUB_FILENAME, check_hub_spec
 
 __all__ = ["create_model", "is_lcnn", "is_zoo_architecture", "input_size_of", "split_spec", "load_initial",
            "state_dict_shapes"]
@@ -82,6 +82,9 @@ def create_model(spec: str, *, input_size: Optional[Sequence[int]] = None, num_c
     source, where = parse_model_name(spec)
     if source == "local-dir":
         read_json(Path(where) / "config.json", "model config (config.json)")  # a clear error, naming the file
+        if pretrained and not (Path(where) / HUB_FILENAME).is_file():  # timm would read a pytorch_model.bin
+            raise UserError(f"{shown(Path(where))} holds no {HUB_FILENAME}: lcnn-zoo loads only safetensors weights, "
+                            f"never a pickled pytorch_model.bin (convert it with safetensors.torch.save_file)")
     try:
         model = timm.create_model(spec, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
@@ -99,9 +102,13 @@ def create_model(spec: str, *, input_size: Optional[Sequence[int]] = None, num_c
     return model
 
 
-def load_initial(model: nn.Module, path: str | Path, keep: Sequence[str] = ()) -> None:
-    """Load the tensors of a checkpoint (``.safetensors``, a run folder or a ``.pth``) that fit ``model``;
-    keys whose shape differs (a new head, a new stem) are left as built, and so are ``keep``."""
+def load_initial(model: nn.Module, path: str | Path, keep: Sequence[str] = (), allow_partial: bool = False) -> None:
+    """Load the tensors of a checkpoint (``.safetensors``, a run folder or a ``.pth``) into ``model``.
+
+    The classifier and the stem (timm's ``pretrained_cfg`` ``classifier``/``first_conv``) may have
+    another shape (a new class count, another channel count): they are left as built, and said so.
+    Any other tensor the checkpoint lacks, or has in another shape, is refused naming the keys,
+    unless ``allow_partial`` (timm's ``strict=False``). ``keep``: keys left as built regardless."""
     p = Path(path)
     if p.is_dir():
         p = RunFolder(p).weights()
@@ -109,11 +116,20 @@ def load_initial(model: nn.Module, path: str | Path, keep: Sequence[str] = ()) -
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
-        raise UserError(f"{p} does not fit {type(model).__name__}: unexpected keys {unknown[:5]}")
+        raise UserError(f"{shown(Path(p))} does not fit {type(model).__name__}: unexpected keys {shown(unknown, 160)}")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    adaptable = tuple(f"{m}." for m in (cfg.get("classifier"), cfg.get("first_conv")) if isinstance(m, str) and m)
     skipped = sorted(k for k, v in state.items() if own[k].shape != v.shape)
+    missing = sorted(set(own) - set(state) - set(keep)) + [k for k in skipped if not k.startswith(adaptable)]
+    if missing and not allow_partial:
+        raise UserError(f"{shown(Path(p))} covers only part of {type(model).__name__}: {len(missing)} tensors are missing "
+                        f"or of another shape ({shown(missing, 160)}); pass --allow-partial to leave them as "
+                        f"initialised")
     model.load_state_dict({k: v for k, v in state.items() if k not in skipped and k not in keep}, strict=False)
     if skipped:
         print(f"initial checkpoint {p}: re-initialised {', '.join(skipped)} (shape differs)", file=sys.stderr)
+    if missing:
+        print(f"initial checkpoint {p}: {len(missing)} tensors left as initialised (--allow-partial)", file=sys.stderr)
 
 
 def state_dict_shapes(arch: str, state: Dict[str, torch.Tensor]) -> Tuple[Optional[tuple], Optional[int]]:

@@ -31,11 +31,12 @@ from safetensors import SafetensorError
 from timm.models import resolve_pretrained_cfg
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, shown
 
 __all__ = ["NAMESPACE", "WEIGHTS_DIR", "REPO_CONFIGS", "hub_id", "tag_dataset", "bundled_manifest",
            "published_manifest", "published_manifest_path", "weights_location", "bundled_weights", "recipe_hint",
-           "check_hub_spec", "safe_build", "PretrainedLoadError", "HUB_FILENAME"]
+           "check_hub_spec", "safe_build", "PretrainedLoadError", "HUB_FILENAME", "bundled_file", "extra_tags",
+           "hub_unreachable_reason"]
 
 NAMESPACE = os.environ.get("LCNN_ZOO_HUB_NAMESPACE", "lcnn-zoo").strip("/") or "lcnn-zoo"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -68,12 +69,45 @@ def _read_manifest(path: Path) -> Dict[str, Dict[str, Any]]:
                                   f"(reinstall lcnn-zoo for the package's own)") from e
     if not isinstance(data, dict):
         raise PretrainedLoadError(f"{path} is not a weights manifest (expected a mapping of tag: entry)")
+    for tag, entry in data.items():
+        if not isinstance(entry, dict):
+            raise PretrainedLoadError(f"{path}: the entry for {shown(tag)} is {type(entry).__name__}, not a mapping "
+                                      f"(repo_id, sha256, …): fix or remove it")
+        if "file" in entry and not (isinstance(entry["file"], str) and Path(entry["file"]).name == entry["file"]
+                                    and entry["file"].endswith(".safetensors")):
+            raise PretrainedLoadError(f"{path}: the entry for {shown(tag)} names file {shown(entry['file'])}, not a "
+                                      f".safetensors file name in the weights folder")
     return data
 
 
 def bundled_manifest() -> Dict[str, Dict[str, Any]]:
     """``lcnn_zoo/weights/manifest.json``: for each shipped tag its sha256 and recorded metrics."""
     return _read_manifest(WEIGHTS_DIR / "manifest.json")
+
+
+def bundled_file(name: str, entry: Optional[Dict[str, Any]] = None) -> Path:
+    """The shipped weights file of tag ``name`` (``<model>.<tag>``): the manifest entry's ``file``
+    (bundles write a new content-addressed file and switch the manifest to it), else ``<name>.safetensors``."""
+    entry = bundled_manifest().get(name) if entry is None else entry
+    return WEIGHTS_DIR / ((entry or {}).get("file") or f"{name}.safetensors")
+
+
+def extra_tags(variant: str) -> Dict[str, Dict[str, Any]]:
+    """Tags of ``variant`` that a bundle or upload added beyond the zoo's own (``lcnn-zoo push
+    --model lcnn_resnet20.fm3``): tag → the ``num_classes`` and ``input_size`` their entry records,
+    so timm's registry lists them and ``pretrained=True`` builds them right."""
+    out: Dict[str, Dict[str, Any]] = {}
+    try:
+        entries = {**published_manifest(), **bundled_manifest()}
+    except PretrainedLoadError as e:
+        warnings.warn(str(e), stacklevel=2)
+        return out
+    for name, entry in entries.items():
+        arch, _, tag = name.partition(".")
+        n, size = entry.get("num_classes"), entry.get("input_size")
+        if arch == variant and tag and isinstance(n, int) and isinstance(size, list) and len(size) == 3:
+            out[tag] = {"num_classes": n, "input_size": tuple(int(v) for v in size)}
+    return out
 
 
 def published_manifest_path() -> Path:
@@ -98,8 +132,9 @@ def weights_location(model: str, tag: str, *, strict: bool = True) -> Dict[str, 
             warnings.warn(str(e), stacklevel=2)
             return {}
     name = f"{model}.{tag}"
-    if (WEIGHTS_DIR / f"{name}.safetensors").is_file() and name in bundled_manifest():
-        return {"file": str(WEIGHTS_DIR / f"{name}.safetensors")}
+    entry = bundled_manifest().get(name)
+    if entry is not None and bundled_file(name, entry).is_file():
+        return {"file": str(bundled_file(name, entry))}
     entry = published_manifest().get(name)
     if entry and entry.get("repo_id"):
         return {"hf_hub_id": entry["repo_id"], "hf_hub_filename": HUB_FILENAME}
@@ -109,7 +144,7 @@ def weights_location(model: str, tag: str, *, strict: bool = True) -> Dict[str, 
 def bundled_weights(model: str, tag: str) -> Optional[Path]:
     """Path of the weights shipped in the package for ``model.tag``, if any, after checking them
     against the manifest's sha256 (a file without a manifest entry and checksum is refused)."""
-    path = WEIGHTS_DIR / f"{model}.{tag}.safetensors"
+    path = bundled_file(f"{model}.{tag}")
     if not path.is_file():
         return None
     expected = bundled_manifest().get(f"{model}.{tag}", {}).get("sha256")
@@ -140,7 +175,7 @@ def recipe_hint(model: str, tag: str) -> str:
     return f"`lcnn-zoo train --model {model} --dataset {dataset} --reg {reg} --download` (see README, Training)"
 
 
-def _hub_reachable() -> Optional[str]:
+def hub_unreachable_reason() -> Optional[str]:
     """None if the Hub endpoint accepts a TCP connection within the probe timeout, else the reason."""
     url = urlparse(hf_constants.ENDPOINT)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
@@ -164,7 +199,7 @@ def _check_fetchable(what: str, repo: str, filename: str) -> None:
         return
     if hf_constants.HF_HUB_OFFLINE:
         raise _unreachable(what, repo, "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache")
-    reason = _hub_reachable()
+    reason = hub_unreachable_reason()
     if reason is not None:
         raise _unreachable(what, repo, reason)
 

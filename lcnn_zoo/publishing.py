@@ -11,6 +11,7 @@ manifest entry that vouches for them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -19,20 +20,19 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 from huggingface_hub import HfApi, get_token
+from huggingface_hub import constants as hf_constants
 from timm.models import save_for_hf
 from torch import nn
 
 from . import hub
 from .checkpoint import (
     RunFolder,
-    atomic_write,
     load_state_dict,
     read_json,
     write_json,
-    write_text,
 )
 from .data import build_dataset
-from .errors import UserError
+from .errors import UserError, shown
 from .factory import create_model, split_spec, state_dict_shapes
 from .hub import (
     HUB_FILENAME,
@@ -43,6 +43,7 @@ from .hub import (
 )
 from .layers import converge_spectral_norms
 from .layers.spectral_norm import deferred_convergence
+from .writing import Transaction, check_writable_parent, file_lock
 
 __all__ = ["PUSH_FILES", "save_pretrained", "push_folder", "record_published", "bundle", "select_metrics",
            "metrics_table", "render_recipe", "render_model_card", "find_model_card_template"]
@@ -61,41 +62,60 @@ def _previous_push_of(folder: Path, architecture: str) -> bool:
         return False
 
 
+def check_output_dir(out: Path, architecture: str, overwrite: bool) -> None:
+    """The push folder rule (see :func:`save_pretrained`), checked before anything is built or written."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise UserError(f"--output-dir {shown(Path(out))} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in PUSH_FILES)
+        if foreign or not _previous_push_of(out, architecture):
+            raise UserError(f"--output-dir {shown(Path(out))} is not empty and is not a previous push of {architecture} "
+                            f"(it holds {shown(', '.join(foreign), 60) if foreign else 'the files of another model'}): "
+                            f"choose a new folder, or pass --overwrite to replace only {', '.join(PUSH_FILES)} in it")
+    check_writable_parent(out, "--output-dir")
+
+
 def save_pretrained(model: nn.Module, output_dir: str | os.PathLike, *, model_card: str,
                     overwrite: bool = False) -> Path:
     """Write a Hub repo folder: ``model.safetensors``, timm's ``config.json`` and ``README.md``.
 
     ``output_dir`` must be new, empty, or a previous push of the same architecture holding only
     those three files; with ``overwrite`` those three are replaced in any folder and nothing else in
-    it is touched. Each file is written to a temporary file and renamed into place.
+    it is touched. The three files change together (:class:`~lcnn_zoo.writing.Transaction`: written
+    under temporary names, renamed, restored on failure), the card last.
     """
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output-dir {out} is a file, not a folder")
     architecture = model.pretrained_cfg.get("architecture", "") if hasattr(model, "pretrained_cfg") else ""
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in PUSH_FILES)
-        if foreign or not _previous_push_of(out, architecture):
-            raise UserError(f"--output-dir {out} is not empty and is not a previous push of {architecture} "
-                            f"(it holds {', '.join(foreign) or 'the files of another model'}): choose a new folder, "
-                            f"or pass --overwrite to replace only {', '.join(PUSH_FILES)} in it")
+    check_output_dir(out, architecture, overwrite)
     with tempfile.TemporaryDirectory(prefix="lcnn-zoo-push-") as staging:
         save_for_hf(model, staging, safe_serialization=True)
         read_json(Path(staging) / "config.json")  # sanity: timm wrote valid JSON
-        out.mkdir(parents=True, exist_ok=True)
+        tx = Transaction()
         for name in (HUB_FILENAME, "config.json"):
-            data = (Path(staging) / name).read_bytes()
-            atomic_write(out / name, lambda f, d=data: f.write(d))
-    write_text(out / "README.md", model_card)
+            tx.add(out / name, (Path(staging) / name).read_bytes())
+        tx.add(out / "README.md", model_card)
+        tx.commit()
     return out
+
+
+def check_upload_possible(token: Optional[str] = None) -> str:
+    """A token, and a Hub that answers (the loading side's 3 s probe), or a one-line :class:`UserError`."""
+    token = token or get_token()
+    if not token:
+        raise UserError("No Hugging Face token: run `hf auth login` or set HF_TOKEN to push")
+    if hf_constants.HF_HUB_OFFLINE:
+        raise UserError("--upload: HF_HUB_OFFLINE is set; unset it to upload")
+    reason = hub.hub_unreachable_reason()
+    if reason is not None:
+        raise UserError(f"--upload: the Hugging Face Hub cannot be reached ({reason}); the folder is written, upload "
+                        f"it later with `hf upload`")
+    return token
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, token: Optional[str] = None, private: bool = False,
                 commit_message: str = "Add lcnn-zoo weights") -> str:
     """Upload a folder written by :func:`save_pretrained` to ``repo_id``; returns the commit URL."""
-    token = token or get_token()
-    if not token:
-        raise UserError("No Hugging Face token: run `hf auth login` or set HF_TOKEN to push")
+    token = check_upload_possible(token)
     api = HfApi(token=token)
     api.create_repo(repo_id, exist_ok=True, private=private, repo_type="model")
     info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
@@ -106,50 +126,99 @@ def record_published(tag: str, repo_id: str, folder: Path) -> Path:
     """Add ``tag`` → ``repo_id`` to the user's published manifest, so ``pretrained=True`` on the tag
     finds the upload (``weights_location`` reads it at import)."""
     path = published_manifest_path()
-    manifest = read_json(path, "published manifest") if path.is_file() else {}
     digest = hashlib.sha256((folder / HUB_FILENAME).read_bytes()).hexdigest()
-    manifest[tag] = {"repo_id": repo_id, "sha256": digest}
-    return write_json(path, manifest)
+    config = read_json(folder / "config.json", "model config (config.json)")
+    with file_lock(path.with_name(f".{path.name}.lock"), f"{path} (another push updates it)"):
+        manifest = hub._read_manifest(path)  # validated: an entry of the wrong type is named, not overwritten
+        manifest[tag] = {"repo_id": repo_id, "sha256": digest, "num_classes": config.get("num_classes"),
+                         "input_size": list(config.get("pretrained_cfg", {}).get("input_size") or [])}
+        return write_json(path, manifest)
 
 
 # --------------------------------------------------------------------------------------------
 # Shipping weights in the package
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _first_images_accuracy(model: nn.Module, dataset: str) -> float:
-    ds = build_dataset(dataset, train=False)
-    x, y = ds.images[:BUNDLE_EVAL_IMAGES].float() / 255.0, ds.labels[:BUNDLE_EVAL_IMAGES]
+def _first_images_accuracy(model: nn.Module, test_ds) -> float:
+    x, y = _first(test_ds, BUNDLE_EVAL_IMAGES)
     return 100.0 * (model.eval()(x).argmax(1) == y).float().mean().item()
 
 
-def bundle(folder: Path, tag: str, model: nn.Module, *, metrics: Optional[dict], eval_command: str,
-           replace: bool = False) -> float:
-    """Ship ``folder``'s weights as ``lcnn_zoo/weights/<tag>.safetensors`` with a manifest entry (sha256
-    and the accuracy on the first 1,000 test images, measured *before* anything is written).
+def _first(ds, n: int):
+    n = min(n, len(ds))
+    if hasattr(ds, "images"):
+        x = ds.images[:n]
+        return (x.float() / 255.0 if x.dtype == torch.uint8 else x), ds.labels[:n]
+    xs, ys = zip(*(ds[i] for i in range(n)))
+    return torch.stack(xs), torch.tensor(ys)
 
-    Replacing a shipped tag needs ``replace`` and prints the old and new accuracy. The weights are
-    written before the manifest entry that vouches for them; a bundle stopped in between leaves a
-    file whose checksum the manifest does not have, which loading refuses. Returns the accuracy.
+
+def bundle_dataset(tag: str, model: nn.Module, run: Dict[str, Any]):
+    """The test split ``bundle`` measures on: the run's own dataset (its summary's ``dataset`` and
+    ``--data-dir``), else the tag's; its class count must be the model's."""
+    dataset = run.get("dataset") or tag_dataset(tag)
+    if not dataset or (dataset not in ("fmnist", "cifar10", "cifar100") and not dataset.startswith("folder:")):
+        raise UserError(f"--bundle: cannot tell the dataset of {shown(tag)} (bundle a run folder, which records it, "
+                        f"or use a tag starting with fmnist, cifar10 or cifar100)")
+    size = tuple(model.pretrained_cfg.get("input_size") or ()) or None
+    ds = build_dataset(dataset, train=False, data_dir=run.get("data_dir"), classes=run.get("classes") or None,
+                       channels=size[0] if size else None, image_size=size[1:] if size else None,
+                       eval_on_train=bool(run.get("eval_on_train")))
+    n = len(getattr(ds, "classes", []) or [])
+    if n and n != model.num_classes:
+        raise UserError(f"--bundle: the model has {model.num_classes} classes and its test data ({shown(dataset)}) has "
+                        f"{n}: bundle the run folder it was trained in, so it is measured on its own classes")
+    return dataset, ds
+
+
+def bundle(folder: Path, tag: str, model: nn.Module, *, metrics: Optional[dict], eval_command: str,
+           replace: bool = False, run: Optional[Dict[str, Any]] = None) -> float:
+    """Ship ``folder``'s weights in the package with a manifest entry (sha256, the accuracy on the
+    first 1,000 test images of the run's own data, the class count and input size that let timm
+    build the tag), all measured *before* anything is written. Returns the accuracy.
+
+    A transaction under the weights folder's lock (concurrent bundles wait their turn): the weights
+    go to a new content-addressed file ``<tag>.<sha256[:12]>.safetensors``, then the manifest is
+    replaced in one rename to point at it — the commit — and only then is the replaced file
+    removed. A bundle stopped at any point leaves the manifest and the files it names as they were
+    before or after, never a file under another's checksum. Replacing a shipped tag needs ``replace``.
     """
-    dataset = tag_dataset(tag)
-    if dataset not in ("fmnist", "cifar10", "cifar100"):
-        raise UserError(f"--bundle: cannot tell the dataset of {tag} (its tag must start with fmnist, cifar10 or "
-                        f"cifar100)")
-    manifest = bundled_manifest()
-    old = manifest.get(tag)
-    if old is not None and not replace:
-        raise UserError(f"{tag} is already shipped (accuracy {old.get('accuracy_first1000')}% on the first "
-                        f"{BUNDLE_EVAL_IMAGES} test images): pass --replace-shipped to replace it")
+    dataset, test_ds = bundle_dataset(tag, model, run or {})
     data = (folder / HUB_FILENAME).read_bytes()
-    accuracy = round(_first_images_accuracy(model, dataset), 2)
-    if old is not None:
-        print(f"replacing the shipped {tag}: accuracy on the first {BUNDLE_EVAL_IMAGES} test images "
-              f"{old.get('accuracy_first1000')}% → {accuracy}%")
-    atomic_write(hub.WEIGHTS_DIR / f"{tag}.safetensors", lambda f: f.write(data))
-    manifest[tag] = {"sha256": hashlib.sha256(data).hexdigest(), "accuracy_first1000": accuracy,
-                     "eval_command": eval_command, "metrics": metrics or {}}
-    write_json(hub.WEIGHTS_DIR / "manifest.json", dict(sorted(manifest.items())))
+    digest = hashlib.sha256(data).hexdigest()
+    accuracy = round(_first_images_accuracy(model, test_ds), 2)
+    with file_lock(hub.WEIGHTS_DIR / ".manifest.lock", f"{hub.WEIGHTS_DIR} (another bundle is writing it)"):
+        manifest = bundled_manifest()  # read under the lock: a concurrent bundle's entry is kept
+        old = manifest.get(tag)
+        if old is not None and not replace:
+            raise UserError(f"{tag} is already shipped (accuracy {old.get('accuracy_first1000')}% on the first "
+                            f"{BUNDLE_EVAL_IMAGES} test images): pass --replace-shipped to replace it")
+        if old is not None:
+            print(f"replacing the shipped {tag}: accuracy on the first {BUNDLE_EVAL_IMAGES} test images "
+                  f"{old.get('accuracy_first1000')}% → {accuracy}%")
+        new_file = f"{tag}.{digest[:12]}.safetensors"
+        old_file = hub.bundled_file(tag, old) if old is not None else None
+        manifest[tag] = {"sha256": digest, "file": new_file, "accuracy_first1000": accuracy, "dataset": dataset,
+                         "num_classes": int(model.num_classes),
+                         "input_size": list(model.pretrained_cfg.get("input_size") or []),
+                         "eval_command": eval_command, "metrics": metrics or {}}
+        tx = Transaction()
+        tx.add(hub.WEIGHTS_DIR / new_file, data)
+        tx.add(hub.WEIGHTS_DIR / "manifest.json", json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
+        tx.commit()
+        referenced = {hub.bundled_file(t, e).name for t, e in manifest.items()}
+        for p in hub.WEIGHTS_DIR.glob(f"{tag}*.safetensors"):  # the replaced file, and orphans of killed bundles
+            if p.name not in referenced and p.name.startswith(f"{tag}.") and (p == old_file or _ours(p.name, tag)):
+                p.unlink()
     return accuracy
+
+
+def _ours(name: str, tag: str) -> bool:
+    """Whether ``name`` is a content-addressed weights file a bundle of ``tag`` wrote."""
+    rest = name[len(tag) + 1:].removesuffix(".safetensors")
+    return len(rest) == 12 and all(c in "0123456789abcdef" for c in rest)
+
+
 # --------------------------------------------------------------------------------------------
 # Model cards
 # --------------------------------------------------------------------------------------------
@@ -263,14 +332,18 @@ def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict
         classes_line = f"Classes ({len(classes)}, in label order): {', '.join(map(str, classes))}."
     else:
         classes_line = f"{n} classes." if n else ""
-    return Template(template).substitute(
+    values = dict(
         model_id=repo_id.split("/")[-1], model_name=model_name, repo_id=repo_id,
         architecture=model_name.split(".")[0], kind_description=_KIND_DESCRIPTIONS.get(kind, kind),
         dataset=dataset, dataset_description=_DATASET_NAMES.get(dataset, dataset), classes_line=classes_line,
         input_size="×".join(str(s) for s in cfg.get("input_size", ())),
         recipe=recipe or "Not recorded.", eval_command=eval_command or "not recorded",
-        metrics_table=metrics_table(metrics),
-    )
+        metrics_table=metrics_table(metrics))
+    try:
+        return Template(template).substitute(values)
+    except (KeyError, ValueError) as e:
+        raise UserError(f"the model card template has a field it cannot fill ({shown(str(e), 60)}): use ${{name}} "
+                        f"fields from MODEL_CARD.md's template, and $$ for a literal $") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +352,47 @@ def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict
 def _run_info(checkpoint: Path) -> Dict[str, Any]:
     """The run folder's summary when the checkpoint is (in) one, else {}."""
     folder = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    return RunFolder(folder).summary() if RunFolder.is_run(folder) else {}
+    if not RunFolder.is_run(folder):
+        return {}
+    run = RunFolder(folder)
+    args = run.args()
+    return {"data_dir": args.get("data_dir"), "eval_on_train": args.get("eval_on_train"), **run.summary()}
+
+
+def _read_text(path: str, option: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{option} {shown(path)}: no such file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{option} {shown(path)} is not a UTF-8 text file") from e
+
+
+def _read_metrics(path: str, names: Sequence[str]) -> Dict[str, Any]:
+    data = read_json(path, "--metrics file")
+    if not isinstance(data, dict):
+        raise UserError(f"--metrics {shown(path)} holds a {type(data).__name__}, not what `lcnn-zoo eval` writes "
+                        f"(a mapping with 'results')")
+    metrics = select_metrics(data, names)
+    if not isinstance(metrics, dict):
+        raise UserError(f"--metrics {shown(path)}: the model's entry is a {type(metrics).__name__}, not a mapping")
+    return metrics
+
+
+def _load_for_push(weights: Path, arch: str, info: Dict[str, Any], ema: bool) -> nn.Module:
+    state = load_state_dict(weights, use_ema=ema)
+    size, n_classes = state_dict_shapes(arch, state)
+    size, n_classes = info.get("input_size") or size, info.get("num_classes") or n_classes
+    try:
+        with deferred_convergence():  # the checkpoint brings its singular vectors
+            model = create_model(arch, input_size=size, num_classes=n_classes)
+            model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {shown(Path(weights))} does not match {arch}: {shown(str(e).splitlines()[0], 160)}") from e
+    if ema:
+        converge_spectral_norms(model, n_iter=50, tol=1e-6)  # averaged singular vectors are not singular vectors
+    return model.eval()
 
 
 def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optional[str] = None,
@@ -290,46 +403,49 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
             private: bool = False) -> Path:
     """Everything ``lcnn-zoo push`` does: build ``model_name``'s architecture for the checkpoint's
     input size and classes (a new tag name is fine), load the weights, write the repo folder with
-    its card, then optionally ship them in the package and upload them. Returns the folder."""
-    from .checkpoint import RunFolder
+    its card, then optionally ship them in the package and upload them. Returns the folder.
+
+    Every input (name, template, recipe, metrics, output folder, the shipped tag, the bundle's test
+    data, the Hub) is checked, and the card rendered, before the first file is written."""
     if "." not in model_name:
-        raise UserError(f"--model must be '<architecture>.<tag>' (e.g. lcnn_resnet20.fmnist), got {model_name!r}")
+        raise UserError(f"--model must be '<architecture>.<tag>' (e.g. lcnn_resnet20.fmnist), got {shown(model_name)}")
     arch, tag = split_spec(model_name)
     source = Path(checkpoint)
+    if not source.exists():
+        raise UserError(f"checkpoint not found: {shown(Path(source))}")
     weights = RunFolder(source).weights() if source.is_dir() else source
-    state = load_state_dict(weights, use_ema=ema)
-    info = _run_info(source)
-    size, n_classes = state_dict_shapes(arch, state)
-    size, n_classes = info.get("input_size") or size, info.get("num_classes") or n_classes
-    try:
-        with deferred_convergence():  # the checkpoint brings its singular vectors
-            model = create_model(arch, input_size=size, num_classes=n_classes)
-            model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {weights} does not match {arch}: {str(e).splitlines()[0]}") from e
-    if ema:
-        converge_spectral_norms(model, n_iter=50, tol=1e-6)  # averaged singular vectors are not singular vectors
-    model.eval()
-    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": arch, "tag": tag,
-                            "num_classes": model.num_classes}
+    template_text = find_model_card_template(template)
+    recipe = render_recipe(_read_text(recipe_path, "--recipe"), recipe_path) if recipe_path else ""
     metrics = None
     if metrics_path:
         names = [n for n in (metrics_key, model_name, (source if source.is_dir() else source.parent).name) if n]
-        metrics = select_metrics(read_json(metrics_path, "--metrics file"), names)
+        metrics = _read_metrics(metrics_path, names)
+    out = Path(output_dir) if output_dir else Path("hub") / f"{arch}.{tag}"
+    check_output_dir(out, arch, overwrite)
+    if ship and model_name in bundled_manifest() and not replace_shipped:
+        old = bundled_manifest()[model_name]
+        raise UserError(f"{model_name} is already shipped (accuracy {old.get('accuracy_first1000')}% on the first "
+                        f"{BUNDLE_EVAL_IMAGES} test images): pass --replace-shipped to replace it")
+    if upload:
+        check_upload_possible()
+    info = _run_info(source)
+    model = _load_for_push(weights, arch, info, ema)
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": arch, "tag": tag,
+                            "num_classes": model.num_classes}
+    if ship:
+        bundle_dataset(model_name, model, info)  # the test data exists and has the model's classes
     repo = repo_id or hub_id(arch, tag)
-    recipe = render_recipe(Path(recipe_path).read_text(encoding="utf-8"), recipe_path) if recipe_path else ""
-    card = render_model_card(find_model_card_template(template), model_name=model_name, repo_id=repo,
+    card = render_model_card(template_text, model_name=model_name, repo_id=repo,
                              cfg=model.pretrained_cfg, kind=getattr(model, "kind", "lcnn"), metrics=metrics,
                              recipe=recipe, eval_command=eval_command, dataset=dataset or info.get("dataset", ""),
                              classes=list(classes) or info.get("classes") or ())
-    folder = save_pretrained(model, Path(output_dir) if output_dir else Path("hub") / f"{arch}.{tag}",
-                             model_card=card, overwrite=overwrite)
+    folder = save_pretrained(model, out, model_card=card, overwrite=overwrite)
     print(f"wrote {folder} ({', '.join(PUSH_FILES)})")
     if ship:
         accuracy = bundle(folder, model_name, model, metrics=metrics, eval_command=eval_command,
-                          replace=replace_shipped)
-        print(f"bundled {hub.WEIGHTS_DIR / (model_name + '.safetensors')} (accuracy on the first "
-              f"{BUNDLE_EVAL_IMAGES} test images: {accuracy:.2f}%)")
+                          replace=replace_shipped, run=info)
+        print(f"bundled {hub.bundled_file(model_name)} (accuracy on the first {BUNDLE_EVAL_IMAGES} test images of "
+              f"{bundled_manifest()[model_name]['dataset']}: {accuracy:.2f}%)")
     if upload:
         print("uploaded:", push_folder(folder, repo, private=private))
         print(f"recorded {model_name} → {repo} in {record_published(model_name, repo, folder)}")

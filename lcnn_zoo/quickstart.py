@@ -26,7 +26,8 @@ from .checkpoint import write_json
 from .cli import train_config
 from .config import EvalConfig
 from .data import build_dataset
-from .evaluation import markdown_report, run_eval
+from .evaluation import markdown_report, run_eval, write_report
+from .preflight import new_output_folder, output_folder
 from .training import train
 
 __all__ = ["run_quickstart", "QUICKSTART_RUNS", "QUICKSTART_COMMON", "QUICKSTART_EVAL"]
@@ -43,8 +44,12 @@ QUICKSTART_EVAL = EvalConfig(geom_samples=100, pgd_samples=200, pgd_steps=10, no
 
 
 def run_quickstart(output: Path = Path("runs/quickstart"), threads: int = 0, progress: bool = True) -> int:
-    """Train both models, evaluate them, print the comparison and the wall time. Returns an exit code."""
+    """Train both models, evaluate them, print the comparison and the wall time. Returns an exit code.
+
+    Everything goes into a new folder of its own: ``output``, or ``output-N`` when that holds files."""
+    output_folder(output)  # a new, writable folder: checked before any work
     build_dataset("fmnist", train=False)  # fails early, with instructions, if the data is missing
+    output = new_output_folder(output)
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
@@ -59,7 +64,8 @@ def run_quickstart(output: Path = Path("runs/quickstart"), threads: int = 0, pro
               flush=True)
     print(f"[{time.time() - t0:5.0f}s] measuring ...", flush=True)
     cfg = EvalConfig(**{**QUICKSTART_EVAL.__dict__, "progress": progress})
-    results = run_eval(run_dirs, "fmnist", cfg=cfg, output=Path(output), command="lcnn-zoo quickstart")
+    results = run_eval(run_dirs, "fmnist", cfg=cfg, command="lcnn-zoo quickstart")
+    write_report(results, output, cfg=cfg, command="lcnn-zoo quickstart")
     std, lcnn = results["standard"], results["lcnn_gradreg"]
     print()
     print(markdown_report(results, command="lcnn-zoo quickstart"))

@@ -22,6 +22,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -44,11 +45,12 @@ from torch.utils.data import (
 from tqdm import tqdm
 
 from .checkpoint import RunFolder, rng_state, set_rng_state
-from .config import TrainConfig, resume_conflicts
+from .config import TrainConfig
 from .data import BatchAugment, build_dataset, num_classes_of
-from .errors import UserError
+from .errors import Interrupted, UserError, shown
 from .factory import create_model, is_lcnn, load_initial
 from .layers import converge_spectral_norms, recalibrate_batchnorm, sync_batchnorm
+from .preflight import TrainPlan, train_plan
 from .penalty import LCNNPenalty, gradreg_exact, gradreg_fd_backward, param_groups
 
 __all__ = ["train", "train_one_epoch", "evaluate", "resume", "Regulariser", "StepOutput", "make_regulariser",
@@ -240,27 +242,17 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
     return {"top1": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1), "count": float(total)}
 
 
-def resume(run: _Run, folder: RunFolder, cfg: TrainConfig) -> int:
-    """Restore ``run`` from its checkpoint (``--resume auto`` or a path); returns the epoch to start at.
+def resume(run: _Run, ckpt: Dict[str, Any], path: str | os.PathLike) -> int:
+    """Restore ``run`` from the training checkpoint ``ckpt`` (read from ``path`` and checked against
+    the run's recipe by :func:`~lcnn_zoo.preflight.train_plan`); returns the epoch to start at.
 
     A resumed run keeps its recipe: options other than :data:`~lcnn_zoo.config.RESUME_MAY_CHANGE`
-    must match the checkpoint's, or it is refused naming them. ``--epochs`` may grow (or shrink to
-    no less than what is done): the learning-rate schedule is then rebuilt over the new number of
-    epochs and the log says so.
+    must match the checkpoint's. ``--epochs`` may grow (or shrink to no less than what is done):
+    the learning-rate schedule is then rebuilt over the new number of epochs and the log says so.
     """
-    path = folder.file(RunFolder.LAST) if cfg.resume == "auto" else cfg.resume
-    if cfg.resume == "auto" and not folder.file(RunFolder.LAST).is_file():
-        return 0
-    ckpt = folder.load_checkpoint(path)
+    cfg = run.cfg
     recorded = ckpt.get("config") or ckpt.get("args") or {}
-    conflicts = resume_conflicts(cfg.to_dict(), recorded)
-    if conflicts:
-        what = "; ".join(f"--{k.replace('_', '-')} {now!r} (the run's: {then!r})" for k, now, then in conflicts)
-        raise UserError(f"cannot resume {path} with another recipe: {what}. A resumed run may change only "
-                        f"--epochs, --eval-every and runtime options; start a new --experiment to change the rest")
     done = int(ckpt["epoch"])
-    if cfg.epochs < done:
-        raise UserError(f"{path} is already trained for {done} epochs; --epochs {cfg.epochs} is fewer")
     run.core.load_state_dict(ckpt["state_dict"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     then_epochs = int(recorded.get("epochs", cfg.epochs))
@@ -349,6 +341,11 @@ def _datasets(cfg: TrainConfig):
         test_ds = test_ds.subset(cfg.test_subset, seed=cfg.seed)
     input_size = size or tuple(train_ds[0][0].shape)
     num_classes = cfg.num_classes or num_classes_of(train_ds)
+    for ds in (train_ds, test_ds):
+        labels = getattr(ds, "labels", None)
+        if isinstance(labels, torch.Tensor) and labels.numel() and int(labels.max()) >= num_classes:
+            raise UserError(f"{shown(cfg.dataset)} has labels up to {int(labels.max())}: --num-classes {num_classes} is "
+                            f"too few")
     return train_ds, test_ds, input_size, num_classes
 
 
@@ -357,7 +354,8 @@ def _build_model(cfg: TrainConfig, num_classes: int, input_size: tuple) -> nn.Mo
                          pretrained=cfg.pretrained, drop_rate=cfg.drop_rate, convert=cfg.lcnnify)
     if cfg.initial_checkpoint:
         # A logit_scale asked for explicitly is the new run's recipe: the checkpoint's does not replace it.
-        load_initial(model, cfg.initial_checkpoint, keep=("logit_scale",) if "logit_scale" in cfg.model_kwargs else ())
+        load_initial(model, cfg.initial_checkpoint, keep=("logit_scale",) if "logit_scale" in cfg.model_kwargs else (),
+                     allow_partial=cfg.allow_partial)
     if cfg.reg in ("lcnn", "lcnn_gradreg") and not is_lcnn(model):
         raise UserError(f"--reg {cfg.reg} needs an LCNN: use an lcnn_* model (not _softplus/_relu) or --lcnnify")
     return model
@@ -419,6 +417,7 @@ def _check_runtime(cfg: TrainConfig, device: torch.device, world: int) -> None:
 def _checkpoint(run: _Run, epoch: int, num_classes: int, input_size: tuple) -> Dict[str, Any]:
     return {
         "epoch": epoch, "arch": run.cfg.model, "num_classes": num_classes, "input_size": list(input_size),
+        "classes": run.classes,
         "state_dict": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "state_dict_ema": run.ema.module.state_dict() if run.ema is not None else None,
@@ -513,59 +512,72 @@ def _summary(run: _Run, folder: RunFolder, num_classes: int, input_size: tuple, 
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Run a training job; returns the summary (also written to <run>/summary.json)."""
-    cfg.validate()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    _check_runtime(cfg, device, world_env)
-    folder = RunFolder(os.path.join(cfg.output, cfg.run_name))
-    lock = folder.lock() if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
-    with lock:
-        return _train_locked(cfg, device, folder)
+    """Run a training job; returns the summary (also written to <run>/summary.json).
 
-
-def _train_locked(cfg: TrainConfig, device: torch.device, folder: RunFolder) -> Dict[str, Any]:
+    Everything is checked first (:func:`~lcnn_zoo.preflight.train_plan`); then the data is read and
+    the model built; only then is the run folder created (a new one, never another run's: see
+    :mod:`lcnn_zoo.writing`) and locked."""
+    plan = train_plan(cfg)
+    _check_runtime(cfg, plan.device, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    train_ds, test_ds, input_size, num_classes = _datasets(cfg)  # user errors surface before any training
-    rank, world = _init_distributed(device, cfg.dist_timeout)
+    data = _datasets(cfg)  # user errors surface before any training
+    if len(data[0]) < cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1")):
+        raise UserError(f"the training set ({len(data[0])} images) is smaller than one batch of {cfg.batch_size} "
+                        f"per process")
+    rank, world = _init_distributed(plan.device, cfg.dist_timeout)
     try:
         torch.manual_seed(cfg.seed + rank)
         np.random.seed(cfg.seed + rank)
         random.seed(cfg.seed + rank)
-        run = _setup(cfg, device, rank, world, num_classes, input_size)
-        run.classes = [str(c) for c in getattr(train_ds, "classes", [])]
-        start = resume(run, folder, cfg) if cfg.resume else 0
-        if start >= cfg.epochs and folder.file(RunFolder.SUMMARY).is_file() and folder.file(RunFolder.WEIGHTS).is_file():
-            summary = folder.summary()
-            if summary.get("finished", True):  # a finished run: its summary and weights stay as they are
-                if run.is_main:
-                    print(f"{folder.path} is already trained for {start}/{cfg.epochs} epochs: nothing to do "
-                          f"(raise --epochs to train on)", file=sys.stderr)
-                return summary
-        if run.is_main:
-            folder.clean_stale_temporaries()
-            args = cfg.to_dict()
-            if start:
-                args["resumed_at_epoch"] = start
-            folder.write_args(args)
-        loaders = (_loader(train_ds, cfg.batch_size, True, cfg.seed, rank, world, cfg.workers, drop_last=True),
-                   _loader(test_ds, max(cfg.batch_size, 256), False, cfg.seed, rank, world, cfg.workers,
-                           drop_last=False))
-        if len(loaders[0]) == 0:
-            raise UserError(f"the training set ({len(train_ds)} images) is smaller than one batch of {cfg.batch_size}")
-        _, mixup = _criterion(cfg, num_classes)
-        t0 = time.time()
-        eval_m = _epochs(run, folder, start, loaders, BatchAugment(pad=cfg.aug_pad, flip=not cfg.no_flip), mixup,
-                         num_classes, input_size)
-        if not eval_m and run.history:
-            eval_m = {k.removeprefix("eval_"): v for k, v in run.history[-1].items() if k.startswith("eval_")}
-        summary = _summary(run, folder, num_classes, input_size, eval_m, final=True, wall=time.time() - t0)
-        if run.is_main:
-            folder.save_weights(run.core.state_dict())
-            folder.write_summary(summary)
-        return summary
+        run = _setup(cfg, plan.device, rank, world, data[3], data[2])
+        run.classes = [str(c) for c in getattr(data[0], "classes", [])]
+        folder = plan.claim() if run.is_main else plan.folder
+        with folder.lock() if run.is_main else nullcontext():
+            if run.is_main and plan.new and folder.path.name != cfg.run_name:
+                print(f"{Path(cfg.output) / cfg.run_name} holds another run: this run is {folder.path} "
+                      f"(--if-exists refuse stops instead)", file=sys.stderr)
+            try:
+                return _train_in(run, plan, folder, data)
+            except KeyboardInterrupt:
+                raise Interrupted(f"every file in {folder.path} is whole; continue with the same command and "
+                                  f"--output {Path(folder.path).parent} --experiment {folder.path.name} "
+                                  f"--resume auto") from None
     finally:
         if world > 1:
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _train_in(run: _Run, plan: TrainPlan, folder: RunFolder, data) -> Dict[str, Any]:
+    cfg = run.cfg
+    train_ds, test_ds, input_size, num_classes = data
+    rank, world = run.rank, run.world
+    start = resume(run, plan.checkpoint, plan.resume_from) if plan.checkpoint is not None else 0
+    if start >= cfg.epochs and folder.file(RunFolder.SUMMARY).is_file() and folder.file(RunFolder.WEIGHTS).is_file():
+        summary = folder.summary()
+        if summary.get("finished", True):  # a finished run: its summary and weights stay as they are
+            if run.is_main:
+                print(f"{folder.path} is already trained for {start}/{cfg.epochs} epochs: nothing to do "
+                      f"(raise --epochs to train on)", file=sys.stderr)
+            return summary
+    if run.is_main:
+        folder.clean_stale_temporaries()
+        args = cfg.to_dict()
+        if start:
+            args["resumed_at_epoch"] = start
+        folder.write_args(args)
+    loaders = (_loader(train_ds, cfg.batch_size, True, cfg.seed, rank, world, cfg.workers, drop_last=True),
+               _loader(test_ds, max(cfg.batch_size, 256), False, cfg.seed, rank, world, cfg.workers,
+                       drop_last=False))
+    _, mixup = _criterion(cfg, num_classes)
+    t0 = time.time()
+    eval_m = _epochs(run, folder, start, loaders, BatchAugment(pad=cfg.aug_pad, flip=not cfg.no_flip), mixup,
+                     num_classes, input_size)
+    if not eval_m and run.history:
+        eval_m = {k.removeprefix("eval_"): v for k, v in run.history[-1].items() if k.startswith("eval_")}
+    summary = _summary(run, folder, num_classes, input_size, eval_m, final=True, wall=time.time() - t0)
+    if run.is_main:
+        folder.save_weights(run.core.state_dict())
+        folder.write_summary(summary)
+    return summary

@@ -145,9 +145,9 @@ def test_shipped_weights_without_checksum_are_refused(weights):
 @needs_fmnist
 def test_a_second_run_in_a_locked_folder_fails_at_once_naming_the_holder(tmp_path):
     folder = RunFolder(tmp_path / "exp")
-    with folder.lock():
+    with folder.lock():  # a run that has not written its first file yet: --resume auto would continue it
         proc = subprocess.run([sys.executable, "-m", "lcnn_zoo.train"] + FAST +
-                              ["--epochs", "1", "--output", str(tmp_path), "--experiment", "exp"],
+                              ["--epochs", "1", "--output", str(tmp_path), "--experiment", "exp", "--resume", "auto"],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and f"pid {os.getpid()}" in proc.stderr and "in use" in proc.stderr, proc.stderr
     assert not (tmp_path / "exp" / "args.json").exists()
@@ -230,7 +230,7 @@ def test_image_folder_errors_name_the_problem(tmp_path, capsys):
     _image_folder(tmp_path / "nosplit", ["a", "b"], splits=("train",))
     fails_with(capsys, ["train", "--dataset", f"folder:{tmp_path / 'nosplit'}", "--epochs", "1", "--output",
                         str(tmp_path / "runs")], "no val/", "--eval-on-train")
-    _image_folder(tmp_path / "mixed", ["a"], size=(20, 20))
+    _image_folder(tmp_path / "mixed", ["a", "b"], size=(20, 20))
     Image.fromarray(np.zeros((30, 24), np.uint8), mode="L").save(tmp_path / "mixed" / "train" / "a" / "big.png")
     ds = build_dataset(f"folder:{tmp_path / 'mixed'}", train=True, channels=1)
     with pytest.raises(UserError, match="--input-size"):

@@ -2,7 +2,6 @@
 after a kill, DDP with gloo on 2 processes, AMP, evaluation outputs."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -124,23 +123,15 @@ def test_missing_data_messages(tmp_path, monkeypatch):
 
 
 def make_fake_cifar(root: Path, n_train=128, n_test=64):
-    """A small stand-in laid out like torchvision's CIFAR-10 download (cifar-10-batches-py)."""
-    d = root / "cifar-10-batches-py"
-    d.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, n in [("data_batch_1", n_train)] + [(f"data_batch_{i}", 0) for i in range(2, 6)] + [("test_batch", n_test)]:
-        labels = rng.integers(0, 10, n).tolist()
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        with open(d / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels}, f)
-    with open(d / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    """A small stand-in in CIFAR's binary layout (what examples/cifar_standin.py writes)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from examples.cifar_standin import write
+
+    write(root, n_train, n_test)
 
 
 def test_cifar_code_path_on_stand_in(tmp_path, monkeypatch):
     make_fake_cifar(tmp_path / "data")
-    # the stand-in files have other md5 sums than the real download
-    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *a, **k: True)
     args = parse_args(["--model", "lcnn_resnet20", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
                        "--epochs", "1", "--batch-size", "32", "--reg", "lcnn", "--no-progress",
                        "--output", str(tmp_path / "runs"), "--experiment", "c10"])

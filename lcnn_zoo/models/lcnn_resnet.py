@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..conversion import lcnnify
-from ..hub import recipe_hint, safe_build, weights_location
+from ..hub import extra_tags, recipe_hint, safe_build, weights_location
 from ..layers import CenteredSoftplus, frozen_state
 from ..layers.spectral_norm import deferred_convergence
 
@@ -393,6 +393,10 @@ def _tags_for(variant: str, datasets: Dict[str, Dict[str, Any]], gradreg: bool) 
         out[f"{variant}.{ds}"] = _cfg(variant, ds, **kw)
         if gradreg:
             out[f"{variant}.{ds}_gradreg"] = _cfg(variant, f"{ds}_gradreg", **kw)
+    for tag, kw in extra_tags(variant).items():  # tags a bundle or upload added (lcnn-zoo push --model <arch>.<new>)
+        if f"{variant}.{tag}" not in out:
+            pool = tuple(max(1, s // 4) for s in kw["input_size"][1:])
+            out[f"{variant}.{tag}"] = _cfg(variant, tag, **kw, pool_size=pool)
     return dict(sorted(out.items(), key=lambda item: not _has_weights(item[1])))
 
 
