@@ -26,6 +26,14 @@ from .errors import UserError, one_line, shown
 __all__ = ["main", "train_config", "build_parser"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as :class:`UserError`: one line and exit code 2, like every other
+    mistake (argparse's own prints the usage too)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 class _KeyValues(argparse.Action):
     """``KEY=VALUE …`` into a dict, values read as Python literals when they are ones — what timm's
     ``ParseKwargs`` does; written here because importing timm would cost ``--help`` seconds."""
@@ -64,7 +72,7 @@ def _add_field(group, f: dataclasses.Field) -> None:
 
 
 def _fields_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups: Dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         group = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
@@ -90,7 +98,7 @@ def train_config(argv: List[str]) -> TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lcnn-zoo", description="Low-curvature neural networks for timm users",
+    ap = _Parser(prog="lcnn-zoo", description="Low-curvature neural networks for timm users",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("quickstart", help="train a standard and an LCNN+GradReg model on Fashion-MNIST and compare",

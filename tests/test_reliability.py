@@ -22,6 +22,7 @@ import lcnn_zoo
 from lcnn_zoo import hub
 from lcnn_zoo.checkpoint import RunFolder
 from lcnn_zoo.cli import main, train_config
+from cli_helpers import fails_with
 from lcnn_zoo.data import FMNIST_SYSTEM_DIR, build_dataset
 from lcnn_zoo.errors import UserError
 from lcnn_zoo.training import train
@@ -30,16 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 FAST = ["--dataset", "fmnist", "--train-subset", "128", "--test-subset", "128", "--batch-size", "64", "--lr", "0.05",
         "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3", "--model", "lcnn_resnet20", "--reg", "lcnn"]
-
-
-def fails_with(capsys, argv, *fragments):
-    """The command exits with code 2 and one line on stderr holding every fragment (no traceback)."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("\n") == 1, err
-    for f in fragments:
-        assert f in err, err
-    return err
 
 
 @pytest.fixture

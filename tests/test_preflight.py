@@ -1,0 +1,130 @@
+"""lcnn_zoo.preflight: everything ``lcnn-zoo train`` will use is checked before it reads data or
+writes a file (issue 18). Each bad value fails in one line with exit code 2, and the output folder
+is not created; a monkeypatched data loader proves that no data was read."""
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from cli_helpers import fails_with, files_under
+from lcnn_zoo import training
+from lcnn_zoo.cli import train_config
+from lcnn_zoo.data import FMNIST_SYSTEM_DIR
+from lcnn_zoo.errors import UserError
+from lcnn_zoo.preflight import train_plan
+from lcnn_zoo.training import train
+
+needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+FAST = ["--dataset", "fmnist", "--train-subset", "128", "--test-subset", "64", "--batch-size", "64", "--epochs", "1",
+        "--lr", "0.05", "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3"]
+
+
+@pytest.fixture
+def no_data_read(monkeypatch):
+    def read(*a, **k):
+        raise AssertionError("the data was read before the preflight failed")
+
+    monkeypatch.setattr(training, "_datasets", read)
+
+
+@needs_fmnist
+@pytest.mark.parametrize("argv,fragment", [
+    (["--opt", "foo"], "--opt 'foo' is not one of timm's optimizers"),
+    (["--model-kwargs", "foo=1"], "unexpected keyword argument 'foo'"),
+    (["--model-kwargs", "logit_scale=0"], "logit_scale must be a finite positive number"),
+    (["--model", "lcnn_resnet2O"], "unknown model 'lcnn_resnet2O'"),
+    (["--mixup", "0.2", "--batch-size", "63"], "need an even --batch-size"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+    (["--num-classes", "5"], "fewer than the 10 classes"),
+    (["--input-size", "2", "28", "28"], "only 1 ↔ 3 conversions"),
+    (["--experiment", "/abs/path"], "--experiment must be a name, not a path"),
+    (["--experiment", "../x"], "--experiment must be a name, not a path"),
+    (["--experiment", "a/b"], "--experiment must be a name, not a path"),
+    (["--data-dir", "/nonexistent/fashoin"], "--data-dir /nonexistent/fashoin does not exist"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+    (["--if-exists", "overwrite"], "invalid choice: 'overwrite'"),
+])
+def test_a_bad_option_fails_in_one_line_before_any_data_or_file(tmp_path, capsys, no_data_read, argv, fragment):
+    fails_with(capsys, ["train"] + FAST + ["--output", str(tmp_path / "runs")] + argv, fragment)
+    assert files_under(tmp_path / "runs") == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu(tmp_path, capsys, no_data_read):
+    fails_with(capsys, ["train"] + FAST + ["--output", str(tmp_path), "--device", "cuda"], "no CUDA GPU is available")
+
+
+def test_output_that_is_a_file_or_read_only(tmp_path, capsys, no_data_read, readonly_dir):
+    (tmp_path / "afile").write_text("mine")
+    fails_with(capsys, ["train"] + FAST + ["--output", str(tmp_path / "afile")], "is a file, not a folder")
+    fails_with(capsys, ["train"] + FAST + ["--output", str(tmp_path / "afile" / "sub")], "is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "mine"
+    fails_with(capsys, ["train"] + FAST + ["--output", str(readonly_dir / "runs")], "is not writable")
+
+
+def test_one_class_image_folder_is_refused(tmp_path, capsys, no_data_read):
+    (tmp_path / "f" / "train" / "only").mkdir(parents=True)
+    fails_with(capsys, ["train", "--dataset", f"folder:{tmp_path / 'f'}", "--output", str(tmp_path / "runs")],
+               "has 1 class folder(s): a classifier needs at least 2")
+    assert files_under(tmp_path / "runs") == []
+
+
+@needs_fmnist
+def test_the_same_command_twice_never_overwrites_the_first_run(tmp_path, capsys):
+    argv = FAST + ["--output", str(tmp_path)]
+    first = Path(train(train_config(argv))["run_dir"])
+    before = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file() and p.name != ".lock"}
+    second = Path(train(train_config(argv))["run_dir"])
+    assert second == first.with_name(first.name + "-1")
+    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert "holds another run" in capsys.readouterr().err
+    with pytest.raises(UserError, match="exists and holds files"):
+        train_plan(train_config(argv + ["--if-exists", "refuse"]))
+
+
+@needs_fmnist
+def test_input_size_is_what_runs_and_what_the_summary_records(tmp_path):
+    from lcnn_zoo.evaluation import load_model
+
+    summary = train(train_config(FAST + ["--output", str(tmp_path), "--input-size", "1", "32", "32"]))
+    assert summary["input_size"] == [1, 32, 32]
+    _, model = load_model(summary["run_dir"])
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    rgb = train(train_config(FAST + ["--output", str(tmp_path), "--experiment", "rgb", "--input-size", "3", "28", "28"]))
+    assert rgb["input_size"] == [3, 28, 28]
+
+
+@needs_fmnist
+def test_a_partial_initial_checkpoint_is_refused_unless_asked(tmp_path, capsys):
+    state = timm.create_model("lcnn_resnet20", num_classes=10, in_chans=1, img_size=(28, 28)).state_dict()
+    part = {k: v for k, v in state.items() if not k.startswith("stages.2.")}
+    save_file(part, str(tmp_path / "part.safetensors"))
+    argv = ["train"] + FAST + ["--output", str(tmp_path / "runs"), "--initial-checkpoint",
+                               str(tmp_path / "part.safetensors")]
+    fails_with(capsys, argv, "covers only part of", "stages.2.", "--allow-partial")
+    assert files_under(tmp_path / "runs") == []
+    assert train(train_config(argv[1:] + ["--allow-partial"]))["history"]
+    assert "left as initialised (--allow-partial)" in capsys.readouterr().err
+
+
+@needs_fmnist
+def test_resume_after_a_class_was_added_is_refused(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+
+    root = tmp_path / "imgs"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    argv = ["--dataset", f"folder:{root}", "--input-size", "1", "8", "8", "--batch-size", "4", "--epochs", "1",
+            "--model", "lcnn_resnet20", "--no-progress", "--output", str(tmp_path / "runs"), "--experiment", "e"]
+    train(train_config(argv))
+    (root / "train" / "c").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "train" / "c" / "0.png")
+    capsys.readouterr()
+    fails_with(capsys, ["train"] + argv + ["--epochs", "2", "--resume", "auto"], "the dataset's classes changed",
+               "new: ['c']")
