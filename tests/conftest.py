@@ -36,3 +36,16 @@ def readonly_dir(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+@pytest.fixture
+def weights(tmp_path, monkeypatch):
+    """A copy of the package's shipped weights folder, so bundling tests never touch the real one."""
+    import shutil
+
+    from lcnn_zoo import hub
+
+    folder = tmp_path / "weights"
+    shutil.copytree(hub.WEIGHTS_DIR, folder)
+    monkeypatch.setattr(hub, "WEIGHTS_DIR", folder)
+    return folder

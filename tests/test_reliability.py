@@ -33,15 +33,6 @@ FAST = ["--dataset", "fmnist", "--train-subset", "128", "--test-subset", "128", 
         "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3", "--model", "lcnn_resnet20", "--reg", "lcnn"]
 
 
-@pytest.fixture
-def weights(tmp_path, monkeypatch):
-    """A copy of the package's shipped weights folder, so bundling tests never touch the real one."""
-    folder = tmp_path / "weights"
-    shutil.copytree(hub.WEIGHTS_DIR, folder)
-    monkeypatch.setattr(hub, "WEIGHTS_DIR", folder)
-    return folder
-
-
 def checkpoint(tmp_path, name="lcnn_resnet20.cifar10", **kw):
     model = timm.create_model(name, **kw)
     path = tmp_path / "w.safetensors"
