@@ -235,7 +235,7 @@ def _check_range(v: float, meta: Dict[str, Any], bad) -> None:
         raise bad(f"<= {hi}")
 
 
-MAX_YAML_ALIASES = 100  # a config needs none; a billion-laughs file needs thousands
+MAX_YAML_ALIASES = 20  # a config needs none; a billion-laughs file needs dozens (9 a level)
 
 
 def _safe_yaml(text: str) -> Any:

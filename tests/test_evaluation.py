@@ -1,0 +1,80 @@
+"""lcnn_zoo.evaluation and ``lcnn-zoo eval``: what is measured is what was named (no silent random
+init, one entry per model), and the output folder is checked first and never overwritten."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from cli_helpers import fails_with, files_under
+from lcnn_zoo.cli import main, train_config
+from lcnn_zoo.data import FMNIST_SYSTEM_DIR
+from lcnn_zoo.training import train
+
+needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+SMALL = ["--limit", "64", "--geom-samples", "4", "--pgd-samples", "8", "--noise-samples", "4", "--hvp-iters", "2",
+         "--pgd-steps", "1", "--no-progress"]
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    def measure(*a, **k):
+        raise AssertionError("measured before the check failed")
+
+    monkeypatch.setattr("lcnn_zoo.evaluation.evaluate_model", measure)
+
+
+@needs_fmnist
+def test_an_architecture_without_a_tag_is_not_measured_as_if_trained(tmp_path, capsys, no_measuring):
+    fails_with(capsys, ["eval", "lcnn_resnet20", "--output", str(tmp_path / "ev")] + SMALL,
+               "names an architecture, not trained weights", "--random-init")
+    assert files_under(tmp_path / "ev") == []
+
+
+@needs_fmnist
+def test_random_init_is_said_in_the_results(tmp_path):
+    assert main(["eval", "lcnn_resnet20", "--random-init", "--output", str(tmp_path / "ev")] + SMALL) == 0
+    assert list(json.loads((tmp_path / "ev" / "eval.json").read_text())["results"]) == ["lcnn_resnet20 (random init)"]
+
+
+@needs_fmnist
+def test_models_with_the_same_name_are_all_reported_and_a_second_eval_never_overwrites(tmp_path):
+    common = ["--dataset", "fmnist", "--train-subset", "64", "--test-subset", "64", "--batch-size", "32", "--epochs",
+              "1", "--no-progress", "--experiment", "exp"]
+    a = train(train_config(common + ["--output", str(tmp_path / "a"), "--seed", "1"]))["run_dir"]
+    b = train(train_config(common + ["--output", str(tmp_path / "b"), "--seed", "2"]))["run_dir"]
+    out = tmp_path / "ev"
+    assert main(["eval", a, b, a, "--output", str(out)] + SMALL) == 0
+    results = json.loads((out / "eval.json").read_text())["results"]
+    assert list(results) == [a, b, f"{a} (2)"]
+    assert results[a]["accuracy"] == results[f"{a} (2)"]["accuracy"]
+    first = (out / "eval.json").read_bytes()
+    assert main(["eval", a, "--output", str(out)] + SMALL) == 0
+    assert (out / "eval.json").read_bytes() == first and (tmp_path / "ev-1" / "eval.json").is_file()
+
+
+def test_eval_output_is_checked_before_measuring(tmp_path, capsys, no_measuring, readonly_dir):
+    (tmp_path / "afile").write_text("mine")
+    fails_with(capsys, ["eval", "lcnn_resnet20.fmnist", "--output", str(tmp_path / "afile" / "x")] + SMALL,
+               "is a file, not a folder")
+    fails_with(capsys, ["eval", "lcnn_resnet20.fmnist", "--output", str(readonly_dir / "ev")] + SMALL,
+               "is not writable")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_local_dir_without_safetensors_is_refused(tmp_path, capsys):
+    model = timm.create_model("lcnn_resnet20_softplus.fmnist")
+    timm.models.save_for_hf(model, str(tmp_path / "repo"), safe_serialization=False)
+    assert (tmp_path / "repo" / "pytorch_model.bin").is_file()
+    assert not (tmp_path / "repo" / "model.safetensors").exists()
+    fails_with(capsys, ["eval", f"local-dir:{tmp_path / 'repo'}", "--output", str(tmp_path / "ev")] + SMALL,
+               "holds no model.safetensors", "never a pickled pytorch_model.bin")
+    timm.models.save_for_hf(model, str(tmp_path / "repo"), safe_serialization=True)  # with it, it loads
+    from lcnn_zoo.factory import create_model
+
+    loaded = create_model(f"local-dir:{tmp_path / 'repo'}", pretrained=True)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
