@@ -67,7 +67,8 @@ def test_a_billion_laughs_config_is_refused_at_once(tmp_path, capsys):
     t0 = time.time()
     fails_with(capsys, ["train", "--config", str(tmp_path / "c.yaml")], "more than 20 aliases")
     # within the cap, a value of the wrong type is named in a bounded line (repr is never walked whole)
-    (tmp_path / "e.yaml").write_text("x: &x [" + ",".join(["1"] * 5000) + "]\nlr: [*x, *x, *x, *x, *x, *x]\n")
+    (tmp_path / "e.yaml").write_text("decay_milestones: &x [" + ",".join(map(str, range(1, 5001))) + "]\n"
+                                     "lr: [*x, *x, *x, *x, *x, *x]\n")
     err = fails_with(capsys, ["train", "--config", str(tmp_path / "e.yaml")], "lr must be a number")
     assert len(err) < 300 and time.time() - t0 < 30
 
