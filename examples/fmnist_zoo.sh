@@ -6,7 +6,8 @@
 # 1. trains each tag from its committed config (configs/fmnist_resnet20_*.yaml), resuming if stopped;
 # 2. writes each Hub repo folder (hub/<model>.<tag>/) and ships the weights in the package (--bundle);
 # 3. measures the *shipped* tags by name, the command a user can re-run after `pip install`:
-#    its eval.md / eval.json / gradient_robustness.png go to docs/fmnist_zoo/;
+#    its eval.md / eval.json / gradient_robustness.png go to a new folder, $EVAL (default: a new
+#    runs/fmnist_zoo_eval.* folder; eval never writes over an earlier one — copy it to docs/fmnist_zoo/);
 # 4. rewrites the repo folders and the manifest with those measured metrics.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,16 +27,18 @@ for v in "${ORDER[@]}"; do
     --threads "$THREADS" --no-progress
 done
 
-EVAL_CMD="lcnn-zoo eval ${TAGS[standard]} ${TAGS[gradreg]} ${TAGS[lcnn]} ${TAGS[lcnn_gradreg]} --dataset fmnist --output docs/fmnist_zoo"
+mkdir -p "$RUNS"
+EVAL=${EVAL:-$(mktemp -d "$RUNS/fmnist_zoo_eval.XXXXXX")}  # new and empty: eval writes into it
+EVAL_CMD="lcnn-zoo eval ${TAGS[standard]} ${TAGS[gradreg]} ${TAGS[lcnn]} ${TAGS[lcnn_gradreg]} --dataset fmnist --output $EVAL"
 
 push() {  # push <variant> [extra args]: repo folder + bundled weights
   local v=$1; shift
   lcnn-zoo push "$RUNS/fmnist_resnet20_$v/model.safetensors" --model "${TAGS[$v]}" \
-    --recipe "configs/fmnist_resnet20_$v.yaml" --output-dir "hub/${TAGS[$v]}" --bundle "$@"
+    --recipe "configs/fmnist_resnet20_$v.yaml" --output-dir "hub/${TAGS[$v]}" --bundle --replace-shipped "$@"
 }
 
 for v in "${ORDER[@]}"; do push "$v"; done
 $EVAL_CMD --threads "$THREADS" --no-progress
 for v in "${ORDER[@]}"; do
-  push "$v" --metrics docs/fmnist_zoo/eval.json --eval-command "$EVAL_CMD"
+  push "$v" --metrics "$EVAL/eval.json" --eval-command "$EVAL_CMD"
 done

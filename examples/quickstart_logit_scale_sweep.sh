@@ -10,7 +10,7 @@ for s in 1 2 4 8; do
   python -m lcnn_zoo.train --dataset fmnist --train-subset 6000 --epochs 3 --batch-size 64 --lr 0.05 \
     --sched cosine --aug-pad 2 --weight-decay 5e-4 --seed 0 --eval-every 1000 --no-progress \
     --model lcnn_resnet20 --model-kwargs logit_scale=$s --reg lcnn_gradreg --gradreg fd --lambda-grad 0.01 \
-    --lambda-beta 1e-3 --lambda-gamma 1e-3 --output "$out" --experiment "scale$s" > "$out/scale$s.log" 2>&1 || { cat "$out/scale$s.log"; exit 1; }
+    --lambda-beta 1e-3 --lambda-gamma 1e-3 --output "$out" --experiment "scale$s" --resume auto > "$out/scale$s.log" 2>&1 || { cat "$out/scale$s.log"; exit 1; }
   python - "$out/scale$s/summary.json" "$s" <<'PY'
 import json, sys
 print(f"logit_scale={sys.argv[2]}: test accuracy {json.load(open(sys.argv[1]))['final']['top1']:.2f}%")

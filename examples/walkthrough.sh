@@ -5,6 +5,9 @@
 #   bash examples/walkthrough.sh [output folder, default runs/walkthrough]
 set -euo pipefail
 out=${1:-runs/walkthrough}
+if [ -d "$out" ] && [ -n "$(ls -A "$out")" ]; then  # its steps name their run folders: start from a new one
+  echo "$out holds files already: pass a new folder (bash examples/walkthrough.sh runs/walkthrough2)" >&2; exit 2
+fi
 mkdir -p "$out"
 common=(--model lcnn_resnet20 --model-kwargs logit_scale=4 --reg lcnn_gradreg --gradreg fd --lambda-grad 0.01
         --dataset fmnist --train-subset 6000 --test-subset 2000 --epochs 2 --batch-size 64 --lr 0.05

@@ -15,7 +15,9 @@ import dataclasses
 import importlib
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train a standard and an LCNN+GradReg model on Fashion-MNIST and compare",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output", default="runs/quickstart", help="folder for the two runs and the comparison")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
+    p.add_argument("--threads", type=_non_negative, default=0, help="torch threads (0: leave)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("train", help="train a model (all options: lcnn-zoo train --help)", add_help=False)
     p = sub.add_parser("eval", help="the paper's measurements for one or more models, side by side",
@@ -120,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "holds anything gets a -N suffix: nothing is overwritten)")
     p.add_argument("--random-init", action="store_true", help="allow an architecture name without a tag: "
                                                               "measure the model as initialised")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
+    p.add_argument("--threads", type=_non_negative, default=0, help="torch threads (0: leave)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for f in dataclasses.fields(EvalConfig):
@@ -214,9 +216,29 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def _stop_on_sigterm() -> Any:
+    """SIGTERM (``kill``, a scheduler's pre-emption, torchrun stopping its workers) stops a command
+    the way Ctrl-C does: the run's ``finally`` clauses run, and one line says how to continue.
+    Returns the previous handler (restored when the command ends), or None off the main thread."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     keep_freed_memory()
+    previous = _stop_on_sigterm()
     try:
         if argv and argv[0] == "train":  # all of `lcnn-zoo train`'s options belong to its own parser
             cfg = train_config(argv[1:])
@@ -233,6 +255,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         hint = getattr(e, "hint", "") or "nothing was left half-written (every file is written whole or not at all)"
         print(f"lcnn-zoo: interrupted: {one_line(hint)}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

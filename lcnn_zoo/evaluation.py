@@ -31,7 +31,7 @@ from .layers.spectral_norm import deferred_convergence
 from .robustness import pgd_accuracy
 
 __all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plot_gradient_robustness",
-           "run_eval", "write_report"]
+           "run_eval", "write_report", "first_samples"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +111,8 @@ def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], where: Path) -
 # --------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------
-def _first(ds, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def first_samples(ds, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` samples of ``ds`` (all when ``n`` is 0) as (images (N, C, H, W) in [0, 1], labels (N,))."""
     n = min(n, len(ds)) if n else len(ds)
     if hasattr(ds, "images"):  # in-memory datasets: slice directly
         x = ds.images[:n]
@@ -148,27 +149,27 @@ def evaluate_model(model: nn.Module, test_ds, train_ds, cfg: EvalConfig,
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = tqdm(total=5, desc="measuring", leave=False, disable=not cfg.progress)
-    x_all, y_all = _first(test_ds, cfg.limit)
+    x_all, y_all = first_samples(test_ds, cfg.limit)
     out: Dict[str, Any] = {"accuracy": _accuracy(model, x_all, y_all, cfg.batch_size, device),
                            "test_samples": int(len(y_all))}
     steps.update()
-    xg, yg = _first(test_ds, cfg.geom_samples)
+    xg, yg = first_samples(test_ds, cfg.geom_samples)
     test_geo = _geometry(model, xg, yg, cfg, device, gen)
     out.update(test_geo.summary())
     out["geometry_samples"] = int(len(yg))
     steps.update()
-    xt, yt = _first(train_ds, cfg.geom_samples)
+    xt, yt = first_samples(train_ds, cfg.geom_samples)
     train_geo = _geometry(model, xt, yt, cfg, device, gen)
     out["train_geometry"] = train_geo.summary()
     out["train_test_discrepancy"] = relative_discrepancy(train_geo, test_geo)
     steps.update()
-    xp, yp = _first(test_ds, cfg.pgd_samples)
+    xp, yp = first_samples(test_ds, cfg.pgd_samples)
     pgd = pgd_accuracy(model, ((xb.to(device), yb.to(device)) for xb, yb in _batches(xp, yp, cfg.batch_size)),
                        list(cfg.eps), steps=cfg.pgd_steps)
     out["pgd_l2"] = {f"{e:g}": v for e, v in pgd.items()}
     out["pgd_samples"], out["pgd_steps"] = int(len(yp)), cfg.pgd_steps
     steps.update()
-    xn, yn = _first(test_ds, cfg.noise_samples)
+    xn, yn = first_samples(test_ds, cfg.noise_samples)
     rel = gradient_robustness(model, xn.to(device), yn.to(device), cfg.noise_norms, generator=gen).cpu()
     curv = test_geo.curvature[: len(yn)]
     out["gradient_robustness"] = {

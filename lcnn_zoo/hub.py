@@ -35,7 +35,7 @@ from .errors import UserError, shown
 
 __all__ = ["NAMESPACE", "WEIGHTS_DIR", "REPO_CONFIGS", "hub_id", "tag_dataset", "bundled_manifest",
            "published_manifest", "published_manifest_path", "weights_location", "bundled_weights", "recipe_hint",
-           "check_hub_spec", "safe_build", "PretrainedLoadError", "HUB_FILENAME", "bundled_file", "extra_tags",
+           "check_hub_spec", "safe_build", "PretrainedLoadError", "HUB_FILENAME", "bundled_file", "extra_tags", "read_manifest",
            "hub_unreachable_reason"]
 
 NAMESPACE = os.environ.get("LCNN_ZOO_HUB_NAMESPACE", "lcnn-zoo").strip("/") or "lcnn-zoo"
@@ -59,7 +59,8 @@ def tag_dataset(model_name: str) -> str:
     return model_name.split(".", 1)[1].split("_")[0] if "." in model_name else ""
 
 
-def _read_manifest(path: Path) -> Dict[str, Dict[str, Any]]:
+def read_manifest(path: Path) -> Dict[str, Dict[str, Any]]:
+    """A weights manifest (tag → entry), validated: damaged JSON and entries of the wrong type are named."""
     if not path.is_file():
         return {}
     try:
@@ -82,7 +83,7 @@ def _read_manifest(path: Path) -> Dict[str, Dict[str, Any]]:
 
 def bundled_manifest() -> Dict[str, Dict[str, Any]]:
     """``lcnn_zoo/weights/manifest.json``: for each shipped tag its sha256 and recorded metrics."""
-    return _read_manifest(WEIGHTS_DIR / "manifest.json")
+    return read_manifest(WEIGHTS_DIR / "manifest.json")
 
 
 def bundled_file(name: str, entry: Optional[Dict[str, Any]] = None) -> Path:
@@ -118,7 +119,7 @@ def published_manifest_path() -> Path:
 
 def published_manifest() -> Dict[str, Dict[str, Any]]:
     """Tags published on the Hub: the package's ``weights/published.json``, then the user's (which wins)."""
-    return {**_read_manifest(WEIGHTS_DIR / "published.json"), **_read_manifest(published_manifest_path())}
+    return {**read_manifest(WEIGHTS_DIR / "published.json"), **read_manifest(published_manifest_path())}
 
 
 def weights_location(model: str, tag: str, *, strict: bool = True) -> Dict[str, Any]:

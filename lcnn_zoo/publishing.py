@@ -33,6 +33,7 @@ from .checkpoint import (
 )
 from .data import build_dataset
 from .errors import UserError, shown
+from .evaluation import first_samples
 from .factory import create_model, split_spec, state_dict_shapes
 from .hub import (
     HUB_FILENAME,
@@ -129,7 +130,7 @@ def record_published(tag: str, repo_id: str, folder: Path) -> Path:
     digest = hashlib.sha256((folder / HUB_FILENAME).read_bytes()).hexdigest()
     config = read_json(folder / "config.json", "model config (config.json)")
     with file_lock(path.with_name(f".{path.name}.lock"), f"{path} (another push updates it)"):
-        manifest = hub._read_manifest(path)  # validated: an entry of the wrong type is named, not overwritten
+        manifest = hub.read_manifest(path)  # validated: an entry of the wrong type is named, not overwritten
         manifest[tag] = {"repo_id": repo_id, "sha256": digest, "num_classes": config.get("num_classes"),
                          "input_size": list(config.get("pretrained_cfg", {}).get("input_size") or [])}
         return write_json(path, manifest)
@@ -140,17 +141,8 @@ def record_published(tag: str, repo_id: str, folder: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _first_images_accuracy(model: nn.Module, test_ds) -> float:
-    x, y = _first(test_ds, BUNDLE_EVAL_IMAGES)
+    x, y = first_samples(test_ds, BUNDLE_EVAL_IMAGES)
     return 100.0 * (model.eval()(x).argmax(1) == y).float().mean().item()
-
-
-def _first(ds, n: int):
-    n = min(n, len(ds))
-    if hasattr(ds, "images"):
-        x = ds.images[:n]
-        return (x.float() / 255.0 if x.dtype == torch.uint8 else x), ds.labels[:n]
-    xs, ys = zip(*(ds[i] for i in range(n)))
-    return torch.stack(xs), torch.tensor(ys)
 
 
 def bundle_dataset(tag: str, model: nn.Module, run: Dict[str, Any]):

@@ -27,7 +27,8 @@ def test_keep_freed_memory_applies_only_where_asked(monkeypatch):
 
 
 @needs_fmnist
-def test_ctrl_c_is_one_line_saying_how_to_resume_and_the_resume_works(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
+def test_ctrl_c_is_one_line_saying_how_to_resume_and_the_resume_works(tmp_path, signum):
     argv = [sys.executable, "-m", "lcnn_zoo.cli", "train", "--dataset", "fmnist", "--train-subset", "3000",
             "--test-subset", "64", "--batch-size", "64", "--epochs", "3", "--no-progress", "--output", str(tmp_path),
             "--experiment", "r"]
@@ -35,7 +36,7 @@ def test_ctrl_c_is_one_line_saying_how_to_resume_and_the_resume_works(tmp_path):
     deadline = time.time() + 240
     while not (tmp_path / "r" / "last.pth").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]

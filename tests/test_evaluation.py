@@ -1,13 +1,10 @@
 """lcnn_zoo.evaluation and ``lcnn-zoo eval``: what is measured is what was named (no silent random
 init, one entry per model), and the output folder is checked first and never overwritten."""
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
 
 from cli_helpers import fails_with, files_under
 from lcnn_zoo.cli import main, train_config

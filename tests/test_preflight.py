@@ -43,6 +43,7 @@ def no_data_read(monkeypatch):
     (["--experiment", "../x"], "--experiment must be a name, not a path"),
     (["--experiment", "a/b"], "--experiment must be a name, not a path"),
     (["--data-dir", "/nonexistent/fashoin"], "--data-dir /nonexistent/fashoin does not exist"),
+    (["--data-dir", "/tmp"], "Fashion-MNIST not found in /tmp"),  # a folder without the files: no fallback
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--if-exists", "overwrite"], "invalid choice: 'overwrite'"),
 ])

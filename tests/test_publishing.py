@@ -46,6 +46,7 @@ def _run(package: Path, *code_or_cli: str, cli: bool = True, env_extra=None):
     return subprocess.run(argv, cwd=package, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # fresh processes: several imports of torch and timm
 @needs_fmnist
 def test_a_bundled_new_tag_loads_and_evaluates_in_a_new_process(tmp_path, package):
     ckpt = _ckpt(tmp_path / "w.safetensors")
@@ -77,6 +78,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # fresh processes: several imports of torch and timm
 @needs_fmnist
 def test_a_bundle_killed_before_its_manifest_leaves_the_shipped_tag_loading(tmp_path, package):
     ckpt = _ckpt(tmp_path / "w.safetensors")
@@ -100,6 +102,7 @@ def test_a_bundle_killed_before_its_manifest_leaves_the_shipped_tag_loading(tmp_
     assert not (weights / "lcnn_resnet20.fmnist.safetensors").exists()
 
 
+@pytest.mark.slow  # fresh processes: several imports of torch and timm
 @needs_fmnist
 def test_two_bundles_at_once_both_land(tmp_path, package):
     procs = []
@@ -195,3 +198,15 @@ def test_a_published_manifest_entry_of_the_wrong_type_is_named(tmp_path, monkeyp
     monkeypatch.setenv("LCNN_ZOO_PUBLISHED", str(path))
     with pytest.raises(hub.PretrainedLoadError, match="is str, not a mapping"):
         timm.create_model("lcnn_resnet18.cifar10", pretrained=True)
+
+
+def test_upload_without_a_reachable_hub_fails_in_seconds_before_writing(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants as hf_constants
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_not_a_token")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    ckpt = _ckpt(tmp_path / "w.safetensors", "lcnn_resnet20.cifar10")
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(tmp_path / "o"),
+                        "--upload"], "the Hugging Face Hub cannot be reached", "127.0.0.1:9")
+    assert files_under(tmp_path / "o") == []
