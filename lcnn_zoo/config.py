@@ -147,7 +147,10 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        return self.experiment or f"{self.model}-{self.dataset.replace(':', '_').replace('/', '_')}-{self.reg}"
+        if self.experiment:
+            return self.experiment
+        plain = [part.replace(":", "_").replace("/", "_") for part in (self.model, self.dataset)]
+        return f"{plain[0]}-{plain[1][-120:]}-{self.reg}"
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in self.options()}

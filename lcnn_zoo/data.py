@@ -289,6 +289,32 @@ def folder_classes(path: str) -> List[str]:
     return classes
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_links(split: Path, classes: List[str]) -> None:
+    """torchvision's ImageFolder follows symbolic links: a link back to a folder above it would list
+    images again (under the wrong class, ~40 times over), and one into another class's folder would
+    label that class's images as this one's. Both are refused, naming the link."""
+    reals = {c: os.path.realpath(split / c) for c in classes if (split / c).is_dir()}
+    for c, real_c in reals.items():
+        for dirpath, dirnames, _ in os.walk(split / c, followlinks=True):
+            here = os.path.realpath(dirpath)
+            for d in dirnames:
+                full = os.path.join(dirpath, d)
+                if not os.path.islink(full):
+                    continue
+                target = os.path.realpath(full)
+                if _inside(here, target):
+                    raise UserError(f"{shown(Path(full))} links back to a folder above it: its images would be read "
+                                    f"again and again; remove the link")
+                other = next((o for o, r in reals.items() if o != c and (_inside(target, r) or _inside(r, target))), None)
+                if other is not None:
+                    raise UserError(f"{shown(Path(full))} (class {shown(c)}) links into the folder of class "
+                                    f"{shown(other)}: its images would get both labels; remove the link")
+
+
 class _Folder(Dataset):
     """torchvision's ImageFolder with the class list given (the training split's, so a val/ that
     lacks a class keeps the same label numbers), images that fail to load named, and images of
@@ -303,6 +329,7 @@ class _Folder(Dataset):
                     raise UserError(f"{directory} has classes the training split does not: {extra}")
                 return classes, {c: i for i, c in enumerate(classes)}
 
+        _check_links(root, classes)
         self.inner = _Fixed(str(root), transform=transform, allow_empty=True, loader=loader)
         if not len(self.inner):
             raise DataNotFoundError(f"image folder {root} holds no images")

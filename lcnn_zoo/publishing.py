@@ -44,7 +44,7 @@ from .hub import (
 )
 from .layers import converge_spectral_norms
 from .layers.spectral_norm import deferred_convergence
-from .writing import Transaction, check_writable_parent, file_lock
+from .writing import Transaction, check_name, check_writable_parent, file_lock
 
 __all__ = ["PUSH_FILES", "save_pretrained", "push_folder", "record_published", "bundle", "select_metrics",
            "metrics_table", "render_recipe", "render_model_card", "find_model_card_template"]
@@ -401,6 +401,7 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
     data, the Hub) is checked, and the card rendered, before the first file is written."""
     if "." not in model_name:
         raise UserError(f"--model must be '<architecture>.<tag>' (e.g. lcnn_resnet20.fmnist), got {shown(model_name)}")
+    check_name(model_name, "--model")  # it names files and folders: never a path
     arch, tag = split_spec(model_name)
     source = Path(checkpoint)
     if not source.exists():

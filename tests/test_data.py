@@ -125,3 +125,25 @@ def test_damaged_or_unwritable_fashion_mnist(tmp_path, monkeypatch, capsys, read
     monkeypatch.setenv("LCNN_ZOO_CACHE", str(tmp_path / "cache2"))
     with pytest.raises(UserError, match="are damaged"):
         build_dataset("fmnist", train=True, data_dir=str(src))
+
+
+def test_folder_links_that_loop_or_cross_classes_are_refused(tmp_path):
+    """ImageFolder follows links: a loop listed class b's images ~40 times under class a."""
+    import os
+
+    for c in ("a", "b"):
+        (tmp_path / "f" / "train" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "f" / "train" / c / "0.png")
+    link = tmp_path / "f" / "train" / "a" / "up"
+    os.symlink("..", link)
+    with pytest.raises(UserError, match="links back to a folder above it"):
+        build_dataset(f"folder:{tmp_path / 'f'}", train=True, eval_on_train=True)
+    link.unlink()
+    os.symlink("../b", link)
+    with pytest.raises(UserError, match="links into the folder of class 'b'"):
+        build_dataset(f"folder:{tmp_path / 'f'}", train=True)
+    link.unlink()
+    (tmp_path / "elsewhere").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "elsewhere" / "1.png")
+    os.symlink(tmp_path / "elsewhere", link)  # a link to images outside the dataset is fine
+    assert len(build_dataset(f"folder:{tmp_path / 'f'}", train=True)) == 3

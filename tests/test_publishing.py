@@ -210,3 +210,13 @@ def test_upload_without_a_reachable_hub_fails_in_seconds_before_writing(tmp_path
     fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(tmp_path / "o"),
                         "--upload"], "the Hugging Face Hub cannot be reached", "127.0.0.1:9")
     assert files_under(tmp_path / "o") == []
+
+
+def test_a_model_name_is_never_a_path(tmp_path, capsys, weights, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = _ckpt(tmp_path / "w.safetensors", "lcnn_resnet20.cifar10")
+    shipped = sorted(p.name for p in weights.iterdir())
+    for name in ("lcnn_resnet20.fmnist/../../escaped", "lcnn_resnet20./abs"):
+        fails_with(capsys, ["push", str(ckpt), "--model", name, "--bundle"], "--model must be a name, not a path")
+    assert not (tmp_path / "hub").exists() and not (tmp_path / "escaped").exists()
+    assert sorted(p.name for p in weights.iterdir()) == shipped
