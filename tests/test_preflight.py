@@ -129,3 +129,49 @@ def test_resume_after_a_class_was_added_is_refused(tmp_path, capsys):
     capsys.readouterr()
     fails_with(capsys, ["train"] + argv + ["--epochs", "2", "--resume", "auto"], "the dataset's classes changed",
                "new: ['c']")
+
+
+_BAD_STRINGS = {"config": "/nonexistent/c.yaml", "model": "no_such_model", "initial_checkpoint": "/nonexistent.pth",
+                "dataset": "imagenet", "data_dir": "/nonexistent/data", "opt": "foo", "device": "tpu",
+                "output": "{file}", "experiment": "../escape", "resume": "/nonexistent/last.pth"}
+
+
+def _bad_values(f):
+    """A value of option ``f`` that must be refused (derived from its kind and range)."""
+    meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+    kind = meta["kind"]
+    if kind == "bool":
+        name = ("--no-" + f.name.replace("_", "-")) if f.default else flag
+        return [f"{name}=1"]  # a flag takes no value
+    if kind == "str":
+        return [flag, _BAD_STRINGS[f.name]]  # every string option needs an entry here
+    if kind == "choice":
+        return [flag, "bogus"]
+    if kind == "int":
+        return [flag, str(meta["minimum"] - 1) if meta.get("minimum") is not None else "1.5"]
+    if kind == "float":
+        return [flag, "nan"]
+    if kind == "ints":
+        return [flag, "0" if meta.get("minimum") else "x"]
+    if kind == "size3":
+        return [flag, "0", "28", "28"]
+    if kind == "kwargs":
+        return [flag, "no_equals_sign"]
+    raise AssertionError(f"no bad value for {flag} (kind {kind}): add one")
+
+
+def _all_options():
+    import dataclasses
+
+    from lcnn_zoo.config import TrainConfig
+
+    return [pytest.param(f, id=f.name) for f in dataclasses.fields(TrainConfig)]
+
+
+@pytest.mark.parametrize("field", _all_options())
+def test_every_option_refuses_a_bad_value_in_one_line_and_writes_nothing(tmp_path, capsys, no_data_read, field):
+    (tmp_path / "afile").write_text("mine")
+    argv = [a.format(file=tmp_path / "afile") for a in _bad_values(field)]
+    base = ["--output", str(tmp_path / "runs")] if field.name != "output" else []
+    fails_with(capsys, ["train", "--dataset", "fmnist", "--no-progress"] + base + argv)
+    assert files_under(tmp_path / "runs") == [] and (tmp_path / "afile").read_text() == "mine"
