@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from .errors import UserError
+from .errors import UserError, shown
 from .writing import atomic_write, file_lock, is_temporary, write_json, write_text
 
 __all__ = ["atomic_write", "write_text", "write_json", "read_json", "load_state_dict", "rng_state", "set_rng_state",
@@ -67,6 +67,9 @@ def load_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> Dict[s
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        if use_ema:
+            raise CheckpointError(f"{shown(path)} holds one set of weights: EMA weights are in a training checkpoint "
+                                  f"(last.pth of a run trained with --model-ema)")
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types

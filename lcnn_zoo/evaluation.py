@@ -56,6 +56,8 @@ def load_model(spec: str, *, arch: Optional[str] = None, input_size: Optional[Se
         if not path.is_file():
             raise UserError(f"checkpoint not found: {shown(Path(path))}")
         name, model = path.stem, _from_checkpoint(path, arch, input_size)
+    elif path.is_file():
+        raise UserError(f"{shown(path)} is a file but not a checkpoint (.pth, .pt or .safetensors)")
     else:
         _, tag = split_spec(spec)
         pretrained = bool(tag) or spec.startswith(("hf-hub:", "local-dir:"))

@@ -29,7 +29,12 @@ __all__ = ["create_model", "is_lcnn", "is_zoo_architecture", "input_size_of", "s
 def split_spec(spec: str) -> Tuple[str, str]:
     """(architecture, tag) of a registry name (``lcnn_resnet20.fmnist`` → ``lcnn_resnet20``, ``fmnist``);
     ``hf-hub:``/``local-dir:`` names have no tag."""
-    if parse_model_name(spec)[0] in ("hf-hub", "local-dir"):
+    try:
+        source = parse_model_name(spec)[0]
+    except ValueError as e:  # timm: a name that looks like a path or a Hub id
+        raise UserError(f"{shown(spec)} is neither a model name nor a checkpoint: use local-dir:<folder> or "
+                        f"hf-hub:<repo> for a Hub repo, or a .pth / .safetensors file") from e
+    if source in ("hf-hub", "local-dir"):
         return spec, ""
     return split_model_name_tag(spec)
 
@@ -89,8 +94,9 @@ def create_model(spec: str, *, input_size: Optional[Sequence[int]] = None, num_c
         model = timm.create_model(spec, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise UserError(f"unknown model {spec!r}: see timm.list_models('lcnn_*') or timm.list_models()") from e
+            raise UserError(f"unknown model {shown(spec)}: see timm.list_models('lcnn_*') or timm.list_models()") from e
         raise
+
     if convert and not is_lcnn(model):
         lcnnify(model, input_size=size)
     if size is not None:

@@ -406,7 +406,10 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
     source = Path(checkpoint)
     if not source.exists():
         raise UserError(f"checkpoint not found: {shown(Path(source))}")
-    weights = RunFolder(source).weights() if source.is_dir() else source
+    if source.is_dir():  # a run folder: its final weights, or with --ema the checkpoint that holds the EMA copy
+        weights = RunFolder(source).file(RunFolder.LAST) if ema else RunFolder(source).weights()
+    else:
+        weights = source
     template_text = find_model_card_template(template)
     recipe = render_recipe(_read_text(recipe_path, "--recipe"), recipe_path) if recipe_path else ""
     metrics = None

@@ -75,3 +75,11 @@ def test_a_local_dir_without_safetensors_is_refused(tmp_path, capsys):
     loaded = create_model(f"local-dir:{tmp_path / 'repo'}", pretrained=True)
     x = torch.rand(2, 1, 28, 28)
     assert torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    fails_with(capsys, ["eval", str(tmp_path / "notes.txt"), "--output", str(tmp_path / "ev")] + SMALL,
+               "is a file but not a checkpoint")
+    fails_with(capsys, ["eval", "some/where", "--output", str(tmp_path / "ev")] + SMALL,
+               "is neither a model name nor a checkpoint")

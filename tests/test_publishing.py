@@ -220,3 +220,10 @@ def test_a_model_name_is_never_a_path(tmp_path, capsys, weights, monkeypatch):
         fails_with(capsys, ["push", str(ckpt), "--model", name, "--bundle"], "--model must be a name, not a path")
     assert not (tmp_path / "hub").exists() and not (tmp_path / "escaped").exists()
     assert sorted(p.name for p in weights.iterdir()) == shipped
+
+
+def test_ema_weights_come_only_from_a_checkpoint_that_has_them(tmp_path, capsys):
+    ckpt = _ckpt(tmp_path / "w.safetensors", "lcnn_resnet20.cifar10")
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(tmp_path / "o"),
+                        "--ema"], "EMA weights are in a training checkpoint")
+    assert files_under(tmp_path / "o") == []
