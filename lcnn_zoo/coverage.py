@@ -236,8 +236,16 @@ class _BoundInterpreter(torch.fx.Interpreter):
         elif kind == "nonlinear":
             self._set(node, self._settle(node, ins) * gain, set())
         else:
+            sn = spectral_norm_of(m)
+            x = self.env[ins[0]]
+            if sn is not None and sn.kind == "conv2d" and sn.input_shape and tuple(x.shape[1:]) != sn.input_shape:
+                # A conv called at another size than its norm was computed for: its operator there differs.
+                gain = _measure(lambda t: m(t) - m(torch.zeros_like(t)), x)
+                self._linear(node, ins, gain, f"{type(m).__name__} called at input size {tuple(x.shape[1:])}, its "
+                                              f"norm computed for {sn.input_shape}: operator norm {{b:.3g}} > 1")
+                return
             if kind == "measure":
-                gain = _measure(lambda t: m(t), self.env[ins[0]])
+                gain = _measure(lambda t: m(t), x)
             elif gain > 1.0 + BOUND_TOL:  # a fixed factor (Scale): declared, factored out of B
                 self.gains.append((str(node.target), gain))
                 gain = 1.0
@@ -250,7 +258,9 @@ class _BoundInterpreter(torch.fx.Interpreter):
     def _function(self, node: torch.fx.Node, out: Any) -> None:
         name = _op_name(node)
         ins = self._inputs(node)
-        if name in _SHAPE_OPS:
+        if name == "getitem" and _advanced_index(node, self.env):
+            self._measured(node, "indexing", ins)  # repeated indices copy an entry: norm √(repeats)
+        elif name in _SHAPE_OPS:
             self._linear(node, ins, 1.0, "")
         elif name in _SUM_OPS:
             alpha = abs(float(node.kwargs.get("alpha", 1.0)))
@@ -291,13 +301,15 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self._flag(node, "learned scale: its gain changes in training and is not bounded", name)
             self._set(node, max(self.bound[a] for a in ins), set())
             return
-        try:
-            mag = float(torch.as_tensor(value).abs().max()) if value is not None else 1.0
+        divides = name in ("truediv", "div", "itruediv", "div_")
+        try:  # x * c has gain max|c|; x / c has gain 1 / min|c| (the smallest entry divides the most)
+            magnitudes = torch.as_tensor(value).abs() if value is not None else torch.ones(())
+            mag = float(magnitudes.min() if divides else magnitudes.max())
         except (TypeError, RuntimeError):
             self._flag(node, f"multiplication by {type(value).__name__}: not covered", name)
             self._set(node, max(self.bound[a] for a in ins), set())
             return
-        gain = 1.0 / mag if name in ("truediv", "div", "itruediv", "div_") else mag
+        gain = (1.0 / mag if mag > 0 else math.inf) if divides else mag
         if not math.isfinite(gain):
             self._flag(node, "division by zero", name)
             gain = 1.0
@@ -315,9 +327,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
             return
         first = ins[0]
 
-        def fn(t: torch.Tensor) -> Any:
-            args = tuple(t if a is first else self.env[a] if isinstance(a, torch.fx.Node) else a for a in node.args)
-            kwargs = {k: self.env[v] if isinstance(v, torch.fx.Node) else v for k, v in node.kwargs.items()}
+        def fn(t: torch.Tensor) -> Any:  # the op with its input replaced by t, everything else as it ran
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: t if a is first else self.env[a])
             if node.op == "call_method":
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             return node.target(*args, **kwargs)
@@ -327,15 +338,25 @@ class _BoundInterpreter(torch.fx.Interpreter):
 
 
 def _learned_source(node: torch.fx.Node, learned: Set[torch.fx.Node]) -> bool:
-    """Whether a constant comes from a parameter through shape ops (e.g. ``gamma.view(1, -1, 1, 1)``)."""
-    seen = 0
-    while node is not None and seen < 8:
-        if node in learned:
+    """Whether a constant depends on a parameter in any way (``gamma.view(1, -1, 1, 1)``,
+    ``self.a * self.b``, ``exp(self.log_s)``): all of its ancestors are searched, since any value
+    computed from a parameter changes in training."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in learned:
             return True
-        parents = [a for a in _leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node)]
-        node = parents[0] if len(parents) == 1 else None
-        seen += 1
+        stack.extend(a for a in _leaves((n.args, n.kwargs)) if isinstance(a, torch.fx.Node))
     return False
+
+
+def _advanced_index(node: torch.fx.Node, env: Dict[torch.fx.Node, Any]) -> bool:
+    """Whether ``x[index]`` indexes with a tensor or a list (a gather, which may repeat entries)."""
+    index = torch.fx.node.map_arg(node.args[1] if len(node.args) > 1 else (), lambda a: env[a])
+    return any(isinstance(i, (torch.Tensor, list)) for i in (index if isinstance(index, tuple) else (index,)))
 
 
 @torch.no_grad()
@@ -367,6 +388,15 @@ def analyse(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[n
     ``input_size``: (C, H, W) the operator norms are measured at; ``reason_for(module)``: why a leaf
     module the analysis does not know is not covered (lcnnify's rules table answers it).
     """
+    was = model.training
+    model.eval()  # the guarantee is about eval mode: trace the graph eval mode takes (its branches)
+    try:
+        return _analyse_eval(model, input_size, reason_for)
+    finally:
+        model.train(was)
+
+
+def _analyse_eval(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[nn.Module], str]) -> Coverage:
     try:
         gm = torch.fx.GraphModule(model, _Tracer().trace(model))
     except Exception as e:  # noqa: BLE001 - any tracing failure means: fall back, and say so
@@ -375,15 +405,11 @@ def analyse(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[n
     x = torch.rand(1, *input_size, generator=torch.Generator().manual_seed(0))
     x = x.to(device=p.device, dtype=p.dtype) if p is not None else x
     interp = _BoundInterpreter(gm, reason_for)
-    was = model.training
-    model.eval()
     try:
         with torch.no_grad():
             interp.run(x)
     except Exception as e:  # noqa: BLE001
         return _module_level(model, reason_for, f"{type(e).__name__} while running the traced graph: {e}")
-    finally:
-        model.train(was)
     return Coverage(interp.findings, interp.gains, "graph")
 
 

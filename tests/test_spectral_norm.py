@@ -217,3 +217,27 @@ def test_errors():
         spectral_norm(nn.Conv2d(3, 4, 5), (3, 2, 2))
     with pytest.raises(ValueError, match="kind"):
         SpectralNorm(torch.randn(3, 3), "conv3d")
+
+
+def test_sigma_is_computed_in_full_precision_under_autocast():
+    """Under bf16 autocast the power iteration's convolutions would run in bf16 (a normalised norm
+    of 1.003, issue 20): the normalised weight is the same as without autocast."""
+    from lcnn_zoo import lcnnify
+    from lcnn_zoo.conversion import LCNNConversionWarning
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LCNNConversionWarning)
+        lcnnify(model, input_size=(3, 8, 8))
+    for train in (False, True):
+        model.train(train)
+        conv = model[1]
+        state = {k: v.clone() for k, v in conv.state_dict().items()}
+        plain = conv.weight.detach().clone()
+        conv.load_state_dict(state)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = conv.weight.detach().clone()
+        assert mixed.dtype == torch.float32
+        torch.testing.assert_close(mixed, plain, rtol=1e-6, atol=1e-7)

@@ -354,6 +354,15 @@ class SpectralNorm(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         self._check_ready()
+        device = weight.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            # Under autocast the operator's convolutions would run in bf16/fp16 and σ be off by
+            # their rounding (a normalised norm of 1.003): σ is computed in the weight's precision.
+            with torch.autocast(device, enabled=False):
+                return self._normalized(weight)
+        return self._normalized(weight)
+
+    def _normalized(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training and not self.frozen and self.n_power_iterations > 0:
             with torch.no_grad():
                 w = weight.detach()
