@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -20,7 +21,7 @@ from .layers import (
     spectral_norm_of,
 )
 
-__all__ = ["fold"]
+__all__ = ["fold", "stale_spectral_norms"]
 
 
 def _plain_bn(lbn: LipschitzBatchNorm2d) -> nn.BatchNorm2d:
@@ -96,6 +97,23 @@ def _fuse_conv_bn(model: nn.Module, x: torch.Tensor) -> int:
     return len(pairs)
 
 
+STALE_RESIDUAL = 2e-3  # σ is within half the residual of a singular value: above this, over the stated 1e-3
+
+
+def stale_spectral_norms(model: nn.Module, tol: float = STALE_RESIDUAL) -> List[Tuple[str, float]]:
+    """(layer, residual) of every spectrally normalised layer whose singular vectors are not
+    converged for its current weights (relative residual above ``tol``, see
+    :meth:`~lcnn_zoo.layers.SpectralNorm.residual`)."""
+    out = []
+    for name, m in model.named_modules():
+        sn = spectral_norm_of(m)
+        if sn is not None and sn.input_shape is not None:
+            r = sn.residual(m.parametrizations.weight.original)
+            if r > tol:
+                out.append((name, r))
+    return out
+
+
 @torch.no_grad()
 def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inplace: bool = False,
          rtol: float = 1e-5) -> nn.Module:
@@ -123,6 +141,13 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
     if not any(spectral_norm_of(m) is not None or isinstance(m, (LipschitzBatchNorm2d, CenteredSoftplus))
                for m in model.modules()):
         raise ValueError("fold: the model has no LCNN layers to fold (is it folded already?)")
+    stale = stale_spectral_norms(model)
+    if stale:
+        worst = max(stale, key=lambda t: t[1])
+        warnings.warn(f"fold: the singular vectors of {len(stale)} layer(s) are not converged for their weights "
+                      f"(worst {worst[0]}, residual {worst[1]:.2g}), so their baked-in norms may exceed 1 (an "
+                      f"averaged EMA/SWA copy?): run lcnn_zoo.converge_spectral_norms(model, tol=1e-3) first",
+                      stacklevel=2)
     folded = model if inplace else copy.deepcopy(model)
     folded.eval()
     if example_input is None:

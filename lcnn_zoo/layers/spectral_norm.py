@@ -349,8 +349,24 @@ class SpectralNorm(nn.Module):
         return used, residual
 
     def sigma(self, weight: torch.Tensor) -> torch.Tensor:
-        """Current estimate of ‖A_W‖₂ = ‖A_W v‖ (0-dim, differentiable w.r.t. ``weight``)."""
-        return self.operator(self._v, weight).norm().clamp_min(_EPS)
+        """Current estimate of ‖A_W‖₂ = ‖A_W v̂‖, v̂ = v/‖v‖ (0-dim, differentiable w.r.t. ``weight``).
+
+        v is normalised here, not only where it is written: a copy whose buffers were averaged
+        (timm's ModelEmaV3 averages buffers by default, SWA too) holds a v of norm below 1, which
+        would shrink σ and let W/σ exceed 1."""
+        v = self._v
+        return (self.operator(v, weight).norm() / v.norm().clamp_min(_EPS)).clamp_min(_EPS)
+
+    @torch.no_grad()
+    def residual(self, weight: torch.Tensor) -> float:
+        """‖AᵀAv̂ − ρv̂‖ / ρ with ρ = ‖Av̂‖²: σ is within half of it (relative) of a singular value
+        of A_W (see :meth:`converge`); a large value means the singular vectors are stale."""
+        self._check_ready()
+        weight = weight.detach()
+        v = _normalize(self._v)
+        w = self.adjoint(self.operator(v, weight), weight)
+        rho = float((w * v).sum())
+        return float((w - rho * v).norm()) / max(rho, _EPS)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         self._check_ready()
