@@ -248,7 +248,6 @@ def test_an_averaged_copy_is_within_its_bound_once_converged():
     the top singular vector of the averaged weights. ``fold`` says so; converging restores the
     stated 1e-3 (true norms from a 300-product Lanczos run per layer)."""
     import copy
-    import warnings
 
     import timm
     from timm.utils import ModelEmaV3
