@@ -424,6 +424,7 @@ def lcnnify(
     model._lcnn_input_size = size
     model._lcnn_size_warned = False
     model.register_forward_pre_hook(_input_size_hook)
+    _hook_stem(model, size)
     if size is not None:
         _check_coverage(model, strict=strict, stacklevel=3)
     return model
@@ -472,6 +473,39 @@ def _unconverged_layers(model: nn.Module):
             yield name, sn.last_residual
 
 
+def _size_warning(expected: Tuple[int, ...], size: Tuple[int, ...]) -> None:
+    warnings.warn(
+        f"lcnn_zoo: this LCNN's convolution norms were computed for inputs of size {expected}, and it is run "
+        f"at {size}: zero-padded convolutions' norms change with the input size, so its layers are not "
+        f"guaranteed 1-Lipschitz at this size. Call lcnn_zoo.set_input_size(model, {size}) to recompute them "
+        f"(this warning is shown once per model).", LCNNInputSizeWarning, stacklevel=4)
+
+
+def _hook_stem(model: nn.Module, size: Optional[Tuple[int, int, int]]) -> None:
+    """The input-size check on the stem (the first convolution that takes the model's input) as well
+    as on the root: ``forward_features``, ``forward_intermediates`` and other entry points than
+    ``forward`` reach the stem, not the root's hook."""
+    if size is None:
+        return
+    for m in model.modules():
+        sn = spectral_norm_of(m)
+        if sn is not None and sn.kind == "conv2d" and sn.input_shape == tuple(size):
+            m._lcnn_size_warned = False
+            m.register_forward_pre_hook(_stem_size_hook)
+            model._lcnn_stem_checked = True
+            return
+
+
+def _stem_size_hook(conv: nn.Module, args) -> None:
+    x = args[0] if args else None
+    sn = spectral_norm_of(conv)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or sn is None or sn.input_shape is None:
+        return
+    if tuple(x.shape[1:]) != sn.input_shape and not conv._lcnn_size_warned:
+        conv._lcnn_size_warned = True
+        _size_warning(sn.input_shape, tuple(x.shape[1:]))
+
+
 def _input_size_hook(model: nn.Module, args) -> None:
     """Root forward pre-hook: the first forward fixes an unknown input size (and checks coverage);
     another size than the norms were computed for warns once."""
@@ -486,13 +520,10 @@ def _input_size_hook(model: nn.Module, args) -> None:
         model._lcnn_input_size = size
         model.lcnn_report.input_size = size
         _check_coverage(model, stacklevel=4)
-    elif size != expected and not model._lcnn_size_warned:
-        model._lcnn_size_warned = True
-        warnings.warn(
-            f"lcnn_zoo: this LCNN's convolution norms were computed for inputs of size {expected}, and it is run "
-            f"at {size}: zero-padded convolutions' norms change with the input size, so its layers are not "
-            f"guaranteed 1-Lipschitz at this size. Call lcnn_zoo.set_input_size(model, {size}) to recompute them "
-            f"(this warning is shown once per model).", LCNNInputSizeWarning, stacklevel=3)
+        _hook_stem(model, size)
+    elif size != expected and not model._lcnn_size_warned and not getattr(model, "_lcnn_stem_checked", False):
+        model._lcnn_size_warned = True  # no stem found: the root warns
+        _size_warning(expected, size)
 
 
 def set_input_size(model: nn.Module, input_size: Sequence[int]) -> nn.Module:
@@ -511,6 +542,8 @@ def set_input_size(model: nn.Module, input_size: Sequence[int]) -> nn.Module:
             sn.op.padding = conv_padding(m, shapes[name][1:])
             sn.initialize(m.parametrizations.weight.original, shapes[name])
     model.lcnn_report.input_size = size
+    _unhook_stem(model)
+    _hook_stem(model, size)
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
         model.pretrained_cfg = {**cfg, "input_size": size}
@@ -549,12 +582,24 @@ def _keep_head_spectral(model: nn.Module) -> None:
     model.__class__ = cls
 
 
+def _unhook_stem(model: nn.Module) -> None:
+    # Hooks are found by identity in the modules' hook dicts (as for the root's): a deep copy (fold,
+    # EMA) carries the hooks but not their handles.
+    for m in model.modules():
+        for key in [k for k, h in m._forward_pre_hooks.items() if h is _stem_size_hook]:
+            del m._forward_pre_hooks[key]
+        if m is not model:
+            m.__dict__.pop("_lcnn_size_warned", None)
+    model.__dict__.pop("_lcnn_stem_checked", None)
+
+
 def detach_lcnn_state(model: nn.Module) -> None:
     """Remove what lcnnify attached to the model itself: the report, the input-size hook and the
     ``reset_classifier`` subclass (what :func:`lcnn_zoo.fold` does once the layers are plain)."""
     for key in [k for k, h in model._forward_pre_hooks.items() if h is _input_size_hook]:
         del model._forward_pre_hooks[key]
-    for attr in ("lcnn_report", "_lcnn_input_size", "_lcnn_size_warned"):
+    _unhook_stem(model)
+    for attr in ("lcnn_report", "_lcnn_input_size", "_lcnn_size_warned", "_lcnn_stem_checked"):
         if attr in model.__dict__:
             delattr(model, attr)
     if getattr(type(model), "_lcnn_spectral_head", False) and type(model) in _SPECTRAL_HEAD_CLASSES.values():

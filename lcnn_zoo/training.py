@@ -49,7 +49,7 @@ from .config import TrainConfig
 from .data import BatchAugment, build_dataset, num_classes_of
 from .errors import Interrupted, UserError, shown
 from .factory import create_model, is_lcnn, load_initial
-from .layers import converge_spectral_norms, recalibrate_batchnorm, sync_batchnorm
+from .layers import CONVERGENCE_TOL, converge_spectral_norms, recalibrate_batchnorm, sync_batchnorm
 from .preflight import TrainPlan, train_plan
 from .penalty import LCNNPenalty, gradreg_exact, gradreg_fd_backward, param_groups
 
@@ -475,6 +475,10 @@ def _epochs(run: _Run, folder: RunFolder, start: int, loaders, augment, mixup, n
             run.scheduler.step(epoch + 1)
         last = epoch + 1 == cfg.epochs
         if last:
+            # One power iteration a step tracks σ only approximately (after high-lr steps a layer can
+            # be ~1 % above 1): the final weights get their singular vectors converged to the
+            # tolerance stated after conversion, before they are measured and saved.
+            converge_spectral_norms(run.core, n_iter=200, tol=CONVERGENCE_TOL)
             _recalibrate_if_short(run, train_loader)
         evaluated = cfg.eval_every > 0 and (last or (epoch + 1) % cfg.eval_every == 0)
         if evaluated:

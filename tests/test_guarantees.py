@@ -326,6 +326,23 @@ def test_other_input_size_warns_once_and_set_input_size_recomputes():
         model(torch.rand(1, 3, 12, 12, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("entry", ["forward_features", "forward_intermediates"])
+def test_every_entry_point_warns_at_another_input_size(entry):
+    """forward_features (and other entry points than forward) reach the stem, not the root's hook
+    (issue 20, case 7: a true norm of 1.394 there without a word)."""
+    model = timm.create_model("lcnn_resnet20.cifar10", num_classes=3).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LCNNInputSizeWarning)
+        getattr(model, entry)(torch.rand(1, 3, 32, 32))
+    with pytest.warns(LCNNInputSizeWarning, match="set_input_size"):
+        getattr(model, entry)(torch.rand(1, 3, 20, 20))
+    with warnings.catch_warnings():  # once per model, whichever entry point
+        warnings.simplefilter("error", LCNNInputSizeWarning)
+        model(torch.rand(1, 3, 20, 20))
+    folded = fold(model)
+    assert not any(h.__name__ == "_stem_size_hook" for m in folded.modules() for h in m._forward_pre_hooks.values())
+
+
 def test_state_dict_of_another_input_size_loads_with_converged_vectors():
     src = timm.create_model("lcnn_resnet20.cifar10", pretrained_cfg_overlay=dict(input_size=(3, 24, 24)))
     dst = timm.create_model("lcnn_resnet20.cifar10")

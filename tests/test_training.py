@@ -352,3 +352,16 @@ def test_finetune_on_image_folder(tmp_path):
     src = load_checkpoint(Path(base["run_dir"]) / "last.pth")["state_dict"]
     assert ft["fc.weight"].shape[0] == 3
     assert not torch.equal(ft["stages.1.0.conv1.weight"], src["stages.1.0.conv1.weight"])  # trained further
+
+
+@needs_fmnist
+def test_a_run_ends_with_its_norms_converged(tmp_path):
+    """One power iteration a step leaves σ approximate after high-lr steps (issue 20, case 8): the
+    saved weights have every layer's singular vectors converged to the stated 1e-3."""
+    from lcnn_zoo.evaluation import load_model
+    from lcnn_zoo.folding import stale_spectral_norms
+
+    summary = train(parse_args(FAST + ["--model", "lcnn_resnet20", "--reg", "lcnn", "--epochs", "1", "--lr", "0.5",
+                                       "--output", str(tmp_path), "--experiment", "hot"]))
+    _, model = load_model(summary["run_dir"])
+    assert stale_spectral_norms(model) == []
