@@ -25,6 +25,7 @@ _EXPORTS = {
     "folding": ("fold",),
     "penalty": ("LCNNPenalty", "gradreg_exact", "gradreg_fd_backward", "param_groups"),
     "geometry": ("CurvatureStats", "curvature_stats", "gradient_robustness", "relative_discrepancy"),
+    "curvature_bound": ("HessianBound", "hessian_bound"),
     "errors": ("UserError",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

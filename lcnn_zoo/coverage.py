@@ -69,17 +69,17 @@ class Coverage:
 
 
 # ---- what each kind of operation does to B ---------------------------------------------------
-_SHAPE_OPS = {"flatten", "reshape", "view", "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze",
+SHAPE_OPS = {"flatten", "reshape", "view", "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze",
               "clone", "to", "float", "double", "half", "bfloat16", "type", "type_as", "roll", "flip", "neg",
               "getitem", "chunk", "split", "unbind", "narrow", "select", "channel_shuffle", "pixel_shuffle",
               "pixel_unshuffle", "movedim", "swapaxes", "unflatten", "identity", "dropout", "dropout2d",
               "alpha_dropout", "feature_alpha_dropout", "detach", "mean", "squeeze_", "unsqueeze_"}
-_MEASURED_OPS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+MEASURED_OPS = {"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                  "adaptive_avg_pool3d", "interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pad",
                  "expand", "expand_as", "repeat", "repeat_interleave", "sum", "tile", "cumsum"}
-_SUM_OPS = {"add", "sub", "iadd", "isub", "add_", "sub_", "rsub"}
-_SCALE_OPS = {"mul", "truediv", "div", "imul", "itruediv", "mul_", "div_"}
-_CAT_OPS = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
+SUM_OPS = {"add", "sub", "iadd", "isub", "add_", "sub_", "rsub"}
+SCALE_OPS = {"mul", "truediv", "div", "imul", "itruediv", "mul_", "div_"}
+CAT_OPS = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
 _SMOOTH_BOUNDED = {"sigmoid": 0.25, "tanh": 1.0, "sigmoid_": 0.25, "tanh_": 1.0}
 _PRODUCT_OPS = {"matmul", "bmm", "mm", "einsum", "baddbmm", "linear", "conv1d", "conv2d", "conv3d",
                 "conv_transpose2d", "scaled_dot_product_attention", "softmax", "log_softmax"}
@@ -90,7 +90,7 @@ _NONSMOOTH = {"relu", "relu_", "relu6", "leaky_relu", "hardtanh", "hardswish", "
 _NORMS = {"layer_norm", "group_norm", "batch_norm", "instance_norm", "local_response_norm", "normalize", "rms_norm"}
 
 
-def _op_name(node: torch.fx.Node) -> str:
+def op_name(node: torch.fx.Node) -> str:
     if node.op == "call_method":
         return str(node.target)
     return getattr(node.target, "__name__", str(node.target)).lstrip("_")
@@ -103,11 +103,11 @@ def _owner(node: torch.fx.Node) -> str:
     return next(reversed(stack.values()))[0] if stack else ""
 
 
-def _leaves(x: Any) -> List[Any]:
+def leaves(x: Any) -> List[Any]:
     if isinstance(x, (list, tuple)):
-        return [y for v in x for y in _leaves(v)]
+        return [y for v in x for y in leaves(v)]
     if isinstance(x, dict):
-        return [y for v in x.values() for y in _leaves(v)]
+        return [y for v in x.values() for y in leaves(v)]
     return [x]
 
 
@@ -119,12 +119,12 @@ _SHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1
                   nn.AlphaDropout)
 
 
-def _module_kind(m: nn.Module, reason_for: Callable[[nn.Module], str]) -> Tuple[str, float, str]:
+def module_kind(m: nn.Module, reason_for: Callable[[nn.Module], str]) -> Tuple[str, float, str]:
     """(kind, gain, reason) of a leaf module: kind is "linear", "nonlinear", "measure" or "flag"."""
     if spectral_norm_of(m) is not None:
         return "linear", 1.0, ""
     if isinstance(m, LipschitzBatchNormAct2d):
-        kinds = [_module_kind(c, reason_for) for c in (m.drop, m.act)]
+        kinds = [module_kind(c, reason_for) for c in (m.drop, m.act)]
         bad = [k for k in kinds if k[0] == "flag"]
         if bad:
             return bad[0]
@@ -148,7 +148,7 @@ def _module_kind(m: nn.Module, reason_for: Callable[[nn.Module], str]) -> Tuple[
 
 
 # ---- the interpreter ----------------------------------------------------------------------
-class _Tracer(torch.fx.Tracer):
+class LeafTracer(torch.fx.Tracer):
     """Leaves: spectrally normalised layers, the LCNN layers, and modules timm knows not to trace."""
 
     def __init__(self) -> None:
@@ -179,7 +179,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
     # -- bookkeeping
     def _flag(self, node: torch.fx.Node, reason: str, op: Optional[str] = None) -> None:
         if op is None:
-            op = type(self.module.get_submodule(node.target)).__name__ if node.op == "call_module" else _op_name(node)
+            op = type(self.module.get_submodule(node.target)).__name__ if node.op == "call_module" else op_name(node)
         key = (_owner(node), op)
         if (key, reason) in self._reported:
             return
@@ -187,7 +187,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
         self.findings.append(Finding(key[0], key[1], reason))
 
     def _inputs(self, node: torch.fx.Node) -> List[torch.fx.Node]:
-        return [a for a in _leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node) and a in self.bound]
+        return [a for a in leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node) and a in self.bound]
 
     def _settle(self, node: torch.fx.Node, ins: Sequence[torch.fx.Node]) -> float:
         """B entering a nonlinear op: a bound above 1 is reported at the ops that raised it."""
@@ -219,7 +219,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 self.learned.add(node)
         elif node.op == "output":
             self._settle(node, self._inputs(node))
-        elif self._inputs(node) and any(isinstance(t, torch.Tensor) for t in _leaves(out)):
+        elif self._inputs(node) and any(isinstance(t, torch.Tensor) for t in leaves(out)):
             if node.op == "call_module":
                 self._module(node, out)
             else:
@@ -229,7 +229,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
     def _module(self, node: torch.fx.Node, out: Any) -> None:
         m = self.module.get_submodule(node.target)
         ins = self._inputs(node)
-        kind, gain, reason = _module_kind(m, self.reason_for)
+        kind, gain, reason = module_kind(m, self.reason_for)
         if kind == "flag":
             self._flag(node, reason, type(m).__name__)
             self._set(node, self._settle(node, ins), set())
@@ -240,12 +240,12 @@ class _BoundInterpreter(torch.fx.Interpreter):
             x = self.env[ins[0]]
             if sn is not None and sn.kind == "conv2d" and sn.input_shape and tuple(x.shape[1:]) != sn.input_shape:
                 # A conv called at another size than its norm was computed for: its operator there differs.
-                gain = _measure(lambda t: m(t) - m(torch.zeros_like(t)), x)
+                gain = measure_norm(lambda t: m(t) - m(torch.zeros_like(t)), x)
                 self._linear(node, ins, gain, f"{type(m).__name__} called at input size {tuple(x.shape[1:])}, its "
                                               f"norm computed for {sn.input_shape}: operator norm {{b:.3g}} > 1")
                 return
             if kind == "measure":
-                gain = _measure(lambda t: m(t), x)
+                gain = measure_norm(lambda t: m(t), x)
             elif gain > 1.0 + BOUND_TOL:  # a fixed factor (Scale): declared, factored out of B
                 self.gains.append((str(node.target), gain))
                 gain = 1.0
@@ -256,24 +256,24 @@ class _BoundInterpreter(torch.fx.Interpreter):
         self._raise(node, b * gain, ins, why.replace("{b:.3g}", f"{gain:.3g}"))
 
     def _function(self, node: torch.fx.Node, out: Any) -> None:
-        name = _op_name(node)
+        name = op_name(node)
         ins = self._inputs(node)
         if name == "getitem" and _advanced_index(node, self.env):
             self._measured(node, "indexing", ins)  # repeated indices copy an entry: norm √(repeats)
-        elif name in _SHAPE_OPS:
+        elif name in SHAPE_OPS:
             self._linear(node, ins, 1.0, "")
-        elif name in _SUM_OPS:
+        elif name in SUM_OPS:
             alpha = abs(float(node.kwargs.get("alpha", 1.0)))
             b = sum(self.bound[a] * (alpha if i else 1.0) for i, a in enumerate(ins))
             self._raise(node, b, ins, "residual sum: Lipschitz bound {b:.3g} > 1 (the sum of its branches' bounds; "
                                       "lcnnify averages the sums of the residual blocks it knows)")
-        elif name in _CAT_OPS:
+        elif name in CAT_OPS:
             b = math.sqrt(sum(self.bound[a] ** 2 for a in ins))
             self._raise(node, b, ins, "concatenation: Lipschitz bound {b:.3g} > 1 (root of the sum of its "
                                       "inputs' squared bounds)")
-        elif name in _SCALE_OPS:
+        elif name in SCALE_OPS:
             self._scale(node, name, ins)
-        elif name in _MEASURED_OPS:
+        elif name in MEASURED_OPS:
             self._measured(node, name, ins)
         elif name in _SMOOTH_BOUNDED:
             self._set(node, self._settle(node, ins) * _SMOOTH_BOUNDED[name], set())
@@ -319,7 +319,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
             gain = 1.0
         self._linear(node, ins, gain, "")
 
-    def _measured(self, node: torch.fx.Node, name: str, ins: Sequence[torch.fx.Node]) -> None:
+    def measure_normd(self, node: torch.fx.Node, name: str, ins: Sequence[torch.fx.Node]) -> None:
         if name == "pad" and (node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant"
                               and float(node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0.0) or 0.0)
                               == 0.0):
@@ -333,7 +333,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             return node.target(*args, **kwargs)
 
-        gain = _measure(fn, self.env[first])
+        gain = measure_norm(fn, self.env[first])
         self._linear(node, ins, gain, f"{name}: operator norm {{b:.3g}} > 1")
 
 
@@ -349,7 +349,7 @@ def _learned_source(node: torch.fx.Node, learned: Set[torch.fx.Node]) -> bool:
         seen.add(n)
         if n in learned:
             return True
-        stack.extend(a for a in _leaves((n.args, n.kwargs)) if isinstance(a, torch.fx.Node))
+        stack.extend(a for a in leaves((n.args, n.kwargs)) if isinstance(a, torch.fx.Node))
     return False
 
 
@@ -360,7 +360,7 @@ def _advanced_index(node: torch.fx.Node, env: Dict[torch.fx.Node, Any]) -> bool:
 
 
 @torch.no_grad()
-def _measure(fn: Callable[[torch.Tensor], Any], like: torch.Tensor) -> float:
+def measure_norm(fn: Callable[[torch.Tensor], Any], like: torch.Tensor) -> float:
     """Operator norm of a linear map ``fn`` at inputs shaped like ``like``, by power iteration on
     fnᵀfn (the adjoint through autograd)."""
     v = torch.randn(like.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -398,7 +398,7 @@ def analyse(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[n
 
 def _analyse_eval(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[nn.Module], str]) -> Coverage:
     try:
-        gm = torch.fx.GraphModule(model, _Tracer().trace(model))
+        gm = torch.fx.GraphModule(model, LeafTracer().trace(model))
     except Exception as e:  # noqa: BLE001 - any tracing failure means: fall back, and say so
         return _module_level(model, reason_for, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     p = next((t for t in model.parameters() if t.is_floating_point()), None)
@@ -420,7 +420,7 @@ def _module_level(model: nn.Module, reason_for: Callable[[nn.Module], str], why:
     for name, m in model.named_modules():
         if list(m.children()) and not isinstance(m, LipschitzBatchNormAct2d):
             continue
-        kind, _, reason = _module_kind(m, reason_for)
+        kind, _, reason = module_kind(m, reason_for)
         if kind == "flag":
             findings.append(Finding(name, type(m).__name__, reason))
     return Coverage(findings, [], "modules")

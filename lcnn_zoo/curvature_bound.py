@@ -1,0 +1,211 @@
+"""Theorem 1 as a number: :func:`hessian_bound` bounds ‖∇²ₓ f_k(x)‖₂ for every logit k and every
+input x of a model as it is now (eval mode, the input size its norms were computed for).
+
+The paper's Σᵢ nᵢβᵢΠⱼLⱼ assumes 1-Lipschitz layers; an LCNN's BatchNorms are γ-Lipschitz, and the
+curvature a layer adds grows with the *square* of the Lipschitz constant of the map into it. For
+y = s(z(x)) with an elementwise s, |s'| ≤ a and |s''| ≤ c, and any unit direction u,
+
+    ‖D²y[u, u]‖ ≤ c‖Dz u‖² + a‖D²z[u, u]‖   (the second derivative of an elementwise map acts per
+                                            coordinate, and ‖v ⊙ v‖₂ ≤ ‖v‖₂²),
+
+so each tensor of the traced graph carries (B, C): a bound on its Lipschitz constant in x and on
+sup_u ‖D²(·)[u, u]‖. An affine map of norm g (a spectrally normalised conv, a BatchNorm in eval
+mode — min(γ, ‖BN‖), the actual value —, pooling, a fixed scale) gives (gB, gC); a sum adds both;
+a concatenation takes the root of the sum of squares; the centered softplus (a = 1, c = β/4),
+sigmoid (1/4, 1/(6√3)) and tanh (1, 4/(3√3)) give (aB, cB² + aC). Unrolled on a chain,
+‖∇²f‖ ≤ Σᵢ (βᵢ/4)·Pᵢ²·Qᵢ with Pᵢ the Lipschitz product up to activation i and Qᵢ the one after
+it: the paper's form with the upstream product squared. On conv → BN → softplus → conv with one
+pixel at the defaults (γ = 10, β = 5) it is γ²β/4 = 125, attained at x = 0.
+
+Operations the bound does not cover (the coverage report's findings: products of activations,
+other normalisations, unknown ops) make it infinite, named in ``uncovered``. With ~20 BatchNorms at
+γ ≈ 10 the bound is astronomically large (Π γ² ~ 1e40): vacuous. The LCNN penalty (eq. 5) drives
+γ and β down, and the number tells how far.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+from torch import nn
+
+from .coverage import (
+    CAT_OPS,
+    MEASURED_OPS,
+    SCALE_OPS,
+    SHAPE_OPS,
+    SUM_OPS,
+    LeafTracer,
+    leaves,
+    measure_norm,
+    op_name,
+)
+from .layers import CenteredSoftplus, FrozenCenteredSoftplus, LipschitzBatchNorm2d, Scale, spectral_norm_of
+
+__all__ = ["HessianBound", "hessian_bound"]
+
+_SIGMOID_C, _TANH_C = 1.0 / (6.0 * math.sqrt(3.0)), 4.0 / (3.0 * math.sqrt(3.0))  # max |σ''|, max |tanh''|
+_SAFETY = 1.0 + 1e-6  # measured operator norms are converged to 1e-8 (relative); a margin over that
+
+
+@dataclass
+class HessianBound:
+    """value: bound on ‖∇²ₓ f_k(x)‖₂ for every logit k and input x; lipschitz: bound on the
+    Lipschitz constant of f; uncovered: (module, op) that made the bound infinite."""
+
+    value: float
+    lipschitz: float
+    uncovered: List[Tuple[str, str]] = field(default_factory=list)
+
+
+def _activation(m: nn.Module) -> Optional[Tuple[float, float]]:
+    """(max |s'|, max |s''|) of an elementwise activation module, or None."""
+    if isinstance(m, (CenteredSoftplus, FrozenCenteredSoftplus)):
+        return 1.0, float(m.beta) / 4.0
+    if isinstance(m, nn.Sigmoid):
+        return 0.25, _SIGMOID_C
+    if isinstance(m, nn.Tanh):
+        return 1.0, _TANH_C
+    if isinstance(m, (nn.Identity, nn.Dropout)):
+        return 1.0, 0.0
+    return None
+
+
+def _conv_norm(m: nn.Module) -> float:
+    """‖W/σ‖ of a spectrally normalised layer: its true operator norm over the σ it divides by."""
+    sn = spectral_norm_of(m)
+    w = m.parametrizations.weight.original.detach()
+    exact = copy.deepcopy(sn)
+    exact.converge(w, 500, 1e-8)
+    return float(exact.sigma(w)) / float(sn.sigma(w))
+
+
+class _Interpreter(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.bc: Dict[torch.fx.Node, Tuple[float, float]] = {}
+        self.uncovered: List[Tuple[str, str]] = []
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        out = super().run_node(node)
+        ins = [a for a in leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node) and a in self.bc]
+        if node.op == "placeholder":
+            self.bc[node] = (1.0, 0.0)
+        elif node.op == "output" or not ins:
+            return out
+        elif op_name(node) == "getitem" and isinstance(self.env[ins[0]], (tuple, list)):
+            self.bc[node] = self.bc[ins[0]]  # a piece of a split: within the whole's bounds
+        elif not isinstance(out, torch.Tensor):
+            if isinstance(out, (tuple, list)) and op_name(node) in SHAPE_OPS:  # chunk, split, unbind
+                self.bc[node] = self.bc[ins[0]]
+        elif node.op == "call_module":
+            self.bc[node] = self._module(node, ins)
+        else:
+            self.bc[node] = self._function(node, ins)
+        return out
+
+    def _none(self, node: torch.fx.Node, what: str) -> Tuple[float, float]:
+        self.uncovered.append((str(node.target) if node.op == "call_module" else node.name, what))
+        return math.inf, math.inf
+
+    def _module(self, node: torch.fx.Node, ins: List[torch.fx.Node]) -> Tuple[float, float]:
+        m = self.module.get_submodule(node.target)
+        b, c = self.bc[ins[0]]
+        x = self.env[ins[0]]
+        if spectral_norm_of(m) is not None:
+            g = _conv_norm(m)
+        elif isinstance(m, LipschitzBatchNorm2d):  # min(γ, ‖BN‖) in eval mode, then its activation
+            g = float(m.bn_lipschitz(m.running_var) * m.lipschitz_scale(m.running_var))
+            acts = [_activation(a) for a in (getattr(m, "drop", nn.Identity()), getattr(m, "act", nn.Identity()))]
+            if any(a is None for a in acts):
+                return self._none(node, type(m).__name__)
+            b, c = g * b, g * c
+            for slope, curv in acts:
+                b, c = slope * b, curv * b * b + slope * c
+            return b * _SAFETY, c * _SAFETY
+        elif isinstance(m, Scale):
+            g = abs(m.scale)
+        elif _activation(m) is not None:
+            slope, curv = _activation(m)
+            return slope * b, curv * b * b + slope * c
+        else:
+            try:
+                g = measure_norm(lambda t: m(t) - m(torch.zeros_like(t)), x)
+            except Exception:  # noqa: BLE001 - a module that is not affine: not covered
+                return self._none(node, type(m).__name__)
+            if not _is_affine(m, x):
+                return self._none(node, type(m).__name__)
+        return g * b * _SAFETY, g * c * _SAFETY
+
+    def _function(self, node: torch.fx.Node, ins: List[torch.fx.Node]) -> Tuple[float, float]:
+        name = op_name(node)
+        bcs = [self.bc[a] for a in ins]
+        if name in SUM_OPS:
+            alpha = abs(float(node.kwargs.get("alpha", 1.0)))
+            w = [1.0] + [alpha] * (len(bcs) - 1)
+            return sum(k * b for k, (b, _) in zip(w, bcs)), sum(k * c for k, (_, c) in zip(w, bcs))
+        if name in CAT_OPS:
+            return math.sqrt(sum(b * b for b, _ in bcs)), math.sqrt(sum(c * c for _, c in bcs))
+        if len(ins) != 1:
+            return self._none(node, name)
+        if name in SHAPE_OPS | SCALE_OPS | MEASURED_OPS or name == "getitem":
+            first = ins[0]
+
+            def fn(t: torch.Tensor) -> Any:
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs),
+                                                     lambda a: t if a is first else self.env[a])
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                return node.target(*args, **kwargs)
+
+            x = self.env[first]
+            if not _is_affine(fn, x):
+                return self._none(node, name)
+            g = measure_norm(lambda t: fn(t) - fn(torch.zeros_like(t)), x)
+            b, c = bcs[0]
+            return g * b * _SAFETY, g * c * _SAFETY
+        return self._none(node, name)
+
+
+@torch.no_grad()
+def _is_affine(fn, x: torch.Tensor) -> bool:
+    """f(a) + f(b) = f(a + b) + f(0) at random points: a check that ``fn`` is affine (pooling,
+    padding, indexing are; a max-pool or an activation is not)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x)
+    b = torch.randn(x.shape, generator=g, dtype=torch.float64).to(x)
+    lhs, rhs = fn(a) + fn(b), fn(a + b) + fn(torch.zeros_like(x))
+    return bool(torch.allclose(lhs, rhs, rtol=1e-4, atol=1e-5 * float(lhs.abs().max().clamp_min(1.0))))
+
+
+def hessian_bound(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> HessianBound:
+    """A bound on ‖∇²ₓ f_k(x)‖₂ for every logit k and every x, for ``model`` in eval mode (see the
+    module docstring; a number that holds for the current weights, BatchNorm statistics and β).
+
+    Args:
+        input_size: (C, H, W) (default: ``model.lcnn_report.input_size``).
+    """
+    size = input_size or getattr(getattr(model, "lcnn_report", None), "input_size", None)
+    if size is None:
+        raise ValueError("hessian_bound: pass input_size=(C, H, W)")
+    was = model.training
+    model.eval()
+    try:
+        gm = torch.fx.GraphModule(model, LeafTracer().trace(model))
+        p = next((t for t in model.parameters() if t.is_floating_point()), None)
+        x = torch.rand(1, *size, generator=torch.Generator().manual_seed(0))
+        x = x.to(device=p.device, dtype=p.dtype) if p is not None else x
+        interp = _Interpreter(gm)
+        with torch.no_grad():
+            interp.run(x)
+    finally:
+        model.train(was)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    finals = [interp.bc[a] for a in leaves(out.args) if isinstance(a, torch.fx.Node) and a in interp.bc]
+    b = max((v[0] for v in finals), default=math.inf)
+    c = max((v[1] for v in finals), default=math.inf)
+    return HessianBound(c, b, interp.uncovered)

@@ -1,0 +1,104 @@
+"""lcnn_zoo.curvature_bound: Theorem 1 with γ-Lipschitz BatchNorms, as a number, checked against
+dense float64 Hessians (issue 20, case 11)."""
+import warnings
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.autograd.functional import hessian
+
+from lcnn_zoo import converge_spectral_norms, hessian_bound, lcnnify
+from lcnn_zoo.conversion import LCNNConversionWarning, LCNNInputSizeWarning
+from lcnn_zoo.layers import LipschitzBatchNorm2d
+
+
+def _convert(model, size, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LCNNConversionWarning)
+        lcnnify(model.double(), input_size=size, **kw)
+    converge_spectral_norms(model, 400, tol=1e-8)
+    return model.eval()
+
+
+def _max_hessian(model, size, points=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LCNNInputSizeWarning)
+        for _ in range(points):
+            x = torch.randn(1, *size, generator=g, dtype=torch.float64)
+            n_out = model(x).numel()
+            for k in range(n_out):
+                h = hessian(lambda t: model(t).reshape(-1)[k], x).reshape(x.numel(), x.numel())
+                worst = max(worst, float(torch.linalg.matrix_norm(h, 2)))
+    return worst
+
+
+def test_the_one_pixel_example_is_gamma_squared_beta_over_four_and_tight():
+    """conv → BN → softplus → conv on one pixel at the defaults (γ = 10, β = 5): the paper's nβγ
+    would be 50, the curvature is γ²β/4 = 125 (at the softplus input 0), and the bound says 125."""
+    torch.manual_seed(0)
+    model = _convert(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1), nn.ReLU(), nn.Conv2d(1, 1, 1)), (1, 1, 1))
+    bn = next(m for m in model.modules() if isinstance(m, LipschitzBatchNorm2d))
+    bn.running_var.fill_(1e-4)  # ‖BN‖ = 100 > γ: clipped to γ = 10
+    bound = hessian_bound(model)
+    xs = torch.linspace(-3, 3, 6001, dtype=torch.float64).view(-1, 1, 1, 1).requires_grad_(True)
+    (d1,) = torch.autograd.grad(model(xs).sum(), xs, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), xs)
+    assert float(d2.abs().max()) == pytest.approx(125.0, rel=1e-3)
+    assert bound.value == pytest.approx(125.0, rel=1e-4) and bound.lipschitz == pytest.approx(10.0, rel=1e-4)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = (y + self.block(y)) * 0.5
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_small_lcnns_stay_below_the_bound(seed):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    beta, gamma = float(1 + 9 * torch.rand(1, generator=g)), float(1 + 2 * torch.rand(1, generator=g))
+    model = _convert(_Net(), (2, 4, 4), beta_init=beta, gamma_init=gamma)
+    for bn in model.modules():
+        if isinstance(bn, LipschitzBatchNorm2d):
+            bn.running_var.copy_(0.05 + torch.rand(bn.num_features, generator=g, dtype=torch.float64))
+            bn.running_mean.copy_(0.1 * torch.randn(bn.num_features, generator=g, dtype=torch.float64))
+    bound = hessian_bound(model)
+    assert bound.uncovered == [] and 0 < bound.value < float("inf")
+    assert _max_hessian(model, (2, 4, 4), seed=seed) <= bound.value
+
+
+def test_a_zoo_model_at_a_tiny_size():
+    torch.manual_seed(0)
+    model = timm.create_model("lcnn_resnet20", num_classes=3, in_chans=1, img_size=(4, 4)).double().eval()
+    converge_spectral_norms(model, 400, tol=1e-8)
+    bound = hessian_bound(model)
+    assert bound.uncovered == [] and bound.value < float("inf")
+    assert _max_hessian(model, (1, 4, 4), points=2) <= bound.value
+
+
+def test_an_uncovered_operation_makes_the_bound_infinite():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return (y * y).flatten(1)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _convert(Gate(), (1, 2, 2))
+    bound = hessian_bound(model)
+    assert bound.value == float("inf") and bound.uncovered
