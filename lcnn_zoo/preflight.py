@@ -44,9 +44,12 @@ class TrainPlan:
     checkpoint: Optional[Dict[str, Any]] = None
 
     def claim(self) -> RunFolder:
-        """Create a new run's folder (atomically: never one that another command took meanwhile)."""
+        """Create a new run's folder (atomically: never one that another command took meanwhile —
+        then, under ``--if-exists suffix``, the next free name)."""
         if self.new:
-            path = new_folder(self.folder.path.parent, self.folder.path.name, existing="refuse", option="--output")
+            exact = self.cfg.resume == "auto"  # a run --resume auto starts is found there next time
+            path = new_folder(self.folder.path.parent, self.cfg.run_name if not exact else self.folder.path.name,
+                              existing="refuse" if exact else self.cfg.if_exists, option="--output")
             self.folder = RunFolder(path)
         return self.folder
 
