@@ -476,8 +476,9 @@ def _epochs(run: _Run, folder: RunFolder, start: int, loaders, augment, mixup, n
         last = epoch + 1 == cfg.epochs
         if last:
             # One power iteration a step tracks σ only approximately (after high-lr steps a layer can
-            # be ~1 % above 1): the final weights get their singular vectors converged to the
-            # tolerance stated after conversion, before they are measured and saved.
+            # exceed 1 by more than the stated tolerance): the final weights get their singular
+            # vectors converged to the tolerance stated after conversion, before they are measured
+            # and saved.
             converge_spectral_norms(run.core, n_iter=200, tol=CONVERGENCE_TOL)
             _recalibrate_if_short(run, train_loader)
         evaluated = cfg.eval_every > 0 and (last or (epoch + 1) % cfg.eval_every == 0)
