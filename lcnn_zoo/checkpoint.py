@@ -123,7 +123,6 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._lock_file = None
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"

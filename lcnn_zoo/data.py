@@ -403,6 +403,15 @@ def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels:
     return _Wrapped()
 
 
+_IN_MEMORY = ("cifar10", "cifar100", "fmnist", "fashion-mnist", "fashion_mnist")
+
+
+def _check_data_dir(key: str, data_dir: Optional[str]) -> None:
+    """An explicit ``--data-dir`` of a CIFAR / Fashion-MNIST dataset must be a folder."""
+    if key in _IN_MEMORY and data_dir is not None and not Path(data_dir).is_dir():
+        raise DataNotFoundError(f"--data-dir {shown(Path(data_dir))} does not exist or is not a folder")
+
+
 @dataclass
 class DataInfo:
     """What a dataset is, read from its metadata alone (no images loaded): ``classes`` (names, or
@@ -420,9 +429,7 @@ def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: boo
     would (missing data, a mistyped ``--data-dir``, a folder of fewer than 2 classes, an unwritable
     cache) before anything is read or written."""
     key = name.lower()
-    if key in ("cifar10", "cifar100", "fmnist", "fashion-mnist", "fashion_mnist"):
-        if data_dir is not None and not Path(data_dir).is_dir():
-            raise DataNotFoundError(f"--data-dir {shown(Path(data_dir))} does not exist or is not a folder")
+    _check_data_dir(key, data_dir)
     if key in ("fmnist", "fashion-mnist", "fashion_mnist"):
         found = fmnist_files(data_dir)
         if found is None and not download:
@@ -465,9 +472,8 @@ def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, dow
         eval_on_train: a folder without val/ or test/ evaluates on its training images (else: an error).
     """
     key = name.lower()
-    if key in ("cifar10", "cifar100", "fmnist", "fashion-mnist", "fashion_mnist"):
-        if data_dir is not None and not Path(data_dir).is_dir():
-            raise DataNotFoundError(f"--data-dir {shown(Path(data_dir))} does not exist or is not a folder")
+    if key in _IN_MEMORY:
+        _check_data_dir(key, data_dir)
         ds = _cifar(key, data_dir, train, download) if key.startswith("cifar") else _fmnist(data_dir, train, download)
         return ds.to_size(channels, image_size)
     if key.startswith("folder:"):

@@ -93,11 +93,12 @@ def bundled_file(name: str, entry: Optional[Dict[str, Any]] = None) -> Path:
     return WEIGHTS_DIR / ((entry or {}).get("file") or f"{name}.safetensors")
 
 
-def extra_tags(variant: str) -> Dict[str, Dict[str, Any]]:
-    """Tags of ``variant`` that a bundle or upload added beyond the zoo's own (``lcnn-zoo push
-    --model lcnn_resnet20.fm3``): tag → the ``num_classes`` and ``input_size`` their entry records,
-    so timm's registry lists them and ``pretrained=True`` builds them right."""
-    out: Dict[str, Dict[str, Any]] = {}
+def extra_tags() -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Tags that a bundle or upload added beyond the zoo's own (``lcnn-zoo push --model
+    lcnn_resnet20.fm3``): architecture → tag → the ``num_classes`` and ``input_size`` their entry
+    records, so timm's registry lists them and ``pretrained=True`` builds them right. Both
+    manifests are read once."""
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
     try:
         entries = {**published_manifest(), **bundled_manifest()}
     except PretrainedLoadError as e:
@@ -106,8 +107,8 @@ def extra_tags(variant: str) -> Dict[str, Dict[str, Any]]:
     for name, entry in entries.items():
         arch, _, tag = name.partition(".")
         n, size = entry.get("num_classes"), entry.get("input_size")
-        if arch == variant and tag and isinstance(n, int) and isinstance(size, list) and len(size) == 3:
-            out[tag] = {"num_classes": n, "input_size": tuple(int(v) for v in size)}
+        if tag and isinstance(n, int) and isinstance(size, list) and len(size) == 3:
+            out.setdefault(arch, {})[tag] = {"num_classes": n, "input_size": tuple(int(v) for v in size)}
     return out
 
 

@@ -393,7 +393,7 @@ def _tags_for(variant: str, datasets: Dict[str, Dict[str, Any]], gradreg: bool) 
         out[f"{variant}.{ds}"] = _cfg(variant, ds, **kw)
         if gradreg:
             out[f"{variant}.{ds}_gradreg"] = _cfg(variant, f"{ds}_gradreg", **kw)
-    for tag, kw in extra_tags(variant).items():  # tags a bundle or upload added (lcnn-zoo push --model <arch>.<new>)
+    for tag, kw in _EXTRA_TAGS.get(variant, {}).items():  # added by a bundle or upload (push --model <arch>.<new>)
         if f"{variant}.{tag}" not in out:
             pool = tuple(max(1, s // 4) for s in kw["input_size"][1:])
             out[f"{variant}.{tag}"] = _cfg(variant, tag, **kw, pool_size=pool)
@@ -405,6 +405,7 @@ def _has_weights(cfg: Dict[str, Any]) -> bool:
 
 
 _CIFAR = {"cifar10": dict(num_classes=10), "cifar100": dict(num_classes=100)}
+_EXTRA_TAGS = extra_tags()
 
 
 def _family(name: str, datasets: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
