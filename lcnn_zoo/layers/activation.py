@@ -15,6 +15,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
+
 __all__ = ["CenteredSoftplus", "FrozenCenteredSoftplus", "centered_softplus", "DEFAULT_BETA_INIT"]
 
 DEFAULT_BETA_INIT = 5.0  # the reference code's initial β
@@ -46,7 +48,7 @@ def _derivatives_from_output(y: torch.Tensor, beta: torch.Tensor) -> Tuple[torch
     a zero derivative, so double backward stays finite.
     """
     u = y * beta
-    d = 2.0 - torch.exp(-u)
+    d = (2.0 - torch.exp(-u)).clamp_min(0.0)  # an output rounded below −log(2)/β: a saturated unit
     grad_x = 0.5 * d
     dl = d.clamp_min(1e-30)
     direct = (0.5 * (u * d + dl * torch.log(dl)) - u) / (beta * beta)
@@ -72,7 +74,7 @@ def _fast_backward(grad_out: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, 
     grad_beta = None
     if need_beta:
         u = y * beta
-        sig = e.mul_(-0.5).add_(1.0)
+        sig = e.mul_(-0.5).add_(1.0).clamp_min_(0.0)
         f = (2.0 * sig).clamp_min_(1e-30)
         f.log_().mul_(sig)                      # σ·log 2σ
         f.add_(sig.sub_(1.0).mul_(u))           # + u·(σ − 1) = t·σ(t) − u
@@ -88,8 +90,9 @@ def _fast_backward(grad_out: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, 
 class _CenteredSoftplusFn(torch.autograd.Function):
     """Fused centered softplus. Saves only its output and β (see :func:`_derivatives_from_output`).
 
-    The backward is written with differentiable torch ops, so double backward (exact GradReg,
-    Hessian-vector products) works. This class has no ``jvp`` so that torch.compile traces it
+    Forward and ordinary backward run the one-pass kernels of :mod:`.fused` (CPU and CUDA); under
+    ``create_graph`` (exact GradReg, Hessian-vector products) the backward is the differentiable
+    formulas, so double backward works. This class has no ``jvp`` so that torch.compile traces it
     without a graph break; :class:`_CenteredSoftplusFnFwdAD` adds forward-mode AD for eager use.
     """
 
@@ -97,6 +100,8 @@ class _CenteredSoftplusFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if _use_fused(x):
+            return torch.ops.lcnn_zoo.centered_softplus_fwd(x, beta)
         return _centered_softplus_t(x * beta) / beta
 
     @staticmethod
@@ -108,7 +113,10 @@ class _CenteredSoftplusFn(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         y, beta = ctx.saved_tensors
         need_x, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not torch.is_grad_enabled():  # an ordinary backward (no create_graph): in place, fewer passes
+        if not torch.is_grad_enabled():  # an ordinary backward (no create_graph): one fused pass
+            if _use_fused(y):
+                gx, gb = torch.ops.lcnn_zoo.centered_softplus_bwd(grad_out, y, beta, need_beta)
+                return (gx if need_x else None), (gb if need_beta else None)
             return _fast_backward(grad_out, y, beta, need_x, need_beta)
         d_x, d_beta = _derivatives_from_output(y, beta)
         grad_x = grad_out * d_x if need_x else None
@@ -136,6 +144,11 @@ class _CenteredSoftplusFnFwdAD(_CenteredSoftplusFn):
         if beta_t is not None:
             out = out + d_beta * beta_t
         return out
+
+
+def _use_fused(x: torch.Tensor) -> bool:
+    # Under torch.compile inductor fuses the formulas itself (with the neighbouring ops).
+    return not torch.compiler.is_compiling() and fused.fused_enabled(x)
 
 
 def centered_softplus(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

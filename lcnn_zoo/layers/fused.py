@@ -1,0 +1,247 @@
+"""Fused kernels for the centered softplus (paper §3.3): one pass forward, one pass backward.
+
+The formulas in :mod:`.activation` are the reference; the kernels here compute the same functions
+in a single pass over the activation tensor instead of ~20 separate elementwise passes each way:
+
+* ``lcnn_zoo::centered_softplus_fwd(x, beta) -> y``: s0(x; β);
+* ``lcnn_zoo::centered_softplus_bwd(grad, y, beta, need_beta) -> (grad_x, grad_beta)``: ∂/∂x and the
+  per-layer ∂/∂β reduction together, from the output y (like ReLU's backward, no input is kept).
+
+Both are ``torch.library`` custom ops, so autograd (through :class:`.activation._CenteredSoftplusFn`),
+FakeTensor/meta tracing and ``vmap`` see one operation. Their kernels:
+
+* **CPU**: the reference formulas compiled once, for that function alone, by torch's own inductor
+  (``torch.compile(dynamic=True)`` on 1-D views of the dense storage, so one compiled kernel serves
+  every shape and both memory formats). Inductor ships with torch and emits one vectorised C++ loop;
+  the first call in a fresh cache compiles it (seconds), later processes reuse inductor's disk cache.
+* **CUDA**: Triton kernels (:mod:`.triton_kernels`; Triton ships with torch's CUDA wheels). With
+  ``TRITON_INTERPRET=1`` they run on CPU tensors, which is how the tests check them without a GPU.
+
+Where neither works (no C++ compiler, no Triton, an unsupported dtype) the reference formulas run,
+after one warning. ``LCNN_ZOO_FUSED=0`` turns the kernels off. Under ``torch.compile`` of a whole
+model the activation is not routed here: inductor fuses the reference formulas itself, together with
+the neighbouring ops. Double backward never uses these kernels (see :mod:`.activation`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import types
+import warnings
+from typing import Callable, Dict, Tuple
+
+import torch
+
+__all__ = ["fused_enabled", "centered_softplus_fwd", "centered_softplus_bwd", "SERIES_BELOW"]
+
+SERIES_BELOW = 5e-3  # |u| = |βy| under which ∂s0/∂β uses its series (the closed form cancels there)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_disabled: Dict[str, str] = {}  # device type -> why the kernels are off there (warned once)
+
+
+def fused_enabled(x: torch.Tensor) -> bool:
+    """Whether the fused kernels serve this tensor (its device type, its dtype, the opt-out)."""
+    if os.environ.get("LCNN_ZOO_FUSED", "1") == "0" or x.dtype not in _DTYPES:
+        return False
+    kind = x.device.type
+    if kind not in ("cpu", "cuda") or kind in _disabled:
+        return False
+    return _triton_module() is not None if _use_triton(x) else True
+
+
+def _disable(kind: str, why: str) -> None:
+    if kind not in _disabled:
+        _disabled[kind] = why
+        warnings.warn(f"lcnn_zoo: the fused centered-softplus kernels are off on {kind} ({why}); the unfused "
+                      f"formulas run instead (same values, more passes over memory).", RuntimeWarning, stacklevel=3)
+
+
+# ---- the functions, written once with torch ops (what inductor compiles on CPU) -------------------
+def forward_formula(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """s0(x; β) = g(βx)/β, g(t) = t/2 + log cosh(t/2) without overflow (see activation.py)."""
+    t = x * beta
+    u = 0.5 * t
+    a = u.abs()
+    return (u + a + torch.log1p(0.5 * torch.expm1(-2.0 * a))) / beta
+
+
+def backward_formula(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, need_beta: bool
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad·∂s0/∂x, Σ grad·∂s0/∂β) from the output y (the formulas of activation._fast_backward).
+
+    Computed in at least float32 (a bf16 activation's β-gradient is a sum over millions of terms)."""
+    acc = torch.promote_types(y.dtype, torch.float32)
+    g, yy, b = grad.to(acc), y.to(acc), beta.to(acc)
+    u = yy * b
+    e = torch.exp(torch.clamp(-u, min=math.log(torch.finfo(y.dtype).tiny) + 2.0))
+    # σ(βx) ≥ 0: a rounded output just below the infimum −log(2)/β (e > 2) is a saturated unit.
+    sig = torch.clamp(1.0 - 0.5 * e, min=0.0)
+    grad_x = (g * sig).to(grad.dtype)
+    if not need_beta:
+        return grad_x, torch.zeros((), dtype=beta.dtype, device=beta.device)
+    direct = sig * torch.log(torch.clamp(2.0 * sig, min=1e-30)) + u * (sig - 1.0)  # t·σ(t) − u
+    small = u.abs() < SERIES_BELOW
+    us = torch.where(small, u, 0.0)
+    t = us * (2.0 - us * (1.0 - us))  # t = log(2e^u − 1) = 2u − u² + u³ + O(u⁴)
+    t2 = t * t
+    series = 0.125 * t2 * (1.0 - 0.125 * t2)
+    f = torch.where(small, series, direct)
+    grad_beta = ((g * f).sum() / (b * b)).to(beta.dtype)
+    return grad_x, grad_beta
+
+
+# ---- CPU: inductor-compiled formulas ----------------------------------------------------------------
+def _cpu_fwd(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    return forward_formula(x, beta)
+
+
+def _cpu_bwd_x(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return backward_formula(grad, y, beta, False)
+
+
+def _cpu_bwd_x_beta(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return backward_formula(grad, y, beta, True)
+
+
+_CPU_FUNCTIONS = {"fwd": _cpu_fwd, "bwd_x": _cpu_bwd_x, "bwd_x_beta": _cpu_bwd_x_beta}
+_compiled: Dict[tuple, Callable] = {}
+
+
+def _cpu_kernel(name: str, *args: torch.Tensor) -> Callable:
+    """The compiled kernel for these inputs' dtypes and kind (inference tensors or not).
+
+    torch.compile keeps its compiled variants per code object, up to a small recompile limit, and
+    guards each on dtype and dispatch keys; so each such combination gets a copy of the function
+    with a code object of its own (and one graph for every size, ``dynamic=True``)."""
+    key = (name,) + tuple((a.dtype, a.is_inference()) for a in args)
+    fn = _compiled.get(key)
+    if fn is None:
+        base = _CPU_FUNCTIONS[name]
+        tag = "_".join(str(d).replace("torch.", "") + ("_inf" if inf else "") for d, inf in key[1:])
+        code = base.__code__.replace(co_name=f"{base.__name__}_{tag}")
+        copy = types.FunctionType(code, base.__globals__, code.co_name, base.__defaults__, base.__closure__)
+        fn = _compiled[key] = torch.compile(copy, dynamic=True, fullgraph=True)
+    return fn
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's memory (contiguous or channels_last), or a contiguous copy."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.contiguous().view(-1)
+
+
+def _unflat(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.is_contiguous():
+        return flat.view(like.shape)
+    if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = like.shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(like.shape)
+
+
+def _run_cpu(name: str, *args):
+    if args[0].numel() < 2:  # sizes 0 and 1 would each need a compiled variant of their own
+        return _CPU_FUNCTIONS[name](*args)
+    try:
+        return _cpu_kernel(name, *args)(*args)
+    except Exception as exc:  # no C++ compiler, an inductor failure: the formulas, after one warning
+        _disable("cpu", f"inductor could not compile them: {type(exc).__name__}")
+        return _CPU_FUNCTIONS[name](*args)
+
+
+# ---- the custom ops -------------------------------------------------------------------------------
+_FORCE_TRITON_ON_CPU = os.environ.get("LCNN_ZOO_TRITON_ON_CPU") == "1"  # tests: Triton under its interpreter
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" or (_FORCE_TRITON_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@torch.library.custom_op("lcnn_zoo::centered_softplus_fwd", mutates_args=())
+def centered_softplus_fwd(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """s0(x; β) in one pass. x: any shape, float; beta: 0-dim, positive. Returns x's shape and layout."""
+    xf = _flat(x)
+    if _use_triton(x):
+        yf = _triton_module().forward(xf, beta)
+    elif x.device.type == "cpu" and "cpu" not in _disabled:
+        yf = _run_cpu("fwd", xf, beta)
+    else:
+        yf = forward_formula(xf, beta)
+    return _unflat(yf, x)
+
+
+@centered_softplus_fwd.register_fake
+def _(x, beta):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lcnn_zoo::centered_softplus_bwd", mutates_args=())
+def centered_softplus_bwd(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, need_beta: bool
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad·∂s0/∂x, Σ grad·∂s0/∂β) in one pass from the output y; grad_beta is 0 unless need_beta."""
+    fmt = _format_of(y)
+    if grad.shape != y.shape or not grad.is_contiguous(memory_format=fmt):  # grad laid out as y is
+        grad = grad.expand_as(y).contiguous(memory_format=fmt)
+    gf, yf = _flat(grad), _flat(y)
+    if _use_triton(y):
+        gx, gb = _triton_module().backward(gf, yf, beta, need_beta)
+    elif y.device.type == "cpu" and "cpu" not in _disabled:
+        gx, gb = _run_cpu("bwd_x_beta" if need_beta else "bwd_x", gf, yf, beta)
+    else:
+        gx, gb = backward_formula(gf, yf, beta, need_beta)
+    return _unflat(gx, y), gb.reshape(beta.shape)
+
+
+@centered_softplus_bwd.register_fake
+def _(grad, y, beta, need_beta):
+    return torch.empty_like(y), torch.empty_like(beta)
+
+
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# vmap (torch.func): the reference formulas, batched by broadcasting.
+def _fwd_vmap(info, in_dims, x, beta):
+    xd, bd = in_dims
+    if bd is None:
+        return centered_softplus_fwd(x, beta), xd
+    x = x.movedim(xd, 0) if xd is not None else x.unsqueeze(0)
+    b = beta.movedim(bd, 0).reshape((-1,) + (1,) * (x.dim() - 1))
+    return forward_formula(x, b), 0
+
+
+def _bwd_vmap(info, in_dims, grad, y, beta, need_beta):
+    gd, yd, bd = in_dims
+    size = info.batch_size
+    g = grad.movedim(gd, 0) if gd is not None else grad.unsqueeze(0).expand(size, *grad.shape)
+    yy = y.movedim(yd, 0) if yd is not None else y.unsqueeze(0).expand(size, *y.shape)
+    b = beta.movedim(bd, 0) if bd is not None else beta.unsqueeze(0).expand(size, *beta.shape)
+    outs = [backward_formula(g[i], yy[i], b[i], need_beta) for i in range(size)]
+    return (torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])), (0, 0)
+
+
+torch.library.register_vmap("lcnn_zoo::centered_softplus_fwd", _fwd_vmap)
+torch.library.register_vmap("lcnn_zoo::centered_softplus_bwd", _bwd_vmap)
+
+
+# ---- CUDA: Triton ---------------------------------------------------------------------------------
+_triton = None
+
+
+def _triton_module():
+    """The Triton kernels (imported on first use), or None after one warning when Triton is missing."""
+    global _triton
+    if _triton is None:
+        try:
+            from . import triton_kernels
+            _triton = triton_kernels
+        except Exception as exc:  # Triton missing or broken: the formulas
+            _disable("cuda", f"Triton is not usable: {type(exc).__name__}")
+            _triton = False
+    return _triton or None

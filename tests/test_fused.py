@@ -1,0 +1,218 @@
+"""The fused centered-softplus kernels (lcnn_zoo/layers/fused.py, triton_kernels.py) against the
+unfused formulas of activation.py evaluated in float64: values, ∂/∂x, the β-gradient reduction,
+over β ∈ [1e-4, 1e4], contiguous and channels_last, float32, bfloat16 and float64. The Triton kernels
+run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), in a subprocess."""
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.autograd import gradgradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lcnn_zoo import CenteredSoftplus
+from lcnn_zoo.layers import activation, fused
+
+ROOT = Path(__file__).resolve().parents[1]
+BETAS = [1e-4, 1e-2, 1.0, 1e2, 1e4]
+# Output rounding of each dtype, relative; the β-gradient is a sum over all elements (float32 accumulation).
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.6e-2}
+
+
+def _reference(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """The unfused forward formula (activation.py), in float64, from the float64 input."""
+    xd, b = x.double(), torch.tensor(beta, dtype=torch.float64)
+    return activation._centered_softplus_t(xd * b) / b
+
+
+def _inputs(dtype, beta, channels_last, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # |βx| from 1e-6 to 1e4: the series region, the closed form and saturation all occur.
+    scale = torch.logspace(-6, 4, 2 * 3 * 5 * 7, dtype=torch.float64).reshape(2, 3, 5, 7) / beta
+    x = (torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    g = torch.randn(2, 3, 5, 7, generator=gen, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    return x, g
+
+
+def _close(got, want, dtype, what):
+    err = (got.double() - want).abs().max().item()
+    bound = TOL[dtype] * (want.abs().max().item() + 1e-300) * 4
+    assert err <= bound, f"{what}: {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("beta", BETAS)
+def test_cpu_kernels_match_unfused_formulas(beta, dtype, channels_last):
+    x, g = _inputs(dtype, beta, channels_last)
+    b = torch.tensor(beta, dtype=dtype if dtype != torch.bfloat16 else torch.float32)
+    y = torch.ops.lcnn_zoo.centered_softplus_fwd(x, b)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    _close(y, _reference(x, beta), dtype, "value")
+    # The backward is taken at the kernel's own output (as autograd does).
+    d_x, d_beta = activation._derivatives_from_output(y.double(), torch.tensor(beta, dtype=torch.float64))
+    gd = g.double()
+    gx, gb = torch.ops.lcnn_zoo.centered_softplus_bwd(g, y, b, True)
+    assert gx.dtype == g.dtype and gb.shape == b.shape
+    _close(gx, gd * d_x, dtype, "grad_x")
+    err = abs(gb.double().item() - (gd * d_beta).sum().item())
+    scale = (gd * d_beta).abs().sum().item()
+    # In float32 the closed form t·σ(t) − u cancels just above the series threshold (|u| = 5e-3: ~1e-4
+    # relative per term); the unfused float32 path has the same error.
+    assert err <= (1e-12 if dtype == torch.float64 else 2e-3) * scale, (err, scale)
+    gx0, gb0 = torch.ops.lcnn_zoo.centered_softplus_bwd(g, y, b, False)
+    assert torch.equal(gx0, gx) and gb0.item() == 0.0
+
+
+def test_module_uses_the_fused_ops_and_matches_the_formulas():
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    act = CenteredSoftplus(beta_init=3.0).double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    with Ops() as ops:
+        y = act(x)
+        y.square().sum().backward()
+    assert "lcnn_zoo.centered_softplus_fwd.default" in ops.names
+    assert "lcnn_zoo.centered_softplus_bwd.default" in ops.names
+    gx, gb = x.grad.clone(), act.log_beta.grad.clone()
+    # The same through the unfused path.
+    x.grad, act.log_beta.grad = None, None
+    os.environ["LCNN_ZOO_FUSED"] = "0"
+    try:
+        with Ops() as ops:
+            y2 = act(x)
+            y2.square().sum().backward()
+        assert not any(n.startswith("lcnn_zoo.") for n in ops.names)
+    finally:
+        del os.environ["LCNN_ZOO_FUSED"]
+    torch.testing.assert_close(y, y2, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(x.grad, gx, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(act.log_beta.grad, gb, rtol=1e-12, atol=1e-15)
+
+
+def test_double_backward_uses_the_differentiable_formulas():
+    """create_graph backward (exact GradReg, Hessian-vector products) never calls the fused backward."""
+    act = CenteredSoftplus(beta_init=2.0).double()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert gradgradcheck(lambda t: act(t), (x,))
+    y = act(x)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert gx.grad_fn is not None  # a graph was recorded: the differentiable formulas ran
+    (h,) = torch.autograd.grad(gx.sum(), x)
+    beta = act.beta.detach()
+    # s0''(x) = β σ(βx)(1 − σ(βx))
+    s = torch.sigmoid(beta * x.detach())
+    torch.testing.assert_close(h, beta * s * (1 - s))
+
+
+def test_a_compile_failure_falls_back_with_one_warning(monkeypatch):
+    def broken(name, *args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(fused, "_cpu_kernel", broken)
+    monkeypatch.setattr(fused, "_disabled", {})
+    x = torch.randn(4, 3, dtype=torch.float64)
+    b = torch.tensor(1.5, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.ops.lcnn_zoo.centered_softplus_fwd(x, b)
+        y2 = CenteredSoftplus(1.5).double()(x)
+    msgs = [str(w.message) for w in caught if "fused centered-softplus" in str(w.message)]
+    assert len(msgs) == 1 and "unfused formulas" in msgs[0]
+    torch.testing.assert_close(y, fused.forward_formula(x, b))
+    torch.testing.assert_close(y2, y)
+    assert not fused.fused_enabled(x)
+
+
+TRITON_SCRIPT = r"""
+import json, sys, torch
+from lcnn_zoo.layers import activation, triton_kernels as tk
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for beta in (1e-4, 1e-2, 1.0, 1e2, 1e4):
+        gen = torch.Generator().manual_seed(1)
+        scale = torch.logspace(-6, 4, 2000, dtype=torch.float64) / beta
+        x = (torch.randn(2000, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        g = torch.randn(2000, generator=gen, dtype=torch.float64).to(dtype)
+        b = torch.tensor(beta, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        bd = torch.tensor(beta, dtype=torch.float64)
+        y = tk.forward(x, b)
+        y_ref = activation._centered_softplus_t(x.double() * bd) / bd
+        gx, gb = tk.backward(g, y, b, True)
+        dx, db = activation._derivatives_from_output(y.double(), bd)
+        gd = g.double()
+        out.append(dict(dtype=str(dtype), beta=beta,
+                        value=float((y.double() - y_ref).abs().max() / y_ref.abs().max()),
+                        grad_x=float((gx.double() - gd * dx).abs().max() / (gd * dx).abs().max()),
+                        grad_beta=abs(float(gb) - float((gd * db).sum())) / float((gd * db).abs().sum())))
+json.dump(out, sys.stdout)
+"""
+
+
+def test_triton_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    assert len(rows) == 15
+    for r in rows:
+        tol = {"torch.float64": 1e-12, "torch.float32": 2e-6, "torch.bfloat16": 1.6e-2}[r["dtype"]]
+        gb_tol = 1e-12 if r["dtype"] == "torch.float64" else 2e-3  # see test_cpu_kernels_match_unfused_formulas
+        assert r["value"] <= 4 * tol and r["grad_x"] <= 4 * tol and r["grad_beta"] <= gb_tol, r
+
+
+def test_triton_path_is_routed_on_cpu_under_the_interpreter():
+    """The custom ops take the Triton kernels when asked to (as on CUDA), end to end through a module."""
+    pytest.importorskip("triton")
+    script = ("import torch, lcnn_zoo; from lcnn_zoo.layers import fused; torch.manual_seed(0);"
+              "a = lcnn_zoo.CenteredSoftplus(2.0).double(); x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True);"
+              "called = []; orig = fused._triton_module;"
+              "fused._triton_module = lambda: (called.append(1), orig())[1];"
+              "a(x).pow(2).sum().backward(); g = x.grad.clone(); bg = a.log_beta.grad.clone();"
+              "x.grad = None; a.log_beta.grad = None; import os; os.environ['LCNN_ZOO_FUSED'] = '0';"
+              "a(x).pow(2).sum().backward();"
+              "assert called; print(float((g - x.grad).abs().max()), float((bg - a.log_beta.grad).abs()))")
+    env = dict(os.environ, TRITON_INTERPRET="1", LCNN_ZOO_TRITON_ON_CPU="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dx, db = (float(v) for v in proc.stdout.split())
+    assert dx <= 1e-13 and db <= 1e-12 * 10, (dx, db)
+    assert math.isfinite(dx)
+
+
+def test_every_dtype_and_inference_mode_gets_a_kernel_without_hitting_the_recompile_limit():
+    """More input kinds than torch.compile's per-function recompile limit (8): each (dtype, inference)
+    combination has a kernel of its own, and none falls back to the formulas."""
+    before = dict(fused._disabled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+            for beta_dtype in (torch.float32, torch.float64):
+                for inference in (False, True):
+                    with torch.inference_mode(inference):
+                        x = torch.linspace(-3, 3, 50).to(dtype)
+                        b = torch.tensor(2.0, dtype=beta_dtype)
+                        y = torch.ops.lcnn_zoo.centered_softplus_fwd(x, b)
+                        g = torch.ones_like(y)
+                        torch.ops.lcnn_zoo.centered_softplus_bwd(g, y, b, True)
+                    want = fused.forward_formula(x.double(), b.double())
+                    assert (y.double() - want).abs().max() <= 2e-2
+    assert fused._disabled == before
