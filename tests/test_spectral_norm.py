@@ -282,3 +282,43 @@ def test_an_averaged_copy_is_within_its_bound_once_converged():
         fold(averaged)
     converge_spectral_norms(averaged, 400, tol=1e-4)
     assert not stale_spectral_norms(averaged) and worst(averaged) <= 1.001
+
+
+TRAIN_GRAD_LAYERS = {
+    "conv": lambda: nn.Conv2d(3, 5, 3, padding=1),
+    "conv_stride_groups": lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+    "conv_asymmetric_same": lambda: Conv2dSame(3, 4, 4, stride=2),
+    "conv_unread_rows": lambda: nn.Conv2d(3, 4, 3, stride=2),
+    "linear": lambda: nn.Linear(7, 5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_GRAD_LAYERS))
+def test_training_forward_gradient_matches_autograd_through_the_norm(name):
+    """The training forward's σ = uᵀA_W v with its precomputed gradient (one Function) gives the value
+    and the weight gradient of autograd through W / ‖A_W v‖ at the same, freshly updated v (float64)."""
+    torch.manual_seed(0)
+    layer = TRAIN_GRAD_LAYERS[name]().double()
+    spectral_norm(layer, None if name == "linear" else (layer.in_channels, 6, 6))
+    sn = layer.parametrizations.weight[0]
+    orig = layer.parametrizations.weight.original
+    with torch.no_grad():
+        orig.add_(0.3 * torch.randn_like(orig))  # vectors one step behind the weight, as in training
+    layer.train()
+    x = torch.randn(2, *((7,) if name == "linear" else (layer.in_channels, 6, 6)), dtype=torch.float64)
+    r = torch.randn_like(layer(x))
+    orig.grad = None
+    out_new = layer(x)  # one training forward: one power step, then σ and its gradient
+    (out_new * r).sum().backward()
+    g_new = orig.grad.clone()
+    # Reference: autograd through the norm at the vector the training forward stored.
+    sn.eval()
+    w_ref_t = orig.detach().clone().requires_grad_(True)
+    v = sn._v.clone()
+    w_ref = w_ref_t / sn.operator(v, w_ref_t).norm()
+    out = (torch.nn.functional.linear(x, w_ref, layer.bias) if name == "linear"
+           else layer._conv_forward(x, w_ref, layer.bias) if not isinstance(layer, Conv2dSame)
+           else torch.nn.functional.conv2d(torch.nn.functional.pad(x, sn.padding), w_ref, layer.bias, layer.stride))
+    (out * r).sum().backward()
+    torch.testing.assert_close(out_new.detach(), out.detach(), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(g_new, w_ref_t.grad, rtol=1e-10, atol=1e-12)

@@ -56,6 +56,10 @@ class LinearOperator:
     def adjoint(self, y: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
         return torch.mv(weight.t(), y)
 
+    def sigma_gradient(self, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """∂(uᵀ W v)/∂W = u vᵀ (out, in)."""
+        return torch.outer(u, v)
+
     def describe(self) -> str:
         return "kind=linear"
 
@@ -128,12 +132,43 @@ class Conv2dOperator:
         x = F.conv_transpose2d(y, weight, None, self.stride, 0, out_pad, self.groups, self.dilation)
         return x[..., t:t + in_shape[-2], l:l + in_shape[-1]]
 
+    @property
+    def sigma_gradient(self):
+        """∂⟨u, A_W v⟩/∂W (W's shape): the convolution's weight gradient for input v and output
+        gradient u. None for reflect/replicate/circular padding (autograd differentiates those)."""
+        return self._sigma_gradient if self.padding_mode == "zeros" else None
+
+    def _sigma_gradient(self, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        sym = self._symmetric_padding()
+        if sym is None:
+            v = F.pad(v, self.padding)
+            sym = (0, 0)
+        return torch.nn.grad.conv2d_weight(v, weight.shape, u, self.stride, sym, self.dilation, self.groups)
+
     def describe(self) -> str:
         return (f"kind=conv2d, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}")
 
 
 _OPERATORS = {"linear": LinearOperator, "conv2d": Conv2dOperator}
+
+
+class _DivideBySigma(torch.autograd.Function):
+    """W ↦ W / σ(W) where σ is linear in W with gradient G = ∂σ/∂W (σ = uᵀA_W v, u and v constants).
+
+    Backward: g ↦ (g − ⟨g, W⟩/σ · G) / σ, written with differentiable ops (so a create_graph backward
+    records it)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, sigma: torch.Tensor, grad_sigma: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight, sigma, grad_sigma)
+        return weight / sigma
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        weight, sigma, grad_sigma = ctx.saved_tensors
+        coef = (grad * weight).sum() / sigma
+        return torch.addcmul(grad, grad_sigma, coef, value=-1.0).div_(sigma), None, None
 
 
 class SpectralNorm(nn.Module):
@@ -381,17 +416,31 @@ class SpectralNorm(nn.Module):
     def _normalized(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training and not self.frozen and self.n_power_iterations > 0:
             with torch.no_grad():
-                w = weight.detach()
+                w = weight  # (no graph is recorded in this block)
                 u = self._u
                 for _ in range(self.n_power_iterations - 1):
                     u = _normalize(self.operator(_normalize(self.adjoint(u, w)), w))
-                v = _normalize(self.adjoint(u, w))
-            av = self.operator(v, weight)
-            sigma = av.norm().clamp_min(_EPS)
+                t = self.adjoint(u, w)
+                if self.op.sigma_gradient is None:  # reflect/replicate/circular padding: σ = ‖A_W v‖ by autograd
+                    v = _normalize(t)
+                else:
+                    v = torch.div(t, torch.linalg.vector_norm(t).clamp_min_(_EPS), out=self._v)
+            if self.op.sigma_gradient is None:
+                av = self.operator(v, weight)
+                sigma = av.norm().clamp_min(_EPS)
+                with torch.no_grad():
+                    self._v.copy_(v)
+                    self._u.copy_(av.detach() / sigma.detach())
+                return weight / sigma
             with torch.no_grad():
-                self._v.copy_(v)
-                self._u.copy_(av.detach() / sigma.detach())
-            return weight / sigma
+                s = self.operator(v, w)
+                sigma = torch.linalg.vector_norm(s).clamp_min_(_EPS)
+                u = torch.div(s, sigma, out=self._u)
+                grad_sigma = self.op.sigma_gradient(u, v, w)
+            # σ(W) = uᵀA_W v with u, v the iteration's constants (Miyato et al.): its value is ‖A_W v‖ and
+            # its gradient the tensor ∂(uᵀA_W v)/∂W, already computed without autograd; so the normalisation
+            # is one Function with a two-op backward instead of autograd through a convolution and a norm.
+            return _DivideBySigma.apply(weight, sigma, grad_sigma)
         return weight / self.sigma(weight)
 
     def __prepare_scriptable__(self):
