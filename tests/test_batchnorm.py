@@ -135,3 +135,20 @@ def test_saves_no_extra_activation_for_backward(affine):
     torch.testing.assert_close(y, y2)
     for a, b in zip(grads, grads2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("gamma,var_scale", [(2.0, 1.0), (50.0, 1.0), (1.5, 100.0)])
+def test_channel_scale_matches_the_lipschitz_scale_and_its_gradient(gamma, var_scale):
+    """The training forward's one-Function γ-clip (no affine weight) against
+    γ / max(‖BN‖₂, γ) by autograd, in both regimes (γ below and above ‖BN‖₂), float64."""
+    from lcnn_zoo.layers.batchnorm import _ChannelScale
+
+    bn = make(False, gamma, var_scale)
+    raw = bn.gamma_raw
+    got = _ChannelScale.apply(raw, bn.running_var, bn.eps, 4)
+    assert got.shape == (4,) and got.is_contiguous()
+    (g_got,) = torch.autograd.grad(got.sum() * 3.0, raw)
+    want = bn.lipschitz_scale().repeat(4)
+    (g_want,) = torch.autograd.grad(want.sum() * 3.0, raw)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-15)

@@ -110,11 +110,11 @@ class LipschitzBatchNorm2d(nn.Module):
 
     def _scaled_affine(self, var: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """BatchNorm's (weight, bias) with the Lipschitz scale folded in: (s·w, s·b), or s per channel."""
-        scale = self.lipschitz_scale(var)
         if self.weight is None:
             # A real (C,) tensor, not a stride-0 expand: F.batch_norm's CPU backward gives wrong
             # gradients for channels_last inputs with an expanded weight.
-            return scale.repeat(self.num_features), None
+            return _ChannelScale.apply(self.gamma_raw, var, self.eps, self.num_features), None
+        scale = self.lipschitz_scale(var)
         return self.weight * scale, self.bias * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +182,29 @@ class LipschitzBatchNormAct2d(LipschitzBatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(super().forward(x)))
+
+
+class _ChannelScale(torch.autograd.Function):
+    """The γ-clip of a BatchNorm without affine weight, as a (C,) weight: every entry is
+    s = min(γ, ‖BN‖₂)/‖BN‖₂ = min(1, γ·sqrt(min(var) + eps)), γ = 1 + softplus(gamma_raw).
+
+    The same value as :meth:`LipschitzBatchNorm2d.lipschitz_scale`, in a handful of small ops with a
+    two-op backward (∂s/∂gamma_raw = sigmoid(gamma_raw)·sqrt(min var + eps) where s < 1, else 0),
+    instead of autograd through max/maximum/repeat. The running variance is a buffer (no gradient).
+    Differentiable backward ops, so a create_graph backward records it."""
+
+    @staticmethod
+    def forward(ctx, gamma_raw: torch.Tensor, var: torch.Tensor, eps: float, channels: int) -> torch.Tensor:  # type: ignore[override]
+        inv_norm = var.amin().add_(eps).sqrt_()  # 1 / ‖BN‖₂
+        unclipped = torch.addcmul(inv_norm, F.softplus(gamma_raw), inv_norm)  # γ / ‖BN‖₂
+        ctx.save_for_backward(gamma_raw, inv_norm, unclipped)
+        return unclipped.clamp_max(1.0).expand(channels).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        gamma_raw, inv_norm, unclipped = ctx.saved_tensors
+        slope = torch.sigmoid(gamma_raw).mul_(inv_norm).mul_(unclipped < 1.0)
+        return grad.sum() * slope, None, None, None
 
 
 class _AllReduceSum(torch.autograd.Function):
