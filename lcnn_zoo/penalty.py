@@ -70,11 +70,57 @@ class LCNNPenalty:
         }
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
-        t = self.terms(model)
-        return self.lambda_beta * t["sum_beta"] + self.lambda_gamma * t["sum_log_gamma"]
+        """λβ·Σβ + λγ·Σ log γ (0-dim), the value of :meth:`terms` combined, in a constant number of
+        ``torch._foreach_*`` ops for all layers (forward and backward) instead of a few per layer."""
+        log_betas, gamma_raws = [], []
+        for m in model.modules():
+            if isinstance(m, CenteredSoftplus):
+                log_betas.append(m.log_beta)
+            elif isinstance(m, LipschitzBatchNorm2d):
+                gamma_raws.append(m.gamma_raw)
+        if not log_betas and not gamma_raws:
+            ref = next(model.parameters(), None)
+            return torch.zeros((), device=ref.device if ref is not None else None)
+        return _PenaltyFn.apply(self.lambda_beta, self.lambda_gamma, len(log_betas), *log_betas, *gamma_raws)
 
     def __repr__(self) -> str:
         return f"LCNNPenalty(lambda_beta={self.lambda_beta}, lambda_gamma={self.lambda_gamma})"
+
+
+class _PenaltyFn(torch.autograd.Function):
+    """λβ·Σᵢ exp(log βᵢ) + λγ·Σⱼ log(1 + softplus(rⱼ)) over two lists of 0-dim tensors, with foreach ops.
+
+    ∂/∂log βᵢ = λβ·βᵢ;  ∂/∂rⱼ = λγ·sigmoid(rⱼ)/γⱼ, with sigmoid(r) = −expm1(−softplus(r))."""
+
+    @staticmethod
+    def forward(ctx, lambda_beta: float, lambda_gamma: float, n_beta: int, *params: torch.Tensor  # type: ignore[override]
+                ) -> torch.Tensor:
+        log_betas, raws = list(params[:n_beta]), list(params[n_beta:])
+        betas = torch._foreach_exp(log_betas) if log_betas else []
+        terms = torch._foreach_mul(betas, lambda_beta) if betas else []
+        softplus = []
+        if raws:  # softplus(r) = max(r, 0) + log1p(exp(−|r|)), without overflow
+            softplus = torch._foreach_log1p(torch._foreach_exp(torch._foreach_neg(torch._foreach_abs(raws))))
+            torch._foreach_add_(softplus, torch._foreach_maximum(raws, 0.0))
+            log_gamma = torch._foreach_log1p(softplus)
+            torch._foreach_mul_(log_gamma, lambda_gamma)
+            terms = terms + log_gamma
+        ctx.n_beta, ctx.lambdas = n_beta, (lambda_beta, lambda_gamma)
+        ctx.save_for_backward(*betas, *softplus)
+        return torch.stack(terms).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        saved = ctx.saved_tensors
+        betas, softplus = list(saved[:ctx.n_beta]), list(saved[ctx.n_beta:])
+        lambda_beta, lambda_gamma = ctx.lambdas
+        grads = torch._foreach_mul(betas, grad * lambda_beta) if betas else []
+        if softplus:
+            sig = torch._foreach_expm1(torch._foreach_neg(softplus))  # −sigmoid(r)
+            torch._foreach_div_(sig, torch._foreach_add(softplus, 1.0))
+            torch._foreach_mul_(sig, grad * -lambda_gamma)
+            grads = grads + sig
+        return (None, None, None, *grads)
 
 
 class GradRegOutput(NamedTuple):

@@ -102,3 +102,25 @@ def test_param_groups_exclude_beta_gamma():
     groups_1d = param_groups(model, 5e-4, exclude_1d=True)
     assert all(p.ndim > 1 for p in groups_1d[0]["params"])
     torch.optim.SGD(groups, lr=0.1)  # accepted by optimizers
+
+
+def test_penalty_matches_its_terms_for_many_layers_and_extreme_gammas():
+    """The foreach penalty against the per-layer formula (terms) by autograd: value and every gradient,
+    with a fixed-β layer and γ-parameters far into both tails of the softplus."""
+    torch.manual_seed(0)
+    acts = [CenteredSoftplus(beta_init=b) for b in (0.5, 3.0, 40.0)] + [CenteredSoftplus(2.0, learnable=False)]
+    bns = [LipschitzBatchNorm2d(2, gamma_init=g) for g in (1.0001, 2.0, 10.0, 500.0)]
+    model = nn.Sequential(*acts, *bns).double()
+    with torch.no_grad():
+        bns[-1].gamma_raw.fill_(120.0)  # softplus(120) = 120: exp(120) would overflow float32
+        bns[0].gamma_raw.fill_(-60.0)
+    pen = LCNNPenalty(lambda_beta=0.3, lambda_gamma=0.7)
+    params = [a.log_beta for a in acts[:3]] + [b.gamma_raw for b in bns]
+    value = pen(model)
+    grads = torch.autograd.grad(value * 2.0, params)
+    t = pen.terms(model)
+    want = 0.3 * t["sum_beta"] + 0.7 * t["sum_log_gamma"]
+    want_grads = torch.autograd.grad(want * 2.0, params)
+    assert value.item() == pytest.approx(want.item(), rel=1e-14)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-300)
