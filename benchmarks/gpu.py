@@ -200,6 +200,66 @@ def real_run(device: torch.device, fmnist_dir: str, epochs: int, subset: int, ou
             "test_top1": s["final"].get("top1"), "epoch_time_s": [h["train_epoch_time_s"] for h in s["history"]]}
 
 
+def fused_check(device: torch.device) -> Dict[str, object]:
+    """The fused centered-softplus kernels on this device (Triton on CUDA) against the unfused formulas
+    in float64: max relative errors of value, ∂/∂x and the β-gradient, float32 and bf16, both layouts."""
+    from lcnn_zoo.layers import activation
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for beta in (1e-4, 1.0, 5.0, 1e4):
+            for cl in (False, True):
+                g = torch.Generator().manual_seed(0)
+                scale = torch.logspace(-6, 4, 8 * 16 * 8 * 8, dtype=torch.float64).reshape(8, 16, 8, 8) / beta
+                x = (torch.randn(8, 16, 8, 8, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+                gr = torch.randn(8, 16, 8, 8, generator=g, dtype=torch.float64).to(device, dtype)
+                if cl:
+                    x, gr = x.to(memory_format=torch.channels_last), gr.to(memory_format=torch.channels_last)
+                b = torch.tensor(beta, device=device)
+                y = torch.ops.lcnn_zoo.centered_softplus_fwd(x, b)
+                gx, gb = torch.ops.lcnn_zoo.centered_softplus_bwd(gr, y, b, True)
+                bd = b.double()
+                y_ref = activation._centered_softplus_t(x.double() * bd) / bd
+                dx, db = activation._derivatives_from_output(y.double(), bd)
+                gd = gr.double()
+                rows.append({"dtype": str(dtype), "beta": beta, "channels_last": cl,
+                             "value": float((y.double() - y_ref).abs().max() / y_ref.abs().max()),
+                             "grad_x": float((gx.double() - gd * dx).abs().max() / (gd * dx).abs().max()),
+                             "grad_beta": float((gb.double() - (gd * db).sum()).abs() / (gd * db).abs().sum())})
+    return {"rows": rows, "worst": {k: max(r[k] for r in rows) for k in ("value", "grad_x", "grad_beta")}}
+
+
+def launches(device: torch.device, batch: int) -> Dict[str, object]:
+    """Kernel launches per training step from torch.profiler (CUDA kernels; CPU ops on the CPU), beside
+    the dispatched-op count of benchmarks.op_count, for timm's ReLU net, the softplus net and the LCNN."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.op_count import count_step_ops
+
+    res = {}
+    for kind in ("timm_relu", "softplus", "lcnn"):
+        model = (timm_cifar_resnet18(100) if kind == "timm_relu" else
+                 timm.create_model("lcnn_resnet18_softplus" if kind == "softplus" else "lcnn_resnet18",
+                                   num_classes=100)).to(device).train()
+        x = torch.rand(batch, 3, 32, 32, device=device)
+        y = torch.randint(0, 100, (batch,), device=device)
+        step = _step_fn(model, kind, x, y, amp=False, channels_last=False)
+        step()
+        step()
+        _sync(device)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step()
+            _sync(device)
+        events = prof.events()
+        n_kernels = sum(1 for e in events if getattr(e, "device_type", None) is not None
+                        and str(e.device_type).endswith("CUDA"))
+        res[kind] = {"cuda_kernels": n_kernels if device.type == "cuda" else None,
+                     "dispatched_ops": sum(count_step_ops(kind if kind != "softplus" else "softplus", 8,
+                                                          model=model.cpu().train()).values())}
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU")
@@ -210,9 +270,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     dry = device.type == "cpu"
+    if dry and not Path(args.data_dir).is_dir() and Path("/usr/share/datasets/fashion-mnist").is_dir():
+        args.data_dir = "/usr/share/datasets/fashion-mnist"  # the dry run on a development machine
     report: Dict[str, object] = {"machine": machine(), "timm": timm.__version__, "dry_run": dry}
     print(json.dumps(report["machine"]), flush=True)
     sections = [
+        ("fused_check", lambda: fused_check(device)),
+        ("launches", lambda: launches(device, 8 if dry else 128)),
         ("train_step", lambda: train_steps(device, 8 if dry else 128, 2 if dry else 30, compile_too=not dry)),
         ("throughput", lambda: throughput(device, str(_standin(out)), 1 if dry else 2, 64 if dry else 10000,
                                           32 if dry else 128, out)),
