@@ -57,12 +57,29 @@ def _disable(kind: str, why: str) -> None:
 
 
 # ---- the functions, written once with torch ops (what inductor compiles on CPU) -------------------
+def _expm1_nonpositive(w: torch.Tensor) -> torch.Tensor:
+    """expm1(w) for w ≤ 0 from exp and log: Kahan's (e − 1)·w / log e where e − 1 cancels, e − 1 elsewhere.
+
+    Within a few ulp of expm1. Written so because the vectorised CPU expm1 and log1p that inductor
+    emits are many times slower than its exp and log (docs/performance.md); the Triton kernels use
+    the same identities."""
+    e = torch.exp(w)
+    kahan = torch.where(e == 1.0, w, (e - 1.0) * w / torch.log(e))
+    return torch.where(w > -0.5, kahan, e - 1.0)
+
+
+def _log1p_small(q: torch.Tensor) -> torch.Tensor:
+    """log1p(q) for q in [−1/2, 0] from log: Goldberg's log(1 + q)·q / ((1 + q) − 1)."""
+    s = 1.0 + q
+    return torch.where(s == 1.0, q, torch.log(s) * q / (s - 1.0))
+
+
 def forward_formula(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """s0(x; β) = g(βx)/β, g(t) = t/2 + log cosh(t/2) without overflow (see activation.py)."""
-    t = x * beta
-    u = 0.5 * t
+    """s0(x; β) = g(βx)/β, g(t) = t/2 + log cosh(t/2) without overflow (activation.py's formula, with
+    expm1 and log1p written from exp and log)."""
+    u = 0.5 * (x * beta)
     a = u.abs()
-    return (u + a + torch.log1p(0.5 * torch.expm1(-2.0 * a))) / beta
+    return (u + a + _log1p_small(0.5 * _expm1_nonpositive(-2.0 * a))) / beta
 
 
 def backward_formula(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, need_beta: bool
