@@ -243,11 +243,14 @@ def test_sigma_is_computed_in_full_precision_under_autocast():
         torch.testing.assert_close(mixed, plain, rtol=1e-6, atol=1e-7)
 
 
-def test_an_averaged_copy_is_within_its_bound_once_converged():
-    """timm's ModelEmaV3 averages the singular-vector buffers with the weights: the averaged v is not
-    the top singular vector of the averaged weights. ``fold`` says so; converging restores the
-    stated 1e-3 (true norms from a 300-product Lanczos run per layer)."""
+def test_an_averaged_copy_is_within_its_bound_at_its_first_eval_forward():
+    """timm's ModelEmaV3 (defaults: buffers averaged) after high-lr SGD: the averaged v is not the top
+    singular vector of the averaged weights (stale before any eval forward); the first eval forward
+    re-converges them, so every layer is within the stated 1e-3 (true norms from a 300-product Lanczos
+    run per layer) with no call to converge_spectral_norms, and fold has nothing to warn about. A write
+    through ``.data`` is not seen (documented): converge_spectral_norms is needed then."""
     import copy
+    import warnings
 
     import timm
     from timm.utils import ModelEmaV3
@@ -260,7 +263,7 @@ def test_an_averaged_copy_is_within_its_bound_once_converged():
     model = timm.create_model("lcnn_resnet20", num_classes=10, in_chans=1, img_size=(8, 8))
     ema = ModelEmaV3(model, decay=0.9)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    for step in range(40):
+    for step in range(25):
         loss = torch.nn.functional.cross_entropy(model(torch.rand(8, 1, 8, 8)), torch.randint(0, 10, (8,)))
         opt.zero_grad()
         loss.backward()
@@ -277,11 +280,27 @@ def test_an_averaged_copy_is_within_its_bound_once_converged():
         return max(ratios)
 
     averaged = ema.module.eval()
-    assert stale_spectral_norms(averaged)
-    with pytest.warns(UserWarning, match="not converged"):
+    assert stale_spectral_norms(averaged)  # what the EMA left in the buffers
+    with torch.no_grad():
+        averaged(torch.rand(2, 1, 8, 8))
+    assert not stale_spectral_norms(averaged)
+    assert worst(averaged) <= 1.001
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         fold(averaged)
-    converge_spectral_norms(averaged, 400, tol=1e-4)
-    assert not stale_spectral_norms(averaged) and worst(averaged) <= 1.001
+    # The trained model itself, switched to eval: the same.
+    model.eval()
+    with torch.no_grad():
+        model(torch.rand(2, 1, 8, 8))
+    assert not stale_spectral_norms(model)
+    # Through .data the change is invisible to the check; converge_spectral_norms restores the vectors.
+    conv = next(m for m, _ in spectral_norm_modules(model))
+    conv.parametrizations.weight.original.data.mul_(torch.linspace(0.2, 3.0, conv.out_channels).view(-1, 1, 1, 1))
+    with torch.no_grad():
+        model(torch.rand(2, 1, 8, 8))
+    assert stale_spectral_norms(model)
+    converge_spectral_norms(model, 400, tol=1e-4)
+    assert not stale_spectral_norms(model)
 
 
 TRAIN_GRAD_LAYERS = {

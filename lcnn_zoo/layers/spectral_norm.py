@@ -189,9 +189,15 @@ class SpectralNorm(nn.Module):
     Power iteration: at initialisation until σ is accurate to ``init_tol`` (relative; at most
     ``init_iterations`` iterations); then one step per training-mode forward
     (``n_power_iterations``), on persistent buffers, with ``σ = ‖A_W v‖`` differentiated w.r.t. W
-    (u, v treated as constants, as in Miyato et al.). In eval mode no iteration runs and σ is
-    recomputed from the current weight at every call — nothing is cached, so weights changed in any
-    way (``.data``, EMA/SWA tools, ``torch.func.functional_call``) are always seen. For repeated
+    (u, v treated as constants, as in Miyato et al.). In eval mode σ is recomputed from the current
+    weight at every call — nothing is cached, so weights changed in any way (``.data``, EMA/SWA tools,
+    ``torch.func.functional_call``) are always seen — and the singular vectors are re-converged (to
+    ``init_tol``, warm-started) at the first eval forward after the weight tensor changed in place
+    or was replaced (its version counter or storage differs from the last check): an averaged copy
+    (timm's ModelEmaV3, SWA), whose vectors are an average or a copy, is within its bound without
+    a call to :func:`~lcnn_zoo.converge_spectral_norms`. Not seen by that check, and so needing that
+    call: writes through ``weight.data``, and eval under ``torch.compile`` or ``torch.func``
+    transforms (where the vectors are used as they are). For repeated
     calls with fixed weights, ``torch.nn.utils.parametrize.cached()`` caches the normalised weight
     within its block; :func:`lcnn_zoo.fold` bakes it for deployment.
 
@@ -223,6 +229,8 @@ class SpectralNorm(nn.Module):
         self.frozen = False  # True inside `frozen_state`: no power iteration
         self.last_residual = 0.0  # relative residual of the last `converge` (see there)
         self.vectors_loaded = False  # set when a state dict provided the singular vectors
+        self.auto_converge = True  # eval mode: re-converge the vectors when the weight has changed
+        self._converged_for: Optional[Tuple[int, int]] = None  # (storage pointer, version) last checked
         self.register_buffer("_u", None)
         self.register_buffer("_v", None)
         if kind == "linear" or input_shape is not None:
@@ -441,7 +449,26 @@ class SpectralNorm(nn.Module):
             # its gradient the tensor ∂(uᵀA_W v)/∂W, already computed without autograd; so the normalisation
             # is one Function with a two-op backward instead of autograd through a convolution and a norm.
             return _DivideBySigma.apply(weight, sigma, grad_sigma)
+        if not self.frozen:
+            self._refresh(weight)
         return weight / self.sigma(weight)
+
+    def _refresh(self, weight: torch.Tensor) -> None:
+        """Eval mode: converge the vectors for this weight once per change of it (see the class docs)."""
+        if not self.auto_converge or torch.compiler.is_compiling() or torch.jit.is_scripting() or weight.is_meta:
+            return
+        try:
+            # Tensor._version counts in-place writes; no public API exposes it. Together with the storage
+            # pointer it tells a weight written by an optimizer, an EMA update or load_state_dict.
+            key = (weight.data_ptr(), weight._version)
+        except (RuntimeError, AttributeError):  # a functorch-wrapped or storage-less tensor: used as it is
+            return
+        if key == self._converged_for:
+            return
+        with torch.no_grad():
+            if self.residual(weight) > self.init_tol:
+                self.converge(weight, self.init_iterations, self.init_tol)
+        self._converged_for = key
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
