@@ -44,6 +44,7 @@ from .coverage import (
     measure_norm,
     op_name,
 )
+from .folding import stale_spectral_norms
 from .layers import CenteredSoftplus, FrozenCenteredSoftplus, LipschitzBatchNorm2d, Scale, spectral_norm_of
 
 __all__ = ["HessianBound", "hessian_bound"]
@@ -55,11 +56,16 @@ _SAFETY = 1.0 + 1e-6  # measured operator norms are converged to 1e-8 (relative)
 @dataclass
 class HessianBound:
     """value: bound on ‖∇²ₓ f_k(x)‖₂ for every logit k and input x; lipschitz: bound on the
-    Lipschitz constant of f; uncovered: (module, op) that made the bound infinite."""
+    Lipschitz constant of f; uncovered: (module, op) that made the bound infinite; stale: (layer,
+    relative residual) of spectral norms whose stored singular vectors were not converged for their
+    weights when the bound was asked for (the residual check of :func:`lcnn_zoo.folding.stale_spectral_norms`).
+    The numbers use each layer's true operator norm either way; an eval forward re-converges stale
+    vectors, a write through ``.data`` needs :func:`~lcnn_zoo.converge_spectral_norms`."""
 
     value: float
     lipschitz: float
     uncovered: List[Tuple[str, str]] = field(default_factory=list)
+    stale: List[Tuple[str, float]] = field(default_factory=list)
 
 
 def _activation(m: nn.Module) -> Optional[Tuple[float, float]]:
@@ -192,6 +198,7 @@ def hessian_bound(model: nn.Module, input_size: Optional[Sequence[int]] = None) 
     size = input_size or getattr(getattr(model, "lcnn_report", None), "input_size", None)
     if size is None:
         raise ValueError("hessian_bound: pass input_size=(C, H, W)")
+    stale = stale_spectral_norms(model)  # before the traced run below, whose eval forward re-converges them
     was = model.training
     model.eval()
     try:
@@ -208,4 +215,4 @@ def hessian_bound(model: nn.Module, input_size: Optional[Sequence[int]] = None) 
     finals = [interp.bc[a] for a in leaves(out.args) if isinstance(a, torch.fx.Node) and a in interp.bc]
     b = max((v[0] for v in finals), default=math.inf)
     c = max((v[1] for v in finals), default=math.inf)
-    return HessianBound(c, b, interp.uncovered)
+    return HessianBound(c, b, interp.uncovered, stale)

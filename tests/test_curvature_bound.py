@@ -102,3 +102,24 @@ def test_an_uncovered_operation_makes_the_bound_infinite():
         model = _convert(Gate(), (1, 2, 2))
     bound = hessian_bound(model)
     assert bound.value == float("inf") and bound.uncovered
+
+
+def test_the_bound_reports_stale_singular_vectors_and_still_uses_true_norms():
+    """A write through .data leaves a layer's vectors stale: the result names it (residual check), and
+    its value accounts for that layer's true norm, above 1 (σ is underestimated), so it drops once the
+    vectors are converged and the layer is back at norm 1."""
+    import lcnn_zoo
+    from lcnn_zoo.layers import spectral_norm_modules
+
+    torch.manual_seed(0)
+    model = lcnn_zoo.lcnnify(torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(),
+                                                 torch.nn.Conv2d(3, 2, 3, padding=1)), input_size=(1, 4, 4))
+    fresh = lcnn_zoo.hessian_bound(model)
+    assert fresh.stale == []
+    conv, _ = next(iter(spectral_norm_modules(model)))
+    conv.parametrizations.weight.original.data.mul_(torch.tensor([0.1, 1.0, 4.0]).view(-1, 1, 1, 1))
+    stale = lcnn_zoo.hessian_bound(model)
+    assert [name for name, _ in stale.stale] == ["0"] and stale.stale[0][1] > 2e-3
+    lcnn_zoo.converge_spectral_norms(model, 500, tol=1e-9)
+    again = lcnn_zoo.hessian_bound(model)
+    assert again.stale == [] and again.value < stale.value
