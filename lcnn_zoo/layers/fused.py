@@ -89,8 +89,11 @@ def forward_formula(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     u = 0.5 * (x * beta)
     a = u.abs()
     if x.dtype == torch.float64:
-        return (u + a + _log1p_small(0.5 * _expm1_nonpositive(-2.0 * a))) / beta
-    big = u + a + torch.log(0.5 + 0.5 * torch.exp(-2.0 * a))
+        # (the cap keeps e^{−2|u|} normal, as below; expm1 is −1 there to the last bit either way)
+        return (u + a + _log1p_small(0.5 * _expm1_nonpositive(-2.0 * torch.clamp(a, max=300.0)))) / beta
+    # |u| is capped where e^{−2|u|} would be subnormal (0.5 + e^{−2|u|}/2 rounds to 0.5 either way): an
+    # exp that underflows takes the CPU's slow path.
+    big = u + a + torch.log(0.5 + 0.5 * torch.exp(-2.0 * torch.clamp(a, max=40.0)))
     u2 = u * u
     poly = _LOGCOSH[4]
     for c in reversed(_LOGCOSH[:4]):
