@@ -141,7 +141,7 @@ def test_a_compile_failure_falls_back_with_one_warning(monkeypatch):
 
 TRITON_SCRIPT = r"""
 import json, sys, torch
-from lcnn_zoo.layers import activation, triton_kernels as tk
+from lcnn_zoo.layers import activation, fused, triton_kernels as tk
 out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for beta in (1e-4, 1e-2, 1.0, 1e2, 1e4):
@@ -153,7 +153,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         bd = torch.tensor(beta, dtype=torch.float64)
         y = tk.forward(x, b)
         y_ref = activation._centered_softplus_t(x.double() * bd) / bd
-        gx, gb = tk.backward(g, y, b, True)
+        gx, gb = tk.backward(g, y, b, True, fused.SERIES_BELOW)
         dx, db = activation._derivatives_from_output(y.double(), bd)
         gd = g.double()
         out.append(dict(dtype=str(dtype), beta=beta,

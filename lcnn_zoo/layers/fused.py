@@ -224,7 +224,7 @@ def centered_softplus_bwd(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tenso
         grad = grad.expand_as(y).contiguous(memory_format=fmt)
     gf, yf = _flat(grad), _flat(y)
     if _use_triton(y):
-        gx, gb = _triton_module().backward(gf, yf, beta, need_beta)
+        gx, gb = _triton_module().backward(gf, yf, beta, need_beta, SERIES_BELOW)
     elif y.device.type == "cpu" and "cpu" not in _disabled:
         gx, gb = _run_cpu("bwd_x_beta" if need_beta else "bwd_x", gf, yf, beta)
     else:

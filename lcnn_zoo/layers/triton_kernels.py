@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused import SERIES_BELOW
-
 __all__ = ["forward", "backward"]
 
 _BLOCK = 1024
@@ -85,9 +83,10 @@ def forward(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def backward(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, need_beta: bool
+def backward(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, need_beta: bool, series_below: float
              ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """grad, y: 1-D contiguous, same size. Returns (grad·∂s0/∂x, Σ grad·∂s0/∂β as beta's dtype)."""
+    """grad, y: 1-D contiguous, same size; series_below: |βy| under which ∂s0/∂β uses its series.
+    Returns (grad·∂s0/∂x, Σ grad·∂s0/∂β as beta's dtype)."""
     gx = torch.empty_like(y)
     acc_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     acc = torch.zeros((), dtype=acc_dtype, device=y.device)
@@ -95,7 +94,7 @@ def backward(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, need_beta:
     if n:
         log_tiny = math.log(torch.finfo(y.dtype).tiny) + 2.0
         _bwd_kernel[(triton.cdiv(n, _BLOCK),)](grad, y, beta, gx, acc, n, log_tiny, BLOCK=_BLOCK, ACC=_acc(y.dtype),
-                                               NEED_BETA=bool(need_beta), SMALL=SERIES_BELOW)
+                                               NEED_BETA=bool(need_beta), SMALL=series_below)
     if not need_beta:
         return gx, torch.zeros((), dtype=beta.dtype, device=beta.device)
     b = beta.to(acc_dtype)
