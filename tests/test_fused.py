@@ -216,3 +216,31 @@ def test_every_dtype_and_inference_mode_gets_a_kernel_without_hitting_the_recomp
                     want = fused.forward_formula(x.double(), b.double())
                     assert (y.double() - want).abs().max() <= 2e-2
     assert fused._disabled == before
+
+
+def test_a_failing_triton_kernel_falls_back_with_one_warning(monkeypatch):
+    """A Triton compile or launch error (simulated: the module's kernels raise) gives one warning and
+    the formulas' values, and turns the kernels off on that device for the rest of the process."""
+    class Broken:
+        @staticmethod
+        def forward(*args):
+            raise RuntimeError("ptxas failed")
+
+        backward = forward
+
+    monkeypatch.setattr(fused, "_triton", Broken())
+    monkeypatch.setattr(fused, "_FORCE_TRITON_ON_CPU", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(fused, "_disabled", {})
+    x = torch.randn(3, 4, dtype=torch.float64)
+    b = torch.tensor(0.7, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.ops.lcnn_zoo.centered_softplus_fwd(x, b)
+        gx, gb = torch.ops.lcnn_zoo.centered_softplus_bwd(torch.ones_like(y), y, b, True)
+    assert sum("Triton kernel failed" in str(w.message) for w in caught) == 1
+    torch.testing.assert_close(y, fused.forward_formula(x, b))
+    want_gx, want_gb = fused.backward_formula(torch.ones_like(y), y, b, True)
+    torch.testing.assert_close(gx, want_gx)
+    torch.testing.assert_close(gb, want_gb)
+    assert not fused.fused_enabled(x)

@@ -201,8 +201,8 @@ def _use_triton(x: torch.Tensor) -> bool:
 def centered_softplus_fwd(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """s0(x; β) in one pass. x: any shape, float; beta: 0-dim, positive. Returns x's shape and layout."""
     xf = _flat(x)
-    if _use_triton(x):
-        yf = _triton_module().forward(xf, beta)
+    if _use_triton(x) and x.device.type not in _disabled:
+        yf = _run_triton("forward", forward_formula, xf, beta)
     elif x.device.type == "cpu" and "cpu" not in _disabled:
         yf = _run_cpu("fwd", xf, beta)
     else:
@@ -223,8 +223,8 @@ def centered_softplus_bwd(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tenso
     if grad.shape != y.shape or not grad.is_contiguous(memory_format=fmt):  # grad laid out as y is
         grad = grad.expand_as(y).contiguous(memory_format=fmt)
     gf, yf = _flat(grad), _flat(y)
-    if _use_triton(y):
-        gx, gb = _triton_module().backward(gf, yf, beta, need_beta, SERIES_BELOW)
+    if _use_triton(y) and y.device.type not in _disabled:
+        gx, gb = _run_triton("backward", lambda *a: backward_formula(*a[:4]), gf, yf, beta, need_beta, SERIES_BELOW)
     elif y.device.type == "cpu" and "cpu" not in _disabled:
         gx, gb = _run_cpu("bwd_x_beta" if need_beta else "bwd_x", gf, yf, beta)
     else:
@@ -269,6 +269,18 @@ torch.library.register_vmap("lcnn_zoo::centered_softplus_bwd", _bwd_vmap)
 
 # ---- CUDA: Triton ---------------------------------------------------------------------------------
 _triton = None
+
+
+def _run_triton(name: str, formula: Callable, *args):
+    """A Triton kernel, or (after one warning, for the rest of the process) the formula when Triton is
+    missing or its kernel fails to compile or launch on this device."""
+    module = _triton_module()
+    if module is not None:
+        try:
+            return getattr(module, name)(*args)
+        except Exception as exc:  # a Triton compile or launch error: the formulas, after one warning
+            _disable(args[0].device.type, f"the Triton kernel failed: {type(exc).__name__}")
+    return formula(*args)
 
 
 def _triton_module():
