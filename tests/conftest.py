@@ -86,6 +86,14 @@ SLOW_TESTS = (
     "test_conversion.py::test_lcnnify_models[wide_resnet50_2]",
     "test_distributed.py::test_synced_lbn_matches_single_process",
     "test_preflight.py::test_input_size_is_what_runs_and_what_the_summary_records",
+    "test_conversion.py::test_lcnnify_models[resnet50]",
+    "test_conversion.py::test_lcnnify_models[vgg11]",
+    "test_conversion.py::test_lcnnify_models[resnet34]",
+    "test_conversion.py::test_lcnnify_models[resnet18d]",
+    "test_conversion.py::test_fold_exports",
+    "test_training.py::test_short_runs_all_regs[lcnn_gradreg-extra3]",
+    "test_zoo.py::test_timm_kwargs",
+    "test_fused.py::test_triton_path_is_routed_on_cpu_under_the_interpreter",
 )
 
 
