@@ -13,7 +13,7 @@ is then that of the batch loss.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,15 +28,28 @@ __all__ = ["LCNNPenalty", "GradRegOutput", "gradreg_exact", "gradreg_fd_backward
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _curvature_layers(model: nn.Module) -> Tuple[List[CenteredSoftplus], List[LipschitzBatchNorm2d]]:
+    """Every centered softplus and every γ-Lipschitz BatchNorm of ``model``, in module order."""
+    acts, bns = [], []
+    for m in model.modules():
+        if isinstance(m, CenteredSoftplus):
+            acts.append(m)
+        elif isinstance(m, LipschitzBatchNorm2d):
+            bns.append(m)
+    return acts, bns
+
+
+def _zero(model: nn.Module) -> torch.Tensor:
+    """A 0-dim zero on the model's device (the penalty of a model without β or γ)."""
+    ref = next(model.parameters(), None)
+    return torch.zeros((), device=ref.device if ref is not None else None)
+
+
 def curvature_parameters(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
     """The learnable β (``log_beta``) and γ (``gamma_raw``) parameters of ``model``."""
-    out: Dict[str, List[nn.Parameter]] = {"beta": [], "gamma": []}
-    for m in model.modules():
-        if isinstance(m, CenteredSoftplus) and isinstance(m.log_beta, nn.Parameter):
-            out["beta"].append(m.log_beta)
-        elif isinstance(m, LipschitzBatchNorm2d):
-            out["gamma"].append(m.gamma_raw)
-    return out
+    acts, bns = _curvature_layers(model)
+    return {"beta": [a.log_beta for a in acts if isinstance(a.log_beta, nn.Parameter)],
+            "gamma": [b.gamma_raw for b in bns]}
 
 
 class LCNNPenalty:
@@ -56,14 +69,9 @@ class LCNNPenalty:
     @staticmethod
     def terms(model: nn.Module) -> Dict[str, torch.Tensor]:
         """{"sum_beta": Σβ, "sum_log_gamma": Σ log γ} as 0-dim tensors (for logging)."""
-        betas, gammas = [], []
-        for m in model.modules():
-            if isinstance(m, CenteredSoftplus):
-                betas.append(m.beta)
-            elif isinstance(m, LipschitzBatchNorm2d):
-                gammas.append(m.gamma)
-        ref = next(model.parameters(), None)
-        zero = torch.zeros((), device=ref.device if ref is not None else None)
+        acts, bns = _curvature_layers(model)
+        betas, gammas = [a.beta for a in acts], [b.gamma for b in bns]
+        zero = _zero(model)
         return {
             "sum_beta": torch.stack(betas).sum() if betas else zero,
             "sum_log_gamma": torch.stack(gammas).log().sum() if gammas else zero,
@@ -72,15 +80,10 @@ class LCNNPenalty:
     def __call__(self, model: nn.Module) -> torch.Tensor:
         """λβ·Σβ + λγ·Σ log γ (0-dim), the value of :meth:`terms` combined, in a constant number of
         ``torch._foreach_*`` ops for all layers (forward and backward) instead of a few per layer."""
-        log_betas, gamma_raws = [], []
-        for m in model.modules():
-            if isinstance(m, CenteredSoftplus):
-                log_betas.append(m.log_beta)
-            elif isinstance(m, LipschitzBatchNorm2d):
-                gamma_raws.append(m.gamma_raw)
-        if not log_betas and not gamma_raws:
-            ref = next(model.parameters(), None)
-            return torch.zeros((), device=ref.device if ref is not None else None)
+        acts, bns = _curvature_layers(model)
+        if not acts and not bns:
+            return _zero(model)
+        log_betas, gamma_raws = [a.log_beta for a in acts], [b.gamma_raw for b in bns]
         return _PenaltyFn.apply(self.lambda_beta, self.lambda_gamma, len(log_betas), *log_betas, *gamma_raws)
 
     def __repr__(self) -> str:
