@@ -329,3 +329,22 @@ def test_cli_push_errors(tmp_path, capsys):
         load_checkpoint_state_dict(pickled)
     assert main(["push", str(bad), "--model", "lcnn_resnet20"]) == 2
     assert "architecture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["lcnn_resnet20", "lcnn_resnet20_softplus", "lcnn_resnet20_relu",
+                                  "lcnn_wide_resnet16_8", "lcnn_resnet18"])
+def test_gradient_checkpointing_is_the_same_step(name):
+    """set_grad_checkpointing(True) in training mode: the same loss gradients and the same state after
+    the step (BatchNorm statistics, singular vectors) as without; the recompute records nothing twice."""
+    torch.manual_seed(0)
+    plain = timm.create_model(name, img_size=(12, 12), in_chans=1).train()
+    ckpt = timm.create_model(name, img_size=(12, 12), in_chans=1)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.train().set_grad_checkpointing(True)
+    x = torch.rand(3, 1, 12, 12)
+    for model in (plain, ckpt):
+        model(x).square().sum().backward()
+    for (k, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.equal(p.grad, q.grad), k
+    for (k, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.equal(a, b), k

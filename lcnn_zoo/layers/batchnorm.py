@@ -137,13 +137,12 @@ class LipschitzBatchNorm2d(nn.Module):
                 momentum = 1.0 / float(self.num_batches_tracked)
         if self.training and self.process_group is not None and _world_size(self.process_group) > 1:
             return self._synced_batch_norm(x, weight, bias, record, momentum)
-        use_running = (not self.training) or record
-        return F.batch_norm(
-            x,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            weight, bias, self.training, momentum, self.eps,
-        )
+        if self.training and not record:
+            # A frozen forward passes the running statistics with momentum 0 (they stay as they are)
+            # rather than None: F.batch_norm then saves the same tensors for backward as the recording
+            # forward, which a gradient-checkpoint recompute must (torch.utils.checkpoint checks).
+            momentum = 0.0
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, momentum, self.eps)
 
     def _synced_batch_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], record: bool,
                            momentum: float) -> torch.Tensor:

@@ -422,36 +422,45 @@ class SpectralNorm(nn.Module):
         return self._normalized(weight)
 
     def _normalized(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.training and not self.frozen and self.n_power_iterations > 0:
-            with torch.no_grad():
-                w = weight  # (no graph is recorded in this block)
+        if self.training and self.n_power_iterations > 0:
+            return self._training_normalized(weight, update=not self.frozen)
+        if not self.frozen:
+            self._refresh(weight)
+        return weight / self.sigma(weight)
+
+    def _training_normalized(self, weight: torch.Tensor, update: bool) -> torch.Tensor:
+        """Training mode: W / σ with σ = ‖A_W v‖ after ``n_power_iterations`` steps written to the
+        buffers (``update``), or with the buffers' v as they are (a frozen forward: FD GradReg's second
+        pass, a gradient-checkpoint recompute). Both run the same ops on the same values, so a frozen
+        forward computes the recording one's function and saves the same tensors for backward."""
+        by_autograd = self.op.sigma_gradient is None  # reflect/replicate/circular padding
+        with torch.no_grad():
+            w = weight  # (no graph is recorded in this block)
+            v = self._v
+            if update:
                 u = self._u
                 for _ in range(self.n_power_iterations - 1):
                     u = _normalize(self.operator(_normalize(self.adjoint(u, w)), w))
                 t = self.adjoint(u, w)
-                if self.op.sigma_gradient is None:  # reflect/replicate/circular padding: σ = ‖A_W v‖ by autograd
-                    v = _normalize(t)
-                else:
-                    v = torch.div(t, torch.linalg.vector_norm(t).clamp_min_(_EPS), out=self._v)
-            if self.op.sigma_gradient is None:
-                av = self.operator(v, weight)
-                sigma = av.norm().clamp_min(_EPS)
+                v = _normalize(t) if by_autograd else torch.div(t, torch.linalg.vector_norm(t).clamp_min_(_EPS),
+                                                                 out=self._v)
+        if by_autograd:
+            av = self.operator(v, weight)
+            sigma = av.norm().clamp_min(_EPS)
+            if update:
                 with torch.no_grad():
                     self._v.copy_(v)
                     self._u.copy_(av.detach() / sigma.detach())
-                return weight / sigma
-            with torch.no_grad():
-                s = self.operator(v, w)
-                sigma = torch.linalg.vector_norm(s).clamp_min_(_EPS)
-                u = torch.div(s, sigma, out=self._u)
-                grad_sigma = self.op.sigma_gradient(u, v, w)
-            # σ(W) = uᵀA_W v with u, v the iteration's constants (Miyato et al.): its value is ‖A_W v‖ and
-            # its gradient the tensor ∂(uᵀA_W v)/∂W, already computed without autograd; so the normalisation
-            # is one Function with a two-op backward instead of autograd through a convolution and a norm.
-            return _DivideBySigma.apply(weight, sigma, grad_sigma)
-        if not self.frozen:
-            self._refresh(weight)
-        return weight / self.sigma(weight)
+            return weight / sigma
+        with torch.no_grad():
+            s = self.operator(v, w)
+            sigma = torch.linalg.vector_norm(s).clamp_min_(_EPS)
+            u = torch.div(s, sigma, out=self._u) if update else s / sigma
+            grad_sigma = self.op.sigma_gradient(u, v, w)
+        # σ(W) = uᵀA_W v with u, v the iteration's constants (Miyato et al.): its value is ‖A_W v‖ and
+        # its gradient the tensor ∂(uᵀA_W v)/∂W, already computed without autograd; so the normalisation
+        # is one Function with a two-op backward instead of autograd through a convolution and a norm.
+        return _DivideBySigma.apply(weight, sigma, grad_sigma)
 
     def _refresh(self, weight: torch.Tensor) -> None:
         """Eval mode: converge the vectors for this weight once per change of it (see the class docs)."""

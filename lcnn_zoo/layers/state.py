@@ -25,14 +25,18 @@ def frozen_state(model: nn.Module) -> Iterator[nn.Module]:
     exactly once, and the frozen pass computes the same function as the recording one (the same
     singular vectors, the same γ-clips).
     """
-    saved = []
+    saved, counters = [], []
     for m in model.modules():
         if isinstance(m, LipschitzBatchNorm2d):
             saved.append((m, "update_stats", m.update_stats))
             m.update_stats = False
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            saved.append((m, "track_running_stats", m.track_running_stats))
-            m.track_running_stats = False
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            # Momentum 0 rather than track_running_stats=False: the running statistics stay as they
+            # are, and the forward saves the same tensors for backward as the recording one (which a
+            # gradient-checkpoint recompute must). The batch counter it advances is put back on exit.
+            saved.append((m, "momentum", m.momentum))
+            counters.append((m.num_batches_tracked, m.num_batches_tracked.clone()))
+            m.momentum = 0.0
         elif isinstance(m, SpectralNorm):
             saved.append((m, "frozen", m.frozen))
             m.frozen = True
@@ -41,6 +45,9 @@ def frozen_state(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, name, value in saved:
             setattr(m, name, value)
+        with torch.no_grad():
+            for counter, value in counters:
+                counter.copy_(value)
 
 
 @torch.no_grad()

@@ -91,6 +91,14 @@ def _logit_scale_if_missing(module: nn.Module, state_dict: Dict[str, Any], prefi
         state_dict[key] = module.logit_scale.detach().clone()
 
 
+@torch.jit.ignore
+def _checkpointed(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``stage(x)`` under gradient checkpointing, its recompute in :func:`~lcnn_zoo.layers.frozen_state`:
+    no power iteration, no BatchNorm statistics recorded a second time, so the recompute computes
+    exactly the function of the forward it replays."""
+    return checkpoint(stage, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), frozen_state(stage)))
+
+
 class LcnnResNet(ResNet):
     """timm's :class:`~timm.models.resnet.ResNet` (any block/depth), optionally with the CIFAR stem
     (3×3 stride-1 conv, no max-pool); ``kind`` is "lcnn", "softplus" (β=1e3) or "relu"."""
@@ -108,6 +116,20 @@ class LcnnResNet(ResNet):
             for info in self.feature_info:  # the stem no longer downsamples by 4
                 info["reduction"] = max(1, info["reduction"] // (4 if info["module"] != "act1" else 2))
         _finalize(self, kind, in_chans, img_size, beta_init, gamma_init, device, dtype)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # timm's ResNet.forward_features, with the zoo's checkpointing (timm's checkpoint_seq recomputes
+        # in training mode: BatchNorm statistics and power iterations would advance twice per step)
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self._checkpointed_layers(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    @torch.jit.ignore
+    def _checkpointed_layers(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = _checkpointed(layer, x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         # timm's ResNet.forward_head, then the logit scale (TorchScript cannot call super())
@@ -162,16 +184,11 @@ class _StagedNet(nn.Module):
         for m in (self.global_pool, self.fc):
             m.to(device=ref.device, dtype=ref.dtype).train(self.training)
 
-    @torch.jit.ignore
-    def _checkpointed(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(stage, x, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), frozen_state(stage)))
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             for stage in self.stages:
-                x = self._checkpointed(stage, x)
+                x = _checkpointed(stage, x)
         else:
             x = self.stages(x)
         return self.final_norm(x)
