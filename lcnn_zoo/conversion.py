@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -552,34 +552,30 @@ def set_input_size(model: nn.Module, input_size: Sequence[int]) -> nn.Module:
 
 
 # ---- reset_classifier keeps the head inside the bound ---------------------------------------
-_SPECTRAL_HEAD_CLASSES: Dict[type, type] = {}
+class _SpectralHeadReset:
+    """The model's ``reset_classifier``, then the new head's Linear/Conv2d layers spectrally
+    normalised. Set on the instance (not a generated subclass): the model keeps its own class, so
+    pickling and ``isinstance`` see the class the user built."""
 
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
-def _reset_classifier(self: nn.Module, *args, **kwargs):
-    """timm's ``reset_classifier``, then the new head's Linear/Conv2d layers spectrally normalised."""
-    out = type(self).__bases__[0].reset_classifier(self, *args, **kwargs)
-    head = self.get_classifier() if hasattr(self, "get_classifier") else None
-    if isinstance(head, nn.Module):
-        for m in head.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and spectral_norm_of(m) is None:
-                spectral_norm(m)  # a conv head gets its input size at the first forward
-                m.train(self.training)
-    return out
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        out = type(model).reset_classifier(model, *args, **kwargs)
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        if isinstance(head, nn.Module):
+            for m in head.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and spectral_norm_of(m) is None:
+                    spectral_norm(m)  # a conv head gets its input size at the first forward
+                    m.train(model.training)
+        return out
 
 
 def _keep_head_spectral(model: nn.Module) -> None:
-    """Give the model a subclass of its own class whose ``reset_classifier`` keeps the new head
-    spectrally normalised (the way torch's parametrize gives layers a subclass)."""
-    base = type(model)
-    if not callable(getattr(model, "reset_classifier", None)) or getattr(base, "_lcnn_spectral_head", False):
-        return
-    cls = _SPECTRAL_HEAD_CLASSES.get(base)
-    if cls is None:
-        cls = type(base.__name__, (base,), {"reset_classifier": _reset_classifier, "_lcnn_spectral_head": True,
-                                            "__module__": base.__module__, "__qualname__": base.__qualname__,
-                                            "__doc__": base.__doc__})
-        _SPECTRAL_HEAD_CLASSES[base] = cls
-    model.__class__ = cls
+    """Make ``model.reset_classifier`` keep a new head spectrally normalised."""
+    if callable(getattr(type(model), "reset_classifier", None)):
+        model.reset_classifier = _SpectralHeadReset(model)
 
 
 def _unhook_stem(model: nn.Module) -> None:
@@ -595,12 +591,12 @@ def _unhook_stem(model: nn.Module) -> None:
 
 def detach_lcnn_state(model: nn.Module) -> None:
     """Remove what lcnnify attached to the model itself: the report, the input-size hook and the
-    ``reset_classifier`` subclass (what :func:`lcnn_zoo.fold` does once the layers are plain)."""
+    ``reset_classifier`` wrapper (what :func:`lcnn_zoo.fold` does once the layers are plain)."""
     for key in [k for k, h in model._forward_pre_hooks.items() if h is _input_size_hook]:
         del model._forward_pre_hooks[key]
     _unhook_stem(model)
     for attr in ("lcnn_report", "_lcnn_input_size", "_lcnn_size_warned", "_lcnn_stem_checked"):
         if attr in model.__dict__:
             delattr(model, attr)
-    if getattr(type(model), "_lcnn_spectral_head", False) and type(model) in _SPECTRAL_HEAD_CLASSES.values():
-        model.__class__ = type(model).__bases__[0]
+    if isinstance(model.__dict__.get("reset_classifier"), _SpectralHeadReset):
+        del model.__dict__["reset_classifier"]

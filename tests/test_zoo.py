@@ -348,3 +348,23 @@ def test_gradient_checkpointing_is_the_same_step(name):
         assert torch.equal(p.grad, q.grad), k
     for (k, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_an_lcnn_keeps_its_class_and_pickles_through_state_dict_or_folded():
+    """lcnnify gives the model no generated class: ``type(model)`` is the class built, so pickle finds it.
+    Its parametrized layers pickle only through state_dict (torch's own rule, and its one-line message);
+    the folded model pickles whole, and unpickles to the same function."""
+    import io
+    import pickle
+
+    from lcnn_zoo.models.lcnn_resnet import CifarResNet
+    model = timm.create_model("lcnn_resnet20", img_size=(12, 12)).eval()
+    assert type(model) is CifarResNet
+    with pytest.raises(RuntimeError, match="^Serialization of parametrized modules is only supported through state_dict"):
+        pickle.dumps(model)
+    folded = lcnn_zoo.fold(model)
+    buf = io.BytesIO()
+    torch.save(folded, buf)
+    again = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)  # our own bytes, just written
+    x = torch.rand(2, 1, 12, 12)
+    assert torch.equal(again(x), folded(x))
