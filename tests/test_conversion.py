@@ -233,3 +233,23 @@ def test_fold_onnx(tmp_path):
     onnx.checker.check_model(str(path))
     (out,) = ReferenceEvaluator(str(path)).run(None, {ReferenceEvaluator(str(path)).input_names[0]: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), folded(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_onnx_export_of_an_unfolded_lcnn_says_to_fold_it(tmp_path, dynamo):
+    """timm's onnx_export.py path on an unfolded LCNN: one sentence pointing to fold, from either exporter
+    (and from torch.export), instead of an error deep inside it."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    model = lcnnify(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(32, 3)),
+                    input_size=(1, 4, 4)).eval()
+    with pytest.raises(Exception) as err:
+        torch.onnx.export(model, (torch.rand(1, 1, 4, 4),), str(tmp_path / "m.onnx"), dynamo=dynamo)
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("lcnn_zoo: export lcnn_zoo.fold(model), not the LCNN itself" in m for m in chain), chain[0][:300]
+    if dynamo:
+        with pytest.raises(Exception, match="export lcnn_zoo.fold"):
+            torch.export.export(model, (torch.rand(1, 1, 4, 4),))

@@ -31,6 +31,8 @@ CONVERGENCE_TOL = 1e-3  # relative accuracy of σ reached at initialisation (con
 MAX_INIT_ITERATIONS = 1000  # operator products allowed to reach it
 LANCZOS_STEPS = 20  # Krylov dimension of one convergence cycle
 _EPS = 1e-12
+EXPORT_MESSAGE = ("lcnn_zoo: export lcnn_zoo.fold(model), not the LCNN itself (ONNX, torch.export): its spectral "
+                  "norms are computed at every call; fold bakes them into plain layers")
 _INIT_SEED = 0  # start vectors come from a private generator: building a model leaves torch's RNG alone
 
 
@@ -412,6 +414,10 @@ class SpectralNorm(nn.Module):
         return float((w - rho * v).norm()) / max(rho, _EPS)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            # Both ONNX exporters would fail deep inside (or export the power iteration); torch.export too
+            # would carry every σ computation into the graph.
+            raise RuntimeError(EXPORT_MESSAGE)
         self._check_ready()
         device = weight.device.type
         if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
