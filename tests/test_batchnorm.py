@@ -55,7 +55,9 @@ def test_gamma_at_least_one_and_learnable():
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_training_matches_batchnorm2d_times_scale(momentum):
-    ref = nn.BatchNorm2d(5, momentum=momentum, affine=True)
+    # Over its first 1/momentum batches the layer averages them (see the next test): BatchNorm2d's
+    # cumulative average (momentum None) is the reference there.
+    ref = nn.BatchNorm2d(5, momentum=None, affine=True)
     lbn = LipschitzBatchNorm2d(5, momentum=momentum, affine=True, gamma_init=3.0)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 2)
@@ -75,6 +77,28 @@ def test_training_matches_batchnorm2d_times_scale(momentum):
     x = torch.randn(2, 5, 4, 4)
     norm = (ref.weight.abs() / torch.sqrt(ref.running_var + ref.eps)).max()
     torch.testing.assert_close(lbn(x), ref(x) * torch.clamp(lbn.gamma / norm, max=1.0))
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3])
+def test_running_statistics_average_the_first_batches_then_follow_the_momentum(momentum):
+    """The n-th batch moves the running statistics by max(momentum, 1/n) of the way to its own (mean,
+    unbiased variance), computed here independently: no trace of the initial (0, 1) after one batch."""
+    torch.manual_seed(0)
+    lbn = LipschitzBatchNorm2d(3, momentum=momentum).train()
+    mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    for n in range(1, 26):
+        x = torch.randn(8, 3, 4, 4) * 0.003 * n + 0.5  # tiny variances, as an LCNN's first activations
+        lbn(x)
+        w = max(momentum, 1.0 / n)
+        xd = x.double()
+        mean = (1 - w) * mean + w * xd.mean((0, 2, 3))
+        var = (1 - w) * var + w * xd.var((0, 2, 3), unbiased=True)
+        torch.testing.assert_close(lbn.running_mean.double(), mean, rtol=1e-5, atol=0)
+        torch.testing.assert_close(lbn.running_var.double(), var, rtol=1e-5, atol=0)
+    with frozen_state(lbn):  # a frozen forward records nothing
+        lbn(torch.randn(8, 3, 4, 4))
+    torch.testing.assert_close(lbn.running_var.double(), var, rtol=1e-5, atol=0)
+    assert int(lbn.num_batches_tracked) == 25
 
 
 def test_state_dict_keys_and_frozen_state():

@@ -74,6 +74,9 @@ class LipschitzBatchNorm2d(nn.Module):
         # The running variance the last recording forward computed its γ-clip from: a frozen forward
         # (FD GradReg's second pass, a gradient-checkpoint recompute) clips with the same scale.
         self.register_buffer("scale_var", torch.ones(num_features, **fk), persistent=False)
+        # The last recorded batch's statistics (F.batch_norm writes them at momentum 1): see _early_momentum.
+        self.register_buffer("batch_mean", torch.zeros(num_features, **fk), persistent=False)
+        self.register_buffer("batch_var", torch.ones(num_features, **fk), persistent=False)
         self.update_stats = True  # False inside `frozen_state`: batch stats are used, not recorded
         self.process_group = None  # set by `sync_batchnorm`: batch statistics over all DDP processes
 
@@ -137,12 +140,31 @@ class LipschitzBatchNorm2d(nn.Module):
                 momentum = 1.0 / float(self.num_batches_tracked)
         if self.training and self.process_group is not None and _world_size(self.process_group) > 1:
             return self._synced_batch_norm(x, weight, bias, record, momentum)
+        if record and self.momentum is not None:
+            # This batch's statistics land in two fresh vectors (momentum 1), then the running ones move
+            # towards them by max(momentum, 1/n): see _early_momentum.
+            out = F.batch_norm(x, self.batch_mean, self.batch_var, weight, bias, True, 1.0, self.eps)
+            with torch.no_grad():
+                step = self._early_momentum().to(self.running_var.dtype)
+                self.running_mean.lerp_(self.batch_mean, step)
+                self.running_var.lerp_(self.batch_var, step)
+            return out
         if self.training and not record:
             # A frozen forward passes the running statistics with momentum 0 (they stay as they are)
             # rather than None: F.batch_norm then saves the same tensors for backward as the recording
             # forward, which a gradient-checkpoint recompute must (torch.utils.checkpoint checks).
             momentum = 0.0
         return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, momentum, self.eps)
+
+    def _early_momentum(self) -> torch.Tensor:
+        """max(momentum, 1/n) for the n-th recorded batch (0-dim tensor: no device sync).
+
+        The first 1/momentum batches are averaged, so the running statistics hold no trace of their
+        initial (0, 1) and eval mode is right after a few steps, in any training loop: the plain
+        exponential average keeps (1 − momentum)ⁿ of the initial variance of 1 after n steps, while an
+        LCNN's first activations have a variance near 1e-3. After those batches (and for loaded
+        statistics, which have seen many) it is the plain exponential average."""
+        return torch.clamp_min(self.num_batches_tracked.reciprocal(), self.momentum)
 
     def _synced_batch_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], record: bool,
                            momentum: float) -> torch.Tensor:
@@ -156,6 +178,8 @@ class LipschitzBatchNorm2d(nn.Module):
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
         if record:
             with torch.no_grad():
+                if self.momentum is not None:
+                    momentum = self._early_momentum().to(mean.dtype)
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
                 unbiased = var.detach() * (n.detach() / (n.detach() - 1).clamp_min(1.0))
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
