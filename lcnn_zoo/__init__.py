@@ -23,7 +23,7 @@ _EXPORTS = {
                "remove_spectral_norm"),
     "conversion": ("ConversionReport", "LCNNConversionWarning", "LCNNInputSizeWarning", "lcnnify", "set_input_size"),
     "folding": ("fold",),
-    "penalty": ("LCNNPenalty", "gradreg_exact", "gradreg_fd_backward", "param_groups"),
+    "penalty": ("LCNNPenalty", "attach_penalty", "gradreg_exact", "gradreg_fd_backward", "param_groups"),
     "geometry": ("CurvatureStats", "curvature_stats", "gradient_robustness", "relative_discrepancy"),
     "curvature_bound": ("HessianBound", "hessian_bound"),
     "errors": ("UserError",),

@@ -13,16 +13,18 @@ is then that of the batch loss.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .layers import CenteredSoftplus, LipschitzBatchNorm2d, frozen_state
 
-__all__ = ["LCNNPenalty", "GradRegOutput", "gradreg_exact", "gradreg_fd_backward", "param_groups",
+__all__ = ["LCNNPenalty", "attach_penalty", "PenaltyHandle", "GradRegOutput", "gradreg_exact", "gradreg_fd_backward", "param_groups",
            "curvature_parameters"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -88,6 +90,79 @@ class LCNNPenalty:
 
     def __repr__(self) -> str:
         return f"LCNNPenalty(lambda_beta={self.lambda_beta}, lambda_gamma={self.lambda_gamma})"
+
+
+# ---- the penalty at every optimizer step, for loops that only compute the task loss ------------
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, LCNNPenalty]" = weakref.WeakKeyDictionary()
+_STEP_HOOK = None
+
+
+class PenaltyHandle:
+    """Returned by :func:`attach_penalty`; ``remove()`` detaches the penalty from the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = weakref.ref(model)
+
+    def remove(self) -> None:
+        model = self._model()
+        if model is not None:
+            _ATTACHED.pop(model, None)
+
+
+def attach_penalty(model: nn.Module, penalty: Optional[LCNNPenalty] = None) -> PenaltyHandle:
+    """Add the LCNN penalty's gradient to ``model``'s β and γ at every optimizer step, so that any
+    training loop — timm's train.py, a user's own — trains with loss + R (paper eq. 5) while its
+    loss code computes only the task loss.
+
+    R is a function of the parameters alone, so its gradient needs no forward pass: it is added to
+    ``.grad`` of the β/γ parameters by a global optimizer step pre-hook (``torch.optim``'s public
+    ``register_optimizer_step_pre_hook``), once per ``optimizer.step()`` of an optimizer that holds
+    them. So with gradient accumulation it is added once per step; under AMP, ``GradScaler.step``
+    unscales the gradients before it calls ``step`` (an optimizer that unscales inside its own step,
+    such as a fused Adam, gets R's gradient multiplied by its ``grad_scale``), and a step the scaler
+    skips adds nothing. Gradient clipping before the step does not clip R's gradient (a handful of
+    scalars; clipping would have to see them first). An EMA copy of the model is not penalised (its
+    parameters are in no optimizer).
+
+    Args:
+        model: an LCNN (its ``CenteredSoftplus``/``LipschitzBatchNorm2d`` layers); kept by weak reference.
+        penalty: the weights (default :class:`LCNNPenalty`'s, the reference code's 1e-3 each).
+
+    Returns:
+        a handle whose ``remove()`` stops it. Also reachable as the model keyword argument
+        ``lcnn_penalty=<λ>`` of the zoo's ``lcnn_*`` models (λβ = λγ = λ; ``True`` for the defaults),
+        which is how timm's train.py passes it: ``--model-kwargs lcnn_penalty=1e-3``.
+    """
+    global _STEP_HOOK
+    if not any(curvature_parameters(model).values()):
+        raise ValueError(f"attach_penalty: {type(model).__name__} has no learnable β or γ to penalise "
+                         "(is it an LCNN?)")
+    _ATTACHED[model] = penalty if penalty is not None else LCNNPenalty()
+    if _STEP_HOOK is None:
+        _STEP_HOOK = register_optimizer_step_pre_hook(_add_penalty_gradients)
+    return PenaltyHandle(model)
+
+
+def _add_penalty_gradients(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _ATTACHED:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for model, penalty in list(_ATTACHED.items()):
+        params = [p for ps in curvature_parameters(model).values() for p in ps if p.requires_grad and id(p) in held]
+        if not params:
+            continue
+        with torch.enable_grad():
+            grads = torch.autograd.grad(penalty(model), params, allow_unused=True)
+        scale = getattr(optimizer, "grad_scale", None)  # gradients still scaled (an optimizer that unscales itself)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                g = g if scale is None else g * scale.to(g)
+                if p.grad is None:
+                    p.grad = g.to(p.dtype)
+                else:
+                    p.grad.add_(g)
 
 
 class _PenaltyFn(torch.autograd.Function):

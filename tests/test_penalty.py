@@ -124,3 +124,74 @@ def test_penalty_matches_its_terms_for_many_layers_and_extreme_gammas():
     assert value.item() == pytest.approx(want.item(), rel=1e-14)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-300)
+
+
+# ---- the penalty at every optimizer step (timm's train.py, any loop) ----------------------------
+def _penalised_pair(lam=0.05):
+    """(model with ``lcnn_penalty=lam`` attached, the same model with nothing attached), one init."""
+    import timm
+    torch.manual_seed(0)
+    attached = timm.create_model("lcnn_resnet20", img_size=(8, 8), lcnn_penalty=lam)
+    plain = timm.create_model("lcnn_resnet20", img_size=(8, 8))
+    plain.load_state_dict(attached.state_dict())
+    return attached.train(), plain.train()
+
+
+def _steps(model, optimizer, batches, *, penalty=None, scaler=None, accumulate=1):
+    for i, (x, y) in enumerate(batches):
+        loss = F.cross_entropy(model(x), y) / accumulate
+        if penalty is not None and i % accumulate == 0:
+            loss = loss + penalty(model)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if (i + 1) % accumulate == 0:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("mode", ["sgd", "grad_scaler", "fused_adam_grad_scaler", "accumulate"])
+def test_an_attached_penalty_trains_as_loss_plus_penalty(mode):
+    """attach_penalty (here through the model kwarg lcnn_penalty, as timm's train.py passes it) gives the
+    step of a loop that adds R to its loss itself: plain, under a GradScaler (which unscales first),
+    with an optimizer that unscales inside its fused step, and with gradient accumulation (R once per step)."""
+    attached, plain = _penalised_pair()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(4)]
+
+    def optimizer(model):
+        if mode.startswith("fused_adam"):
+            return torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+        return torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+
+    kw = {}
+    if "grad_scaler" in mode:
+        kw["scaler"] = lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    accumulate = 2 if mode == "accumulate" else 1
+    for model, pen in ((attached, None), (plain, LCNNPenalty(0.05, 0.05))):
+        _steps(model, optimizer(model), batches, penalty=pen, accumulate=accumulate,
+               scaler=kw["scaler"]() if kw else None)
+    for (k, a), b in zip(attached.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    unpenalised = _penalised_pair()[1]
+    _steps(unpenalised, optimizer(unpenalised), batches, accumulate=accumulate)
+    bn = "bn1.gamma_raw"
+    assert not torch.allclose(unpenalised.state_dict()[bn], plain.state_dict()[bn])  # R changed the step
+
+
+def test_attach_penalty_is_removable_and_refuses_a_net_without_beta_or_gamma():
+    import timm
+
+    from lcnn_zoo import attach_penalty
+    attached, plain = _penalised_pair()
+    handle = attach_penalty(attached)
+    handle.remove()
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([1, 2])
+    for model in (attached, plain):
+        _steps(model, torch.optim.SGD(model.parameters(), lr=0.5), [(x, y)])
+    for (k, a), b in zip(attached.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="has no learnable β or γ"):
+        timm.create_model("lcnn_resnet20_relu", img_size=(8, 8), lcnn_penalty=1e-3)

@@ -47,6 +47,7 @@ from ..conversion import lcnnify
 from ..hub import extra_tags, recipe_hint, safe_build, weights_location
 from ..layers import CenteredSoftplus, frozen_state
 from ..layers.spectral_norm import deferred_convergence
+from ..penalty import LCNNPenalty, attach_penalty
 
 __all__ = ["CifarResNet", "LcnnResNet", "PreActBlock", "WideResNet"]
 
@@ -454,10 +455,16 @@ default_cfgs = generate_default_cfgs({
 
 def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool, model_args: Dict[str, Any],
             **kwargs: Any) -> nn.Module:
+    penalty = kwargs.pop("lcnn_penalty", None)  # λ (or True): the LCNN penalty at every optimizer step
+    if penalty is not None and not isinstance(penalty, (bool, int, float)):
+        raise ValueError(f"lcnn_penalty must be a number (λβ = λγ) or True, got {type(penalty).__name__}")
     # With pretrained weights the checkpoint brings converged singular vectors: converging the
     # random initial weights' norms first would be thrown away.
     with deferred_convergence() if pretrained else nullcontext():
-        return safe_build(build_model_with_cfg, model_cls, variant, pretrained, **dict(model_args, **kwargs))
+        model = safe_build(build_model_with_cfg, model_cls, variant, pretrained, **dict(model_args, **kwargs))
+    if penalty is not None and penalty is not False:
+        attach_penalty(model, LCNNPenalty() if penalty is True else LCNNPenalty(float(penalty), float(penalty)))
+    return model
 
 
 def _resnet(variant: str, pretrained: bool, block, layers, kind: str, cifar_stem: bool = True,
