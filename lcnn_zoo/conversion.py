@@ -501,6 +501,8 @@ def _stem_size_hook(conv: nn.Module, args) -> None:
     sn = spectral_norm_of(conv)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or sn is None or sn.input_shape is None:
         return
+    if x.shape[1] != sn.input_shape[0]:  # another channel count: the convolution itself refuses it
+        return
     if tuple(x.shape[1:]) != sn.input_shape and not conv._lcnn_size_warned:
         conv._lcnn_size_warned = True
         _size_warning(sn.input_shape, tuple(x.shape[1:]))
@@ -521,7 +523,8 @@ def _input_size_hook(model: nn.Module, args) -> None:
         model.lcnn_report.input_size = size
         _check_coverage(model, stacklevel=4)
         _hook_stem(model, size)
-    elif size != expected and not model._lcnn_size_warned and not getattr(model, "_lcnn_stem_checked", False):
+    elif (size != expected and size[:1] == tuple(expected)[:1] and not model._lcnn_size_warned
+          and not getattr(model, "_lcnn_stem_checked", False)):
         model._lcnn_size_warned = True  # no stem found: the root warns
         _size_warning(expected, size)
 

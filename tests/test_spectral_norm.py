@@ -341,3 +341,43 @@ def test_training_forward_gradient_matches_autograd_through_the_norm(name):
     (out * r).sum().backward()
     torch.testing.assert_close(out_new.detach(), out.detach(), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(g_new, w_ref_t.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels", [(1, 3), (2, 4)])
+def test_a_stem_adapted_to_replicated_channels_keeps_its_function_and_its_bound(channels):
+    """timm's stem adaptation (adapt_input_conv: the kernel repeated r times, scaled 1/r) of a
+    normalised conv: on replicated input the adapted layer computes what the checkpoint's did, and its
+    dense operator norm is 1/√r ≤ 1 (the gain travels in the state dict as weight_gain)."""
+    from timm.models import adapt_input_conv
+    c0, c = channels
+    torch.manual_seed(0)
+    src = spectral_norm(nn.Conv2d(c0, 3, 3, padding=1, bias=False).double(), (c0, 5, 5)).eval()
+    dst = spectral_norm(nn.Conv2d(c, 3, 3, padding=1, bias=False).double(), (c, 5, 5)).eval()
+    state = src.state_dict()
+    state["weight"] = adapt_input_conv(c, state["weight"], base_chans=c0)  # what timm's load_pretrained does
+    dst.load_state_dict(state)
+    x = torch.rand(2, c0, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(dst(x.repeat(1, c // c0, 1, 1)), src(x), rtol=1e-6, atol=1e-9)
+    assert operator_norm(dst, (c, 5, 5)) == pytest.approx((c0 / c) ** 0.5, rel=1e-3)
+    saved = dst.state_dict()
+    assert float(saved["weight_gain"]) == pytest.approx((c0 / c) ** 0.5)
+    again = spectral_norm(nn.Conv2d(c, 3, 3, padding=1, bias=False).double(), (c, 5, 5)).eval()
+    again.load_state_dict(saved)  # a fresh layer takes the gain from the state dict
+    torch.testing.assert_close(again(x.repeat(1, c // c0, 1, 1)), src(x), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match=r"weight_gain must be a 0-dim tensor in \(0, 1\], got \(\) = 2"):
+        again.load_state_dict({**saved, "weight_gain": torch.tensor(2.0, dtype=torch.float64)})
+    plain = again.state_dict()
+    del plain["weight_gain"]
+    again.load_state_dict(plain)  # no gain in the state dict: none on the layer
+    assert "weight_gain" not in again.state_dict()
+
+
+def test_a_stem_whose_channels_are_not_replicated_gets_no_gain():
+    src = spectral_norm(nn.Conv2d(1, 3, 3, padding=1, bias=False).double(), (1, 5, 5))
+    dst = spectral_norm(nn.Conv2d(3, 3, 3, padding=1, bias=False).double(), (3, 5, 5))
+    state = src.state_dict()
+    state["weight"] = torch.randn(3, 3, 3, 3, dtype=torch.float64)  # another weight of the adapted shape: not a replication
+    with pytest.warns(UserWarning, match="recomputed from the loaded weight"):
+        dst.load_state_dict(state)
+    assert "weight_gain" not in dst.state_dict()
+    assert operator_norm(dst.eval(), (3, 5, 5)) == pytest.approx(1.0, rel=2e-3)

@@ -368,3 +368,18 @@ def test_an_lcnn_keeps_its_class_and_pickles_through_state_dict_or_folded():
     again = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)  # our own bytes, just written
     x = torch.rand(2, 1, 12, 12)
     assert torch.equal(again(x), folded(x))
+
+
+@pytest.mark.parametrize("tag", ["lcnn_resnet20.fmnist", "lcnn_resnet20_softplus.fmnist"])
+def test_a_grey_tag_with_timms_in_chans_3_keeps_its_function_and_says_its_input(tag):
+    """timm's scripts pass in_chans=3: the adapted model computes on grey images copied to 3 channels
+    what the tag computes on them, and its cfg says 3×28×28 (so timm's data config feeds it that)."""
+    grey = timm.create_model(tag, pretrained=True).eval()
+    rgb = timm.create_model(tag, pretrained=True, in_chans=3).eval()
+    cfg = timm.data.resolve_model_data_config(rgb)
+    assert cfg["input_size"] == (3, 28, 28) and cfg["mean"] == (0.0,) * 3 and cfg["std"] == (1.0,) * 3
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), grey(x), rtol=1e-4, atol=1e-4)
+    if tag.startswith("lcnn_resnet20."):
+        assert lcnn_zoo.hessian_bound(rgb).stale == []

@@ -235,6 +235,10 @@ class SpectralNorm(nn.Module):
         self._converged_for: Optional[Tuple[int, int]] = None  # (storage pointer, version) last checked
         self.register_buffer("_u", None)
         self.register_buffer("_v", None)
+        # A fixed factor ≤ 1 on the normalised weight, or None (no factor, no buffer). Set when a stem
+        # is adapted to replicated input channels (see _adapt_vectors): the normalised weight then has
+        # norm gain, and the net computes on replicated input what it computed on the original.
+        self.register_buffer("_gain", None)
         if kind == "linear" or input_shape is not None:
             self.initialize(weight, input_shape)
 
@@ -275,6 +279,18 @@ class SpectralNorm(nn.Module):
             for name in ("_u", "_v"):
                 if prefix + name in state_dict:
                     setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        gain = state_dict.get(prefix + "_gain")
+        if gain is not None:  # a stem gain travels with the weights; a state dict without one has none
+            if not (isinstance(gain, torch.Tensor) and gain.dim() == 0 and bool(torch.isfinite(gain))
+                    and 0.0 < float(gain) <= 1.0):
+                raise ValueError(f"{prefix}weight_gain must be a 0-dim tensor in (0, 1], got "
+                                 f"{tuple(gain.shape) if isinstance(gain, torch.Tensor) else type(gain).__name__}"
+                                 + (f" = {float(gain):.4g}" if isinstance(gain, torch.Tensor) and gain.numel() == 1 else "")
+                                 + ": a larger factor would break the layer's 1-Lipschitz bound")
+            if self._gain is None:
+                self._gain = torch.empty_like(gain, device=self._v.device if self._v is not None else gain.device)
+        else:
+            self._gain = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -310,6 +326,8 @@ class SpectralNorm(nn.Module):
         recompute them for ours from the checkpoint's weight (True), or keep ours when it holds no
         fitting weight for this layer (False; e.g. timm dropped a classifier of another size)."""
         saved = (tuple(state_dict[ku].shape), tuple(state_dict[kv].shape))
+        if weight is not None and self._fits(weight) and self._replicated(state_dict[ku], state_dict[kv], weight):
+            return self._adapt_replicated(state_dict, prefix, ku, kv)
         if weight is not None and self._fits(weight):
             iters, _ = self.converge(weight.to(self._v), self.init_iterations, self.init_tol)
             layer = prefix[:-1] or "<root>"
@@ -321,6 +339,36 @@ class SpectralNorm(nn.Module):
             adapted = False
         state_dict[ku], state_dict[kv] = self._u.clone(), self._v.clone()
         return adapted
+
+    def _replicated(self, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` is a stem adapted from the checkpoint's c₀ input channels to this layer's
+        c = r·c₀ the way timm adapts one (``adapt_input_conv``: the kernel repeated r times, scaled by
+        1/r): the same output shape, the same spatial size, and r identical channel groups."""
+        if self.kind != "conv2d" or self.op.groups != 1 or u.shape != self._u.shape or v.dim() != 4:
+            return False
+        c0, c = v.shape[1], self._v.shape[1]
+        if v.shape[0] != 1 or v.shape[2:] != self._v.shape[2:] or c <= c0 or c % c0:
+            return False
+        groups = weight.reshape(weight.shape[0], c // c0, c0, *weight.shape[2:])
+        return bool((groups == groups[:, :1]).all())
+
+    @torch.no_grad()
+    def _adapt_replicated(self, state_dict, prefix: str, ku: str, kv: str) -> bool:
+        """Singular vectors and gain for a stem timm adapted to r = c/c₀ times the channels. Its operator
+        is A' = (1/r)·A∘S (S sums the r channel groups), so σ' = σ/√r, u' = u and v' = (v, …, v)/√r,
+        exactly; the gain 1/√r makes the layer compute on replicated input (x, …, x) what the
+        checkpoint's layer computed on x (the net's function is kept, and its bound: gain ≤ 1)."""
+        v = state_dict[kv]
+        r = self._v.shape[1] // v.shape[1]
+        state_dict[kv] = v.repeat(1, r, 1, 1).div_(r ** 0.5).to(self._v)
+        state_dict[ku] = state_dict[ku].to(self._u)
+        gain = float(state_dict[prefix + "parametrizations.weight.0._gain"]) if (
+            prefix + "parametrizations.weight.0._gain") in state_dict else 1.0
+        state_dict[prefix + "parametrizations.weight.0._gain"] = torch.tensor(gain / r ** 0.5, dtype=self._v.dtype)
+        return True
+
+    def _with_gain(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight if self._gain is None else weight * self._gain
 
     # ---- the operator ----------------------------------------------------------------------
     def operator(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -429,10 +477,10 @@ class SpectralNorm(nn.Module):
 
     def _normalized(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training and self.n_power_iterations > 0:
-            return self._training_normalized(weight, update=not self.frozen)
+            return self._with_gain(self._training_normalized(weight, update=not self.frozen))
         if not self.frozen:
             self._refresh(weight)
-        return weight / self.sigma(weight)
+        return self._with_gain(weight / self.sigma(weight))
 
     def _training_normalized(self, weight: torch.Tensor, update: bool) -> torch.Tensor:
         """Training mode: W / σ with σ = ‖A_W v‖ after ``n_power_iterations`` steps written to the
@@ -627,7 +675,8 @@ def _drop_hooks(hooks, fn) -> None:
 # parametrize's internal key  <->  public key
 _SN_KEYS = (("parametrizations.weight.original", "weight"),
             ("parametrizations.weight.0._u", "weight_u"),
-            ("parametrizations.weight.0._v", "weight_v"))
+            ("parametrizations.weight.0._v", "weight_v"),
+            ("parametrizations.weight.0._gain", "weight_gain"))
 
 
 def _sn_state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:

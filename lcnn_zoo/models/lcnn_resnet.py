@@ -464,7 +464,29 @@ def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool, model_ar
         model = safe_build(build_model_with_cfg, model_cls, variant, pretrained, **dict(model_args, **kwargs))
     if penalty is not None and penalty is not False:
         attach_penalty(model, LCNNPenalty() if penalty is True else LCNNPenalty(float(penalty), float(penalty)))
+    _cfg_for_built_channels(model)
     return model
+
+
+def _cfg_for_built_channels(model: nn.Module) -> None:
+    """A model built with another ``in_chans`` than its tag's (timm adapts the stem of pretrained
+    weights) says so in its pretrained_cfg: the input size and per-channel mean/std timm's data config
+    resolves (validate.py, inference.py, onnx_export.py) are those of the channels it takes."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    conv = getattr(model, "conv1", None)
+    if not isinstance(cfg, dict) or not cfg.get("input_size") or not isinstance(conv, nn.Conv2d):
+        return
+    c = conv.in_channels
+    if cfg["input_size"][0] == c:
+        return
+    fix = {"input_size": (c, *cfg["input_size"][1:])}
+    for key in ("mean", "std"):
+        values = tuple(cfg.get(key) or ())
+        if values and len(set(values)) == 1:  # the zoo's are (0, …) and (1, …): one value per channel
+            fix[key] = values[:1] * c
+    model.pretrained_cfg = {**cfg, **fix}
+    if hasattr(model, "default_cfg"):
+        model.default_cfg = model.pretrained_cfg  # timm's alias
 
 
 def _resnet(variant: str, pretrained: bool, block, layers, kind: str, cifar_stem: bool = True,
