@@ -127,7 +127,7 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
       constant β). It and :class:`~lcnn_zoo.layers.Scale` (the residual average's ×0.5) are the
       lcnn_zoo classes left in a folded model — each one line of plain torch ops, for which torch.nn
       has no module; the zoo's own architectures keep their classes (``lcnn_zoo.models``);
-    * the report, the input-size hook and the ``reset_classifier`` subclass lcnnify added go.
+    * the report, the input-size hook and the ``reset_classifier`` wrapper lcnnify added go.
 
     The result is in eval mode; its own state dict loads into it, and it scripts (TorchScript),
     traces, exports (``torch.export``) and exports to ONNX. A self-check compares its outputs on

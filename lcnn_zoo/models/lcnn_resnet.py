@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, create_classifier
+from timm.layers import DropPath, create_classifier, is_exportable
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import (
     feature_take_indices,  # the helper every timm model's forward_intermediates uses
@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..conversion import lcnnify
+from ..folding import fold
 from ..hub import extra_tags, recipe_hint, safe_build, weights_location
 from ..layers import CenteredSoftplus, frozen_state
 from ..layers.spectral_norm import deferred_convergence
@@ -465,6 +466,10 @@ def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool, model_ar
     if penalty is not None and penalty is not False:
         attach_penalty(model, LCNNPenalty() if penalty is True else LCNNPenalty(float(penalty), float(penalty)))
     _cfg_for_built_channels(model)
+    if is_exportable() and getattr(model, "lcnn_report", None) is not None:
+        # timm's create_model(..., exportable=True), which its onnx_export.py passes: the deployable form,
+        # the same eval-mode function in plain layers (an unfolded LCNN refuses export, pointing to fold)
+        model = fold(model, inplace=True)
     return model
 
 
