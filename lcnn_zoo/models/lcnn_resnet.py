@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from ..conversion import lcnnify
 from ..folding import fold
 from ..hub import extra_tags, recipe_hint, safe_build, weights_location
-from ..layers import CenteredSoftplus, frozen_state
+from ..layers import CONVERGENCE_TOL, CenteredSoftplus, converge_spectral_norms, frozen_state
 from ..layers.spectral_norm import deferred_convergence
 from ..penalty import LCNNPenalty, attach_penalty
 
@@ -469,6 +469,7 @@ def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool, model_ar
     if is_exportable() and getattr(model, "lcnn_report", None) is not None:
         # timm's create_model(..., exportable=True), which its onnx_export.py passes: the deployable form,
         # the same eval-mode function in plain layers (an unfolded LCNN refuses export, pointing to fold)
+        converge_spectral_norms(model, tol=CONVERGENCE_TOL)  # what the first eval forward would do
         model = fold(model, inplace=True)
     return model
 
