@@ -23,7 +23,8 @@ SCHEDULERS = ("multistep", "cosine", "step", "poly", "tanh", "none")
 #: options a resumed run may change; every other one must match the checkpoint's recipe
 RESUME_MAY_CHANGE = frozenset({"epochs", "eval_every", "no_progress", "threads", "workers", "resume", "device",
                                "output", "experiment", "data_dir", "download", "dist_timeout", "compile", "config",
-                               "if_exists"})
+                               "if_exists", "pin_mem", "validation_batch_size", "torchcompile_mode",
+                               "grad_checkpointing"})
 PAPER_EPS = (0.05, 0.1, 0.15, 0.2)
 NOISE_NORMS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -55,7 +56,22 @@ class TrainConfig:
                                       optional=True)
     input_size: Optional[List[int]] = _opt(None, "C H W the model is built for (default: the dataset's image "
                                                  "size); images are resized to it", "model", "size3", optional=True)
-    drop_rate: float = _opt(0.0, "dropout before the classifier", "model", "float", minimum=0.0, maximum=0.99)
+    in_chans: Optional[int] = _opt(None, "input channels (timm's --in-chans; sets C of --input-size)", "model", "int",
+                                   minimum=1, optional=True)
+    img_size: Optional[int] = _opt(None, "input height = width (timm's --img-size; sets H, W of --input-size)", "model",
+                                   "int", minimum=1, optional=True)
+    drop_rate: float = _opt(0.0, "dropout before the classifier (timm's --drop)", "model", "float", minimum=0.0,
+                            maximum=0.99)
+    drop_path: Optional[float] = _opt(None, "stochastic depth rate (timm's drop_path_rate)", "model", "float",
+                                      minimum=0.0, maximum=0.99, optional=True)
+    gp: Optional[str] = _opt(None, "global pool type (default: the model's)", "model", "choice",
+                             choices=("avg", "max", "avgmax", "catavgmax"), optional=True)
+    bn_momentum: Optional[float] = _opt(None, "BatchNorm momentum for every BatchNorm (default: the model's)",
+                                        "model", "float", minimum=0.0, maximum=1.0, optional=True)
+    bn_eps: Optional[float] = _opt(None, "BatchNorm epsilon for every BatchNorm (default: the model's)", "model",
+                                   "float", minimum=0.0, optional=True)
+    grad_checkpointing: bool = _opt(False, "gradient checkpointing (the recompute records no statistics twice)",
+                                    "model", "bool")
     model_kwargs: Dict[str, Any] = _opt({}, "extra keyword arguments for timm.create_model, e.g. logit_scale=4",
                                         "model", "kwargs")
     # ---- data
@@ -67,26 +83,89 @@ class TrainConfig:
     eval_on_train: bool = _opt(False, "for an image folder without a val/ (or test/) split: evaluate on the "
                                       "training images (the report says so)", "data", "bool")
     aug_pad: int = _opt(4, "pad-and-random-crop padding in pixels (0: none)", "data", "int", minimum=0)
-    no_flip: bool = _opt(False, "disable random horizontal flips", "data", "bool")
+    no_flip: bool = _opt(False, "disable random horizontal flips (as --hflip 0)", "data", "bool")
+    hflip: float = _opt(0.5, "horizontal flip probability", "data", "float", minimum=0.0, maximum=1.0)
+    vflip: float = _opt(0.0, "vertical flip probability", "data", "float", minimum=0.0, maximum=1.0)
+    no_aug: bool = _opt(False, "no training augmentation at all (crops, flips, --aa, --reprob)", "data", "bool")
+    aa: Optional[str] = _opt(None, "timm AutoAugment / RandAugment / AugMix policy, e.g. rand-m9-mstd0.5, v0, "
+                                   "augmix-m5-w4-d2 (per image, after crop and flip)", "data", "str", optional=True)
+    reprob: float = _opt(0.0, "timm RandomErasing probability", "data", "float", minimum=0.0, maximum=1.0)
+    remode: str = _opt("pixel", "RandomErasing fill: const, rand or pixel", "data", "choice",
+                       choices=("const", "rand", "pixel"))
+    recount: int = _opt(1, "RandomErasing count", "data", "int", minimum=1)
     mixup: float = _opt(0.0, "timm Mixup alpha (0: off)", "data", "float", minimum=0.0)
     cutmix: float = _opt(0.0, "timm CutMix alpha (0: off)", "data", "float", minimum=0.0)
+    cutmix_minmax: Optional[List[float]] = _opt(None, "CutMix min/max area ratio (overrides --cutmix alpha)", "data",
+                                                "floats", minimum=0.0, maximum=1.0, optional=True)
+    mixup_prob: float = _opt(1.0, "probability of Mixup or CutMix per batch", "data", "float", minimum=0.0,
+                             maximum=1.0)
+    mixup_switch_prob: float = _opt(0.5, "probability of CutMix instead of Mixup when both are on", "data", "float",
+                                    minimum=0.0, maximum=1.0)
+    mixup_mode: str = _opt("batch", "how Mixup/CutMix parameters are drawn: batch, pair or elem", "data", "choice",
+                           choices=("batch", "pair", "elem"))
+    mixup_off_epoch: int = _opt(0, "turn Mixup/CutMix off from this epoch (0: never)", "data", "int", minimum=0)
     smoothing: float = _opt(0.0, "label smoothing", "data", "float", minimum=0.0, maximum=0.99)
+    bce_loss: bool = _opt(False, "binary cross-entropy (timm's BinaryCrossEntropy) instead of cross-entropy", "data",
+                          "bool")
+    bce_sum: bool = _opt(False, "BCE summed over classes", "data", "bool")
+    bce_target_thresh: Optional[float] = _opt(None, "BCE: binarise targets at this threshold", "data", "float",
+                                              minimum=0.0, maximum=1.0, optional=True)
+    bce_pos_weight: Optional[float] = _opt(None, "BCE positive-class weight", "data", "float", minimum=0.0,
+                                           optional=True)
     workers: int = _opt(0, "DataLoader workers", "data", "int", minimum=0)
+    pin_mem: bool = _opt(False, "pinned DataLoader memory", "data", "bool")
+    validation_batch_size: Optional[int] = _opt(None, "evaluation batch size (default: max(--batch-size, 256))",
+                                                "data", "int", minimum=1, optional=True)
     # ---- optimisation
     epochs: int = _opt(200, "epochs (a resumed run may raise it: the schedule is rebuilt)", "optimisation", "int",
                        minimum=1)
     batch_size: int = _opt(128, "per process", "optimisation", "int", minimum=1)
     opt: str = _opt("sgd", "timm optimizer name", "optimisation", "str")
     lr: float = _opt(0.1, "learning rate", "optimisation", "float", minimum=0.0)
+    opt_eps: Optional[float] = _opt(None, "optimizer epsilon (default: the optimizer's)", "optimisation", "float",
+                                    minimum=0.0, optional=True)
+    opt_betas: Optional[List[float]] = _opt(None, "optimizer betas (default: the optimizer's)", "optimisation",
+                                            "floats", minimum=0.0, maximum=1.0, optional=True)
+    opt_kwargs: Dict[str, Any] = _opt({}, "further optimizer keyword arguments", "optimisation", "kwargs")
     momentum: float = _opt(0.9, "momentum", "optimisation", "float", minimum=0.0, maximum=0.999999)
+    clip_grad: Optional[float] = _opt(None, "clip gradients at this value (after unscaling; off by default)",
+                                      "optimisation", "float", minimum=0.0, optional=True)
+    clip_mode: str = _opt("norm", "gradient clipping: norm, value or agc", "optimisation", "choice",
+                          choices=("norm", "value", "agc"))
+    grad_accum_steps: int = _opt(1, "batches whose gradients are averaged into one optimizer step", "optimisation",
+                                 "int", minimum=1)
     weight_decay: float = _opt(5e-4, "weight decay (never on β, γ)", "optimisation", "float", minimum=0.0)
     sched: str = _opt("multistep", "timm scheduler", "optimisation", "choice", choices=SCHEDULERS)
     decay_milestones: List[int] = _opt([150, 175], "multistep: epochs at which the lr decays", "optimisation",
                                        "ints", minimum=1)
+    decay_epochs: Optional[float] = _opt(None, "step: epochs between lr decays (default: timm's, 90)",
+                                         "optimisation", "float", minimum=0.0, optional=True)
     decay_rate: float = _opt(0.1, "lr decay factor", "optimisation", "float", minimum=0.0)
+    min_lr: float = _opt(0.0, "lower lr bound of cyclic schedules (cosine, poly, tanh)", "optimisation", "float",
+                         minimum=0.0)
     warmup_epochs: int = _opt(0, "linear warm-up epochs", "optimisation", "int", minimum=0)
+    warmup_lr: Optional[float] = _opt(None, "lr at the start of warm-up (default: --lr / 10)", "optimisation",
+                                      "float", minimum=0.0, optional=True)
+    warmup_prefix: bool = _opt(False, "warm-up epochs come before the schedule instead of inside it",
+                               "optimisation", "bool")
+    cooldown_epochs: int = _opt(0, "epochs at --min-lr after a cyclic schedule ends", "optimisation", "int",
+                                minimum=0)
+    sched_on_updates: bool = _opt(False, "step the schedule at every optimizer update, not every epoch",
+                                  "optimisation", "bool")
+    lr_cycle_mul: float = _opt(1.0, "cyclic schedules: cycle length multiplier", "optimisation", "float",
+                               minimum=0.0)
+    lr_cycle_decay: float = _opt(0.5, "cyclic schedules: lr multiplier per cycle", "optimisation", "float",
+                                 minimum=0.0)
+    lr_cycle_limit: int = _opt(1, "cyclic schedules: number of cycles", "optimisation", "int", minimum=1)
+    lr_k_decay: float = _opt(1.0, "cosine/poly: k-decay", "optimisation", "float", minimum=0.0)
+    lr_noise: Optional[List[float]] = _opt(None, "epoch fraction(s) where lr noise starts (and stops)",
+                                           "optimisation", "floats", minimum=0.0, optional=True)
+    lr_noise_pct: float = _opt(0.67, "lr noise limit", "optimisation", "float", minimum=0.0)
+    lr_noise_std: float = _opt(1.0, "lr noise standard deviation", "optimisation", "float", minimum=0.0)
     model_ema: bool = _opt(False, "keep a ModelEmaV3 copy (evaluated too)", "optimisation", "bool")
     model_ema_decay: float = _opt(0.999, "EMA decay", "optimisation", "float", minimum=0.0, maximum=0.999999)
+    model_ema_warmup: bool = _opt(False, "EMA decay warm-up (timm's ModelEmaV3 use_warmup)", "optimisation", "bool")
+    model_ema_force_cpu: bool = _opt(False, "keep the EMA copy on the CPU", "optimisation", "bool")
     # ---- regularisation
     reg: str = _opt("lcnn", "none | lcnn | gradreg | lcnn_gradreg", "regularisation (paper eq. 5 and §5)",
                     "choice", choices=REGS)
@@ -108,7 +187,10 @@ class TrainConfig:
     amp_dtype: str = _opt("bfloat16", "autocast dtype (float16 needs a GPU)", "runtime", "choice",
                           choices=("bfloat16", "float16"))
     channels_last: bool = _opt(False, "channels_last memory format", "runtime", "bool")
-    compile: bool = _opt(False, "torch.compile the model", "runtime", "bool")
+    compile: bool = _opt(False, "torch.compile the model (timm's --torchcompile)", "runtime", "bool")
+    torchcompile_mode: Optional[str] = _opt(None, "torch.compile mode", "runtime", "choice", optional=True,
+                                            choices=("default", "reduce-overhead", "max-autotune",
+                                                     "max-autotune-no-cudagraphs"))
     device: Optional[str] = _opt(None, "cpu | cuda (default: cuda if available)", "runtime", "str", optional=True)
     threads: int = _opt(0, "torch.set_num_threads (0: leave)", "runtime", "int", minimum=0)
     seed: int = _opt(42, "random seed", "runtime", "int", minimum=0)
@@ -133,10 +215,21 @@ class TrainConfig:
         """Check every value's type and range; raise :class:`UserError` naming the option."""
         for f in self.options():
             setattr(self, f.name, check_value(f, getattr(self, f.name), source))
-        reserved = sorted(set(self.model_kwargs) & {"num_classes", "in_chans", "pretrained", "pretrained_cfg_overlay"})
+        self.dataset = _timm_dataset(self.dataset, self.data_dir)
+        reserved = sorted(set(self.model_kwargs) & {"num_classes", "in_chans", "pretrained", "pretrained_cfg_overlay",
+                                                    "drop_path_rate", "global_pool", "img_size"})
         if reserved:
             raise UserError(f"--model-kwargs: set {reserved} with their own options (--num-classes, "
-                            f"--input-size, --pretrained)")
+                            f"--input-size, --pretrained, --drop-path, --gp)")
+        reserved = sorted(set(self.opt_kwargs) & {"lr", "weight_decay", "momentum", "eps", "betas"})
+        if reserved:
+            raise UserError(f"--opt-kwargs: set {reserved} with their own options (--lr, --weight-decay, "
+                            f"--momentum, --opt-eps, --opt-betas)")
+        if self.input_size is not None:
+            for name, value, given in (("--in-chans", self.in_chans, self.input_size[0]),
+                                       ("--img-size", self.img_size, self.input_size[1])):
+                if value is not None and (value != given or (name == "--img-size" and value != self.input_size[2])):
+                    raise UserError(f"{name} {value} contradicts --input-size {' '.join(map(str, self.input_size))}")
         if self.decay_milestones != sorted(set(self.decay_milestones)):
             raise UserError(f"--decay-milestones must be increasing epochs, got {shown(self.decay_milestones)}")
         if self.resume not in ("", "auto") and not Path(self.resume).is_file():
@@ -162,6 +255,21 @@ class TrainConfig:
         if unknown:
             raise UserError(f"{source or 'config'}: unknown keys {shown(unknown)}")
         return cls(**values).validate(source)
+
+
+def _timm_dataset(name: str, data_dir: Optional[str]) -> str:
+    """timm train.py's --dataset spellings as lcnn-zoo's: ``torch/cifar10`` (torchvision's), ``hfds/<name>``
+    (a Hugging Face dataset) and ``""`` with --data-dir (an image folder)."""
+    from .train_flags import TORCH_DATASETS
+    if name in TORCH_DATASETS:
+        return TORCH_DATASETS[name]
+    if name.startswith("hfds/"):
+        return "hf:" + name[len("hfds/"):]
+    if name == "":
+        if not data_dir:
+            raise UserError("--dataset '' (timm's image folder) needs --data-dir")
+        return f"folder:{data_dir}"
+    return name
 
 
 def _flag(name: str) -> str:
@@ -201,6 +309,13 @@ def check_value(f: dataclasses.Field, value: Any, source: str = "") -> Any:
         if not isinstance(value, (list, tuple)) or not value:
             raise bad("a list of integers")
         out = [_number(v, "int", bad) for v in value]
+        for v in out:
+            _check_range(v, meta, bad)
+        return out
+    if kind == "floats":
+        if not isinstance(value, (list, tuple)) or not value:
+            raise bad("a list of numbers")
+        out = [_number(v, "float", bad) for v in value]
         for v in out:
             _check_range(v, meta, bad)
         return out

@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -91,11 +91,21 @@ class TensorImageDataset(Dataset):
 
 
 class BatchAugment:
-    """Random crop after zero-padding by ``pad`` pixels, and random horizontal flips, on a batch
-    (B, C, H, W) at once. Deterministic given ``generator``."""
+    """Training augmentation of a batch (B, C, H, W) of [0, 1] images: random crop after zero-padding by
+    ``pad`` pixels and random horizontal / vertical flips (probabilities ``hflip``, ``vflip``) on the
+    whole batch at once, deterministic given ``generator``; then, optionally, a timm AutoAugment /
+    RandAugment / AugMix policy per image (``aa``, timm's config string, on PIL images as timm applies
+    it) and timm's RandomErasing (``reprob``, ``remode``, ``recount``). The last two draw from
+    Python's ``random``, as in timm."""
 
-    def __init__(self, pad: int = 4, flip: bool = True) -> None:
-        self.pad, self.flip = pad, flip
+    def __init__(self, pad: int = 4, flip: bool = True, *, hflip: float = 0.5, vflip: float = 0.0,
+                 aa: Optional[str] = None, reprob: float = 0.0, remode: str = "pixel", recount: int = 1,
+                 image_size: Optional[Tuple[int, int]] = None) -> None:
+        self.pad = pad
+        self.hflip = hflip if flip else 0.0
+        self.vflip = vflip
+        self.policy = auto_augment(aa, image_size or (32, 32)) if aa else None
+        self.reprob, self.remode, self.recount = reprob, remode, recount
 
     def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -108,10 +118,44 @@ class BatchAugment:
             cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (B, W)
             x = xp[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None],
                    rows[:, None, :, None], cols[:, None, None, :]]
-        if self.flip:
-            flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        for prob, dim in ((self.hflip, -1), (self.vflip, -2)):
+            if prob > 0:
+                flip = (torch.rand(b, generator=generator) < prob).to(x.device)
+                x = torch.where(flip[:, None, None, None], x.flip(dim), x)
+        if self.policy is not None:
+            x = torch.stack([_pil_augment(self.policy, img) for img in x.cpu()]).to(x.device)
+        if self.reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            x = RandomErasing(self.reprob, mode=self.remode, max_count=self.recount, device=x.device)(x.clone())
         return x
+
+
+def auto_augment(config: str, image_size: Tuple[int, int]) -> Callable:
+    """timm's augmentation policy for a config string, as timm's transform factory builds it
+    (``rand-…`` RandAugment, ``augmix-…`` AugMix, else AutoAugment: ``original``, ``v0``, …;
+    fill 0 for the zoo's unnormalised inputs). Raises ValueError for a string timm does not parse."""
+    from timm.data.auto_augment import (augment_and_mix_transform, auto_augment_transform,
+                                        rand_augment_transform)
+    hparams = dict(translate_const=int(min(image_size) * 0.45), img_mean=(0, 0, 0))
+    try:
+        if config.startswith("rand"):
+            return rand_augment_transform(config, hparams)
+        if config.startswith("augmix"):
+            hparams["translate_pct"] = 0.3
+            return augment_and_mix_transform(config, hparams)
+        return auto_augment_transform(config, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError, ImportError) as e:
+        raise ValueError(f"timm cannot parse the augmentation policy {config[:80]!r} ({type(e).__name__})") from e
+
+
+def _pil_augment(policy: Callable, img: torch.Tensor) -> torch.Tensor:
+    """One (C, H, W) [0, 1] image through a PIL policy (grey images as RGB, averaged back to one channel)."""
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+    grey = img.shape[0] == 1
+    pil = to_pil_image(img.expand(3, -1, -1) if grey else img)
+    out = pil_to_tensor(policy(pil)).float().div_(255.0)
+    return out.mean(0, keepdim=True) if grey else out
 
 
 def _cache_dir() -> Path:

@@ -109,7 +109,25 @@ def _check_options(cfg: TrainConfig) -> None:
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UserError(f"--mixup/--cutmix need an even --batch-size (timm's Mixup pairs samples), got "
                         f"{cfg.batch_size}")
+    if cfg.aa:
+        from .data import auto_augment
+        try:
+            auto_augment(cfg.aa, (32, 32))
+        except ValueError as e:
+            raise UserError(f"--aa: {e}") from None
     check_name(cfg.run_name, "--experiment")
+
+
+def _resolve_input_size(cfg: TrainConfig, info: DataInfo) -> None:
+    """timm's --in-chans / --img-size are parts of --input-size: with the dataset's own size as the rest,
+    they become ``cfg.input_size`` (the one size the run is built and recorded for)."""
+    if cfg.input_size is not None or (cfg.in_chans is None and cfg.img_size is None):
+        return
+    if not (info.channels and info.size):
+        raise UserError(f"--in-chans/--img-size: the image size of {shown(cfg.dataset)} is not known before reading "
+                        f"it; give --input-size C H W")
+    hw = [cfg.img_size, cfg.img_size] if cfg.img_size is not None else list(info.size)
+    cfg.input_size = [cfg.in_chans if cfg.in_chans is not None else info.channels, *hw]
 
 
 def _check_data(cfg: TrainConfig, info: DataInfo) -> None:
@@ -176,6 +194,7 @@ def train_plan(cfg: TrainConfig) -> TrainPlan:
     _check_options(cfg)
     device = check_device(cfg.device)
     info = describe_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
+    _resolve_input_size(cfg, info)
     _check_data(cfg, info)
     size = tuple(cfg.input_size) if cfg.input_size else (
         (info.channels, *info.size) if info.channels and info.size else None)

@@ -24,17 +24,17 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import AverageMeter, ModelEmaV3
+from timm.utils import AverageMeter, ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from torch.utils.data import (
     DataLoader,
@@ -49,7 +49,8 @@ from .config import TrainConfig
 from .data import BatchAugment, build_dataset, num_classes_of
 from .errors import Interrupted, UserError, shown
 from .factory import create_model, is_lcnn, load_initial
-from .layers import CONVERGENCE_TOL, converge_spectral_norms, recalibrate_batchnorm, sync_batchnorm
+from .layers import (CONVERGENCE_TOL, LipschitzBatchNorm2d, converge_spectral_norms, recalibrate_batchnorm,
+                     sync_batchnorm)
 from .preflight import TrainPlan, train_plan
 from .penalty import LCNNPenalty, gradreg_exact, gradreg_fd_backward, param_groups
 
@@ -172,6 +173,8 @@ class _Run:
     scaler: Optional[torch.amp.GradScaler]
     reg: Regulariser
     amp: Callable
+    updates_per_epoch: int = 1
+    updates: int = 0        # optimizer steps taken (EMA warm-up, --sched-on-updates)
     history: List[Dict[str, Any]] = field(default_factory=list)
     best: Dict[str, Any] = field(default_factory=dict)
     classes: List[str] = field(default_factory=list)
@@ -179,6 +182,31 @@ class _Run:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def _optimizer_step(run: _Run, micro_steps: int) -> None:
+    """One optimizer step on the gradients of ``micro_steps`` batches (their mean: the loss of each was
+    backpropagated whole), unscaled and clipped first when asked; then the EMA and, with
+    --sched-on-updates, the schedule."""
+    cfg = run.cfg
+    grads = [p.grad for p in run.core.parameters() if p.grad is not None]
+    if micro_steps > 1 and grads:
+        torch._foreach_div_(grads, float(micro_steps))
+    if cfg.clip_grad is not None:
+        if run.scaler is not None:
+            run.scaler.unscale_(run.optimizer)
+        dispatch_clip_grad([p for p in run.core.parameters() if p.grad is not None], cfg.clip_grad, mode=cfg.clip_mode)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.updates += 1
+    if run.ema is not None:
+        run.ema.update(run.core, step=run.updates)
+    if cfg.sched_on_updates and run.scheduler is not None:
+        run.scheduler.step_update(num_updates=run.updates)
 
 
 def train_one_epoch(run: _Run, loader, epoch: int, augment: BatchAugment, mixup: Optional[Mixup]) -> Dict[str, float]:
@@ -191,7 +219,10 @@ def train_one_epoch(run: _Run, loader, epoch: int, augment: BatchAugment, mixup:
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=cfg.no_progress or not run.is_main,
                file=sys.stderr)
     t0 = time.time()
-    for x, y in bar:
+    accum, pending = cfg.grad_accum_steps, 0
+    last = len(loader) - 1
+    run.optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(bar):
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         x = augment(x, aug_gen)
         y_loss = y
@@ -199,15 +230,11 @@ def train_one_epoch(run: _Run, loader, epoch: int, augment: BatchAugment, mixup:
             x, y_loss = mixup(x, y)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        run.optimizer.zero_grad(set_to_none=True)
         out = run.reg.step(run.model, x, y_loss, run.amp, run.scaler)
-        if run.scaler is not None:
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
-        else:
-            run.optimizer.step()
-        if run.ema is not None:
-            run.ema.update(run.core)
+        pending += 1
+        if pending == accum or i == last:
+            _optimizer_step(run, pending)
+            pending = 0
         n = x.shape[0]
         for k, v in {"loss": float(out.loss), "top1": 100.0 * float((out.logits.argmax(1) == y).float().mean()),
                      **out.stats}.items():
@@ -272,6 +299,9 @@ def resume(run: _Run, ckpt: Dict[str, Any], path: str | os.PathLike) -> int:
         set_rng_state(ckpt["rng"])
     run.history = list(ckpt.get("history") or [])
     run.best = dict(ckpt.get("best") or {})
+    run.updates = done * run.updates_per_epoch
+    if cfg.sched_on_updates and run.scheduler is not None:
+        run.scheduler.step_update(num_updates=run.updates)
     if run.is_main:
         print(f"resumed {path} at epoch {done}", file=sys.stderr)
     return done
@@ -312,7 +342,7 @@ def _all_reduce_eval(m: Dict[str, float], world: int, device: torch.device) -> D
 
 
 def _loader(ds, batch_size: int, shuffle: bool, seed: int, rank: int, world: int, workers: int,
-            drop_last: bool) -> torch.utils.data.DataLoader:
+            drop_last: bool, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     if world > 1:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last)
@@ -320,7 +350,8 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int, rank: int, world: int
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
     else:
         sampler = SequentialSampler(ds)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=pin_memory)
 
 
 def _datasets(cfg: TrainConfig):
@@ -350,8 +381,21 @@ def _datasets(cfg: TrainConfig):
 
 
 def _build_model(cfg: TrainConfig, num_classes: int, input_size: tuple) -> nn.Module:
-    model = create_model(cfg.model, input_size=input_size, num_classes=num_classes, model_kwargs=cfg.model_kwargs,
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.drop_path is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    if cfg.gp is not None:
+        kwargs["global_pool"] = cfg.gp
+    model = create_model(cfg.model, input_size=input_size, num_classes=num_classes, model_kwargs=kwargs,
                          pretrained=cfg.pretrained, drop_rate=cfg.drop_rate, convert=cfg.lcnnify)
+    for m in model.modules():  # timm's --bn-momentum / --bn-eps: every BatchNorm, γ-Lipschitz ones too
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm2d)):
+            m.momentum = cfg.bn_momentum if cfg.bn_momentum is not None else m.momentum
+            m.eps = cfg.bn_eps if cfg.bn_eps is not None else m.eps
+    if cfg.grad_checkpointing:
+        if not callable(getattr(model, "set_grad_checkpointing", None)):
+            raise UserError(f"--grad-checkpointing: {shown(cfg.model)} has no set_grad_checkpointing")
+        model.set_grad_checkpointing(True)
     if cfg.initial_checkpoint:
         # A logit_scale asked for explicitly is the new run's recipe: the checkpoint's does not replace it.
         load_initial(model, cfg.initial_checkpoint, keep=("logit_scale",) if "logit_scale" in cfg.model_kwargs else (),
@@ -361,28 +405,59 @@ def _build_model(cfg: TrainConfig, num_classes: int, input_size: tuple) -> nn.Mo
     return model
 
 
+def train_augment(cfg: TrainConfig, input_size: Sequence[int]) -> BatchAugment:
+    """The training augmentation ``cfg`` asks for (--no-aug: none)."""
+    if cfg.no_aug:
+        return BatchAugment(pad=0, flip=False)
+    return BatchAugment(pad=cfg.aug_pad, flip=not cfg.no_flip, hflip=cfg.hflip, vflip=cfg.vflip, aa=cfg.aa,
+                        reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount, image_size=tuple(input_size[1:]))
+
+
 def _criterion(cfg: TrainConfig, num_classes: int) -> Tuple[Callable, Optional[Mixup]]:
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                      num_classes=num_classes)
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                      prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                      label_smoothing=cfg.smoothing, num_classes=num_classes)
+    if cfg.bce_loss:  # as timm's train.py: the smoothing is Mixup's when it is on
+        return BinaryCrossEntropy(smoothing=0.0 if mixup is not None else cfg.smoothing,
+                                  target_threshold=cfg.bce_target_thresh, sum_classes=cfg.bce_sum,
+                                  pos_weight=cfg.bce_pos_weight), mixup
+    if mixup is not None:
         return SoftTargetCrossEntropy(), mixup
     if cfg.smoothing > 0:
         return LabelSmoothingCrossEntropy(cfg.smoothing), None
     return nn.CrossEntropyLoss(), None
 
 
-def _setup(cfg: TrainConfig, device: torch.device, rank: int, world: int, num_classes: int, input_size: tuple) -> _Run:
+def _setup(cfg: TrainConfig, device: torch.device, rank: int, world: int, num_classes: int, input_size: tuple,
+           train_images: int) -> _Run:
+    updates_per_epoch = -(-(train_images // world // cfg.batch_size) // cfg.grad_accum_steps)  # drop_last batches
     model = _build_model(cfg, num_classes, input_size).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, exclude_buffers=False) if cfg.model_ema else None
+    ema = None
+    if cfg.model_ema:
+        ema = ModelEmaV3(model, decay=cfg.model_ema_decay, exclude_buffers=False, use_warmup=cfg.model_ema_warmup,
+                         device=torch.device("cpu") if cfg.model_ema_force_cpu else None)
+    opt_kw: Dict[str, Any] = dict(cfg.opt_kwargs)
+    if cfg.opt_eps is not None:
+        opt_kw["eps"] = cfg.opt_eps
+    if cfg.opt_betas is not None:
+        opt_kw["betas"] = tuple(cfg.opt_betas)
     optimizer = create_optimizer_v2(param_groups(model, cfg.weight_decay), opt=cfg.opt, lr=cfg.lr,
-                                    weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+                                    weight_decay=cfg.weight_decay, momentum=cfg.momentum, **opt_kw)
     scheduler = None
     if cfg.sched != "none":
-        scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs,
-                                           decay_milestones=cfg.decay_milestones, decay_rate=cfg.decay_rate,
-                                           warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.lr * 0.1)
+        sched_kw: Dict[str, Any] = {} if cfg.decay_epochs is None else {"decay_epochs": cfg.decay_epochs}
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_milestones=cfg.decay_milestones,
+            decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.lr * 0.1 if cfg.warmup_lr is None else cfg.warmup_lr, warmup_prefix=cfg.warmup_prefix,
+            cooldown_epochs=cfg.cooldown_epochs, noise=cfg.lr_noise, noise_pct=cfg.lr_noise_pct,
+            noise_std=cfg.lr_noise_std, noise_seed=cfg.seed, cycle_mul=cfg.lr_cycle_mul, cycle_decay=cfg.lr_cycle_decay,
+            cycle_limit=cfg.lr_cycle_limit, k_decay=cfg.lr_k_decay, step_on_epochs=not cfg.sched_on_updates,
+            updates_per_epoch=updates_per_epoch, **sched_kw)
     amp_dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type) if cfg.amp and amp_dtype == torch.float16 else None
 
@@ -395,9 +470,9 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world: int, num_cl
         wrapped = nn.parallel.DistributedDataParallel(sync_batchnorm(model),
                                                       device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped, mode=cfg.torchcompile_mode)
     return _Run(cfg, device, rank, world, wrapped, model, optimizer, scheduler, ema, scaler,
-                make_regulariser(cfg, criterion, model, cfg.seed + rank), amp)
+                make_regulariser(cfg, criterion, model, cfg.seed + rank), amp, updates_per_epoch=updates_per_epoch)
 
 
 def _check_runtime(cfg: TrainConfig, device: torch.device, world: int) -> None:
@@ -470,6 +545,8 @@ def _epochs(run: _Run, folder: RunFolder, start: int, loaders, augment, mixup, n
             train_loader.sampler.set_epoch(epoch)
         else:
             train_loader.sampler.generator.manual_seed(cfg.seed * 1000 + epoch)
+        if mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
+            mixup.mixup_enabled = False  # timm's --mixup-off-epoch
         train_m = train_one_epoch(run, train_loader, epoch, augment, mixup)
         if run.scheduler is not None:
             run.scheduler.step(epoch + 1)
@@ -535,7 +612,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         torch.manual_seed(cfg.seed + rank)
         np.random.seed(cfg.seed + rank)
         random.seed(cfg.seed + rank)
-        run = _setup(cfg, plan.device, rank, world, data[3], data[2])
+        run = _setup(cfg, plan.device, rank, world, data[3], data[2], len(data[0]))
         run.classes = [str(c) for c in getattr(data[0], "classes", [])]
         folder = plan.claim() if run.is_main else plan.folder
         with folder.lock() if run.is_main else nullcontext():
@@ -572,13 +649,13 @@ def _train_in(run: _Run, plan: TrainPlan, folder: RunFolder, data) -> Dict[str, 
         if start:
             args["resumed_at_epoch"] = start
         folder.write_args(args)
-    loaders = (_loader(train_ds, cfg.batch_size, True, cfg.seed, rank, world, cfg.workers, drop_last=True),
-               _loader(test_ds, max(cfg.batch_size, 256), False, cfg.seed, rank, world, cfg.workers,
-                       drop_last=False))
+    loaders = (_loader(train_ds, cfg.batch_size, True, cfg.seed, rank, world, cfg.workers, drop_last=True,
+                       pin_memory=cfg.pin_mem),
+               _loader(test_ds, cfg.validation_batch_size or max(cfg.batch_size, 256), False, cfg.seed, rank, world,
+                       cfg.workers, drop_last=False, pin_memory=cfg.pin_mem))
     _, mixup = _criterion(cfg, num_classes)
     t0 = time.time()
-    eval_m = _epochs(run, folder, start, loaders, BatchAugment(pad=cfg.aug_pad, flip=not cfg.no_flip), mixup,
-                     num_classes, input_size)
+    eval_m = _epochs(run, folder, start, loaders, train_augment(cfg, input_size), mixup, num_classes, input_size)
     if not eval_m and run.history:
         eval_m = {k.removeprefix("eval_"): v for k, v in run.history[-1].items() if k.startswith("eval_")}
     summary = _summary(run, folder, num_classes, input_size, eval_m, final=True, wall=time.time() - t0)

@@ -133,7 +133,7 @@ def test_resume_after_a_class_was_added_is_refused(tmp_path, capsys):
 
 _BAD_STRINGS = {"config": "/nonexistent/c.yaml", "model": "no_such_model", "initial_checkpoint": "/nonexistent.pth",
                 "dataset": "imagenet", "data_dir": "/nonexistent/data", "opt": "foo", "device": "tpu",
-                "output": "{file}", "experiment": "../escape", "resume": "/nonexistent/last.pth"}
+                "output": "{file}", "experiment": "../escape", "resume": "/nonexistent/last.pth", "aa": "bogus-policy"}
 
 
 def _bad_values(f):
@@ -153,6 +153,8 @@ def _bad_values(f):
         return [flag, "nan"]
     if kind == "ints":
         return [flag, "0" if meta.get("minimum") else "x"]
+    if kind == "floats":
+        return [flag, "nan"]
     if kind == "size3":
         return [flag, "0", "28", "28"]
     if kind == "kwargs":

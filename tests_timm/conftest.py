@@ -1,7 +1,8 @@
-"""timm's own model tests (tests_timm/test_models.py, copied unchanged from the timm 1.0.31 source
-distribution, Apache-2.0, LICENSE beside it) run on the lcnn_* models: this conftest registers
-them before timm's test module collects its model list, offline.
+"""timm's own model tests (tests/test_models.py of the installed timm's source distribution, which
+``bash tests_timm/fetch.sh`` downloads beside this file; not kept in the repository) run on the
+lcnn_* models: this conftest registers them before timm's test module collects its model list, offline.
 
+    bash tests_timm/fetch.sh
     python -m pytest tests_timm -k lcnn_ -m "base or cfg or features or fxforward or fxbackward or torchscript"
 
 Every test runs on every lcnn_* model except the TorchScript ones on the LCNN variants, which
