@@ -124,6 +124,7 @@ def train_config(argv: List[str]) -> TrainConfig:
     parser = _fields_parser(TrainConfig, "lcnn-zoo train", "Train an lcnn-zoo / timm model (see README, Training); "
                             "timm train.py's flags are taken under their names", timm_flags=True)
     known, _ = parser.parse_known_args(argv)
+    values: Dict[str, Any] = {}
     if known.config:
         values = load_yaml(known.config)
         fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -133,7 +134,11 @@ def train_config(argv: List[str]) -> TrainConfig:
         for key, value in values.items():  # a bad value is named where it was written
             check_value(fields[key], value, known.config)
         parser.set_defaults(**values)
-    return TrainConfig(**vars(parser.parse_args(argv))).validate()
+    args = vars(parser.parse_args(argv))
+    named = "dataset" in values or any(a == "--dataset" or a.startswith("--dataset=") for a in argv)
+    if not named and args.get("data_dir") and (Path(args["data_dir"]) / "train").is_dir():
+        args["dataset"] = ""  # timm's meaning: --data-dir alone is an image folder (folder:<data-dir>)
+    return TrainConfig(**args).validate()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,7 +76,12 @@ class TrainConfig:
                                         "model", "kwargs")
     # ---- data
     dataset: str = _opt("fmnist", "cifar10 | cifar100 | fmnist | folder:<path> | hf:<name>", "data", "str")
-    data_dir: Optional[str] = _opt(None, "where the dataset lives", "data", "str", optional=True)
+    data_dir: Optional[str] = _opt(None, "where the dataset lives (alone, as in timm: an image folder with a train/ "
+                                         "split)", "data", "str", optional=True)
+    train_split: Optional[str] = _opt(None, "image folder: the training split's sub-folder (default: train)",
+                                      "data", "str", optional=True)
+    val_split: Optional[str] = _opt(None, "image folder: the evaluation split's sub-folder (default: val or test)",
+                                    "data", "str", optional=True)
     download: bool = _opt(False, "let torchvision download CIFAR / Fashion-MNIST", "data", "bool")
     train_subset: int = _opt(0, "train on a fixed random subset of this size (0: all)", "data", "int", minimum=0)
     test_subset: int = _opt(0, "evaluate on a fixed random subset of this size (0: all)", "data", "int", minimum=0)

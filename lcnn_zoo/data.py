@@ -319,13 +319,26 @@ def read_image(path: str, channels: int) -> torch.Tensor:
     return x.float().div_(255.0).contiguous()
 
 
-def folder_classes(path: str) -> List[str]:
-    """The class names of an image folder (its ``train/`` split's sub-folders), at least two."""
+def _split_dir(root: Path, split: Optional[str]) -> Path:
+    """``root/<split>`` for a split named by the user (timm's --train-split/--val-split), which must exist."""
+    if Path(split).name != split or split in (".", ".."):
+        raise UserError(f"split {shown(split)} must be a sub-folder name of {shown(Path(root))}")
+    if not (root / split).is_dir():
+        raise DataNotFoundError(f"image folder {shown(Path(root))} has no {shown(split)} split (sub-folder)")
+    return root / split
+
+
+def folder_classes(path: str, train_split: Optional[str] = None) -> List[str]:
+    """The class names of an image folder (its ``train/`` split's sub-folders, or ``train_split``'s),
+    at least two."""
     root = Path(path)
     if not root.is_dir():
         raise DataNotFoundError(f"image folder {shown(Path(root))} does not exist (expected <root>/train/<class>/*.png "
                                 f"and <root>/val/<class>/*.png)")
-    train_dir = root / "train" if (root / "train").is_dir() else root
+    if train_split is not None:
+        train_dir = _split_dir(root, train_split)
+    else:
+        train_dir = root / "train" if (root / "train").is_dir() else root
     classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
     if len(classes) < 2:
         raise UserError(f"image folder {shown(Path(train_dir))} has {len(classes)} class folder(s): a classifier needs "
@@ -399,11 +412,13 @@ class _Folder(Dataset):
 
 
 def _folder(path: str, train: bool, image_size: Optional[Tuple[int, int]], channels: Optional[int],
-            classes: Optional[List[str]], eval_on_train: bool) -> Dataset:
+            classes: Optional[List[str]], eval_on_train: bool, split_name: Optional[str] = None) -> Dataset:
     root = Path(path)
-    found = folder_classes(path)
+    found = folder_classes(path, split_name if train else None)
     train_dir = root / "train" if (root / "train").is_dir() else root
-    if train:
+    if split_name is not None:
+        split = _split_dir(root, split_name)
+    elif train:
         split = train_dir
     else:
         split = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
@@ -468,7 +483,8 @@ class DataInfo:
     size: Optional[Tuple[int, int]] = None
 
 
-def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = False) -> DataInfo:
+def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = False,
+                     splits: Tuple[Optional[str], Optional[str]] = (None, None)) -> DataInfo:
     """The :class:`DataInfo` of what :func:`build_dataset` would load, raising the same errors it
     would (missing data, a mistyped ``--data-dir``, a folder of fewer than 2 classes, an unwritable
     cache) before anything is read or written."""
@@ -493,8 +509,14 @@ def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: boo
                                     f"'{base.base_folder}' or '{_CIFAR_BINARY[key]['folder']}'")
         return DataInfo(n, None, 3, (32, 32))
     if key.startswith("folder:"):
-        classes = folder_classes(name.split(":", 1)[1])
+        root = name.split(":", 1)[1]
+        classes = folder_classes(root, splits[0])
+        if splits[1] is not None:
+            _split_dir(Path(root), splits[1])
         return DataInfo(len(classes), classes)
+    if splits != (None, None):
+        raise UserError("--train-split/--val-split name the sub-folders of an image folder (folder:<path>); "
+                        f"{shown(name)} has its own splits")
     if key.startswith("hf:"):
         return DataInfo(None)
     raise UserError(f"unknown dataset {shown(name)}; choose one of {', '.join(DATASETS)}")
@@ -502,7 +524,8 @@ def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: boo
 
 def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, download: bool = False,
                   image_size: Optional[Tuple[int, int]] = None, channels: Optional[int] = None,
-                  classes: Optional[List[str]] = None, eval_on_train: bool = False) -> Dataset:
+                  classes: Optional[List[str]] = None, eval_on_train: bool = False,
+                  split: Optional[str] = None) -> Dataset:
     """Return the ``train`` or test split of ``name``.
 
     Args:
@@ -514,6 +537,8 @@ def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, dow
             default 3 channels; in-memory datasets: default as stored).
         classes: a folder's class list (the training split's), so every split numbers classes alike.
         eval_on_train: a folder without val/ or test/ evaluates on its training images (else: an error).
+        split: a folder's sub-folder for this split (timm's --train-split/--val-split; default: train/,
+            and val/ or test/).
     """
     key = name.lower()
     if key in _IN_MEMORY:
@@ -521,7 +546,7 @@ def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, dow
         ds = _cifar(key, data_dir, train, download) if key.startswith("cifar") else _fmnist(data_dir, train, download)
         return ds.to_size(channels, image_size)
     if key.startswith("folder:"):
-        return _folder(name.split(":", 1)[1], train, image_size, channels, classes, eval_on_train)
+        return _folder(name.split(":", 1)[1], train, image_size, channels, classes, eval_on_train, split)
     if key.startswith("hf:"):
         return _hf(name.split(":", 1)[1], train, image_size, channels or 3)
     raise UserError(f"unknown dataset {shown(name)}; choose one of {', '.join(DATASETS)}")

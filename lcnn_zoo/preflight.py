@@ -123,9 +123,8 @@ def _resolve_input_size(cfg: TrainConfig, info: DataInfo) -> None:
     they become ``cfg.input_size`` (the one size the run is built and recorded for)."""
     if cfg.input_size is not None or (cfg.in_chans is None and cfg.img_size is None):
         return
-    if not (info.channels and info.size):
-        raise UserError(f"--in-chans/--img-size: the image size of {shown(cfg.dataset)} is not known before reading "
-                        f"it; give --input-size C H W")
+    if not (info.channels and info.size):  # images read at load: the dataset converts them (training._datasets)
+        return
     hw = [cfg.img_size, cfg.img_size] if cfg.img_size is not None else list(info.size)
     cfg.input_size = [cfg.in_chans if cfg.in_chans is not None else info.channels, *hw]
 
@@ -193,7 +192,8 @@ def train_plan(cfg: TrainConfig) -> TrainPlan:
     cfg.validate()
     _check_options(cfg)
     device = check_device(cfg.device)
-    info = describe_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download)
+    info = describe_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                            splits=(cfg.train_split, cfg.val_split))
     _resolve_input_size(cfg, info)
     _check_data(cfg, info)
     size = tuple(cfg.input_size) if cfg.input_size else (

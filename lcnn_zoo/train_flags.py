@@ -51,8 +51,6 @@ _SCRIPT = "an LCNN cannot be compiled by TorchScript (it refuses, pointing to lc
 
 #: refused: why (one line each)
 REFUSED: Dict[str, str] = {
-    "--train-split": "folder:<path> reads <path>/train, and <path>/val or <path>/test",
-    "--val-split": "folder:<path> reads <path>/train, and <path>/val or <path>/test",
     "--train-num-samples": "for timm's iterable datasets; lcnn-zoo's are indexed (see --train-subset)",
     "--val-num-samples": "for timm's iterable datasets; lcnn-zoo's are indexed (see --test-subset)",
     "--class-map": "the classes are the dataset's own (folder names, or its label names)",

@@ -356,11 +356,12 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int, rank: int, world: int
 
 def _datasets(cfg: TrainConfig):
     size = tuple(cfg.input_size) if cfg.input_size else None
-    kw = dict(data_dir=cfg.data_dir, download=cfg.download, image_size=size[1:] if size else None,
-              channels=size[0] if size else None)
-    train_ds = build_dataset(cfg.dataset, train=True, **kw)
+    img = (cfg.img_size, cfg.img_size) if cfg.img_size is not None else None  # folders: parts of --input-size
+    kw = dict(data_dir=cfg.data_dir, download=cfg.download, image_size=size[1:] if size else img,
+              channels=size[0] if size else cfg.in_chans)
+    train_ds = build_dataset(cfg.dataset, train=True, split=cfg.train_split, **kw)
     test_ds = build_dataset(cfg.dataset, train=False, classes=getattr(train_ds, "classes", None),
-                            eval_on_train=cfg.eval_on_train, **kw)
+                            eval_on_train=cfg.eval_on_train, split=cfg.val_split, **kw)
     for name, n, ds in (("--train-subset", cfg.train_subset, train_ds), ("--test-subset", cfg.test_subset, test_ds)):
         if n and not hasattr(ds, "subset"):
             raise UserError(f"{name} needs an in-memory dataset (cifar10/cifar100/fmnist)")

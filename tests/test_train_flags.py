@@ -65,7 +65,8 @@ VALUES = {"--img-size": "32", "--in-chans": "1", "--input-size": "1 28 28", "-b"
           "--model-ema-decay": "0.99", "--seed": "1", "--val-interval": "2", "--bce-target-thresh": "0.2",
           "--bce-pos-weight": "2.0", "--aa": "rand-m9-mstd0.5", "--gp": "max", "--device": "cpu",
           "--num-classes": "10", "--dataset": "torch/fashion_mnist", "--model": "lcnn_resnet20",
-          "--local_rank": "0", "--experiment": "x", "--torchcompile": "inductor"}
+          "--local_rank": "0", "--experiment": "x", "--torchcompile": "inductor", "--train-split": "tr",
+          "--val-split": "te"}
 STRING_FLAGS = {"-c", "--config", "--data-dir", "--pretrained-path", "--initial-checkpoint", "--resume", "--output"}
 
 
@@ -107,12 +108,15 @@ def test_a_refused_timm_flag_says_why_in_one_line(flag, capsys):
     assert "\n" not in msg and len(msg) < 300
 
 
-def test_timms_dataset_spellings_and_size_parts():
+def test_timms_dataset_spellings_and_size_parts(tmp_path):
     assert train_config(["--dataset", "torch/cifar10"]).dataset == "cifar10"
     assert train_config(["--dataset", "hfds/foo/bar"]).dataset == "hf:foo/bar"
     assert train_config(["--dataset", "", "--data-dir", "/data/x"]).dataset == "folder:/data/x"
     with pytest.raises(UserError, match="needs --data-dir"):
         train_config(["--dataset", ""])
+    (tmp_path / "train").mkdir()
+    assert train_config(["--data-dir", str(tmp_path)]).dataset == f"folder:{tmp_path}"  # timm's --data-dir alone
+    assert train_config(["--data-dir", str(tmp_path), "--dataset", "fmnist"]).dataset == "fmnist"
     with pytest.raises(UserError, match="--in-chans 3 contradicts --input-size 1 28 28"):
         train_config(["--in-chans", "3", "--input-size", "1", "28", "28"])
     with pytest.raises(UserError, match="inductor only"):
@@ -161,3 +165,32 @@ def test_gradient_accumulation_steps_on_the_mean_of_the_batches_gradients():
     before = w.detach().clone()
     _optimizer_step(run, 1)
     assert float((before - w.detach()).norm()) == pytest.approx(0.5, rel=1e-5)  # the step is the clipped gradient
+
+
+def test_a_timm_line_on_an_image_folder_with_its_split_names_runs(tmp_path):
+    """`python train.py --data-dir D --train-split train --val-split test …` → `lcnn-zoo train …`: --data-dir
+    alone is an image folder, as in timm, and the split flags name its sub-folders."""
+    import numpy as np
+    from PIL import Image
+
+    from lcnn_zoo.training import train
+    g = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 16)):
+        for i in range(n):
+            d = tmp_path / "data" / split / f"c{i % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(g.integers(0, 255, (12, 12), dtype=np.uint8), "L").save(d / f"{i}.png")
+    line = f"--data-dir {tmp_path / 'data'} --train-split train --val-split test --model lcnn_resnet20 -b 8 --epochs 1"
+    cfg = train_config(shlex.split(line) + ["--no-progress", "--output", str(tmp_path / "runs"), "--in-chans", "1"])
+    assert cfg.dataset == f"folder:{tmp_path / 'data'}"
+    summary = train(cfg)
+    assert summary["classes"] == ["c0", "c1"] and list(summary["input_size"]) == [1, 12, 12]
+    with pytest.raises(UserError, match="has no 'nope' split"):
+        train(train_config(shlex.split(line) + ["--val-split", "nope", "--output", str(tmp_path / "runs2")]))
+    assert not (tmp_path / "runs2").exists()
+
+
+def test_the_command_refuses_a_timm_flag_with_exit_code_2_and_writes_nothing(tmp_path, capsys):
+    fails_with(capsys, ["train", "--output", str(tmp_path / "runs"), "--aug-splits", "3"],
+               "--aug-splits (timm train.py's) is not taken by lcnn-zoo train: AugMix split batches")
+    assert not (tmp_path / "runs").exists()
