@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "layers": ("CenteredSoftplus", "FrozenCenteredSoftplus", "LipschitzBatchNorm2d", "LipschitzBatchNormAct2d", "Scale",
-               "SpectralNorm", "centered_softplus", "converge_spectral_norms", "frozen_state", "spectral_norm",
-               "remove_spectral_norm"),
+               "SpectralNorm", "centered_softplus", "converge_spectral_norms", "frozen_state", "recalibrate_batchnorm",
+               "spectral_norm", "remove_spectral_norm"),
     "conversion": ("ConversionReport", "LCNNConversionWarning", "LCNNInputSizeWarning", "lcnnify", "set_input_size"),
     "folding": ("fold",),
     "penalty": ("LCNNPenalty", "attach_penalty", "gradreg_exact", "gradreg_fd_backward", "param_groups"),
