@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     cfg = resolve_data_config({}, model=model)
 
     def loader(split):
-        return create_loader(create_dataset("", root=f"{args.data}/{split}"), input_size=cfg["input_size"],
+        ds = create_dataset("", root=f"{args.data}/{split}", input_img_mode="L" if args.in_chans == 1 else "RGB")
+        return create_loader(ds, input_size=cfg["input_size"],
                              batch_size=64, use_prefetcher=False, mean=cfg["mean"], std=cfg["std"], crop_pct=1.0,
                              interpolation=cfg["interpolation"], num_workers=0, device=torch.device("cpu"))
 
@@ -46,8 +47,13 @@ def main(argv=None) -> int:
         return 100.0 * hits / n
 
     before = top1()
+    bns = [m for m in model.modules() if isinstance(m, (lcnn_zoo.LipschitzBatchNorm2d, torch.nn.BatchNorm2d))]
+    running = [m.running_var.clone() for m in bns]
     batches = lcnn_zoo.recalibrate_batchnorm(model, (x for x, _ in loader("train")))
     print(f"top-1 {before:.1f} % with its running statistics, {top1():.1f} % recomputed on {batches} training batches")
+    ratio = torch.cat([r / m.running_var for r, m in zip(running, bns)])
+    print(f"running / recomputed variance, over the {ratio.numel()} channels of {len(bns)} BatchNorms: "
+          f"min {ratio.min():.2f}, median {ratio.median():.2f}, max {ratio.max():.2f}")
     return 0
 
 

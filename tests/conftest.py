@@ -56,6 +56,11 @@ def weights(tmp_path, monkeypatch):
 # output), run in CI's separate `-m slow` step instead: "file::test" marks every parametrisation,
 # "file::test[id]" one of them.
 SLOW_TESTS = (
+    "test_timm_script.py::test_the_runner_refuses_what_is_not_a_script_in_one_line",
+    "test_timm_script.py::test_validate_py_calls_on_a_grey_image_folder_give_the_tags_own_predictions[lcnn_resnet20_softplus.fmnist_gradreg]",
+    "test_zoo.py::test_gradient_checkpointing_is_the_same_step[lcnn_wide_resnet16_8]",
+    "test_zoo.py::test_gradient_checkpointing_is_the_same_step[lcnn_resnet18]",
+    "test_train_flags.py::test_a_timm_train_command_line_runs_with_the_reg_added",
     "test_training.py::test_killed_run_resumes_to_identical_weights",
     "test_training.py::test_ddp_gloo_two_processes",
     "test_training.py::test_batchnorm_recalibrated_only_when_it_saw_few_batches",

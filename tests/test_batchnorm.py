@@ -176,3 +176,23 @@ def test_channel_scale_matches_the_lipschitz_scale_and_its_gradient(gamma, var_s
     (g_want,) = torch.autograd.grad(want.sum() * 3.0, raw)
     torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
     torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-15)
+
+
+def test_compiled_and_loaded_layers_move_their_statistics_alike():
+    """The compiled forward (n a tensor) updates the statistics as the eager one (n counted in Python);
+    a loaded layer that has seen many batches follows its momentum from the first step."""
+    torch.manual_seed(0)
+    eager = LipschitzBatchNorm2d(3).train()
+    compiled_layer = LipschitzBatchNorm2d(3).train()
+    compiled = torch.compile(compiled_layer, backend="aot_eager")
+    for _ in range(4):
+        x = torch.randn(8, 3, 4, 4) * 0.01 + 0.3
+        eager(x)
+        compiled(x)
+    torch.testing.assert_close(compiled_layer.running_var, eager.running_var)
+    torch.testing.assert_close(compiled_layer.running_mean, eager.running_mean)
+    seasoned = LipschitzBatchNorm2d(3)
+    seasoned.load_state_dict({**eager.state_dict(), "num_batches_tracked": torch.tensor(500)})
+    before, x = seasoned.running_var.clone(), torch.randn(8, 3, 4, 4)
+    seasoned.train()(x)
+    torch.testing.assert_close(seasoned.running_var, 0.9 * before + 0.1 * x.var((0, 2, 3), unbiased=True))

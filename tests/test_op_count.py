@@ -33,8 +33,7 @@ def test_spectral_norm_and_gamma_bn_add_a_fixed_handful_of_ops():
     assert normed - plain <= 17, (plain, normed)  # was 29 with autograd through the norm
     xg = torch.randn(2, 4, 8, 8, requires_grad=True)
     bn, lbn = step_ops(nn.BatchNorm2d(4, affine=False), xg), step_ops(LipschitzBatchNorm2d(4), xg)
-    # was 32 with autograd through max/maximum/repeat; 4 of the 20 move the statistics by max(momentum, 1/n)
-    assert lbn - bn <= 20, (bn, lbn)
+    assert lbn - bn <= 16, (bn, lbn)  # was 32 with autograd through max/maximum/repeat
 
 
 def test_penalty_costs_a_constant_number_of_ops_plus_one_per_parameter():

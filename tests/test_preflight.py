@@ -133,7 +133,8 @@ def test_resume_after_a_class_was_added_is_refused(tmp_path, capsys):
 
 _BAD_STRINGS = {"config": "/nonexistent/c.yaml", "model": "no_such_model", "initial_checkpoint": "/nonexistent.pth",
                 "dataset": "imagenet", "data_dir": "/nonexistent/data", "opt": "foo", "device": "tpu",
-                "output": "{file}", "experiment": "../escape", "resume": "/nonexistent/last.pth", "aa": "bogus-policy"}
+                "output": "{file}", "experiment": "../escape", "resume": "/nonexistent/last.pth", "aa": "bogus-policy",
+                "train_split": "../up", "val_split": "../up"}
 
 
 def _bad_values(f):

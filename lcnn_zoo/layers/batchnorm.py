@@ -78,6 +78,8 @@ class LipschitzBatchNorm2d(nn.Module):
         self.register_buffer("batch_mean", torch.zeros(num_features, **fk), persistent=False)
         self.register_buffer("batch_var", torch.ones(num_features, **fk), persistent=False)
         self.update_stats = True  # False inside `frozen_state`: batch stats are used, not recorded
+        self._recorded: Optional[Tuple[int, int, int]] = None  # (n, data_ptr, _version): see _record_momentum
+        self._late = False  # n ≥ 1/momentum: the plain exponential average from now on
         self.process_group = None  # set by `sync_batchnorm`: batch statistics over all DDP processes
 
     @property
@@ -101,6 +103,7 @@ class LipschitzBatchNorm2d(nn.Module):
         return gamma / torch.maximum(self.bn_lipschitz(running_var), gamma)
 
     def reset_running_stats(self) -> None:
+        self._recorded, self._late = None, False
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
         self.scale_var.fill_(1.0)
@@ -108,6 +111,7 @@ class LipschitzBatchNorm2d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._recorded, self._late = None, False  # the loaded count is read at the next recorded batch
         with torch.no_grad():
             self.scale_var.copy_(self.running_var)
 
@@ -138,11 +142,14 @@ class LipschitzBatchNorm2d(nn.Module):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
+            elif not torch.compiler.is_compiling():
+                momentum = self._record_momentum()
         if self.training and self.process_group is not None and _world_size(self.process_group) > 1:
             return self._synced_batch_norm(x, weight, bias, record, momentum)
-        if record and self.momentum is not None:
-            # This batch's statistics land in two fresh vectors (momentum 1), then the running ones move
-            # towards them by max(momentum, 1/n): see _early_momentum.
+        if record and self.momentum is not None and torch.compiler.is_compiling():
+            # Compiled, n is a tensor (a Python count would recompile the graph at every step): this
+            # batch's statistics land in two vectors (momentum 1), then the running ones move towards
+            # them by max(momentum, 1/n) in tensor ops, which inductor fuses.
             out = F.batch_norm(x, self.batch_mean, self.batch_var, weight, bias, True, 1.0, self.eps)
             with torch.no_grad():
                 step = self._early_momentum().to(self.running_var.dtype)
@@ -155,6 +162,23 @@ class LipschitzBatchNorm2d(nn.Module):
             # forward, which a gradient-checkpoint recompute must (torch.utils.checkpoint checks).
             momentum = 0.0
         return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, momentum, self.eps)
+
+    def _record_momentum(self) -> float:
+        """Eager mode: max(momentum, 1/n) for the n-th recorded batch (see :meth:`_early_momentum`) as a
+        Python float, so F.batch_norm makes the update itself (no extra op). Once n ≥ 1/momentum it is
+        the momentum for good (until a reset or a load). Before that n is counted here and read from the
+        tensor (one device sync) only when it changed otherwise: the first step, after a load or a
+        reset, after compiled or DDP-broadcast writes. ``Tensor._version`` (no public API exposes it)
+        counts a tensor's in-place writes; the increment just made is one."""
+        if self._late:
+            return self.momentum
+        counter = self.num_batches_tracked
+        key = (counter.data_ptr(), counter._version)
+        mirror = self._recorded
+        n = mirror[0] + 1 if mirror is not None and mirror[1:] == (key[0], key[1] - 1) else int(counter)
+        self._recorded = (n, *key)
+        self._late = n * self.momentum >= 1.0
+        return max(self.momentum, 1.0 / n)
 
     def _early_momentum(self) -> torch.Tensor:
         """max(momentum, 1/n) for the n-th recorded batch (0-dim tensor: no device sync).
@@ -178,7 +202,7 @@ class LipschitzBatchNorm2d(nn.Module):
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
         if record:
             with torch.no_grad():
-                if self.momentum is not None:
+                if self.momentum is not None and torch.compiler.is_compiling():
                     momentum = self._early_momentum().to(mean.dtype)
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
                 unbiased = var.detach() * (n.detach() / (n.detach() - 1).clamp_min(1.0))
