@@ -490,6 +490,9 @@ def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: boo
     cache) before anything is read or written."""
     key = name.lower()
     _check_data_dir(key, data_dir)
+    if splits != (None, None) and not key.startswith("folder:"):
+        raise UserError("--train-split/--val-split name the sub-folders of an image folder (folder:<path>); "
+                        f"{shown(name)} has its own splits")
     if key in ("fmnist", "fashion-mnist", "fashion_mnist"):
         found = fmnist_files(data_dir)
         if found is None and not download:
@@ -514,9 +517,7 @@ def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: boo
         if splits[1] is not None:
             _split_dir(Path(root), splits[1])
         return DataInfo(len(classes), classes)
-    if splits != (None, None):
-        raise UserError("--train-split/--val-split name the sub-folders of an image folder (folder:<path>); "
-                        f"{shown(name)} has its own splits")
+
     if key.startswith("hf:"):
         return DataInfo(None)
     raise UserError(f"unknown dataset {shown(name)}; choose one of {', '.join(DATASETS)}")
