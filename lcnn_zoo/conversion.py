@@ -40,6 +40,7 @@ from .layers import (
     LipschitzBatchNormAct2d,
     Scale,
     conv_padding,
+    eval_mode,
     spectral_norm,
     spectral_norm_of,
 )
@@ -317,15 +318,13 @@ def _trace_conv_inputs(model: nn.Module, input_size: Tuple[int, int, int]) -> Di
     p = next(model.parameters(), None)
     x = torch.zeros(1, *input_size, device=p.device if p is not None else None,
                     dtype=p.dtype if p is not None and p.is_floating_point() else None)
-    was_training = model.training
-    model.eval()
     try:
-        model(x)
+        with eval_mode(model):
+            model(x)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise ValueError(f"lcnnify: a forward pass at input_size={input_size} failed ({e}); "
                          "pass the input_size the model is used with") from e
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return shapes

@@ -40,6 +40,7 @@ from .layers import (
     LipschitzBatchNorm2d,
     LipschitzBatchNormAct2d,
     Scale,
+    eval_mode,
     spectral_norm_of,
 )
 
@@ -388,12 +389,8 @@ def analyse(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[n
     ``input_size``: (C, H, W) the operator norms are measured at; ``reason_for(module)``: why a leaf
     module the analysis does not know is not covered (lcnnify's rules table answers it).
     """
-    was = model.training
-    model.eval()  # the guarantee is about eval mode: trace the graph eval mode takes (its branches)
-    try:
+    with eval_mode(model):  # the guarantee is about eval mode: trace the graph eval mode takes (its branches)
         return _analyse_eval(model, input_size, reason_for)
-    finally:
-        model.train(was)
 
 
 def _analyse_eval(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[nn.Module], str]) -> Coverage:

@@ -45,7 +45,7 @@ from .coverage import (
     op_name,
 )
 from .folding import stale_spectral_norms
-from .layers import CenteredSoftplus, FrozenCenteredSoftplus, LipschitzBatchNorm2d, Scale, spectral_norm_of
+from .layers import CenteredSoftplus, FrozenCenteredSoftplus, LipschitzBatchNorm2d, Scale, eval_mode, spectral_norm_of
 
 __all__ = ["HessianBound", "hessian_bound"]
 
@@ -199,9 +199,7 @@ def hessian_bound(model: nn.Module, input_size: Optional[Sequence[int]] = None) 
     if size is None:
         raise ValueError("hessian_bound: pass input_size=(C, H, W)")
     stale = stale_spectral_norms(model)  # before the traced run below, whose eval forward re-converges them
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         gm = torch.fx.GraphModule(model, LeafTracer().trace(model))
         p = next((t for t in model.parameters() if t.is_floating_point()), None)
         x = torch.rand(1, *size, generator=torch.Generator().manual_seed(0))
@@ -209,8 +207,6 @@ def hessian_bound(model: nn.Module, input_size: Optional[Sequence[int]] = None) 
         interp = _Interpreter(gm)
         with torch.no_grad():
             interp.run(x)
-    finally:
-        model.train(was)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     finals = [interp.bc[a] for a in leaves(out.args) if isinstance(a, torch.fx.Node) and a in interp.bc]
     b = max((v[0] for v in finals), default=math.inf)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import eval_mode
 from .linalg import lanczos, power_method
 
 __all__ = ["CurvatureStats", "curvature_stats", "gradient_robustness", "relative_discrepancy"]
@@ -53,17 +54,6 @@ class CurvatureStats:
             out[f"{k}_mean"] = float(v.mean())
             out[f"{k}_std"] = float(v.std()) if v.numel() > 1 else 0.0
         return out
-
-
-class _EvalMode:
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was = model, model.training
-
-    def __enter__(self) -> None:
-        self.model.eval()
-
-    def __exit__(self, *exc) -> None:
-        self.model.train(self.was)
 
 
 def _input_grad(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn: SumLossFn,
@@ -100,7 +90,7 @@ def curvature_stats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
         raise ValueError(f"curvature_stats: {inputs.shape[0]} inputs but {targets.shape[0]} targets")
     b = inputs.shape[0]
     d = inputs[0].numel()
-    with _EvalMode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         x, g = _input_grad(model, inputs, targets, loss_fn, create_graph=True)
         grad_norm = g.detach().flatten(1).norm(dim=1)
 
@@ -129,7 +119,7 @@ def gradient_robustness(model: nn.Module, inputs: torch.Tensor, targets: torch.T
 
     Returns a tensor of shape (len(noise_norms), B). Proposition 1 predicts ≈ ‖ε‖·C(x) for small ε.
     """
-    with _EvalMode(model):
+    with eval_mode(model):
         g0 = _input_grad(model, inputs, targets, loss_fn, create_graph=False)
         g0n = g0.flatten(1).norm(dim=1)
         rows = []

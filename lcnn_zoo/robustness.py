@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .layers import eval_mode
+
 __all__ = ["pgd_l2", "pgd_accuracy"]
 
 
@@ -74,25 +76,23 @@ def pgd_accuracy(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.T
     accuracies are non-increasing in ε by construction; the attacks cost only what the survivors need.
     The model is evaluated in eval mode (restored afterwards). Returns {eps: accuracy}.
     """
-    was = model.training
-    model.eval()
     radii = sorted({float(e) for e in eps_list})
     if radii and radii[0] < 0:
         raise ValueError(f"pgd_accuracy: radii must be >= 0, got {radii[0]}")
     correct = {e: 0 for e in radii}
     total = 0
-    for x, y in tqdm(batches, desc="PGD-ℓ2", leave=False, disable=not progress):
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        total += y.numel()
-        with torch.no_grad():
-            alive = model(x).argmax(1) == y  # (B,) still correct at the radii attacked so far
-        for e in radii:
-            idx = alive.nonzero().flatten()
-            if e > 0 and idx.numel():
-                adv = pgd_l2(model, x[idx], y[idx], e, steps=steps, **kwargs)
-                with torch.no_grad():
-                    alive[idx] = model(adv).argmax(1) == y[idx]
-            correct[e] += int(alive.sum())
-    model.train(was)
+    with eval_mode(model):
+        for x, y in tqdm(batches, desc="PGD-ℓ2", leave=False, disable=not progress):
+            if device is not None:
+                x, y = x.to(device), y.to(device)
+            total += y.numel()
+            with torch.no_grad():
+                alive = model(x).argmax(1) == y  # (B,) still correct at the radii attacked so far
+            for e in radii:
+                idx = alive.nonzero().flatten()
+                if e > 0 and idx.numel():
+                    adv = pgd_l2(model, x[idx], y[idx], e, steps=steps, **kwargs)
+                    with torch.no_grad():
+                        alive[idx] = model(adv).argmax(1) == y[idx]
+                correct[e] += int(alive.sum())
     return {e: 100.0 * correct[float(e)] / max(total, 1) for e in eps_list}

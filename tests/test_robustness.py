@@ -79,3 +79,17 @@ def test_pgd_accuracy_attacks_survivors_only_and_matches_analytic():
     # 1 clean pass of 300, then 20 steps + 1 check per positive radius on the survivors only
     survivors = [int((m > e).sum()) for e in (0.0, 0.1, 0.5)]
     assert calls == [300] + [n for n in survivors for _ in range(21)]
+
+
+def test_pgd_accuracy_restores_the_mode_even_when_it_fails():
+    """The model's train/eval mode is restored on the way out, an exception included (one context
+    manager, lcnn_zoo.layers.eval_mode, for every measurement)."""
+    class Boom(nn.Module):
+        def forward(self, x):
+            assert not self.training
+            raise RuntimeError("boom")
+
+    model = Boom().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        pgd_accuracy(model, [(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))], [0.0])
+    assert model.training

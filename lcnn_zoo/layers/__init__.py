@@ -35,7 +35,7 @@ from .spectral_norm import (
     spectral_norm_modules,
     spectral_norm_of,
 )
-from .state import converge_spectral_norms, frozen_state, recalibrate_batchnorm
+from .state import converge_spectral_norms, eval_mode, frozen_state, recalibrate_batchnorm
 
 for _cls in (CenteredSoftplus, LipschitzBatchNorm2d, LipschitzBatchNormAct2d):
     register_notrace_module(_cls)
@@ -46,5 +46,5 @@ __all__ = [
     "Scale",
     "SpectralNorm", "LinearOperator", "Conv2dOperator", "spectral_norm", "remove_spectral_norm",
     "spectral_norm_modules", "spectral_norm_of", "conv_padding", "CONVERGENCE_TOL",
-    "frozen_state", "converge_spectral_norms", "recalibrate_batchnorm",
+    "frozen_state", "eval_mode", "converge_spectral_norms", "recalibrate_batchnorm",
 ]

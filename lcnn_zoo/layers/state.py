@@ -1,4 +1,5 @@
 """Model-wide state of the LCNN layers: forward passes that change nothing (:func:`frozen_state`),
+eval mode for a block (:func:`eval_mode`),
 converged spectral norms (:func:`converge_spectral_norms`) and BatchNorm statistics recomputed
 (:func:`recalibrate_batchnorm`)."""
 from __future__ import annotations
@@ -12,7 +13,20 @@ from torch import nn
 from .batchnorm import LipschitzBatchNorm2d
 from .spectral_norm import SpectralNorm, spectral_norm_modules
 
-__all__ = ["frozen_state", "converge_spectral_norms", "recalibrate_batchnorm"]
+__all__ = ["frozen_state", "eval_mode", "converge_spectral_norms", "recalibrate_batchnorm"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` within the block, its own train/eval mode restored on exit (an exception too).
+    Only the root's flag is saved: a model whose submodules were in mixed modes gets them all back in
+    the root's mode, as ``model.train(mode)`` sets them."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 @contextlib.contextmanager
