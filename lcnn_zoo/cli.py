@@ -1,15 +1,15 @@
 """The ``lcnn-zoo`` command line: ``quickstart``, ``train``, ``eval``, ``push``.
 
-This module only parses: the options of ``train`` and ``eval`` are the fields of
-:class:`~lcnn_zoo.config.TrainConfig` and :class:`~lcnn_zoo.config.EvalConfig`, and each command
-hands a validated config to the module that does the work. It imports no torch at module level
+This module only dispatches: the options of ``train`` and ``eval`` are the fields of
+:class:`~lcnn_zoo.config.TrainConfig` and :class:`~lcnn_zoo.config.EvalConfig`, made into
+arguments by :mod:`lcnn_zoo.options`, and each command hands a validated config to the module that
+does the work. It imports no torch at module level
 (the command modules are imported when a command runs), so ``--help`` answers at once. A mistake the
 user can fix (:class:`~lcnn_zoo.errors.UserError`) prints one line and exits with code 2.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import ctypes
 import dataclasses
 import importlib
@@ -19,130 +19,18 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from . import register_models
-from .config import EvalConfig, TrainConfig, check_value, load_yaml
-from .errors import UserError, one_line, shown
+from .config import EvalConfig
+from .errors import UserError, one_line
+from .options import Parser, add_field, train_config
 
 __all__ = ["main", "train_config", "build_parser"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its errors as :class:`UserError`: one line and exit code 2, like every other
-    mistake (argparse's own prints the usage too)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-class _KeyValues(argparse.Action):
-    """``KEY=VALUE …`` into a dict, values read as Python literals when they are ones — what timm's
-    ``ParseKwargs`` does; written here because importing timm would cost ``--help`` seconds."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        out: Dict[str, Any] = {}
-        for item in values:
-            if "=" not in item:
-                parser.error(f"{option_string}: expected KEY=VALUE, got {shown(item)}")
-            key, value = item.split("=", 1)
-            try:
-                out[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                out[key] = value
-        setattr(namespace, self.dest, out)
-
-
-def _add_field(group, f: dataclasses.Field, aliases: tuple = ()) -> None:
-    meta, flags = f.metadata, ("--" + f.name.replace("_", "-"), *aliases)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    kind, help_ = meta["kind"], meta["help"]
-    if kind == "bool":
-        if default:
-            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_)
-        else:
-            group.add_argument(*flags, action="store_true", help=help_)
-    elif kind == "kwargs":
-        group.add_argument(*flags, nargs="*", default=default, action=_KeyValues, metavar="KEY=VALUE", help=help_)
-    elif kind in ("ints", "floats"):
-        group.add_argument(*flags, nargs="+", type=int if kind == "ints" else float, default=default, help=help_)
-    elif kind == "size3":
-        group.add_argument(*flags, nargs=3, type=int, default=default, metavar=("C", "H", "W"), help=help_)
-    else:
-        conv = {"int": int, "float": float}.get(kind, str)
-        group.add_argument(*flags, type=conv, default=default, choices=meta.get("choices"), help=help_)
-
-
-class _TimmRefused(argparse.Action):
-    """A timm train.py flag lcnn-zoo train does not take: one line saying why (its values are consumed)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        from .train_flags import REFUSED
-        raise UserError(f"{option_string} (timm train.py's) is not taken by lcnn-zoo train: {REFUSED[option_string]}")
-
-
-class _TimmNoOp(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        pass
-
-
-class _TorchCompile(argparse.Action):
-    """timm's ``--torchcompile [BACKEND]``: --compile, with the inductor backend (torch.compile's default)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        if values not in (None, "inductor"):
-            raise UserError(f"{option_string} {shown(values)}: lcnn-zoo train compiles with inductor only")
-        setattr(namespace, self.dest, True)
-
-
-def _fields_parser(cls, prog: str, description: str, timm_flags: bool = False) -> argparse.ArgumentParser:
-    """The parser of a config class's fields; ``timm_flags``: also timm train.py's names for them, its
-    no-op flags, and its refused ones (see :mod:`lcnn_zoo.train_flags`)."""
-    from .train_flags import ALIASES, NO_OPS, REFUSED
-    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups: Dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        group = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
-        aliases = tuple(a for a, name in ALIASES.items() if name == f.name and a != "--torchcompile") if timm_flags else ()
-        _add_field(group, f, aliases)
-    if timm_flags:
-        timm = p.add_argument_group("timm train.py's flags (see lcnn_zoo/train_flags.py)")
-        timm.add_argument("--torchcompile", dest="compile", nargs="?", const="inductor", action=_TorchCompile,
-                          metavar="BACKEND", help="--compile (inductor)")
-        for flag, why in NO_OPS.items():
-            timm.add_argument(flag, nargs="*", action=_TimmNoOp, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
-                              help=f"no effect: {why}")
-        for flag in REFUSED:
-            timm.add_argument(flag, nargs="*", action=_TimmRefused, dest=argparse.SUPPRESS,
-                              default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return p
-
-
-def train_config(argv: List[str]) -> TrainConfig:
-    """A validated :class:`TrainConfig` from ``lcnn-zoo train`` arguments: the command line over the
-    ``--config`` YAML file over the defaults (like timm's train.py)."""
-    parser = _fields_parser(TrainConfig, "lcnn-zoo train", "Train an lcnn-zoo / timm model (see README, Training); "
-                            "timm train.py's flags are taken under their names", timm_flags=True)
-    known, _ = parser.parse_known_args(argv)
-    values: Dict[str, Any] = {}
-    if known.config:
-        values = load_yaml(known.config)
-        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise UserError(f"{shown(known.config)}: unknown keys {shown(unknown)}")
-        for key, value in values.items():  # a bad value is named where it was written
-            check_value(fields[key], value, known.config)
-        parser.set_defaults(**values)
-    args = vars(parser.parse_args(argv))
-    named = "dataset" in values or any(a == "--dataset" or a.startswith("--dataset=") for a in argv)
-    if not named and args.get("data_dir") and (Path(args["data_dir"]) / "train").is_dir():
-        args["dataset"] = ""  # timm's meaning: --data-dir alone is an image folder (folder:<data-dir>)
-    return TrainConfig(**args).validate()
-
-
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="lcnn-zoo", description="Low-curvature neural networks for timm users",
+    ap = Parser(prog="lcnn-zoo", description="Low-curvature neural networks for timm users",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("quickstart", help="train a standard and an LCNN+GradReg model on Fashion-MNIST and compare",
@@ -169,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for f in dataclasses.fields(EvalConfig):
         if f.name not in ("progress", "noise_norms"):
-            _add_field(p, f)
+            add_field(p, f)
     p = sub.add_parser("push", help="write (and optionally upload or ship) a Hub repo folder for trained weights",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help=".safetensors state dict, a training checkpoint (.pth) or a run folder")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import write_json
-from .cli import train_config
+from .options import train_config
 from .config import EvalConfig
 from .data import build_dataset
 from .evaluation import markdown_report, run_eval, write_report

@@ -7,7 +7,8 @@ import timm
 import torch
 
 from cli_helpers import fails_with, files_under
-from lcnn_zoo.cli import main, train_config
+from lcnn_zoo.cli import main
+from lcnn_zoo.options import train_config
 from lcnn_zoo.data import FMNIST_SYSTEM_DIR
 from lcnn_zoo.training import train
 

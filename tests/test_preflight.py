@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from cli_helpers import fails_with, files_under
 from lcnn_zoo import training
-from lcnn_zoo.cli import train_config
+from lcnn_zoo.options import train_config
 from lcnn_zoo.data import FMNIST_SYSTEM_DIR
 from lcnn_zoo.errors import UserError
 from lcnn_zoo.preflight import train_plan

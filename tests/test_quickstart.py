@@ -28,7 +28,7 @@ def test_quickstart(tmp_path):
 
 def test_quickstart_recipe_parses():
     """The recipe the README documents (fast check; the run itself is the slow test above)."""
-    from lcnn_zoo.cli import train_config as parse_args
+    from lcnn_zoo.options import train_config as parse_args
     from lcnn_zoo.quickstart import QUICKSTART_COMMON as _COMMON, QUICKSTART_RUNS
 
     lcnn = parse_args(_COMMON + QUICKSTART_RUNS["lcnn_gradreg"])

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 import lcnn_zoo
 from lcnn_zoo import hub
 from lcnn_zoo.checkpoint import RunFolder
-from lcnn_zoo.cli import main, train_config
+from lcnn_zoo.cli import main
+from lcnn_zoo.options import train_config
 from cli_helpers import fails_with
 from lcnn_zoo.data import FMNIST_SYSTEM_DIR, build_dataset
 from lcnn_zoo.errors import UserError

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cli_helpers import fails_with
-from lcnn_zoo.cli import train_config
+from lcnn_zoo.options import train_config
 from lcnn_zoo.config import TrainConfig
 from lcnn_zoo.errors import UserError
 from lcnn_zoo.train_flags import ALIASES, NO_OPS, REFUSED

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from lcnn_zoo.data import FMNIST_SYSTEM_DIR, BatchAugment, DataNotFoundError, build_dataset
 from lcnn_zoo.checkpoint import RunFolder
-from lcnn_zoo.cli import train_config as parse_args
+from lcnn_zoo.options import train_config as parse_args
 from lcnn_zoo.errors import UserError
 import lcnn_zoo
 from lcnn_zoo import training
