@@ -478,7 +478,7 @@ def _setup(cfg: TrainConfig, device: torch.device, rank: int, world: int, num_cl
 
 def _check_runtime(cfg: TrainConfig, device: torch.device, world: int) -> None:
     if cfg.amp and cfg.amp_dtype == "float16" and device.type == "cpu":
-        raise UserError("--amp-dtype float16 needs a GPU: float16 autocast on CPU is emulated (measured 23x slower) "
+        raise UserError("--amp-dtype float16 needs a GPU: float16 autocast on CPU is emulated (many times slower) "
                         "and loses accuracy; use --amp-dtype bfloat16 (the default)")
     if world > 1 and cfg.reg in ("gradreg", "lcnn_gradreg") and cfg.gradreg == "exact":
         raise UserError("exact GradReg (double backward) is not supported with DDP: use --gradreg fd")
@@ -523,8 +523,8 @@ def _recalibrate_if_short(run: _Run, train_loader) -> None:
     """Recompute BatchNorm statistics when they have seen fewer than ~100 batches in all (a short run
     from scratch: its running variance still carries the initial 1). Not after fine-tuning a model
     whose statistics come from its pretraining: in an LCNN they also set the γ-clip its weights were
-    trained with, and recomputing them from a few batches changed a fine-tuned model's test accuracy
-    from 95 % to 48 % (README walkthrough, step 4)."""
+    trained with, and recomputing them from a few batches can undo a fine-tune (docs/reliability.md,
+    case 10)."""
     seen = batches_seen_by_batchnorm(run.core)
     if seen is None or seen >= RECALIBRATE_BELOW_STEPS:
         return
