@@ -1,10 +1,12 @@
 """LCNN building blocks, one file per section of the paper:
 
 * :mod:`.activation` — centered softplus with learnable β (§3.3);
-* :mod:`.spectral_norm` — spectral normalisation of the true operator of Linear/Conv2d layers (§3.4.1);
+* :mod:`.operators` — the true linear operators of Linear/Conv2d layers, pure maths (§3.4.1);
+* :mod:`.spectral_norm` — spectral normalisation by those operators' norms, a parametrization (§3.4.1);
 * :mod:`.batchnorm` — γ-Lipschitz BatchNorm, with synchronised statistics for DDP (§3.4.2);
 * :mod:`.scale` — the constant factor that averages residual branches (§3.2's product bound);
-* :mod:`.state` — model-wide state: frozen passes, converged spectral norms, recalibrated BatchNorm.
+* :mod:`.state` — model-wide state: frozen passes, eval mode, converged spectral norms, recalibrated
+  BatchNorm.
 
 The LCNN layers are registered as FX leaf modules with timm (``register_notrace_module``), so
 timm's FX feature extraction treats each as one operation.
@@ -23,13 +25,11 @@ from .batchnorm import (
     LipschitzBatchNormAct2d,
     sync_batchnorm,
 )
+from .operators import Conv2dOperator, LinearOperator, conv_padding
 from .scale import Scale
 from .spectral_norm import (
     CONVERGENCE_TOL,
-    Conv2dOperator,
-    LinearOperator,
     SpectralNorm,
-    conv_padding,
     remove_spectral_norm,
     spectral_norm,
     spectral_norm_modules,

@@ -1,0 +1,151 @@
+"""The linear operators whose norm spectral normalisation divides by (paper §3.4.1): pure maths,
+no parametrization. Each is a small object with ``shapes``, ``apply``, ``adjoint`` and
+``sigma_gradient`` — :class:`LinearOperator` (the matrix of an ``nn.Linear``) and
+:class:`Conv2dOperator` (the whole convolution on inputs of one size: stride, explicit padding of
+any mode, dilation, groups; bias excluded) — and :func:`conv_padding`, a convolution's padding made
+explicit for an input size (timm's dynamic TF-'same' padding included).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from timm.layers.padding import pad_same_arg
+from torch import nn
+
+__all__ = ["LinearOperator", "Conv2dOperator", "OPERATORS", "conv_padding"]
+
+
+class LinearOperator:
+    """x ↦ W x for a weight of shape (out, in); singular vectors of shapes (in,) and (out,)."""
+
+    kind = "linear"
+    padding = (0, 0, 0, 0)
+
+    def shapes(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]] = None
+               ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        if weight.dim() != 2:
+            raise ValueError(f"SpectralNorm(kind='linear') needs a 2D weight, got shape {tuple(weight.shape)}")
+        return (weight.shape[1],), (weight.shape[0],)
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.mv(weight, x)
+
+    def adjoint(self, y: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
+        return torch.mv(weight.t(), y)
+
+    def sigma_gradient(self, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """∂(uᵀ W v)/∂W = u vᵀ (out, in)."""
+        return torch.outer(u, v)
+
+    def describe(self) -> str:
+        return "kind=linear"
+
+
+class Conv2dOperator:
+    """x ↦ conv2d(pad(x), W) on (1, C_in, H, W) inputs, bias excluded (it does not change the
+    Lipschitz constant). ``padding`` is (left, right, top, bottom) as for ``F.pad``, or None until
+    the input size is known (timm's dynamic TF-'same' padding)."""
+
+    kind = "conv2d"
+
+    def __init__(self, stride: Tuple[int, int] = (1, 1), padding: Optional[Tuple[int, int, int, int]] = (0, 0, 0, 0),
+                 dilation: Tuple[int, int] = (1, 1), groups: int = 1, padding_mode: str = "zeros") -> None:
+        self.stride = tuple(stride)
+        self.padding = None if padding is None else tuple(padding)
+        self.dilation = tuple(dilation)
+        self.groups = groups
+        self.padding_mode = padding_mode
+
+    def shapes(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]]
+               ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        if weight.dim() != 4:
+            raise ValueError(f"SpectralNorm(kind='conv2d') needs a 4D weight, got shape {tuple(weight.shape)}")
+        if input_shape is None or len(input_shape) != 3:
+            raise ValueError(f"SpectralNorm(conv2d) needs input_shape=(C, H, W), got {input_shape}")
+        c, h, w = (int(s) for s in input_shape)
+        if c != weight.shape[1] * self.groups:
+            raise ValueError(f"SpectralNorm: input has {c} channels, the conv expects {weight.shape[1] * self.groups}")
+        l, r, t, b = self.padding
+        kh, kw = weight.shape[-2:]
+        ho = (h + t + b - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + l + r - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        if ho <= 0 or wo <= 0:
+            raise ValueError(f"SpectralNorm: input shape {(c, h, w)} is too small for kernel "
+                             f"{(kh, kw)}, stride {self.stride}, dilation {self.dilation}")
+        return (1, c, h, w), (1, weight.shape[0], ho, wo)
+
+    def _symmetric_padding(self) -> Optional[Tuple[int, int]]:
+        l, r, t, b = self.padding
+        if self.padding_mode == "zeros" and l == r and t == b:
+            return (t, l)
+        return None
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        sym = self._symmetric_padding()
+        if sym is None:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self.padding, mode=mode)
+            sym = (0, 0)
+        return F.conv2d(x, weight, None, self.stride, sym, self.dilation, self.groups)
+
+    def adjoint(self, y: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
+        """The exact adjoint of :meth:`apply` for inputs of shape ``in_shape`` (1, C, H, W)."""
+        if self.padding_mode != "zeros":
+            # Reflect/replicate/circular padding: let autograd build the adjoint (a VJP).
+            with torch.enable_grad():
+                x = torch.zeros(tuple(in_shape), device=y.device, dtype=y.dtype, requires_grad=True)
+                (out,) = torch.autograd.grad(self.apply(x, weight.detach()), x, y)
+            return out
+        l, r, t, b = self.padding
+        hp, wp = in_shape[-2] + t + b, in_shape[-1] + l + r
+        kh, kw = weight.shape[-2:]
+        base_h = (y.shape[-2] - 1) * self.stride[0] + self.dilation[0] * (kh - 1) + 1
+        base_w = (y.shape[-1] - 1) * self.stride[1] + self.dilation[1] * (kw - 1) + 1
+        # Rows/columns the conv never reads (hp - base < stride) get a zero adjoint: output_padding.
+        out_pad = (hp - base_h, wp - base_w)
+        sym = self._symmetric_padding()
+        if sym is not None:
+            return F.conv_transpose2d(y, weight, None, self.stride, sym, out_pad, self.groups, self.dilation)
+        x = F.conv_transpose2d(y, weight, None, self.stride, 0, out_pad, self.groups, self.dilation)
+        return x[..., t:t + in_shape[-2], l:l + in_shape[-1]]
+
+    @property
+    def sigma_gradient(self):
+        """∂⟨u, A_W v⟩/∂W (W's shape): the convolution's weight gradient for input v and output
+        gradient u. None for reflect/replicate/circular padding (autograd differentiates those)."""
+        return self._sigma_gradient if self.padding_mode == "zeros" else None
+
+    def _sigma_gradient(self, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        sym = self._symmetric_padding()
+        if sym is None:
+            v = F.pad(v, self.padding)
+            sym = (0, 0)
+        return torch.nn.grad.conv2d_weight(v, weight.shape, u, self.stride, sym, self.dilation, self.groups)
+
+    def describe(self) -> str:
+        return (f"kind=conv2d, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}")
+
+
+OPERATORS = {"linear": LinearOperator, "conv2d": Conv2dOperator}
+
+
+def conv_padding(conv: nn.Conv2d, input_hw: Optional[Sequence[int]]) -> Tuple[int, int, int, int]:
+    """Explicit (left, right, top, bottom) padding of ``conv`` for inputs of spatial size ``input_hw``."""
+    kh, kw = conv.kernel_size
+    if isinstance(conv, Conv2dSame) or getattr(conv, "same_pad", False):
+        if input_hw is None:
+            raise ValueError(f"{type(conv).__name__} pads dynamically: the input size must be known")
+        # timm computes TF-'same' padding from the actual input size; use its own helper.
+        return tuple(pad_same_arg(list(input_hw), [kh, kw], list(conv.stride), list(conv.dilation)))
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        # 'same' (stride 1): total d(k-1), the odd extra element goes to the right/bottom.
+        th, tw = conv.dilation[0] * (kh - 1), conv.dilation[1] * (kw - 1)
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
