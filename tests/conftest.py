@@ -56,6 +56,11 @@ def weights(tmp_path, monkeypatch):
 # output), run in CI's separate `-m slow` step instead: "file::test" marks every parametrisation,
 # "file::test[id]" one of them.
 SLOW_TESTS = (
+    "test_fused.py::test_every_dtype_and_inference_mode_gets_a_kernel_without_hitting_the_recompile_limit",
+    "test_cli.py::test_messages_are_bounded",
+    "test_timm_script.py::test_the_runner_runs_a_script_as_python_would_with_the_zoo_registered",
+    "test_guarantees.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[vit_tiny_patch16_224]",
+    "test_conversion.py::test_fold_matches_lcnn[efficientnet_b0]",
     "test_timm_script.py::test_the_runner_refuses_what_is_not_a_script_in_one_line",
     "test_timm_script.py::test_validate_py_calls_on_a_grey_image_folder_give_the_tags_own_predictions[lcnn_resnet20_softplus.fmnist_gradreg]",
     "test_zoo.py::test_gradient_checkpointing_is_the_same_step[lcnn_wide_resnet16_8]",

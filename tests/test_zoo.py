@@ -381,5 +381,5 @@ def test_a_grey_tag_with_timms_in_chans_3_keeps_its_function_and_says_its_input(
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), grey(x), rtol=1e-4, atol=1e-4)
-    if tag.startswith("lcnn_resnet20."):
-        assert lcnn_zoo.hessian_bound(rgb).stale == []
+    if tag.startswith("lcnn_resnet20."):  # the adapted stem's vectors are singular vectors of its weight
+        assert rgb.conv1.parametrizations.weight[0].residual(rgb.conv1.parametrizations.weight.original) < 1e-3
