@@ -310,17 +310,10 @@ def check_value(f: dataclasses.Field, value: Any, source: str = "") -> Any:
         number = _number(value, kind, bad)
         _check_range(number, meta, bad)
         return number
-    if kind == "ints":
+    if kind in ("ints", "floats"):
         if not isinstance(value, (list, tuple)) or not value:
-            raise bad("a list of integers")
-        out = [_number(v, "int", bad) for v in value]
-        for v in out:
-            _check_range(v, meta, bad)
-        return out
-    if kind == "floats":
-        if not isinstance(value, (list, tuple)) or not value:
-            raise bad("a list of numbers")
-        out = [_number(v, "float", bad) for v in value]
+            raise bad("a list of integers" if kind == "ints" else "a list of numbers")
+        out = [_number(v, kind[:-1], bad) for v in value]
         for v in out:
             _check_range(v, meta, bad)
         return out
@@ -438,14 +431,5 @@ class EvalConfig:
 
     def validate(self) -> "EvalConfig":
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.metadata["kind"] == "floats":
-                if not isinstance(value, (list, tuple)) or not value:
-                    raise UserError(f"{_flag(f.name)} must be a list of numbers, got {shown(value)}")
-                for v in value:
-                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                        raise UserError(f"{_flag(f.name)} must be finite numbers >= 0, got {shown(value)}")
-                setattr(self, f.name, [float(v) for v in value])
-            else:
-                setattr(self, f.name, check_value(f, value))
+            setattr(self, f.name, check_value(f, getattr(self, f.name)))
         return self

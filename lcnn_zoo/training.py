@@ -189,13 +189,13 @@ def _optimizer_step(run: _Run, micro_steps: int) -> None:
     backpropagated whole), unscaled and clipped first when asked; then the EMA and, with
     --sched-on-updates, the schedule."""
     cfg = run.cfg
-    grads = [p.grad for p in run.core.parameters() if p.grad is not None]
-    if micro_steps > 1 and grads:
-        torch._foreach_div_(grads, float(micro_steps))
+    params = [p for p in run.core.parameters() if p.grad is not None]
+    if micro_steps > 1 and params:
+        torch._foreach_div_([p.grad for p in params], float(micro_steps))
     if cfg.clip_grad is not None:
         if run.scaler is not None:
             run.scaler.unscale_(run.optimizer)
-        dispatch_clip_grad([p for p in run.core.parameters() if p.grad is not None], cfg.clip_grad, mode=cfg.clip_mode)
+        dispatch_clip_grad(params, cfg.clip_grad, mode=cfg.clip_mode)
     if run.scaler is not None:
         run.scaler.step(run.optimizer)
         run.scaler.update()
