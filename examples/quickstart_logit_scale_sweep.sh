@@ -7,7 +7,7 @@ set -euo pipefail
 out=${1:-runs/logit_scale_sweep}
 mkdir -p "$out"
 for s in 1 2 4 8; do
-  python -m lcnn_zoo.train --dataset fmnist --train-subset 6000 --epochs 3 --batch-size 64 --lr 0.05 \
+  python -m lcnn_zoo train --dataset fmnist --train-subset 6000 --epochs 3 --batch-size 64 --lr 0.05 \
     --sched cosine --aug-pad 2 --weight-decay 5e-4 --seed 0 --eval-every 1000 --no-progress \
     --model lcnn_resnet20 --model-kwargs logit_scale=$s --reg lcnn_gradreg --gradreg fd --lambda-grad 0.01 \
     --lambda-beta 1e-3 --lambda-gamma 1e-3 --output "$out" --experiment "scale$s" --resume auto > "$out/scale$s.log" 2>&1 || { cat "$out/scale$s.log"; exit 1; }

@@ -32,7 +32,7 @@ print("resumed weights identical to the uninterrupted run:", a.keys() == b.keys(
 PY
 
 echo "== 3. DDP: 2 processes (gloo on CPU)"
-OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m lcnn_zoo.train "${common[@]}" --experiment ddp 2>&1 | grep -v "^W\|OMP_NUM_THREADS\|^\*\*\*"
+OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m lcnn_zoo train "${common[@]}" --experiment ddp 2>&1 | grep -v "^W\|OMP_NUM_THREADS\|^\*\*\*"
 
 echo "== 4. fine-tune the shipped lcnn_resnet20.fmnist on a new 3-class image folder"
 python examples/fmnist_footwear_folder.py "$out/footwear" --per-class 300

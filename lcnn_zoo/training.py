@@ -6,12 +6,14 @@ The structure follows timm's ``train.py`` (``create_optimizer_v2``, ``create_sch
 * :func:`train` runs a :class:`~lcnn_zoo.config.TrainConfig` in a locked
   :class:`~lcnn_zoo.checkpoint.RunFolder`: :func:`resume`, then :func:`train_one_epoch` and
   :func:`evaluate` per epoch, a checkpoint after each (written atomically);
-* a :class:`Regulariser` per ``--reg`` choice does one step's loss and backward: the LCNN penalty
-  (``lcnn``), GradReg by double backprop or finite differences (``gradreg``), or both;
+* one :class:`TrainingRun` holds a run's state (model, optimizer, schedule, EMA, loss, Mixup,
+  loaders, sizes), built once by :func:`build_run`;
+* a :class:`~lcnn_zoo.steps.Regulariser` per ``--reg`` choice does one step's loss and backward: the
+  LCNN penalty (``lcnn``), GradReg by double backprop or finite differences (``gradreg``), or both;
 * β and γ are never weight-decayed; DDP via ``torchrun`` (gloo on CPU, nccl on GPU) with
   synchronised BatchNorm statistics and a collective timeout.
 
-``lcnn-zoo train --help`` (or ``python -m lcnn_zoo.train``) lists the options.
+``lcnn-zoo train --help`` (or ``python -m lcnn_zoo train``) lists the options.
 """
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -36,12 +38,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, ModelEmaV3, dispatch_clip_grad
 from torch import nn
-from torch.utils.data import (
-    DataLoader,
-    DistributedSampler,
-    RandomSampler,
-    SequentialSampler,
-)
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
 from .checkpoint import RunFolder, rng_state, set_rng_state
@@ -52,9 +49,10 @@ from .factory import create_model, is_lcnn, load_initial
 from .layers import (CONVERGENCE_TOL, LipschitzBatchNorm2d, converge_spectral_norms, recalibrate_batchnorm,
                      sync_batchnorm)
 from .preflight import TrainPlan, train_plan
-from .penalty import LCNNPenalty, gradreg_exact, gradreg_fd_backward, param_groups
+from .penalty import param_groups
+from .steps import Regulariser, make_regulariser
 
-__all__ = ["train", "train_one_epoch", "evaluate", "resume", "Regulariser", "StepOutput", "make_regulariser",
+__all__ = ["train", "TrainingRun", "TrainData", "build_run", "train_one_epoch", "evaluate", "resume",
            "RECALIBRATE_BELOW_STEPS", "batches_seen_by_batchnorm"]
 
 RECALIBRATE_BELOW_STEPS = 100  # BatchNorms that recorded fewer batches get their statistics recomputed at the end
@@ -62,129 +60,64 @@ RECALIBRATE_BATCHES = 50
 
 
 # --------------------------------------------------------------------------------------------
-# One step per regulariser
+# A run's state
 # --------------------------------------------------------------------------------------------
+class TrainData(NamedTuple):
+    """What a run reads: the two datasets, the input size (C, H, W), the number of classes and the
+    class names (the training split's, empty when the dataset has none)."""
+
+    train: Dataset
+    test: Dataset
+    input_size: Tuple[int, ...]
+    num_classes: int
+    classes: List[str]
+
+
 @dataclass
-class StepOutput:
-    """loss: mean task loss (0-dim, detached); logits: (B, K); stats: scalars to log (Σβ, Σlog γ, ‖∇ₓℓ‖²)."""
+class TrainingRun:
+    """One training run's state, built once by :func:`build_run` and passed whole to
+    :func:`train_one_epoch`, :func:`resume` and the checkpoint and summary writers.
 
-    loss: torch.Tensor
-    logits: torch.Tensor
-    stats: Dict[str, float] = field(default_factory=dict)
-
-
-class Regulariser:
-    """One training step of a ``--reg`` choice: forward, loss, backward (gradients accumulated into
-    ``.grad``; the caller steps the optimizer). This base class is ``--reg none`` / ``lcnn``."""
-
-    def __init__(self, criterion: Callable, penalty: Optional[LCNNPenalty], core: nn.Module) -> None:
-        self.criterion, self.penalty, self.core = criterion, penalty, core
-
-    def _penalty(self) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
-        if self.penalty is None:
-            return None, {}
-        terms = LCNNPenalty.terms(self.core)
-        value = self.penalty.lambda_beta * terms["sum_beta"] + self.penalty.lambda_gamma * terms["sum_log_gamma"]
-        return value, {k: float(v.detach()) for k, v in terms.items()}
-
-    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Callable, scaler) -> StepOutput:
-        with amp():
-            logits = model(x)
-            loss = self.criterion(logits, y)
-            pen, stats = self._penalty()
-            total = loss if pen is None else loss + pen
-        (scaler.scale(total) if scaler is not None else total).backward()
-        return StepOutput(loss.detach(), logits.detach(), stats)
-
-
-class ExactGradRegStep(Regulariser):
-    """GradReg by double backpropagation (``--gradreg exact``)."""
-
-    def __init__(self, criterion: Callable, penalty: Optional[LCNNPenalty], core: nn.Module, lambda_grad: float) -> None:
-        super().__init__(criterion, penalty, core)
-        self.lambda_grad = lambda_grad
-
-    def step(self, model, x, y, amp, scaler) -> StepOutput:
-        scale = scaler.get_scale() if scaler is not None else None
-        with amp():
-            out = gradreg_exact(model, x, y, self.criterion,
-                                loss_scale=torch.tensor(scale, device=x.device) if scale is not None else None)
-            pen, stats = self._penalty()
-            total = out.loss + self.lambda_grad * out.penalty + (0.0 if pen is None else pen)
-        (scaler.scale(total) if scaler is not None else total).backward()
-        return StepOutput(out.loss.detach(), out.logits.detach(), {**stats, "grad_sq": float(out.penalty.detach())})
-
-
-class FDGradRegStep(ExactGradRegStep):
-    """GradReg by a finite difference along the input gradient (``--gradreg fd``): two forward/backward
-    passes, no double backward. With ``fraction`` < 1 the penalty's second pass runs on a random
-    ``fraction`` of the batch, weighted so that its expectation is the full-batch penalty."""
-
-    def __init__(self, criterion, penalty, core, lambda_grad: float, step_size: float, fraction: float,
-                 generator: torch.Generator) -> None:
-        super().__init__(criterion, penalty, core, lambda_grad)
-        self.step_size, self.fraction, self.generator = step_size, fraction, generator
-
-    def step(self, model, x, y, amp, scaler) -> StepOutput:
-        if scaler is not None and scaler._scale is None:
-            scaler.scale(torch.zeros((), device=x.device))  # GradScaler creates its scale lazily; FD scales by hand
-        scale = torch.tensor(scaler.get_scale(), device=x.device) if scaler is not None else None
-        stats: Dict[str, float] = {}
-
-        def extra() -> torch.Tensor:
-            pen, terms = self._penalty()
-            stats.update(terms)
-            return pen
-
-        with amp():
-            out = gradreg_fd_backward(model, x, y, self.lambda_grad, loss_fn=self.criterion, step=self.step_size,
-                                      extra_loss=extra if self.penalty is not None else None, loss_scale=scale,
-                                      fraction=self.fraction, generator=self.generator)
-        return StepOutput(out.loss, out.logits, {**stats, "grad_sq": float(out.penalty)})
-
-
-def make_regulariser(cfg: TrainConfig, criterion: Callable, core: nn.Module, seed: int) -> Regulariser:
-    """The :class:`Regulariser` of ``cfg.reg`` / ``cfg.gradreg``."""
-    penalty = LCNNPenalty(cfg.lambda_beta, cfg.lambda_gamma) if cfg.reg in ("lcnn", "lcnn_gradreg") else None
-    if cfg.reg in ("none", "lcnn"):
-        return Regulariser(criterion, penalty, core)
-    if cfg.gradreg == "exact":
-        return ExactGradRegStep(criterion, penalty, core, cfg.lambda_grad)
-    return FDGradRegStep(criterion, penalty, core, cfg.lambda_grad, cfg.fd_step, cfg.gradreg_fraction,
-                         torch.Generator().manual_seed(seed))
-
-
-# --------------------------------------------------------------------------------------------
-# Epochs
-# --------------------------------------------------------------------------------------------
-@dataclass
-class _Run:
-    """Everything one training run holds."""
+    ``model`` is what a step calls (the DDP or compiled wrapper); ``core`` is the model itself (state
+    dicts, penalty, EMA). ``criterion`` is the task loss (soft targets when ``mixup`` is on);
+    ``updates`` counts optimizer steps (EMA warm-up, ``--sched-on-updates``); ``history`` holds one row
+    per epoch and ``best`` the best evaluated epoch."""
 
     cfg: TrainConfig
     device: torch.device
     rank: int
     world: int
-    model: nn.Module        # what the step calls (DDP / compiled wrapper)
-    core: nn.Module         # the model itself (state dicts, penalty, EMA)
+    data: TrainData
+    model: nn.Module
+    core: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ema: Optional[ModelEmaV3]
     scaler: Optional[torch.amp.GradScaler]
+    criterion: Callable
+    mixup: Optional[Mixup]
     reg: Regulariser
-    amp: Callable
+    augment: BatchAugment
+    train_loader: DataLoader
+    test_loader: DataLoader
     updates_per_epoch: int = 1
-    updates: int = 0        # optimizer steps taken (EMA warm-up, --sched-on-updates)
+    updates: int = 0
     history: List[Dict[str, Any]] = field(default_factory=list)
     best: Dict[str, Any] = field(default_factory=dict)
-    classes: List[str] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def amp(self):
+        """The autocast context of ``--amp`` (a null context without it)."""
+        if not self.cfg.amp:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.float16 if self.cfg.amp_dtype == "float16" else
+                              torch.bfloat16)
 
-def _optimizer_step(run: _Run, micro_steps: int) -> None:
+
+def _optimizer_step(run: TrainingRun, micro_steps: int) -> None:
     """One optimizer step on the gradients of ``micro_steps`` batches (their mean: the loss of each was
     backpropagated whole), unscaled and clipped first when asked; then the EMA and, with
     --sched-on-updates, the schedule."""
@@ -209,9 +142,10 @@ def _optimizer_step(run: _Run, micro_steps: int) -> None:
         run.scheduler.step_update(num_updates=run.updates)
 
 
-def train_one_epoch(run: _Run, loader, epoch: int, augment: BatchAugment, mixup: Optional[Mixup]) -> Dict[str, float]:
-    """One pass over ``loader``; returns the epoch's mean loss, accuracy, penalty terms, lr and time."""
-    cfg = run.cfg
+def train_one_epoch(run: TrainingRun, epoch: int) -> Dict[str, float]:
+    """One pass over ``run.train_loader`` (0-based ``epoch``); returns the epoch's mean loss, top-1 (%),
+    penalty terms, lr and time (s), averaged over the processes."""
+    cfg, loader = run.cfg, run.train_loader
     run.model.train()
     aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 104729 + run.rank)
     meters: Dict[str, AverageMeter] = {}
@@ -224,10 +158,10 @@ def train_one_epoch(run: _Run, loader, epoch: int, augment: BatchAugment, mixup:
     run.optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(bar):
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        x = augment(x, aug_gen)
+        x = run.augment(x, aug_gen)
         y_loss = y
-        if mixup is not None:
-            x, y_loss = mixup(x, y)
+        if run.mixup is not None:
+            x, y_loss = run.mixup(x, y)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = run.reg.step(run.model, x, y_loss, run.amp, run.scaler)
@@ -269,7 +203,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
     return {"top1": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1), "count": float(total)}
 
 
-def resume(run: _Run, ckpt: Dict[str, Any], path: str | os.PathLike) -> int:
+def resume(run: TrainingRun, ckpt: Dict[str, Any], path: str | os.PathLike) -> int:
     """Restore ``run`` from the training checkpoint ``ckpt`` (read from ``path`` and checked against
     the run's recipe by :func:`~lcnn_zoo.preflight.train_plan`); returns the epoch to start at.
 
@@ -354,7 +288,7 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int, rank: int, world: int
                       pin_memory=pin_memory)
 
 
-def _datasets(cfg: TrainConfig):
+def _datasets(cfg: TrainConfig) -> TrainData:
     size = tuple(cfg.input_size) if cfg.input_size else None
     img = (cfg.img_size, cfg.img_size) if cfg.img_size is not None else None  # folders: parts of --input-size
     kw = dict(data_dir=cfg.data_dir, download=cfg.download, image_size=size[1:] if size else img,
@@ -378,7 +312,7 @@ def _datasets(cfg: TrainConfig):
         if isinstance(labels, torch.Tensor) and labels.numel() and int(labels.max()) >= num_classes:
             raise UserError(f"{shown(cfg.dataset)} has labels up to {int(labels.max())}: --num-classes {num_classes} is "
                             f"too few")
-    return train_ds, test_ds, input_size, num_classes
+    return TrainData(train_ds, test_ds, input_size, num_classes, [str(c) for c in getattr(train_ds, "classes", [])])
 
 
 def _build_model(cfg: TrainConfig, num_classes: int, input_size: tuple) -> nn.Module:
@@ -415,6 +349,7 @@ def train_augment(cfg: TrainConfig, input_size: Sequence[int]) -> BatchAugment:
 
 
 def _criterion(cfg: TrainConfig, num_classes: int) -> Tuple[Callable, Optional[Mixup]]:
+    """The task loss and the Mixup/CutMix of ``cfg``, as timm's train.py chooses them."""
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
@@ -431,49 +366,62 @@ def _criterion(cfg: TrainConfig, num_classes: int) -> Tuple[Callable, Optional[M
     return nn.CrossEntropyLoss(), None
 
 
-def _setup(cfg: TrainConfig, device: torch.device, rank: int, world: int, num_classes: int, input_size: tuple,
-           train_images: int) -> _Run:
-    updates_per_epoch = -(-(train_images // world // cfg.batch_size) // cfg.grad_accum_steps)  # drop_last batches
-    model = _build_model(cfg, num_classes, input_size).to(device)
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    opt_kw: Dict[str, Any] = dict(cfg.opt_kwargs)
+    if cfg.opt_eps is not None:
+        opt_kw["eps"] = cfg.opt_eps
+    if cfg.opt_betas is not None:
+        opt_kw["betas"] = tuple(cfg.opt_betas)
+    return create_optimizer_v2(param_groups(model, cfg.weight_decay), opt=cfg.opt, lr=cfg.lr,
+                               weight_decay=cfg.weight_decay, momentum=cfg.momentum, **opt_kw)
+
+
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    if cfg.sched == "none":
+        return None
+    sched_kw: Dict[str, Any] = {} if cfg.decay_epochs is None else {"decay_epochs": cfg.decay_epochs}
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_milestones=cfg.decay_milestones,
+        decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.lr * 0.1 if cfg.warmup_lr is None else cfg.warmup_lr, warmup_prefix=cfg.warmup_prefix,
+        cooldown_epochs=cfg.cooldown_epochs, noise=cfg.lr_noise, noise_pct=cfg.lr_noise_pct,
+        noise_std=cfg.lr_noise_std, noise_seed=cfg.seed, cycle_mul=cfg.lr_cycle_mul, cycle_decay=cfg.lr_cycle_decay,
+        cycle_limit=cfg.lr_cycle_limit, k_decay=cfg.lr_k_decay, step_on_epochs=not cfg.sched_on_updates,
+        updates_per_epoch=updates_per_epoch, **sched_kw)
+    return scheduler
+
+
+def build_run(cfg: TrainConfig, data: TrainData, device: torch.device, rank: int = 0, world: int = 1) -> TrainingRun:
+    """The :class:`TrainingRun` of ``cfg`` on ``data``: model (on ``device``; wrapped in DDP when
+    ``world`` > 1 and compiled with ``--compile``), optimizer, schedule, EMA, GradScaler (float16 AMP
+    only), loss and Mixup, regulariser, augmentation and the two loaders (this ``rank``'s share)."""
+    seed = cfg.seed
+    updates_per_epoch = -(-(len(data.train) // world // cfg.batch_size) // cfg.grad_accum_steps)  # drop_last batches
+    model = _build_model(cfg, data.num_classes, data.input_size).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = None
     if cfg.model_ema:
         ema = ModelEmaV3(model, decay=cfg.model_ema_decay, exclude_buffers=False, use_warmup=cfg.model_ema_warmup,
                          device=torch.device("cpu") if cfg.model_ema_force_cpu else None)
-    opt_kw: Dict[str, Any] = dict(cfg.opt_kwargs)
-    if cfg.opt_eps is not None:
-        opt_kw["eps"] = cfg.opt_eps
-    if cfg.opt_betas is not None:
-        opt_kw["betas"] = tuple(cfg.opt_betas)
-    optimizer = create_optimizer_v2(param_groups(model, cfg.weight_decay), opt=cfg.opt, lr=cfg.lr,
-                                    weight_decay=cfg.weight_decay, momentum=cfg.momentum, **opt_kw)
-    scheduler = None
-    if cfg.sched != "none":
-        sched_kw: Dict[str, Any] = {} if cfg.decay_epochs is None else {"decay_epochs": cfg.decay_epochs}
-        scheduler, _ = create_scheduler_v2(
-            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_milestones=cfg.decay_milestones,
-            decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.lr * 0.1 if cfg.warmup_lr is None else cfg.warmup_lr, warmup_prefix=cfg.warmup_prefix,
-            cooldown_epochs=cfg.cooldown_epochs, noise=cfg.lr_noise, noise_pct=cfg.lr_noise_pct,
-            noise_std=cfg.lr_noise_std, noise_seed=cfg.seed, cycle_mul=cfg.lr_cycle_mul, cycle_decay=cfg.lr_cycle_decay,
-            cycle_limit=cfg.lr_cycle_limit, k_decay=cfg.lr_k_decay, step_on_epochs=not cfg.sched_on_updates,
-            updates_per_epoch=updates_per_epoch, **sched_kw)
-    amp_dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp and amp_dtype == torch.float16 else None
-
-    def amp():
-        return torch.autocast(device.type, dtype=amp_dtype) if cfg.amp else nullcontext()
-
-    criterion, _ = _criterion(cfg, num_classes)
+    optimizer = _optimizer(cfg, model)
+    fp16 = cfg.amp and cfg.amp_dtype == "float16"
+    criterion, mixup = _criterion(cfg, data.num_classes)
     wrapped = model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(sync_batchnorm(model),
                                                       device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         wrapped = torch.compile(wrapped, mode=cfg.torchcompile_mode)
-    return _Run(cfg, device, rank, world, wrapped, model, optimizer, scheduler, ema, scaler,
-                make_regulariser(cfg, criterion, model, cfg.seed + rank), amp, updates_per_epoch=updates_per_epoch)
+    loaders = (_loader(data.train, cfg.batch_size, True, seed, rank, world, cfg.workers, drop_last=True,
+                       pin_memory=cfg.pin_mem),
+               _loader(data.test, cfg.validation_batch_size or max(cfg.batch_size, 256), False, seed, rank, world,
+                       cfg.workers, drop_last=False, pin_memory=cfg.pin_mem))
+    return TrainingRun(cfg, device, rank, world, data, wrapped, model, optimizer,
+                       _scheduler(cfg, optimizer, updates_per_epoch), ema,
+                       torch.amp.GradScaler(device.type) if fp16 else None, criterion, mixup,
+                       make_regulariser(cfg, criterion, model, seed + rank), train_augment(cfg, data.input_size),
+                       *loaders, updates_per_epoch=updates_per_epoch)
 
 
 def _check_runtime(cfg: TrainConfig, device: torch.device, world: int) -> None:
@@ -490,10 +438,10 @@ def _check_runtime(cfg: TrainConfig, device: torch.device, world: int) -> None:
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-def _checkpoint(run: _Run, epoch: int, num_classes: int, input_size: tuple) -> Dict[str, Any]:
+def _checkpoint(run: TrainingRun, epoch: int) -> Dict[str, Any]:
     return {
-        "epoch": epoch, "arch": run.cfg.model, "num_classes": num_classes, "input_size": list(input_size),
-        "classes": run.classes,
+        "epoch": epoch, "arch": run.cfg.model, "num_classes": run.data.num_classes,
+        "input_size": list(run.data.input_size), "classes": run.data.classes,
         "state_dict": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
         "state_dict_ema": run.ema.module.state_dict() if run.ema is not None else None,
@@ -519,13 +467,13 @@ def batches_seen_by_batchnorm(model: nn.Module) -> Optional[int]:
     return min(counts) if counts else None
 
 
-def _recalibrate_if_short(run: _Run, train_loader) -> None:
+def _recalibrate_if_short(run: TrainingRun) -> None:
     """Recompute BatchNorm statistics when they have seen fewer than ~100 batches in all (a short run
     from scratch: its running variance still carries the initial 1). Not after fine-tuning a model
     whose statistics come from its pretraining: in an LCNN they also set the γ-clip its weights were
     trained with, and recomputing them from a few batches can undo a fine-tune (docs/reliability.md,
     case 10)."""
-    seen = batches_seen_by_batchnorm(run.core)
+    seen, train_loader = batches_seen_by_batchnorm(run.core), run.train_loader
     if seen is None or seen >= RECALIBRATE_BELOW_STEPS:
         return
     if isinstance(getattr(train_loader.sampler, "generator", None), torch.Generator):
@@ -537,18 +485,19 @@ def _recalibrate_if_short(run: _Run, train_loader) -> None:
               f"the ~{RECALIBRATE_BELOW_STEPS} their running statistics need at momentum 0.1", file=sys.stderr)
 
 
-def _epochs(run: _Run, folder: RunFolder, start: int, loaders, augment, mixup, num_classes, input_size) -> Dict:
-    cfg = run.cfg
-    train_loader, test_loader = loaders
+def _epochs(run: TrainingRun, folder: RunFolder, start: int) -> Dict[str, float]:
+    """Epochs ``start`` … ``cfg.epochs - 1``, a checkpoint and summary after each; returns the last
+    evaluation (empty when none ran)."""
+    cfg, train_loader, test_loader = run.cfg, run.train_loader, run.test_loader
     eval_m: Dict[str, float] = {}
     for epoch in range(start, cfg.epochs):
         if run.world > 1:
             train_loader.sampler.set_epoch(epoch)
         else:
             train_loader.sampler.generator.manual_seed(cfg.seed * 1000 + epoch)
-        if mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
-            mixup.mixup_enabled = False  # timm's --mixup-off-epoch
-        train_m = train_one_epoch(run, train_loader, epoch, augment, mixup)
+        if run.mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
+            run.mixup.mixup_enabled = False  # timm's --mixup-off-epoch
+        train_m = train_one_epoch(run, epoch)
         if run.scheduler is not None:
             run.scheduler.step(epoch + 1)
         last = epoch + 1 == cfg.epochs
@@ -558,7 +507,7 @@ def _epochs(run: _Run, folder: RunFolder, start: int, loaders, augment, mixup, n
             # vectors converged to the tolerance stated after conversion, before they are measured
             # and saved.
             converge_spectral_norms(run.core, n_iter=200, tol=CONVERGENCE_TOL)
-            _recalibrate_if_short(run, train_loader)
+            _recalibrate_if_short(run)
         evaluated = cfg.eval_every > 0 and (last or (epoch + 1) % cfg.eval_every == 0)
         if evaluated:
             eval_m = _all_reduce_eval(evaluate(run.core, test_loader, run.device, cfg.channels_last, run.amp),
@@ -575,17 +524,18 @@ def _epochs(run: _Run, folder: RunFolder, start: int, loaders, augment, mixup, n
             if evaluated and eval_m["top1"] > run.best.get("eval_top1", -1.0):
                 folder.save_weights(run.core.state_dict(), RunFolder.BEST)
                 run.best = {"epoch": epoch + 1, "eval_top1": eval_m["top1"]}
-            folder.save_checkpoint(_checkpoint(run, epoch + 1, num_classes, input_size))
-            folder.write_summary(_summary(run, folder, num_classes, input_size, eval_m, final=False))
+            folder.save_checkpoint(_checkpoint(run, epoch + 1))
+            folder.write_summary(_summary(run, folder, eval_m, final=False))
             print(_epoch_message(cfg, epoch, train_m, eval_m if evaluated else {}), file=sys.stderr)
     return eval_m
 
 
-def _summary(run: _Run, folder: RunFolder, num_classes: int, input_size: tuple, eval_m: Dict[str, float],
-             final: bool, wall: float = 0.0) -> Dict[str, Any]:
+def _summary(run: TrainingRun, folder: RunFolder, eval_m: Dict[str, float], final: bool,
+             wall: float = 0.0) -> Dict[str, Any]:
     cfg = run.cfg
     out = {"run_dir": str(folder.path), "model": cfg.model, "dataset": cfg.dataset, "reg": cfg.reg,
-           "epochs": cfg.epochs, "num_classes": num_classes, "classes": run.classes, "input_size": list(input_size),
+           "epochs": cfg.epochs, "num_classes": run.data.num_classes, "classes": run.data.classes,
+           "input_size": list(run.data.input_size),
            "final": eval_m, "best": run.best, "finished": final, "history": run.history}
     if final:
         out["wall_time_s"] = wall
@@ -605,23 +555,22 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = _datasets(cfg)  # user errors surface before any training
-    if len(data[0]) < cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1")):
-        raise UserError(f"the training set ({len(data[0])} images) is smaller than one batch of {cfg.batch_size} "
+    if len(data.train) < cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1")):
+        raise UserError(f"the training set ({len(data.train)} images) is smaller than one batch of {cfg.batch_size} "
                         f"per process")
     rank, world = _init_distributed(plan.device, cfg.dist_timeout)
     try:
         torch.manual_seed(cfg.seed + rank)
         np.random.seed(cfg.seed + rank)
         random.seed(cfg.seed + rank)
-        run = _setup(cfg, plan.device, rank, world, data[3], data[2], len(data[0]))
-        run.classes = [str(c) for c in getattr(data[0], "classes", [])]
+        run = build_run(cfg, data, plan.device, rank, world)
         folder = plan.claim() if run.is_main else plan.folder
         with folder.lock() if run.is_main else nullcontext():
             if run.is_main and plan.new and folder.path.name != cfg.run_name:
                 print(f"{Path(cfg.output) / cfg.run_name} holds another run: this run is {folder.path} "
                       f"(--if-exists refuse stops instead)", file=sys.stderr)
             try:
-                return _train_in(run, plan, folder, data)
+                return _train_in(run, plan, folder)
             except KeyboardInterrupt:
                 raise Interrupted(f"every file in {folder.path} is whole; continue with the same command and "
                                   f"--output {Path(folder.path).parent} --experiment {folder.path.name} "
@@ -632,10 +581,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train_in(run: _Run, plan: TrainPlan, folder: RunFolder, data) -> Dict[str, Any]:
+def _train_in(run: TrainingRun, plan: TrainPlan, folder: RunFolder) -> Dict[str, Any]:
     cfg = run.cfg
-    train_ds, test_ds, input_size, num_classes = data
-    rank, world = run.rank, run.world
     start = resume(run, plan.checkpoint, plan.resume_from) if plan.checkpoint is not None else 0
     if start >= cfg.epochs and folder.file(RunFolder.SUMMARY).is_file() and folder.file(RunFolder.WEIGHTS).is_file():
         summary = folder.summary()
@@ -650,16 +597,11 @@ def _train_in(run: _Run, plan: TrainPlan, folder: RunFolder, data) -> Dict[str, 
         if start:
             args["resumed_at_epoch"] = start
         folder.write_args(args)
-    loaders = (_loader(train_ds, cfg.batch_size, True, cfg.seed, rank, world, cfg.workers, drop_last=True,
-                       pin_memory=cfg.pin_mem),
-               _loader(test_ds, cfg.validation_batch_size or max(cfg.batch_size, 256), False, cfg.seed, rank, world,
-                       cfg.workers, drop_last=False, pin_memory=cfg.pin_mem))
-    _, mixup = _criterion(cfg, num_classes)
     t0 = time.time()
-    eval_m = _epochs(run, folder, start, loaders, train_augment(cfg, input_size), mixup, num_classes, input_size)
+    eval_m = _epochs(run, folder, start)
     if not eval_m and run.history:
         eval_m = {k.removeprefix("eval_"): v for k, v in run.history[-1].items() if k.startswith("eval_")}
-    summary = _summary(run, folder, num_classes, input_size, eval_m, final=True, wall=time.time() - t0)
+    summary = _summary(run, folder, eval_m, final=True, wall=time.time() - t0)
     if run.is_main:
         folder.save_weights(run.core.state_dict())
         folder.write_summary(summary)

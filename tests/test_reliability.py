@@ -129,7 +129,7 @@ def test_shipped_weights_without_checksum_are_refused(weights):
 def test_a_second_run_in_a_locked_folder_fails_at_once_naming_the_holder(tmp_path):
     folder = RunFolder(tmp_path / "exp")
     with folder.lock():  # a run that has not written its first file yet: --resume auto would continue it
-        proc = subprocess.run([sys.executable, "-m", "lcnn_zoo.train"] + FAST +
+        proc = subprocess.run([sys.executable, "-m", "lcnn_zoo", "train"] + FAST +
                               ["--epochs", "1", "--output", str(tmp_path), "--experiment", "exp", "--resume", "auto"],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and f"pid {os.getpid()}" in proc.stderr and "in use" in proc.stderr, proc.stderr
@@ -317,7 +317,7 @@ def test_curvature_of_a_nan_sample_is_nan_alone():
 
 
 def test_user_errors_are_one_line_in_a_real_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lcnn_zoo.train", "--dataset", f"folder:{tmp_path / 'none'}",
+    proc = subprocess.run([sys.executable, "-m", "lcnn_zoo", "train", "--dataset", f"folder:{tmp_path / 'none'}",
                            "--output", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("lcnn-zoo: error: image folder") and proc.stderr.count("\n") == 1
@@ -328,7 +328,7 @@ def test_user_errors_are_one_line_in_a_real_process(tmp_path):
 @needs_fmnist
 def test_a_stopped_rank_makes_the_other_fail_within_the_timeout(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
-           "lcnn_zoo.train"] + FAST + ["--epochs", "50", "--threads", "1", "--output", str(tmp_path),
+           "lcnn_zoo", "train"] + FAST + ["--epochs", "50", "--threads", "1", "--output", str(tmp_path),
                                         "--experiment", "stop", "--dist-timeout", "20"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
@@ -336,7 +336,7 @@ def test_a_stopped_rank_makes_the_other_fail_within_the_timeout(tmp_path):
     victim = None
     while victim is None and time.time() < deadline:  # the rank-1 worker, once training started
         time.sleep(1)
-        out = subprocess.run(["pgrep", "-f", "-n", "lcnn_zoo.train.*--experiment stop"], capture_output=True, text=True)
+        out = subprocess.run(["pgrep", "-f", "-n", "lcnn_zoo train.*--experiment stop"], capture_output=True, text=True)
         ckpt_started = (tmp_path / "stop" / "args.json").exists()
         if out.stdout.strip() and ckpt_started:
             victim = int(out.stdout.split()[0])
