@@ -51,6 +51,26 @@ def weights(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """A trained lcnn_resnet20 written as a Hub folder and put in the offline HF cache (and in the
+    published manifest, as ``lcnn-zoo push --upload`` records it); yields (model, folder, repo id)."""
+    from hf_cache import populate, publish, remove, unpublish
+    from model_helpers import trained
+
+    from lcnn_zoo.hub import hub_id
+    from lcnn_zoo.publishing import save_pretrained
+
+    model = trained()
+    folder = save_pretrained(model, tmp_path_factory.mktemp("pub") / "lcnn_resnet20.cifar10", model_card="# test\n")
+    repo = hub_id("lcnn_resnet20", "cifar10")
+    populate(repo, folder)
+    publish("lcnn_resnet20.cifar10", repo)
+    yield model, folder, repo
+    unpublish("lcnn_resnet20.cifar10")
+    remove(repo)
+
+
 # The default suite's budget is 10 minutes on 2 cores of the slower machine kind (an Intel Xeon runs
 # it ~3× slower than the AMD EPYC). These checks, the slowest on the EPYC (`--durations` in CI's
 # output), run in CI's separate `-m slow` step instead: "file::test" marks every parametrisation,
@@ -59,12 +79,12 @@ SLOW_TESTS = (
     "test_fused.py::test_every_dtype_and_inference_mode_gets_a_kernel_without_hitting_the_recompile_limit",
     "test_cli.py::test_messages_are_bounded",
     "test_timm_script.py::test_the_runner_runs_a_script_as_python_would_with_the_zoo_registered",
-    "test_guarantees.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[vit_tiny_patch16_224]",
+    "test_coverage.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[vit_tiny_patch16_224]",
     "test_conversion.py::test_fold_matches_lcnn[efficientnet_b0]",
     "test_timm_script.py::test_the_runner_refuses_what_is_not_a_script_in_one_line",
     "test_timm_script.py::test_validate_py_calls_on_a_grey_image_folder_give_the_tags_own_predictions[lcnn_resnet20_softplus.fmnist_gradreg]",
-    "test_zoo.py::test_gradient_checkpointing_is_the_same_step[lcnn_wide_resnet16_8]",
-    "test_zoo.py::test_gradient_checkpointing_is_the_same_step[lcnn_resnet18]",
+    "test_lcnn_resnet.py::test_gradient_checkpointing_is_the_same_step[lcnn_wide_resnet16_8]",
+    "test_lcnn_resnet.py::test_gradient_checkpointing_is_the_same_step[lcnn_resnet18]",
     "test_train_flags.py::test_a_timm_train_command_line_runs_with_the_reg_added",
     "test_training.py::test_killed_run_resumes_to_identical_weights",
     "test_training.py::test_ddp_gloo_two_processes",
@@ -74,24 +94,24 @@ SLOW_TESTS = (
     "test_training.py::test_eval_outputs",
     "test_cli.py::test_ctrl_c_is_one_line_saying_how_to_resume_and_the_resume_works",
     "test_cli.py::test_a_billion_laughs_config_is_refused_at_once",
-    "test_readme.py::test_three_ways_in_runs_as_written",
-    "test_readme.py::test_ten_line_example_runs",
-    "test_guarantees.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[resnet18]",
-    "test_guarantees.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[repvgg_a0]",
-    "test_guarantees.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[densenet121]",
-    "test_guarantees.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[convnext_atto]",
-    "test_guarantees.py::test_state_dict_of_another_input_size_loads_with_converged_vectors",
-    "test_guarantees.py::test_reset_classifier_keeps_the_head_spectrally_normalised[lcnn_wide_resnet16_8]",
-    "test_zoo.py::test_logit_scale_multiplies_logits_and_travels_with_the_weights[lcnn_resnet18]",
-    "test_zoo.py::test_models_build_and_cfg[lcnn_wide_resnet16_8]",
-    "test_zoo.py::test_cli_push_writes_loadable_folder",
-    "test_reliability.py::test_a_second_run_in_a_locked_folder_fails_at_once_naming_the_holder",
-    "test_reliability.py::test_push_again_into_its_own_folder_with_normal_modes",
-    "test_reliability.py::test_extending_a_finished_run_rebuilds_the_schedule_and_other_changes_are_refused",
-    "test_reliability.py::test_concurrent_cold_cache_builds_do_not_collide",
-    "test_reliability.py::test_user_errors_are_one_line_in_a_real_process",
-    "test_reliability.py::test_resume_regenerates_the_csv_and_cleans_only_its_own_temporaries",
-    "test_reliability.py::test_eval_checks_classes_and_reads_the_input_size_from_the_weights",
+    "test_readme.py::test_python_blocks_run_as_written",
+    "test_readme.py::test_the_other_bash_blocks_run_as_written",
+    "test_coverage.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[resnet18]",
+    "test_coverage.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[repvgg_a0]",
+    "test_coverage.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[densenet121]",
+    "test_coverage.py::test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest[convnext_atto]",
+    "test_spectral_norm.py::test_state_dict_of_another_input_size_loads_with_converged_vectors",
+    "test_conversion.py::test_reset_classifier_keeps_the_head_spectrally_normalised[lcnn_wide_resnet16_8]",
+    "test_lcnn_resnet.py::test_logit_scale_multiplies_logits_and_travels_with_the_weights[lcnn_resnet18]",
+    "test_lcnn_resnet.py::test_models_build_and_cfg[lcnn_wide_resnet16_8]",
+    "test_publishing.py::test_cli_push_writes_loadable_folder",
+    "test_checkpoint.py::test_a_second_run_in_a_locked_folder_fails_at_once_naming_the_holder",
+    "test_publishing.py::test_push_again_into_its_own_folder_with_normal_modes",
+    "test_training.py::test_extending_a_finished_run_rebuilds_the_schedule_and_other_changes_are_refused",
+    "test_data.py::test_concurrent_cold_cache_builds_do_not_collide",
+    "test_cli.py::test_user_errors_are_one_line_in_a_real_process",
+    "test_checkpoint.py::test_resume_regenerates_the_csv_and_cleans_only_its_own_temporaries",
+    "test_evaluation.py::test_eval_checks_classes_and_reads_the_input_size_from_the_weights",
     "test_evaluation.py::test_models_with_the_same_name_are_all_reported_and_a_second_eval_never_overwrites",
     "test_conversion.py::test_lcnnify_models[wide_resnet50_2]",
     "test_distributed.py::test_synced_lbn_matches_single_process",
@@ -102,7 +122,7 @@ SLOW_TESTS = (
     "test_conversion.py::test_lcnnify_models[resnet18d]",
     "test_conversion.py::test_fold_exports",
     "test_training.py::test_short_runs_all_regs[lcnn_gradreg-extra3]",
-    "test_zoo.py::test_timm_kwargs",
+    "test_lcnn_resnet.py::test_timm_kwargs",
     "test_fused.py::test_triton_path_is_routed_on_cpu_under_the_interpreter",
 )
 

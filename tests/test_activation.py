@@ -147,3 +147,10 @@ def test_fast_backward_matches_differentiable_backward(beta, learnable):
     slow = torch.autograd.grad(act(x), params, g, create_graph=True)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b.detach(), rtol=2e-5, atol=1e-7)
+
+
+def test_frozen_softplus_matches_the_training_activation():
+    for beta in (1e-3, 0.37, 5.0, 1e3):
+        x = torch.linspace(-50, 50, 20001) / beta ** 0.5
+        torch.testing.assert_close(FrozenCenteredSoftplus(beta)(x), CenteredSoftplus(beta)(x),
+                                   rtol=1e-6, atol=3e-7 * 0.7 / beta)

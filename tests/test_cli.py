@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import fails_with
 from PIL import Image
 
-from cli_helpers import fails_with
 from lcnn_zoo.cli import keep_freed_memory
 from lcnn_zoo.data import FMNIST_SYSTEM_DIR
 from lcnn_zoo.errors import MAX_MESSAGE, one_line
@@ -80,3 +80,10 @@ def test_messages_are_bounded(capsys):
     wrapped = ("Caught UserError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
                '  File "x.py", line 1, in f\nlcnn_zoo.errors.UserError: cannot read image /d/0.png: broken\n')
     assert one_line(wrapped) == "cannot read image /d/0.png: broken"
+
+
+def test_user_errors_are_one_line_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lcnn_zoo", "train", "--dataset", f"folder:{tmp_path / 'none'}",
+                           "--output", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("lcnn-zoo: error: image folder") and proc.stderr.count("\n") == 1

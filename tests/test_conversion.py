@@ -10,9 +10,36 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 from torch.autograd.functional import jacobian
 
-from lcnn_zoo import (CenteredSoftplus, FrozenCenteredSoftplus, LCNNConversionWarning, LCNNPenalty,
-                      LipschitzBatchNorm2d, LipschitzBatchNormAct2d, Scale, converge_spectral_norms, fold, lcnnify)
+import lcnn_zoo
+from lcnn_zoo import (
+    CenteredSoftplus,
+    FrozenCenteredSoftplus,
+    LCNNConversionWarning,
+    LCNNInputSizeWarning,
+    LCNNPenalty,
+    LipschitzBatchNorm2d,
+    LipschitzBatchNormAct2d,
+    Scale,
+    converge_spectral_norms,
+    fold,
+    lcnnify,
+    set_input_size,
+)
 from lcnn_zoo.conversion import ACTIVATION_TYPES, average_residual
+from lcnn_zoo.layers import spectral_norm_modules, spectral_norm_of
+
+
+def dense_norm(fn, x):
+    """Largest singular value of the Jacobian of ``fn`` at ``x`` (float64, dense)."""
+    j = jacobian(fn, x, vectorize=True).reshape(-1, x.numel())
+    return torch.linalg.matrix_norm(j, 2).item()
+
+
+def quiet_lcnnify(model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LCNNConversionWarning)
+        return lcnnify(model, **kw)
+
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnet18d", "wide_resnet50_2", "vgg11", "efficientnet_b0",
           "mobilenetv3_small_100", "torchvision_resnet18"]
@@ -253,3 +280,115 @@ def test_onnx_export_of_an_unfolded_lcnn_says_to_fold_it(tmp_path, dynamo):
     if dynamo:
         with pytest.raises(Exception, match="export lcnn_zoo.fold"):
             torch.export.export(model, (torch.rand(1, 1, 4, 4),))
+
+
+def test_lcnnify_refuses_a_model_with_lcnn_layers():
+    lcnn = timm.create_model("lcnn_resnet20.cifar10")
+    with pytest.raises(ValueError, match="already contains LCNN layers"):
+        lcnnify(nn.Sequential(lcnn, nn.Identity()), input_size=(3, 32, 32))
+    with pytest.raises(ValueError, match="already contains LCNN layers"):
+        lcnnify(lcnn)
+    # a fixed-β softplus net (the paper's "standard" model) converts: its β becomes learnable
+    std = lcnnify(timm.create_model("lcnn_resnet20_softplus.cifar10"))
+    assert all(isinstance(m.log_beta, nn.Parameter) for m in std.modules() if isinstance(m, CenteredSoftplus))
+
+
+def test_norms_are_converged_at_conversion():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+        nn.Conv2d(8, 6, (1, 3), padding=(0, 1), padding_mode="reflect"), nn.Flatten(), nn.Linear(6 * 5 * 5, 4),
+    ).double()
+    lcnnify(model, input_size=(3, 9, 9))
+    shapes = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, _m=m: shapes.setdefault(_m, a[0]))
+             for m, _ in spectral_norm_modules(model)]
+    model.eval()
+    model(torch.rand(1, 3, 9, 9, dtype=torch.float64))
+    for h in hooks:
+        h.remove()
+    for m, _ in spectral_norm_modules(model):
+        a = shapes[m]
+        linear = (lambda t, _m=m: nn.functional.linear(t, _m.weight)) if isinstance(m, nn.Linear) else \
+            (lambda t, _m=m: _m._conv_forward(t, _m.weight, None))
+        norm = dense_norm(linear, torch.zeros_like(a))
+        assert 1 - 1e-9 <= norm <= 1 + 1e-3, (m, norm)
+
+
+def test_other_input_size_warns_once_and_set_input_size_recomputes():
+    model = timm.create_model("lcnn_resnet20.cifar10", num_classes=3).double().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LCNNInputSizeWarning)
+        model(torch.rand(1, 3, 32, 32, dtype=torch.float64))  # the size it was built for: silent
+    with pytest.warns(LCNNInputSizeWarning, match="set_input_size"):
+        model(torch.rand(1, 3, 40, 40, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LCNNInputSizeWarning)
+        model(torch.rand(1, 3, 40, 40, dtype=torch.float64))  # once per model
+    set_input_size(model, (3, 12, 12))
+    conv = model.stages[1][0].conv1
+    x = torch.zeros(1, 16, 12, 12, dtype=torch.float64)
+    assert dense_norm(lambda t: conv._conv_forward(t, conv.weight, None), x) == pytest.approx(1.0, abs=1e-3)
+    assert model.lcnn_report.input_size == (3, 12, 12) and model.lcnn_report.ok
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LCNNInputSizeWarning)
+        model(torch.rand(1, 3, 12, 12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("entry", ["forward_features", "forward_intermediates"])
+def test_every_entry_point_warns_at_another_input_size(entry):
+    """forward_features (and other entry points than forward) reach the stem, not the root's hook
+    (issue 20, case 7: a true norm of 1.394 there without a word)."""
+    model = timm.create_model("lcnn_resnet20.cifar10", num_classes=3).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LCNNInputSizeWarning)
+        getattr(model, entry)(torch.rand(1, 3, 32, 32))
+    with pytest.warns(LCNNInputSizeWarning, match="set_input_size"):
+        getattr(model, entry)(torch.rand(1, 3, 20, 20))
+    with warnings.catch_warnings():  # once per model, whichever entry point
+        warnings.simplefilter("error", LCNNInputSizeWarning)
+        model(torch.rand(1, 3, 20, 20))
+    folded = fold(model)
+    assert not any(h.__name__ == "_stem_size_hook" for m in folded.modules() for h in m._forward_pre_hooks.values())
+
+
+@pytest.mark.parametrize("name", ["lcnn_resnet20.cifar10", "lcnn_resnet18", "lcnn_wide_resnet16_8", "timm_resnet18"])
+def test_reset_classifier_keeps_the_head_spectrally_normalised(name):
+    if name == "timm_resnet18":
+        model = quiet_lcnnify(timm.create_model("resnet18", num_classes=4), input_size=(3, 32, 32))
+    else:
+        model = timm.create_model(name)
+    model.reset_classifier(7)
+    head = model.get_classifier()
+    assert spectral_norm_of(head) is not None and head.out_features == 7
+    assert torch.linalg.matrix_norm(head.weight.detach(), 2).item() == pytest.approx(1.0, abs=1e-3)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
+    assert not any(c.__module__.startswith("lcnn_zoo.conversion") for c in type(model).__mro__)  # no generated class
+
+
+def test_lcnn_refuses_torchscript_with_one_clear_sentence():
+    with pytest.raises(RuntimeError, match="cannot be compiled with TorchScript.*fold"):
+        torch.jit.script(timm.create_model("lcnn_resnet20.cifar10"))
+    scripted = torch.jit.script(timm.create_model("lcnn_resnet20_softplus.cifar10").eval())  # the baselines script
+    assert scripted(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_an_lcnn_keeps_its_class_and_pickles_through_state_dict_or_folded():
+    """lcnnify gives the model no generated class: ``type(model)`` is the class built, so pickle finds it.
+    Its parametrized layers pickle only through state_dict (torch's own rule, and its one-line message);
+    the folded model pickles whole, and unpickles to the same function."""
+    import io
+    import pickle
+
+    from lcnn_zoo.models.lcnn_resnet import CifarResNet
+    model = timm.create_model("lcnn_resnet20", img_size=(12, 12)).eval()
+    assert type(model) is CifarResNet
+    with pytest.raises(RuntimeError, match="^Serialization of parametrized modules is only supported through state_dict"):
+        pickle.dumps(model)
+    folded = lcnn_zoo.fold(model)
+    buf = io.BytesIO()
+    torch.save(folded, buf)
+    again = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)  # our own bytes, just written
+    x = torch.rand(2, 1, 12, 12)
+    assert torch.equal(again(x), folded(x))

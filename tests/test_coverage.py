@@ -28,15 +28,53 @@ is above that, the report must say so. The adversarial modules:
 import warnings
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torch.autograd.functional import jacobian
 
-from lcnn_zoo import converge_spectral_norms, lcnnify
-from lcnn_zoo.conversion import LCNNConversionWarning, LCNNInputSizeWarning
-from lcnn_zoo.layers import LipschitzBatchNorm2d, spectral_norm_modules
+from lcnn_zoo import (LCNNConversionWarning, LCNNInputSizeWarning, LipschitzBatchNorm2d, LipschitzBatchNormAct2d,
+                      converge_spectral_norms, lcnnify)
+from lcnn_zoo.layers import spectral_norm_modules
 
+
+def quiet_lcnnify(model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LCNNConversionWarning)
+        return lcnnify(model, **kw)
+
+
+FAMILIES = {  # name: (what the report must name, or None for "everything covered")
+    "resnet18": None, "tv_resnet18": None, "resnet50": None,
+    "repvgg_a0": "add", "regnetx_002": "add", "resnext26ts": "add", "cspresnet50": "cat", "densenet121": "cat",
+    "dla34": "cat", "dpn48b": "add", "ghostnet_050": "mul", "hrnet_w18_small": "Upsample",
+    "convnext_atto": "layer_norm", "vit_tiny_patch16_224": "scaled_dot_product_attention",
+    "efficientnet_b0": "mul", "mobilenetv3_small_050": "Hardsigmoid",
+}
+SIZES = {"hrnet_w18_small": 32, "dla34": 32, "cspresnet50": 32, "dpn48b": 32, "convnext_atto": 32,
+         "densenet121": 32}  # others: 16×16
+MAX_JACOBIAN = 400_000  # dense Jacobians up to this many entries
+
+
+def build_family(name):
+    if name.startswith("tv_"):
+        return getattr(torchvision.models, name[3:])(num_classes=4)
+    return timm.create_model(name, num_classes=4, **({"img_size": 16} if name.startswith("vit") else {}))
+
+
+def _covered_modules(model, report):
+    flagged = [n for n, _, _ in report.unconverted] + [n for n, _ in report.gains]
+    for name, m in model.named_modules():
+        if not name or not list(m.children()) or isinstance(m, LipschitzBatchNormAct2d):
+            continue
+        if any(f == name or f.startswith(name + ".") for f in flagged):
+            continue
+        yield name, m
+
+
+DEFAULT_FAMILIES = {"resnet18", "repvgg_a0", "densenet121", "convnext_atto", "vit_tiny_patch16_224"}  # the rest: slow
 SIZE = (3, 6, 6)
 
 
@@ -195,6 +233,14 @@ def _bound(model):
     return 1.0001 ** n_bn * (1 + 5e-7) ** n_sn * gains * (1 + 1e-6)
 
 
+def _module_bound(module):
+    """Π γ over the module's BNs (γ = 1.0001), with each spectral norm's 5e-7 convergence slack (no
+    declared gains: for the maps the report calls covered)."""
+    n_bn = sum(isinstance(b, LipschitzBatchNorm2d) for b in module.modules())
+    n_sn = sum(1 for _ in spectral_norm_modules(module))
+    return 1.0001 ** n_bn * (1 + 5e-7) ** n_sn * (1 + 1e-9)
+
+
 def _true_norm(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LCNNInputSizeWarning)
@@ -241,3 +287,100 @@ def test_the_cases_are_not_vacuous():
         assert _true_norm(model) > 1.01, name
     model = _convert(DivBuffer())
     assert model.lcnn_report.gains and model.lcnn_report.gains[0][1] == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT_FAMILIES else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(FAMILIES)])
+def test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest(name):
+    """Whatever the report calls covered is within its bound: the dense Jacobian of every module
+    without a finding inside it (γ = 1.0001, converged norms) is at most Π γ. Families with
+    uncovered operations name them; strict=True raises for them."""
+    torch.manual_seed(0)
+    size = (3, SIZES.get(name, 16), SIZES.get(name, 16))
+    model = build_family(name).double()
+    quiet_lcnnify(model, input_size=size, gamma_init=1.0001)
+    report = model.lcnn_report
+    expected = FAMILIES[name]
+    assert report.analysis == "graph"
+    if expected is None:
+        assert report.ok, str(report)
+    else:
+        assert not report.ok and any(op == expected for _, op, _ in report.unconverted), str(report)
+        with pytest.raises(ValueError, match="not covered"):
+            quiet_lcnnify(build_family(name), input_size=size, strict=True)
+    converge_spectral_norms(model, 400, tol=1e-6)  # σ within 5e-7 of the true norm
+    model.eval()
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, _n=n: inputs.setdefault(_n, a))
+             for n, m in _covered_modules(model, report)]
+    x = torch.rand(1, *size, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    checked = 0
+    for mod_name, m in _covered_modules(model, report):
+        args = inputs.get(mod_name)
+        if not args or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            continue
+        a = args[0]
+        with torch.no_grad():
+            out_numel = m(a).numel()
+        if a.numel() * out_numel > MAX_JACOBIAN:
+            continue
+        bound = _module_bound(m)
+        for point in (a, a + 0.1 * torch.randn_like(a)):
+            assert dense_norm(m, point) <= bound, mod_name
+        checked += 1
+    if report.ok:
+        with torch.no_grad():
+            small = model(x).numel() * x.numel() <= MAX_JACOBIAN
+        if small:
+            assert dense_norm(model, x) <= _module_bound(model)
+    assert checked > 0
+
+
+def test_dense_check_can_fail_where_the_report_flags():
+    """The check above is not vacuous: the linear part of a RepVGG block the report flags (the sum of
+    its 3×3 and 1×1 branches, activation removed) has a Jacobian norm well above its Π γ."""
+    torch.manual_seed(0)
+    model = build_family("repvgg_a0").double()
+    quiet_lcnnify(model, input_size=(3, 16, 16), gamma_init=1.0001)
+    converge_spectral_norms(model, 400, tol=1e-6)
+    model.eval()
+    block = model.stages[3][0]
+    assert any(n == "stages.3.0" and op == "add" for n, op, _ in model.lcnn_report.unconverted)
+    block.act = nn.Identity()
+    for bn in block.modules():  # BNs at their Lipschitz cap, so the branches' bounds are reached
+        if isinstance(bn, LipschitzBatchNorm2d):
+            with torch.no_grad():
+                bn.weight.fill_(1.0)
+                bn.running_var.fill_(1.0 - bn.eps)
+    seen = {}
+    h = block.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(torch.rand(1, 3, 16, 16, dtype=torch.float64))
+    h.remove()
+    assert dense_norm(block, seen["x"]) > 1.05 * _module_bound(block)
+
+
+def test_report_of_logit_scale_is_a_declared_gain():
+    model = timm.create_model("lcnn_resnet20.cifar10", logit_scale=4)
+    assert model.lcnn_report.ok and model.lcnn_report.gains == [("logit_scale", 4.0)]
+    assert "fixed gain ×4" in str(model.lcnn_report)
+
+
+def test_untraceable_model_falls_back_and_says_so():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                return self.conv(x)
+            return self.conv(x) * 2
+
+    with pytest.warns(LCNNConversionWarning, match="could not trace"):
+        model = lcnnify(Dynamic(), input_size=(3, 8, 8))
+    assert model.lcnn_report.analysis == "modules" and not model.lcnn_report.ok

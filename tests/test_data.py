@@ -1,18 +1,45 @@
 """lcnn_zoo.data: no dataset file is ever unpickled unless torchvision has checked it against the
 official checksums; images keep their bit depth; damaged or missing data is one clear line."""
 import gzip
+import os
 import pickle
 import shutil
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_helpers import fails_with
 from PIL import Image
 
-from cli_helpers import fails_with
 from lcnn_zoo.data import FMNIST_SYSTEM_DIR, build_dataset, read_image
 from lcnn_zoo.errors import UserError
+
+
+def _write_idx(folder: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, count in (("train", n), ("t10k", n // 2)):
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, count, dtype=np.uint8)
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, count, 28, 28) + images.tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, count) + labels.tobytes())
+
+
+def _image_folder(root: Path, classes, splits=("train", "val"), size=(20, 20), per_class=4):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes[split] if isinstance(classes, dict) else classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray((rng.random(size) * 255).astype(np.uint8), mode="L").save(d / f"{i}.png")
+
 
 REPO = Path(__file__).resolve().parents[1]
 needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -147,3 +174,46 @@ def test_folder_links_that_loop_or_cross_classes_are_refused(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "elsewhere" / "1.png")
     os.symlink(tmp_path / "elsewhere", link)  # a link to images outside the dataset is fine
     assert len(build_dataset(f"folder:{tmp_path / 'f'}", train=True)) == 3
+
+
+def test_fmnist_cache_follows_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCNN_ZOO_CACHE", str(tmp_path / "cache"))
+    _write_idx(tmp_path / "a", 40, 0)
+    _write_idx(tmp_path / "b", 60, 1)
+    assert len(build_dataset("fmnist", train=True, data_dir=str(tmp_path / "a"))) == 40
+    assert len(build_dataset("fmnist", train=True, data_dir=str(tmp_path / "b"))) == 60
+    assert len(build_dataset("fmnist", train=True, data_dir=str(tmp_path / "a"))) == 40
+
+
+def test_concurrent_cold_cache_builds_do_not_collide(tmp_path):
+    _write_idx(tmp_path / "src", 2000, 0)
+    code = ("import sys; from lcnn_zoo.data import build_dataset; "
+            f"assert len(build_dataset('fmnist', train=True, data_dir={str(tmp_path / 'src')!r})) == 2000")
+    env = {**os.environ, "LCNN_ZOO_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+
+
+def test_image_folder_labels_come_from_the_training_split(tmp_path):
+    _image_folder(tmp_path / "d", {"train": ["cat", "dog", "emu"], "val": ["dog", "emu"]})
+    tr = build_dataset(f"folder:{tmp_path / 'd'}", train=True, channels=1)
+    va = build_dataset(f"folder:{tmp_path / 'd'}", train=False, channels=1, classes=tr.classes)
+    assert tr.classes == va.classes == ["cat", "dog", "emu"]
+    assert sorted({y for _, y in va}) == [1, 2]  # dog and emu keep their training labels
+
+
+def test_image_folder_errors_name_the_problem(tmp_path, capsys):
+    _image_folder(tmp_path / "nosplit", ["a", "b"], splits=("train",))
+    fails_with(capsys, ["train", "--dataset", f"folder:{tmp_path / 'nosplit'}", "--epochs", "1", "--output",
+                        str(tmp_path / "runs")], "no val/", "--eval-on-train")
+    _image_folder(tmp_path / "mixed", ["a", "b"], size=(20, 20))
+    Image.fromarray(np.zeros((30, 24), np.uint8), mode="L").save(tmp_path / "mixed" / "train" / "a" / "big.png")
+    ds = build_dataset(f"folder:{tmp_path / 'mixed'}", train=True, channels=1)
+    with pytest.raises(UserError, match="--input-size"):
+        [ds[i] for i in range(len(ds))]
+    bad = tmp_path / "mixed" / "val" / "a" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    ds = build_dataset(f"folder:{tmp_path / 'mixed'}", train=False, channels=1, image_size=(20, 20))
+    with pytest.raises(UserError, match=str(bad)):
+        [ds[i] for i in range(len(ds))]

@@ -1,14 +1,27 @@
-"""Synchronised γ-Lipschitz BatchNorm: 2 gloo processes with half batches each must match one process
-with the whole batch (outputs, input gradients, parameter gradients, running statistics)."""
+"""Distributed training: synchronised γ-Lipschitz BatchNorm (2 gloo processes with half batches each
+match one process with the whole batch: outputs, input gradients, parameter gradients, running
+statistics), and a stopped rank makes the other fail within the collective timeout."""
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lcnn_zoo import LipschitzBatchNorm2d
+from lcnn_zoo.data import FMNIST_SYSTEM_DIR
 from lcnn_zoo.layers import sync_batchnorm
+
+REPO = Path(__file__).resolve().parents[1]
+needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+FAST = ["--dataset", "fmnist", "--train-subset", "128", "--test-subset", "128", "--batch-size", "64", "--lr", "0.05",
+        "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3", "--model", "lcnn_resnet20", "--reg", "lcnn"]
 
 
 def make():
@@ -49,3 +62,32 @@ def test_synced_lbn_matches_single_process():
     torch.testing.assert_close(torch.cat([p["x_grad"] for p in parts]), x.grad)
     torch.testing.assert_close(parts[0]["w_grad"] + parts[1]["w_grad"], bn.weight.grad)  # DDP would sum/average
     torch.testing.assert_close(parts[0]["rv"], bn.running_var)
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_a_stopped_rank_makes_the_other_fail_within_the_timeout(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
+           "lcnn_zoo", "train"] + FAST + ["--epochs", "50", "--threads", "1", "--output", str(tmp_path),
+                                        "--experiment", "stop", "--dist-timeout", "20"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 240
+    victim = None
+    while victim is None and time.time() < deadline:  # the rank-1 worker, once training started
+        time.sleep(1)
+        out = subprocess.run(["pgrep", "-f", "-n", "lcnn_zoo train.*--experiment stop"], capture_output=True, text=True)
+        ckpt_started = (tmp_path / "stop" / "args.json").exists()
+        if out.stdout.strip() and ckpt_started:
+            victim = int(out.stdout.split()[0])
+    assert victim is not None
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        t = time.time()
+        proc.wait(timeout=240)
+        assert proc.returncode != 0 and time.time() - t < 200
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the stopped rank, if the launcher left it
+        except ProcessLookupError:
+            pass

@@ -1,15 +1,19 @@
 """lcnn_zoo.evaluation and ``lcnn-zoo eval``: what is measured is what was named (no silent random
 init, one entry per model), and the output folder is checked first and never overwritten."""
 import json
+import shutil
+import time
 
 import pytest
 import timm
 import torch
-
 from cli_helpers import fails_with, files_under
+from model_helpers import checkpoint
+
+from lcnn_zoo import hub
 from lcnn_zoo.cli import main
-from lcnn_zoo.options import train_config
 from lcnn_zoo.data import FMNIST_SYSTEM_DIR
+from lcnn_zoo.options import train_config
 from lcnn_zoo.training import train
 
 needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -84,3 +88,24 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
                "is a file but not a checkpoint")
     fails_with(capsys, ["eval", "some/where", "--output", str(tmp_path / "ev")] + SMALL,
                "is neither a model name nor a checkpoint")
+
+
+def test_eval_mistakes_fail_before_measuring(tmp_path, capsys):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    fails_with(capsys, ["eval", str(plain)], "not a run folder", "local-dir:")
+    fails_with(capsys, ["eval", "lcnn_resnet20.fmnist", "--eps", "-0.1"], "--eps")
+    fails_with(capsys, ["eval", "lcnn_resnet20.fmnist", "--pgd-samples", "0"], "--pgd-samples must be >= 1")
+
+
+@needs_fmnist
+def test_eval_checks_classes_and_reads_the_input_size_from_the_weights(tmp_path, capsys):
+    three = checkpoint(tmp_path, "lcnn_resnet20.fmnist", num_classes=3)
+    t = time.time()
+    fails_with(capsys, ["eval", str(three), "--arch", "lcnn_resnet20", "--dataset", "fmnist"], "3 classes", "has 10")
+    assert time.time() - t < 30
+    ten = tmp_path / "ten.safetensors"
+    shutil.copy(hub.WEIGHTS_DIR / "lcnn_resnet20.fmnist.safetensors", ten)
+    assert main(["eval", str(ten), "--arch", "lcnn_resnet20", "--limit", "100", "--geom-samples", "4",
+                 "--pgd-samples", "4", "--noise-samples", "2", "--hvp-iters", "2", "--pgd-steps", "1",
+                 "--output", str(tmp_path / "e"), "--no-progress"]) == 0

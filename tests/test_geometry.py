@@ -1,11 +1,19 @@
 """Curvature measurements against dense input Hessians (float64), gradient robustness, discrepancy."""
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.functional import hessian
 
-from lcnn_zoo import CurvatureStats, curvature_stats, gradient_robustness, lcnnify, relative_discrepancy
+import lcnn_zoo
+from lcnn_zoo import (
+    CurvatureStats,
+    curvature_stats,
+    gradient_robustness,
+    lcnnify,
+    relative_discrepancy,
+)
 
 
 def mlp():
@@ -91,3 +99,11 @@ def test_relative_discrepancy():
     assert relative_discrepancy(train, test) == {"grad_norm": 0.5, "hessian_norm": 0.0, "curvature": 0.25}
     summary = test.summary()
     assert summary["grad_norm_mean"] == 2.0 and summary["curvature_std"] == 0.0
+
+
+def test_curvature_of_a_nan_sample_is_nan_alone():
+    model = timm.create_model("lcnn_resnet20.cifar10", num_classes=3)
+    x = torch.rand(3, 3, 32, 32)
+    x[1, 0, 0, 0] = float("nan")
+    stats = lcnn_zoo.curvature_stats(model, x, torch.tensor([0, 1, 2]), n_iter=4)
+    assert torch.isnan(stats.curvature[1]) and torch.isfinite(stats.curvature[[0, 2]]).all()

@@ -11,13 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
+import torch
+from cli_helpers import fails_with, files_under
+from hf_cache import populate, publish, remove, unpublish
+from model_helpers import checkpoint, same_outputs, trained
 from PIL import Image
 from safetensors.torch import save_file
 
-from cli_helpers import fails_with, files_under
 from lcnn_zoo import hub
 from lcnn_zoo.cli import main
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR
+from lcnn_zoo.data import FMNIST_SYSTEM_DIR, build_dataset
+from lcnn_zoo.errors import UserError
+from lcnn_zoo.hub import hub_id
+from lcnn_zoo.publishing import save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -165,8 +171,6 @@ def test_a_run_is_bundled_against_its_own_classes(tmp_path, weights, capsys):
     entry = json.loads((weights / "manifest.json").read_text())["lcnn_resnet20.fmnist_shoes"]
     assert entry["dataset"] == f"folder:{root}" and entry["num_classes"] == 3
     from lcnn_zoo.evaluation import load_model
-    from lcnn_zoo.data import build_dataset
-    import torch
 
     _, model = load_model(str(run))
     ds = build_dataset(f"folder:{root}", train=False, channels=1, image_size=(28, 28))
@@ -227,3 +231,157 @@ def test_ema_weights_come_only_from_a_checkpoint_that_has_them(tmp_path, capsys)
     fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(tmp_path / "o"),
                         "--ema"], "EMA weights are in a training checkpoint")
     assert files_under(tmp_path / "o") == []
+
+
+def test_push_refuses_foreign_folders_and_keeps_their_files(tmp_path, capsys, monkeypatch):
+    ckpt = checkpoint(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("last.pth", "args.json", "summary.csv"):
+        (run / name).write_text("mine")
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(run)],
+               "is not empty", "--overwrite")
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "last.pth", "summary.csv"]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(a_file)], "is a file")
+    assert a_file.read_text() == "mine"
+    monkeypatch.chdir(run)
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", "."], "is not empty")
+    shipped = {p.name: p.read_bytes() for p in hub.WEIGHTS_DIR.iterdir()}
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(hub.WEIGHTS_DIR)],
+               "is not empty")
+    assert {p.name: p.read_bytes() for p in hub.WEIGHTS_DIR.iterdir()} == shipped
+    # --overwrite replaces only push's three files
+    assert main(["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(run), "--overwrite"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["README.md", "args.json", "config.json", "last.pth",
+                                                     "model.safetensors", "summary.csv"]
+    assert (run / "last.pth").read_text() == "mine"
+
+
+def test_push_again_into_its_own_folder_with_normal_modes(tmp_path):
+    ckpt = checkpoint(tmp_path)
+    out = tmp_path / "hub" / "lcnn_resnet20.cifar10"
+    old = os.umask(0o022)
+    try:
+        for _ in range(2):  # a previous push of the same model is replaced in place
+            assert main(["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
+    other = checkpoint(tmp_path, "lcnn_resnet56.cifar10")
+    assert main(["push", str(other), "--model", "lcnn_resnet56.cifar10", "--output-dir", str(out)]) == 2
+
+
+@needs_fmnist
+def test_bundle_replaces_a_shipped_tag_only_when_asked(tmp_path, capsys, weights):
+    ckpt = checkpoint(tmp_path, "lcnn_resnet20.fmnist")  # an untrained model: ~10 %
+    before = {p.name: p.read_bytes() for p in weights.iterdir()}
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.fmnist", "--output-dir", str(tmp_path / "o"),
+                        "--bundle"], "already shipped", "--replace-shipped")
+    assert {p.name: p.read_bytes() for p in weights.iterdir()} == before
+    assert main(["push", str(ckpt), "--model", "lcnn_resnet20.fmnist", "--output-dir", str(tmp_path / "o"),
+                 "--bundle", "--replace-shipped"]) == 0
+    out = capsys.readouterr().out
+    assert "replacing the shipped lcnn_resnet20.fmnist: accuracy on the first 1000 test images 91.1% →" in out
+    manifest = json.loads((weights / "manifest.json").read_text())
+    assert manifest["lcnn_resnet20.fmnist"]["accuracy_first1000"] < 30
+
+
+def test_bundle_failing_half_way_writes_nothing(tmp_path, capsys, weights, monkeypatch):
+    import lcnn_zoo.publishing as pub
+
+    def broken(*a, **k):
+        raise UserError("Fashion-MNIST not found")
+    monkeypatch.setattr(pub, "build_dataset", broken)
+    before = {p.name: p.read_bytes() for p in weights.iterdir()}
+    ckpt = checkpoint(tmp_path, "lcnn_resnet20.fmnist")
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.fmnist_new", "--output-dir", str(tmp_path / "o"),
+                        "--bundle"], "not found")
+    assert {p.name: p.read_bytes() for p in weights.iterdir()} == before
+
+
+def test_folder_layout(published):
+    _, folder, _ = published
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = timm.create_model("lcnn_resnet20.cifar10")
+    out = save_pretrained(model, tmp_path / "repo", model_card="v1")
+    import lcnn_zoo.publishing as pub
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(pub, "save_for_hf", boom)
+    with pytest.raises(OSError):
+        save_pretrained(model, out, model_card="v2")
+    assert (out / "README.md").read_text() == "v1"  # the old folder is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no temp leftovers
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_cli_push_writes_loadable_folder(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import save_file
+
+    from lcnn_zoo.cli import main
+
+    model = trained(num_classes=100)
+    ckpt = tmp_path / "ckpt.safetensors"
+    save_file(model.state_dict(), str(ckpt))
+    # A whole eval.json of several models, as `lcnn-zoo eval` writes it: the card takes this model's entry.
+    metrics = tmp_path / "eval.json"
+    mine = {"accuracy": 91.25, "test_samples": 1000, "curvature_mean": 3.5, "curvature_std": 0.5,
+            "pgd_l2": {"0.1": 80.0}, "pgd_steps": 10, "pgd_samples": 200}
+    other = {"accuracy": 12.5, "curvature_mean": 99.0}
+    metrics.write_text(json.dumps({"command": "lcnn-zoo eval ...",
+                                   "results": {"other": other, "lcnn_resnet20.cifar100": mine}}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: lcnn_resnet20\nepochs: 3\n")
+    out = tmp_path / "lcnn_resnet20.cifar100"
+    assert main(["push", str(ckpt), "--model", "lcnn_resnet20.cifar100", "--output-dir", str(out),
+                 "--metrics", str(metrics), "--eval-command", "lcnn-zoo eval ...", "--recipe", str(recipe)]) == 0
+    card = (out / "README.md").read_text()
+    assert "# lcnn_resnet20.cifar100" in card and "| clean accuracy (%), 1000 test images | 91.25 |" in card
+    assert "| E normalised curvature C(x) | 3.5 ± 0.5 |" in card and "12.5" not in card and "99" not in card
+    assert "| accuracy (%) under ℓ2-PGD, ε=0.1 (10 steps, 200 test images) | 80 |" in card
+    assert "```yaml\nmodel: lcnn_resnet20\nepochs: 3\n```" in card
+    assert "${" not in card and "CIFAR-100" in card
+    # Several models and none of them this one: refused, naming what is there.
+    metrics.write_text(json.dumps({"results": {"a": other, "b": other}}))
+    assert main(["push", str(ckpt), "--model", "lcnn_resnet20.cifar100", "--output-dir", str(tmp_path / "x"),
+                 "--metrics", str(metrics)]) == 2
+    assert "several models" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    same_outputs(model, timm.create_model(f"local-dir:{out}", pretrained=True))
+    repo = hub_id("lcnn_resnet20", "cifar100")
+    populate(repo, out)
+    publish("lcnn_resnet20.cifar100", repo)
+    try:
+        same_outputs(model, timm.create_model("lcnn_resnet20.cifar100", pretrained=True))
+    finally:
+        unpublish("lcnn_resnet20.cifar100")
+        remove(repo)
+
+
+def test_cli_push_errors(tmp_path, capsys):
+    from lcnn_zoo.checkpoint import load_state_dict as load_checkpoint_state_dict
+    from lcnn_zoo.cli import main
+
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint_state_dict(tmp_path / "nope.pth")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 10)
+    with pytest.raises(UserError, match="safetensors"):
+        load_checkpoint_state_dict(bad)
+    pickled = tmp_path / "evil.pth"
+    import argparse
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=0.1)}, pickled)
+    with pytest.raises(UserError, match="weights_only"):
+        load_checkpoint_state_dict(pickled)
+    assert main(["push", str(bad), "--model", "lcnn_resnet20"]) == 2
+    assert "architecture" in capsys.readouterr().err

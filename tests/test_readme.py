@@ -1,30 +1,90 @@
-"""The README's code runs as written: the "Three ways in" block and the 10-line example."""
+"""The README's code blocks run as written: every ``python`` block, and every command of every
+``bash`` block — those that install or run the test suite are the commands CI itself runs
+(``.ci/run``), the quickstart is run whole by ``tests/test_quickstart.py``, and the others run here,
+in a fresh folder."""
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from lcnn_zoo.data import FMNIST_SYSTEM_DIR
+
 REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text(encoding="utf-8")
+BLOCKS = re.findall(r"^```(\w*)\n(.*?)^```", README, re.S | re.M)
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-def _block(heading: str) -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split(heading, 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def _commands(code: str):
+    """The commands of a bash block: its lines without comments, split at ``&&``."""
+    for line in code.splitlines():
+        line = line.split(" #")[0].strip()
+        if line and not line.startswith("#"):
+            yield from (part.strip() for part in line.split("&&"))
 
 
-def test_three_ways_in_runs_as_written():
-    code = _block("## Three ways in")
-    assert "lcnn_resnet20.fmnist" in code and "torch.hub.load" in code and "lcnnify" in code
+def _run_by_ci(command: str) -> bool:
+    """Whether ``.ci/run`` runs ``command`` (``pip`` / ``python`` there are ``python3 -m pip`` / ``python3``)."""
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    words = [".[dev]" if w == "." else w for w in shlex.split(command)]
+    if words[0] == "pip":
+        words = ["python3", "-m", "pip"] + words[1:]
+    elif words[0] == "python":
+        words = ["python3"] + words[1:]
+    def split(line):
+        try:  # the package with its dev extras is the package installed
+            return [".[dev]" if w == "." else w for w in shlex.split(line)]
+        except ValueError:  # a line of shell shlex does not parse (escapes, open quotes): not a command of ours
+            return []
+    return any(all(w in split(line) for w in words) for line in ci.splitlines()
+               if line.strip() and not line.lstrip().startswith("#"))
+
+
+def test_every_block_is_python_bash_or_the_citation():
+    assert BLOCKS, "no code blocks found"
+    assert {lang for lang, _ in BLOCKS} <= {"python", "bash", "bibtex"}, [lang for lang, _ in BLOCKS]
+    assert sum(lang == "python" for lang, _ in BLOCKS) >= 2 and sum(lang == "bash" for lang, _ in BLOCKS) >= 2
+
+
+@pytest.mark.parametrize("index", [i for i, (lang, _) in enumerate(BLOCKS) if lang == "python"])
+def test_python_blocks_run_as_written(index):
+    code = BLOCKS[index][1]
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "every operation is covered" in proc.stdout
+    if "lcnn_report" in code:
+        assert "every operation is covered" in proc.stdout, proc.stdout[-2000:]
 
 
-def test_ten_line_example_runs():
-    proc = subprocess.run([sys.executable, "examples/lcnnify_resnet.py"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "every operation is covered" in proc.stdout
+def test_install_and_test_commands_are_the_ones_ci_runs():
+    """The first bash block: what CI does on a clean clone (install, the test suite); the quickstart is
+    the slow test_quickstart.py, run whole in CI's slow step."""
+    first = [c for c in _commands(BLOCKS[[lang for lang, _ in BLOCKS].index("bash")][1])]
+    assert "lcnn-zoo quickstart" in first and "python -m pytest -q" in first
+    for command in first:
+        if command == "lcnn-zoo quickstart":
+            assert '"quickstart"' in (REPO / "tests" / "test_quickstart.py").read_text(encoding="utf-8")
+        else:
+            assert _run_by_ci(command), command
+
+
+@pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_the_other_bash_blocks_run_as_written(tmp_path):
+    """Every later bash block, each command in turn, in an empty folder (the commands write runs/…)."""
+    exe = shutil.which("lcnn-zoo")
+    blocks = [code for lang, code in BLOCKS if lang == "bash"][1:]
+    assert blocks
+    for code in blocks:
+        for command in _commands(code):
+            words = shlex.split(command)
+            if words[0] == "lcnn-zoo":  # the console script, or the same module where it is not installed
+                words = [exe] + words[1:] if exe else [sys.executable, "-m", "lcnn_zoo"] + words[1:]
+            proc = subprocess.run(words, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=ENV)
+            assert proc.returncode == 0, (command, proc.stderr[-3000:])
+    assert (tmp_path / "runs" / "first" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "first-eval" / "eval.json").is_file()

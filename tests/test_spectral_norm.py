@@ -1,11 +1,29 @@
 """Spectral normalisation on the true operator, checked by SVD of the dense (unrolled) Jacobian."""
+import copy
+import warnings
+
 import pytest
+import timm
 import torch
 from timm.layers import Conv2dSame
 from torch import nn
 from torch.autograd.functional import jacobian
 
-from lcnn_zoo import SpectralNorm, converge_spectral_norms, frozen_state, spectral_norm
+from lcnn_zoo import (
+    SpectralNorm,
+    converge_spectral_norms,
+    fold,
+    frozen_state,
+    lcnnify,
+    spectral_norm,
+)
+from lcnn_zoo.layers import spectral_norm_modules
+
+
+def dense_norm(fn, x):
+    """Largest singular value of the Jacobian of ``fn`` at ``x`` (float64, dense)."""
+    j = jacobian(fn, x, vectorize=True).reshape(-1, x.numel())
+    return torch.linalg.matrix_norm(j, 2).item()
 
 
 def operator_norm(module, shape):
@@ -222,9 +240,7 @@ def test_errors():
 def test_sigma_is_computed_in_full_precision_under_autocast():
     """Under bf16 autocast the power iteration's convolutions would run in bf16 (a normalised norm
     of 1.003, issue 20): the normalised weight is the same as without autocast."""
-    from lcnn_zoo import lcnnify
     from lcnn_zoo.conversion import LCNNConversionWarning
-    import warnings
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
@@ -249,13 +265,10 @@ def test_an_averaged_copy_is_within_its_bound_at_its_first_eval_forward():
     re-converges them, so every layer is within the stated 1e-3 (true norms from a 300-product Lanczos
     run per layer) with no call to converge_spectral_norms, and fold has nothing to warn about. A write
     through ``.data`` is not seen (documented): converge_spectral_norms is needed then."""
-    import copy
-    import warnings
 
     import timm
     from timm.utils import ModelEmaV3
 
-    from lcnn_zoo import fold
     from lcnn_zoo.folding import stale_spectral_norms
     from lcnn_zoo.layers import spectral_norm_modules
 
@@ -381,3 +394,15 @@ def test_a_stem_whose_channels_are_not_replicated_gets_no_gain():
         dst.load_state_dict(state)
     assert "weight_gain" not in dst.state_dict()
     assert operator_norm(dst.eval(), (3, 5, 5)) == pytest.approx(1.0, rel=2e-3)
+
+
+def test_state_dict_of_another_input_size_loads_with_converged_vectors():
+    src = timm.create_model("lcnn_resnet20.cifar10", pretrained_cfg_overlay=dict(input_size=(3, 24, 24)))
+    dst = timm.create_model("lcnn_resnet20.cifar10")
+    with pytest.warns(UserWarning, match="recomputed from the loaded weight"):
+        dst.load_state_dict(src.state_dict())
+    for m, sn in spectral_norm_modules(dst):
+        assert sn.last_residual <= 1e-3
+    conv = dst.stages[2][0].conv2
+    x = torch.zeros(1, 64, 8, 8)
+    assert dense_norm(lambda t: conv._conv_forward(t, conv.weight, None), x) == pytest.approx(1.0, abs=2e-3)

@@ -12,14 +12,22 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR, BatchAugment, DataNotFoundError, build_dataset
-from lcnn_zoo.checkpoint import RunFolder
-from lcnn_zoo.options import train_config as parse_args
-from lcnn_zoo.errors import UserError
 import lcnn_zoo
 from lcnn_zoo import training
+from lcnn_zoo.checkpoint import RunFolder
+from lcnn_zoo.cli import main
+from lcnn_zoo.data import (
+    FMNIST_SYSTEM_DIR,
+    BatchAugment,
+    DataNotFoundError,
+    build_dataset,
+)
+from lcnn_zoo.errors import UserError
+from lcnn_zoo.options import train_config
+from lcnn_zoo.options import train_config as parse_args
 from lcnn_zoo.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,25 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_checkpoint(path):
     return RunFolder(Path(path).parent).load_checkpoint(path)
+
+
 needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 FAST = ["--dataset", "fmnist", "--train-subset", "256", "--test-subset", "256", "--batch-size", "64",
         "--lr", "0.05", "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3"]
-
-
-def test_config_and_cli_override(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: lcnn_resnet56\nepochs: 7\nlambda-grad: 0.5\ndecay_milestones: [3, 5]\n")
-    args = parse_args(["--config", str(cfg), "--epochs", "9"])
-    assert args.model == "lcnn_resnet56" and args.epochs == 9 and args.lambda_grad == 0.5
-    assert args.decay_milestones == [3, 5]
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("modle: x\n")
-    with pytest.raises(UserError):
-        parse_args(["--config", str(bad)])
-    with pytest.raises(UserError):
-        parse_args(["--config", str(tmp_path / "missing.yaml")])
-    with pytest.raises(UserError):
-        parse_args(["--lambda-beta", "-1"])
 
 
 def test_model_kwargs_reach_the_model_and_the_evaluation(tmp_path):
@@ -66,30 +60,9 @@ def test_model_kwargs_reach_the_model_and_the_evaluation(tmp_path):
             parse_args(bad)
 
 
-def test_initial_checkpoint_keeps_an_explicit_logit_scale(tmp_path):
-    import timm
-    from safetensors.torch import save_file
-
-    from lcnn_zoo.factory import load_initial as _load_initial
-
-    save_file(timm.create_model("lcnn_resnet20", logit_scale=2.0).state_dict(), tmp_path / "w.safetensors")
-    kept = timm.create_model("lcnn_resnet20", logit_scale=5.0)
-    _load_initial(kept, str(tmp_path / "w.safetensors"), keep=("logit_scale",))
-    assert kept.logit_scale.item() == 5.0
-    loaded = timm.create_model("lcnn_resnet20", logit_scale=5.0)
-    _load_initial(loaded, str(tmp_path / "w.safetensors"))
-    assert loaded.logit_scale.item() == 2.0
-
-
 def _write(path, text):
     path.write_text(text)
     return path
-
-
-def test_shipped_configs_parse():
-    for cfg in sorted((REPO / "configs").glob("*.yaml")):
-        args = parse_args(["--config", str(cfg)])
-        assert args.epochs > 0, cfg
 
 
 def test_batch_augment_is_a_random_shift_and_flip():
@@ -280,7 +253,6 @@ def test_amp_bf16_and_fp16_gradscaler(tmp_path):
 
 @needs_fmnist
 def test_eval_outputs(tmp_path):
-    from lcnn_zoo.cli import main
 
     train(parse_args(FAST + ["--model", "lcnn_resnet20", "--reg", "lcnn", "--epochs", "1", "--output", str(tmp_path),
                              "--experiment", "m"]))
@@ -300,7 +272,6 @@ def test_eval_outputs(tmp_path):
 
 
 def test_cli_dispatches_train_options(capsys):
-    from lcnn_zoo.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
@@ -310,7 +281,6 @@ def test_cli_dispatches_train_options(capsys):
 @needs_fmnist
 def test_finetune_on_image_folder(tmp_path):
     """Fine-tune a trained 10-class run on a new 3-class image folder (ImageFolder layout)."""
-    from PIL import Image
 
     base = train(parse_args(FAST + ["--model", "lcnn_resnet20", "--reg", "lcnn", "--epochs", "1",
                                     "--output", str(tmp_path), "--experiment", "base"]))
@@ -344,3 +314,26 @@ def test_a_run_ends_with_its_norms_converged(tmp_path):
                                        "--output", str(tmp_path), "--experiment", "hot"]))
     _, model = load_model(summary["run_dir"])
     assert stale_spectral_norms(model) == []
+
+
+@needs_fmnist
+def test_extending_a_finished_run_rebuilds_the_schedule_and_other_changes_are_refused(tmp_path, capsys):
+    common = FAST + ["--train-subset", "128", "--test-subset", "128", "--model", "lcnn_resnet20", "--reg", "lcnn",
+                     "--output", str(tmp_path), "--experiment", "ext"]
+    train(train_config(common + ["--epochs", "1"]))
+    first = RunFolder(tmp_path / "ext").load_checkpoint()["state_dict"]
+    train(train_config(common + ["--epochs", "3", "--resume", "auto"]))
+    err = capsys.readouterr().err
+    assert "extending the run from 1 to 3 epochs: the cosine schedule is rebuilt over 3 epochs" in err
+    after = RunFolder(tmp_path / "ext").load_checkpoint()
+    assert after["epoch"] == 3 and not torch.equal(after["state_dict"]["stages.1.0.conv1.weight"],
+                                                   first["stages.1.0.conv1.weight"])
+    lrs = [h["lr"] for h in after["history"]]
+    assert lrs[0] == 0.05 and lrs[1] > 0 and lrs[2] > 0, lrs  # epochs 2 and 3 train at a positive lr
+    args = json.loads((tmp_path / "ext" / "args.json").read_text())
+    assert args["epochs"] == 3 and args["resumed_at_epoch"] == 1
+    for option in (["--lr", "0.1"], ["--weight-decay", "0"], ["--reg", "none"], ["--seed", "4"],
+                   ["--model-kwargs", "logit_scale=2"]):
+        with pytest.raises(UserError, match=f"cannot resume .*{option[0]}"):
+            train(train_config(common + ["--epochs", "4", "--resume", "auto"] + option))
+    assert json.loads((tmp_path / "ext" / "args.json").read_text()) == args  # what ran, unchanged

@@ -1,0 +1,19 @@
+"""lcnn_zoo.config: every option is validated before any work, in one line naming the option."""
+import pytest
+from cli_helpers import fails_with
+
+
+@pytest.mark.parametrize("yaml_text,argv,fragment", [
+    ("", ["--train-subset", "-5"], "--train-subset must be >= 0"),
+    ('no_flip: "false"\n', [], "true or false"),
+    ("lambda_beta: .nan\n", [], "finite"),
+    ("decay_milestones: 5\n", [], "list of integers"),
+    ("input_size: 28\n", [], "three integers"),
+    ("epochs: 0\n", [], "c.yaml: epochs must be >= 1"),
+    ("reg: lcnnn\n", [], "one of none, lcnn"),
+])
+def test_options_are_validated_before_any_work(tmp_path, capsys, yaml_text, argv, fragment):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    fails_with(capsys, ["train", "--config", str(cfg), "--output", str(tmp_path / "runs")] + argv, fragment)
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,124 @@
+"""lcnn_zoo.hub: loading weights — the shipped tags (checked by their checksums), a local Hugging Face cache, local folders, and their errors."""
+import json
+import time
+
+import pytest
+import timm
+import torch
+from hf_cache import populate, publish, remove, unpublish
+from model_helpers import same_outputs
+
+from lcnn_zoo import hub
+from lcnn_zoo.factory import create_model
+from lcnn_zoo.hub import PretrainedLoadError, hub_id
+
+
+def test_shipped_weights_without_checksum_are_refused(weights):
+    manifest = json.loads((weights / "manifest.json").read_text())
+    del manifest["lcnn_resnet20.fmnist"]["sha256"]
+    (weights / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(hub.PretrainedLoadError, match="no checksum"):
+        timm.create_model("lcnn_resnet20.fmnist", pretrained=True)
+    (weights / "manifest.json").write_text('{"lcnn_resnet20.fmnist": {"sha2')  # truncated
+    with pytest.raises(hub.PretrainedLoadError, match="manifest.json is not valid JSON"):
+        timm.create_model("lcnn_resnet20.fmnist", pretrained=True)
+
+
+def test_pretrained_from_offline_cache_and_hf_hub_name(published):
+    model, _, repo = published
+    loaded = timm.create_model("lcnn_resnet20.cifar10", pretrained=True)
+    same_outputs(model, loaded)
+    via_hub = timm.create_model(f"hf-hub:{repo}", pretrained=True)
+    same_outputs(model, via_hub)
+
+
+def test_local_dir(published):
+    model, folder, _ = published
+    same_outputs(model, timm.create_model(f"local-dir:{folder}", pretrained=True))
+
+
+def test_finetune_adaptation(published):
+    model, _, _ = published
+    ft = timm.create_model("lcnn_resnet20.cifar10", pretrained=True, num_classes=3, in_chans=1)
+    src, dst = model.state_dict(), ft.state_dict()
+    assert ft.eval()(torch.rand(2, 1, 32, 32)).shape == (2, 3)
+    for key in ("stages.1.0.conv1.weight", "stages.2.2.bn2.running_var", "stages.0.0.act1.log_beta"):
+        torch.testing.assert_close(dst[key], src[key])
+    assert dst["conv1.weight"].shape[1] == 1 and dst["fc.weight"].shape[0] == 3
+
+
+def test_published_but_not_cached_offline_is_prompt_and_clear():
+    publish("lcnn_resnet18.cifar100", hub_id("lcnn_resnet18", "cifar100"))
+    try:
+        t = time.perf_counter()
+        with pytest.raises(PretrainedLoadError) as err:
+            timm.create_model("lcnn_resnet18.cifar100", pretrained=True)
+        assert time.perf_counter() - t < 10
+        msg = str(err.value)
+        assert hub_id("lcnn_resnet18", "cifar100") in msg and "HF_HUB_OFFLINE" in msg and "local-dir" in msg
+    finally:
+        unpublish("lcnn_resnet18.cifar100")
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    publish("lcnn_resnet18.cifar10", hub_id("lcnn_resnet18", "cifar10"))
+    try:
+        t = time.perf_counter()
+        with pytest.raises(PretrainedLoadError, match="unreachable"):
+            timm.create_model("lcnn_resnet18.cifar10", pretrained=True)
+        with pytest.raises(PretrainedLoadError, match="unreachable"):  # hf-hub: names use the same probe
+            create_model("hf-hub:someone/lcnn_resnet18.cifar10", pretrained=True)
+        assert time.perf_counter() - t < 15
+    finally:
+        unpublish("lcnn_resnet18.cifar10")
+
+
+def test_unpublished_architecture():
+    with pytest.raises(PretrainedLoadError, match="no pretrained weights have been published for lcnn_resnet50"):
+        timm.create_model("lcnn_resnet50", pretrained=True)
+
+
+def test_corrupt_file(published, tmp_path):
+    _, folder, _ = published
+    repo = hub_id("lcnn_resnet20", "cifar100")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = (folder / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (bad / "config.json").write_bytes((folder / "config.json").read_bytes())
+    populate(repo, bad)
+    publish("lcnn_resnet20.cifar100", repo)
+    try:
+        with pytest.raises(PretrainedLoadError, match="not a valid safetensors"):
+            timm.create_model("lcnn_resnet20.cifar100", pretrained=True, num_classes=10)
+    finally:
+        unpublish("lcnn_resnet20.cifar100")
+        remove(repo)
+
+
+def test_wrong_architecture(published):
+    _, folder, _ = published
+    repo = hub_id("lcnn_resnet56", "cifar10")
+    populate(repo, folder)
+    publish("lcnn_resnet56.cifar10", repo)
+    try:
+        with pytest.raises(PretrainedLoadError, match="does not match"):
+            timm.create_model("lcnn_resnet56.cifar10", pretrained=True)
+    finally:
+        unpublish("lcnn_resnet56.cifar10")
+        remove(repo)
+
+
+def test_torch_hub_local():
+    import pathlib
+    repo_dir = str(pathlib.Path(__file__).resolve().parents[1])
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("hubconf", f"{repo_dir}/hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    assert all(callable(getattr(hubconf, n, None)) for n in timm.list_models("lcnn_*"))
+    model = torch.hub.load(repo_dir, "lcnn_resnet20", source="local", num_classes=4, pretrained_cfg="cifar10")
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4)

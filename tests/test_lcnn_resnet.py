@@ -1,0 +1,143 @@
+"""The zoo: timm registry, pretrained loading through timm's real path (offline HF cache, local-dir,
+hf-hub:), fine-tuning adaptation, clear errors, publishing folders, torch.hub."""
+import time
+
+import pytest
+import timm
+import torch
+from model_helpers import same_outputs
+
+import lcnn_zoo
+from lcnn_zoo.hub import PretrainedLoadError
+
+FAMILIES = ["resnet18", "resnet34", "resnet20", "resnet56", "wide_resnet16_8", "wide_resnet28_10"]
+
+
+def test_registry_lists_models_and_only_tags_that_load():
+    names = set(timm.list_models("lcnn_*"))
+    for f in FAMILIES:
+        assert {f"lcnn_{f}", f"lcnn_{f}_softplus", f"lcnn_{f}_relu"} <= names
+    assert {"lcnn_resnet50", "lcnn_wide_resnet50_2"} <= names
+    # Only tags with weights are advertised: the shipped ones (no upload is recorded on this machine).
+    listed = set(timm.list_pretrained("lcnn*"))
+    assert listed == set(lcnn_zoo.hub.bundled_manifest())
+    for tag in listed:
+        timm.create_model(tag, pretrained=True)  # every listed tag loads, offline
+    # Recipe-only tags stay creatable as architectures.
+    assert timm.create_model("lcnn_resnet18.cifar100").num_classes == 100
+
+
+def test_recipe_only_tag_says_how_to_train_it():
+    t = time.perf_counter()
+    with pytest.raises(PretrainedLoadError) as err:
+        timm.create_model("lcnn_resnet18.cifar100", pretrained=True)
+    assert time.perf_counter() - t < 10
+    msg = str(err.value)
+    assert msg.startswith("no pretrained weights have been published for lcnn_resnet18.cifar100; train them with")
+    assert "lcnn-zoo train --config configs/cifar100_resnet18_lcnn.yaml" in msg
+    assert "network" not in msg and "unreachable" not in msg and "HF_HUB_OFFLINE" not in msg
+
+
+def test_default_tag_has_weights_where_any_does():
+    assert timm.create_model("lcnn_resnet20").pretrained_cfg["tag"] == "fmnist"
+    assert timm.create_model("lcnn_resnet20_softplus").pretrained_cfg["tag"] == "fmnist"
+    assert timm.create_model("lcnn_resnet20_relu").pretrained_cfg["tag"] == "cifar10"  # none has weights
+    model = timm.create_model("lcnn_resnet20", pretrained=True)  # the shipped .fmnist, not a missing .cifar10
+    assert model.conv1.in_channels == 1
+
+
+@pytest.mark.parametrize("name", ["lcnn_resnet18", "lcnn_resnet20.cifar10", "lcnn_resnet20_softplus.cifar10",
+                                  "lcnn_resnet20_relu", "lcnn_wide_resnet16_8"])
+def test_models_build_and_cfg(name):
+    model = timm.create_model(name)
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == (0.0, 0.0, 0.0) and cfg["std"] == (1.0, 1.0, 1.0)
+    assert cfg["first_conv"] == "conv1" and cfg["classifier"] == "fc" and cfg["num_classes"] == 10
+    assert cfg["license"] and cfg["paper_ids"]
+    assert not cfg.get("hf_hub_id") and "recipe only" in cfg["notes"]  # no weights: no download location
+    out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    state = model.state_dict()
+    assert "conv1.weight" in state and "fc.weight" in state  # timm's adaptation keys exist
+    kinds = {type(m).__name__ for m in model.modules()}
+    arch = name.split(".")[0]
+    if arch.endswith("_relu"):
+        assert "ReLU" in kinds and "CenteredSoftplus" not in kinds
+    elif arch.endswith("_softplus"):
+        betas = [m.beta.item() for m in model.modules() if isinstance(m, lcnn_zoo.CenteredSoftplus)]
+        assert betas and all(b == pytest.approx(1e3) for b in betas) and not list(model.parameters())[0] is None
+        assert "BatchNorm2d" in kinds
+    else:
+        assert "LipschitzBatchNorm2d" in kinds and "BatchNorm2d" not in kinds and model.lcnn_report.ok
+
+
+def test_timm_kwargs():
+    m = timm.create_model("lcnn_resnet20.cifar10", num_classes=7, in_chans=1, drop_rate=0.2,
+                          pretrained_cfg_overlay=dict(input_size=(1, 24, 24)))
+    assert m(torch.rand(2, 1, 24, 24)).shape == (2, 7)
+    assert m.conv1.parametrizations.weight[0].input_shape == (1, 24, 24)
+    feats = timm.create_model("lcnn_resnet18", features_only=True, out_indices=(2, 4))(torch.rand(2, 3, 32, 32))
+    assert [f.shape[1:] for f in feats] == [(128, 16, 16), (512, 4, 4)]
+    fmnist = timm.create_model("lcnn_resnet20.fmnist")
+    assert fmnist.pretrained_cfg["input_size"] == (1, 28, 28) and fmnist.conv1.in_channels == 1
+
+
+@pytest.mark.parametrize("name", ["lcnn_resnet18", "lcnn_resnet20.cifar10", "lcnn_wide_resnet16_8_softplus"])
+def test_logit_scale_multiplies_logits_and_travels_with_the_weights(name, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    scaled = timm.create_model(name, logit_scale=2.5).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = scaled(x)
+        unscaled = scaled.get_classifier()(scaled.forward_head(scaled.forward_features(x), pre_logits=True))
+    torch.testing.assert_close(logits, 2.5 * unscaled)
+    # A model built with the default scale takes the scale from the saved weights (a persistent buffer)...
+    save_file(scaled.state_dict(), tmp_path / "w.safetensors")
+    plain = timm.create_model(name).eval()
+    plain.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    assert plain.logit_scale.item() == 2.5
+    same_outputs(plain, scaled)
+    # ...and weights saved before the buffer existed (trained at scale 1) still load strictly.
+    old = {k: v for k, v in plain.state_dict().items() if k != "logit_scale"}
+    fresh = timm.create_model(name)
+    fresh.load_state_dict(old)
+    assert fresh.logit_scale.item() == 1.0
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="logit_scale"):
+            timm.create_model(name, logit_scale=bad)
+
+
+@pytest.mark.parametrize("name", ["lcnn_resnet20", "lcnn_resnet20_softplus", "lcnn_resnet20_relu",
+                                  "lcnn_wide_resnet16_8", "lcnn_resnet18"])
+def test_gradient_checkpointing_is_the_same_step(name):
+    """set_grad_checkpointing(True) in training mode: the same loss gradients and the same state after
+    the step (BatchNorm statistics, singular vectors) as without; the recompute records nothing twice."""
+    torch.manual_seed(0)
+    plain = timm.create_model(name, img_size=(12, 12), in_chans=1).train()
+    ckpt = timm.create_model(name, img_size=(12, 12), in_chans=1)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.train().set_grad_checkpointing(True)
+    x = torch.rand(3, 1, 12, 12)
+    for model in (plain, ckpt):
+        model(x).square().sum().backward()
+    for (k, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.equal(p.grad, q.grad), k
+    for (k, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("tag", ["lcnn_resnet20.fmnist", "lcnn_resnet20_softplus.fmnist"])
+def test_a_grey_tag_with_timms_in_chans_3_keeps_its_function_and_says_its_input(tag):
+    """timm's scripts pass in_chans=3: the adapted model computes on grey images copied to 3 channels
+    what the tag computes on them, and its cfg says 3×28×28 (so timm's data config feeds it that)."""
+    grey = timm.create_model(tag, pretrained=True).eval()
+    rgb = timm.create_model(tag, pretrained=True, in_chans=3).eval()
+    cfg = timm.data.resolve_model_data_config(rgb)
+    assert cfg["input_size"] == (3, 28, 28) and cfg["mean"] == (0.0,) * 3 and cfg["std"] == (1.0,) * 3
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), grey(x), rtol=1e-4, atol=1e-4)
+    if tag.startswith("lcnn_resnet20."):  # the adapted stem's vectors are singular vectors of its weight
+        assert rgb.conv1.parametrizations.weight[0].residual(rgb.conv1.parametrizations.weight.original) < 1e-3
