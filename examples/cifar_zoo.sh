@@ -6,8 +6,8 @@
 #   bash examples/cifar_zoo.sh --dry-run    # tiny stand-in data, one step each, no upload (CI runs this)
 #
 # Every step resumes: training with --resume auto, evaluation only where eval.json is missing, and a
-# push rewrites only its own repo folder. Expected wall time: see "Publishing the CIFAR zoo" in the
-# README (measured throughput per GPU; 8 runs of 200 epochs).
+# push rewrites only its own repo folder. Expected wall time: see "Publishing" in docs/zoo.md
+# (8 runs of 200 epochs).
 #
 # Environment: RUNS (run folders, default runs/cifar_zoo), EVAL (docs/cifar_zoo), HUB (hub),
 # UPLOAD=0 to write the repo folders without uploading, THREADS (CPU threads, default 0 = torch's).

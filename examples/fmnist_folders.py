@@ -1,5 +1,5 @@
 """Write Fashion-MNIST as image folders (``<out>/train/<class>/*.png``, ``<out>/test/<class>/*.png``),
-the layout timm's scripts read (validate.py, train.py, inference.py): the README's "With timm's
+the layout timm's scripts read (validate.py, train.py, inference.py): docs/timm_scripts.md's "With timm's
 scripts" uses it.
 
     python examples/fmnist_folders.py fmnist --train 2000 --test 1000

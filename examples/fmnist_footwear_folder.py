@@ -1,6 +1,6 @@
 """Write a small image-folder dataset for the fine-tuning walkthrough: the three footwear classes of
 Fashion-MNIST (sandal, sneaker, ankle boot) as PNGs in torchvision's ImageFolder layout
-(<out>/train/<class>/*.png, <out>/val/<class>/*.png) — "your own data" in the README's example.
+(<out>/train/<class>/*.png, <out>/val/<class>/*.png) — "your own data" in docs/training.md.
 
     python examples/fmnist_footwear_folder.py runs/footwear [--per-class 300]
 """

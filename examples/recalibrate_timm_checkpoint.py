@@ -1,7 +1,7 @@
 """Top-1 of a checkpoint timm's train.py wrote for an lcnn_* model, with its running BatchNorm
 statistics and with them recomputed for its final weights (``lcnn_zoo.recalibrate_batchnorm``), on
 an image folder (examples/fmnist_folders.py). Reads the checkpoint with ``weights_only=True``; writes
-nothing. The README's "With timm's scripts" quotes its output.
+nothing. docs/timm_scripts.md ("With timm's scripts") quotes its output.
 
     python examples/recalibrate_timm_checkpoint.py runs/timm/<run>/checkpoint-0.pth.tar \\
         --model lcnn_resnet20 --data .data/fmnist

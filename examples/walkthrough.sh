@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's training walkthrough, end to end on real Fashion-MNIST data (about 6 minutes on 2 CPU
+# The training walkthrough of docs/training.md, end to end on real Fashion-MNIST data (about 6 minutes on 2 CPU
 # cores): train; kill a run and resume it (same weights as the uninterrupted run); DDP on 2 processes;
 # fine-tune a shipped model on a new image folder; evaluate the runs side by side.
 #   bash examples/walkthrough.sh [output folder, default runs/walkthrough]

@@ -40,7 +40,7 @@ def _opt(default: Any, help: str, group: str, kind: str, **extra: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Every option of ``lcnn-zoo train`` (see the README's Training section)."""
+    """Every option of ``lcnn-zoo train`` (see docs/training.md)."""
 
     config: str = _opt("", "YAML file with the same keys as these options (the command line overrides it)",
                        "config", "str")

@@ -172,9 +172,9 @@ def recipe_hint(model: str, tag: str) -> str:
     variant = {"lcnn": "lcnn_gradreg" if gradreg else "lcnn", "softplus": "gradreg" if gradreg else "standard"}.get(kind)
     config = f"configs/{dataset}_{base}_{variant}.yaml"
     if variant and (REPO_CONFIGS / Path(config).name).is_file():
-        return f"`lcnn-zoo train --config {config} --download` (one command, see README)"
+        return f"`lcnn-zoo train --config {config} --download` (one command, see docs/training.md)"
     reg = ("lcnn_gradreg" if gradreg else "lcnn") if kind == "lcnn" else ("gradreg" if gradreg else "none")
-    return f"`lcnn-zoo train --model {model} --dataset {dataset} --reg {reg} --download` (see README, Training)"
+    return f"`lcnn-zoo train --model {model} --dataset {dataset} --reg {reg} --download` (see docs/training.md)"
 
 
 def hub_unreachable_reason() -> Optional[str]:

@@ -111,7 +111,7 @@ def fields_parser(cls, prog: str, description: str, timm_flags: bool = False) ->
 def train_config(argv: List[str]) -> TrainConfig:
     """A validated :class:`TrainConfig` from ``lcnn-zoo train`` arguments: the command line over the
     ``--config`` YAML file over the defaults (like timm's train.py)."""
-    parser = fields_parser(TrainConfig, "lcnn-zoo train", "Train an lcnn-zoo / timm model (see README, Training); "
+    parser = fields_parser(TrainConfig, "lcnn-zoo train", "Train an lcnn-zoo / timm model (see docs/training.md); "
                             "timm train.py's flags are taken under their names", timm_flags=True)
     known, _ = parser.parse_known_args(argv)
     values: Dict[str, Any] = {}

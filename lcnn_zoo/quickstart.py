@@ -12,8 +12,8 @@ ResNet-20 has only 64 features, each about unit size after the non-affine BatchN
 logit margins are too small for cross-entropy to train confidently in a short budget. A fixed factor
 on the logits restores them; it leaves the normalised curvature of every logit unchanged (numerator
 and denominator scale alike) and adds nothing to the penalty. The value 4 is the best of {1, 2, 4, 8}
-on this recipe (``bash examples/quickstart_logit_scale_sweep.sh``; its figures are in the README's
-quickstart section).
+on this recipe (``bash examples/quickstart_logit_scale_sweep.sh``; its figures are in
+docs/quickstart.md).
 """
 from __future__ import annotations
 
