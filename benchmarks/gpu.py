@@ -47,9 +47,9 @@ def timm_cifar_resnet18(num_classes: int) -> torch.nn.Module:
     return model
 
 
-def _step_fn(model, kind: str, x, y, amp: bool, channels_last: bool) -> Callable[[], None]:
+def _step_fn(model, case: str, x, y, amp: bool, channels_last: bool) -> Callable[[], None]:
     opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.01, momentum=0.9)
-    pen = LCNNPenalty() if kind.startswith("lcnn") else None
+    pen = LCNNPenalty() if case.startswith("lcnn") else None
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -60,9 +60,9 @@ def _step_fn(model, kind: str, x, y, amp: bool, channels_last: bool) -> Callable
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast():
-            if kind.endswith("gradreg_fd"):
+            if case.endswith("gradreg_fd"):
                 gradreg_fd_backward(model, x, y, 0.01, extra_loss=(lambda: pen(model)) if pen else None)
-            elif kind.endswith("gradreg_exact"):
+            elif case.endswith("gradreg_exact"):
                 out = gradreg_exact(model, x, y)
                 (out.loss + 0.01 * out.penalty + (pen(model) if pen else 0.0)).backward()
             else:
@@ -73,11 +73,11 @@ def _step_fn(model, kind: str, x, y, amp: bool, channels_last: bool) -> Callable
     return step
 
 
-def _build(kind: str, device: torch.device, num_classes: int) -> torch.nn.Module:
-    if kind == "timm_relu":
+def _build(case: str, device: torch.device, num_classes: int) -> torch.nn.Module:
+    if case == "timm_relu":
         model = timm_cifar_resnet18(num_classes)
     else:
-        arch = {"zoo_relu": "lcnn_resnet18_relu", "softplus": "lcnn_resnet18_softplus"}.get(kind, "lcnn_resnet18")
+        arch = {"zoo_relu": "lcnn_resnet18_relu", "softplus": "lcnn_resnet18_softplus"}.get(case, "lcnn_resnet18")
         model = timm.create_model(arch, num_classes=num_classes)
     return model.to(device).train()
 
@@ -237,13 +237,13 @@ def launches(device: torch.device, batch: int) -> Dict[str, object]:
     from benchmarks.op_count import count_step_ops
 
     res = {}
-    for kind in ("timm_relu", "softplus", "lcnn"):
-        model = (timm_cifar_resnet18(100) if kind == "timm_relu" else
-                 timm.create_model("lcnn_resnet18_softplus" if kind == "softplus" else "lcnn_resnet18",
+    for case in ("timm_relu", "softplus", "lcnn"):
+        model = (timm_cifar_resnet18(100) if case == "timm_relu" else
+                 timm.create_model("lcnn_resnet18_softplus" if case == "softplus" else "lcnn_resnet18",
                                    num_classes=100)).to(device).train()
         x = torch.rand(batch, 3, 32, 32, device=device)
         y = torch.randint(0, 100, (batch,), device=device)
-        step = _step_fn(model, kind, x, y, amp=False, channels_last=False)
+        step = _step_fn(model, case, x, y, amp=False, channels_last=False)
         step()
         step()
         _sync(device)
@@ -254,8 +254,8 @@ def launches(device: torch.device, batch: int) -> Dict[str, object]:
         events = prof.events()
         n_kernels = sum(1 for e in events if getattr(e, "device_type", None) is not None
                         and str(e.device_type).endswith("CUDA"))
-        res[kind] = {"cuda_kernels": n_kernels if device.type == "cuda" else None,
-                     "dispatched_ops": sum(count_step_ops(kind if kind != "softplus" else "softplus", 8,
+        res[case] = {"cuda_kernels": n_kernels if device.type == "cuda" else None,
+                     "dispatched_ops": sum(count_step_ops(case if case != "softplus" else "softplus", 8,
                                                           model=model.cpu().train()).values())}
     return res
 

@@ -65,7 +65,7 @@ class ConversionReport:
     Attributes:
         input_size: (C, H, W) the convolution operator norms are computed for (None until the first
             forward when lcnnify was given none).
-        converted: counts per kind of rewrite, e.g. ``{"activation": 17, "batchnorm": 20, ...}``.
+        converted: counts per category of rewrite, e.g. ``{"activation": 17, "batchnorm": 20, ...}``.
         unconverted: (module name, operation or type, reason) for every operation whose bound the
             conversion does not establish.
         gains: (module name, factor) of fixed factors above 1 (e.g. a logit scale): covered, and the
@@ -105,24 +105,27 @@ class ConversionReport:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _Context:
-    beta_init: float
-    gamma_init: float
-    bn_affine: Optional[bool]
-    average_residuals: bool
-    replace_maxpool: bool
-    sn_kwargs: Dict[str, object]
-    conv_shapes: Dict[str, Tuple[int, ...]]
-    act_kw: Dict[str, object]
+    """What the rules need to know about one conversion: lcnnify's options, the spectral-norm
+    arguments, each conv's traced input shape (by module name) and the new layers' device/dtype."""
+
+    beta_init: float = DEFAULT_BETA_INIT
+    gamma_init: float = DEFAULT_GAMMA_INIT
+    bn_affine: Optional[bool] = None
+    average_residuals: bool = True
+    replace_maxpool: bool = True
+    sn_kwargs: Dict[str, object] = field(default_factory=dict)
+    conv_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    act_kw: Dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Rule:
     """One row of lcnnify's table. ``matches(module, ctx)`` selects modules; ``rewrite(module, name,
     ctx)`` returns the replacement (or None when it rewrote the module in place) and is counted
-    under ``kind``; a rule without ``rewrite`` keeps the module and gives the ``reason`` the bound
+    under ``category``; a rule without ``rewrite`` keeps the module and gives the ``reason`` the bound
     does not cover it. ``before_children`` rules see a block before its children are converted."""
 
-    kind: str
+    category: str
     matches: Callable[[nn.Module, _Context], bool]
     rewrite: Optional[Callable[[nn.Module, str, _Context], Optional[nn.Module]]] = None
     reason: str = ""
@@ -280,7 +283,7 @@ RULES: Tuple[Rule, ...] = (
 
 def _reason_for(module: nn.Module) -> str:
     """Why a module the coverage analysis meets is not covered: from the rules table."""
-    ctx = _Context(DEFAULT_BETA_INIT, DEFAULT_GAMMA_INIT, None, True, True, {}, {}, {})
+    ctx = _Context()  # the rules as lcnnify applies them with its default options
     matching = [r for r in RULES if not r.before_children and r.matches(module, ctx)]
     reasons = [r.reason for r in matching if r.rewrite is None]
     if reasons:
@@ -335,7 +338,7 @@ def _convert(module: nn.Module, prefix: str, ctx: _Context, counts: Counter) -> 
     for rule in RULES:
         if rule.before_children and rule.rewrite is not None and rule.matches(module, ctx):
             rule.rewrite(module, prefix, ctx)
-            counts[rule.kind] += 1
+            counts[rule.category] += 1
             break
     for name, child in list(module.named_children()):
         new = _convert(child, f"{prefix}.{name}" if prefix else name, ctx, counts)
@@ -345,7 +348,7 @@ def _convert(module: nn.Module, prefix: str, ctx: _Context, counts: Counter) -> 
         if not rule.before_children and rule.matches(module, ctx):
             if rule.rewrite is None:
                 return None
-            counts[rule.kind] += 1
+            counts[rule.category] += 1
             return rule.rewrite(module, prefix, ctx)
     return None
 
@@ -409,11 +412,12 @@ def lcnnify(
     """
     size = _check_convertible(model, input_size, strict)
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
-    ctx = _Context(beta_init, gamma_init, bn_affine, average_residuals, replace_maxpool,
-                   dict(n_power_iterations=n_power_iterations, init_iterations=init_iterations,
-                        init_tol=CONVERGENCE_TOL),
-                   _trace_conv_inputs(model, size) if size is not None else {},
-                   {"device": ref.device, "dtype": ref.dtype} if ref is not None else {})
+    ctx = _Context(beta_init=beta_init, gamma_init=gamma_init, bn_affine=bn_affine,
+                   average_residuals=average_residuals, replace_maxpool=replace_maxpool,
+                   sn_kwargs=dict(n_power_iterations=n_power_iterations, init_iterations=init_iterations,
+                                  init_tol=CONVERGENCE_TOL),
+                   conv_shapes=_trace_conv_inputs(model, size) if size is not None else {},
+                   act_kw={"device": ref.device, "dtype": ref.dtype} if ref is not None else {})
     counts: Counter = Counter()
     if _convert(model, "", ctx, counts) is not None:  # the model itself is a single layer
         raise ValueError(f"lcnnify: the model itself is a {type(model).__name__}; wrap it in a container")
@@ -488,7 +492,7 @@ def _hook_stem(model: nn.Module, size: Optional[Tuple[int, int, int]]) -> None:
         return
     for m in model.modules():
         sn = spectral_norm_of(m)
-        if sn is not None and sn.kind == "conv2d" and sn.input_shape == tuple(size):
+        if sn is not None and sn.layer_type == "conv2d" and sn.input_shape == tuple(size):
             m._lcnn_size_warned = False
             m.register_forward_pre_hook(_stem_size_hook)
             model._lcnn_stem_checked = True
@@ -540,7 +544,7 @@ def set_input_size(model: nn.Module, input_size: Sequence[int]) -> nn.Module:
     shapes = _trace_conv_inputs(model, size)
     for name, m in model.named_modules():
         sn = spectral_norm_of(m)
-        if sn is not None and sn.kind == "conv2d" and name in shapes:
+        if sn is not None and sn.layer_type == "conv2d" and name in shapes:
             sn.op.padding = conv_padding(m, shapes[name][1:])
             sn.initialize(m.parametrizations.weight.original, shapes[name])
     model.lcnn_report.input_size = size
@@ -594,6 +598,8 @@ def _unhook_stem(model: nn.Module) -> None:
 def detach_lcnn_state(model: nn.Module) -> None:
     """Remove what lcnnify attached to the model itself: the report, the input-size hook and the
     ``reset_classifier`` wrapper (what :func:`lcnn_zoo.fold` does once the layers are plain)."""
+    # By identity in the hook dict, not by handle: fold works on a deep copy, which carries the hook
+    # but not the handle lcnnify got.
     for key in [k for k, h in model._forward_pre_hooks.items() if h is _input_size_hook]:
         del model._forward_pre_hooks[key]
     _unhook_stem(model)

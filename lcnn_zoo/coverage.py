@@ -69,7 +69,7 @@ class Coverage:
     method: str = "graph"
 
 
-# ---- what each kind of operation does to B ---------------------------------------------------
+# ---- what each operation does to B ---------------------------------------------------
 SHAPE_OPS = {"flatten", "reshape", "view", "permute", "transpose", "t", "contiguous", "squeeze", "unsqueeze",
               "clone", "to", "float", "double", "half", "bfloat16", "type", "type_as", "roll", "flip", "neg",
               "getitem", "chunk", "split", "unbind", "narrow", "select", "channel_shuffle", "pixel_shuffle",
@@ -120,17 +120,17 @@ _SHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1
                   nn.AlphaDropout)
 
 
-def module_kind(m: nn.Module, reason_for: Callable[[nn.Module], str]) -> Tuple[str, float, str]:
-    """(kind, gain, reason) of a leaf module: kind is "linear", "nonlinear", "measure" or "flag"."""
+def module_role(m: nn.Module, reason_for: Callable[[nn.Module], str]) -> Tuple[str, float, str]:
+    """(role, gain, reason) of a leaf module: its role in the bound is "linear", "nonlinear", "measure" or "flag"."""
     if spectral_norm_of(m) is not None:
         return "linear", 1.0, ""
     if isinstance(m, LipschitzBatchNormAct2d):
-        kinds = [module_kind(c, reason_for) for c in (m.drop, m.act)]
-        bad = [k for k in kinds if k[0] == "flag"]
+        roles = [module_role(c, reason_for) for c in (m.drop, m.act)]
+        bad = [k for k in roles if k[0] == "flag"]
         if bad:
             return bad[0]
-        nonlinear = any(k[0] == "nonlinear" for k in kinds)
-        return ("nonlinear" if nonlinear else "linear"), math.prod(k[1] for k in kinds), ""
+        nonlinear = any(k[0] == "nonlinear" for k in roles)
+        return ("nonlinear" if nonlinear else "linear"), math.prod(k[1] for k in roles), ""
     if isinstance(m, LipschitzBatchNorm2d):
         return "linear", 1.0, ""
     if isinstance(m, (CenteredSoftplus, FrozenCenteredSoftplus)):
@@ -230,22 +230,22 @@ class _BoundInterpreter(torch.fx.Interpreter):
     def _module(self, node: torch.fx.Node, out: Any) -> None:
         m = self.module.get_submodule(node.target)
         ins = self._inputs(node)
-        kind, gain, reason = module_kind(m, self.reason_for)
-        if kind == "flag":
+        role, gain, reason = module_role(m, self.reason_for)
+        if role == "flag":
             self._flag(node, reason, type(m).__name__)
             self._set(node, self._settle(node, ins), set())
-        elif kind == "nonlinear":
+        elif role == "nonlinear":
             self._set(node, self._settle(node, ins) * gain, set())
         else:
             sn = spectral_norm_of(m)
             x = self.env[ins[0]]
-            if sn is not None and sn.kind == "conv2d" and sn.input_shape and tuple(x.shape[1:]) != sn.input_shape:
+            if sn is not None and sn.layer_type == "conv2d" and sn.input_shape and tuple(x.shape[1:]) != sn.input_shape:
                 # A conv called at another size than its norm was computed for: its operator there differs.
                 gain = measure_norm(lambda t: m(t) - m(torch.zeros_like(t)), x)
                 self._linear(node, ins, gain, f"{type(m).__name__} called at input size {tuple(x.shape[1:])}, its "
                                               f"norm computed for {sn.input_shape}: operator norm {{b:.3g}} > 1")
                 return
-            if kind == "measure":
+            if role == "measure":
                 gain = measure_norm(lambda t: m(t), x)
             elif gain > 1.0 + BOUND_TOL:  # a fixed factor (Scale): declared, factored out of B
                 self.gains.append((str(node.target), gain))
@@ -417,7 +417,7 @@ def _module_level(model: nn.Module, reason_for: Callable[[nn.Module], str], why:
     for name, m in model.named_modules():
         if list(m.children()) and not isinstance(m, LipschitzBatchNormAct2d):
             continue
-        kind, _, reason = module_kind(m, reason_for)
-        if kind == "flag":
+        role, _, reason = module_role(m, reason_for)
+        if role == "flag":
             findings.append(Finding(name, type(m).__name__, reason))
     return Coverage(findings, [], "modules")

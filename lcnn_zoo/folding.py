@@ -154,7 +154,7 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
         size = getattr(getattr(model, "lcnn_report", None), "input_size", None)
         if size is None:
             shapes = [sn.input_shape for _, sn in spectral_norm_modules(folded)
-                      if sn.kind == "conv2d" and sn.input_shape]
+                      if sn.layer_type == "conv2d" and sn.input_shape]
             if not shapes:
                 raise ValueError("fold: pass example_input (the model's input size is unknown)")
             size = shapes[0]

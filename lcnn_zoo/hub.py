@@ -165,15 +165,15 @@ def recipe_hint(model: str, tag: str) -> str:
     dataset = tag.split("_")[0]
     gradreg = tag.endswith("_gradreg")
     base = model.removeprefix("lcnn_")
-    kind = "lcnn"
+    flavour = "lcnn"
     for suffix in ("_softplus", "_relu"):
         if base.endswith(suffix):
-            base, kind = base[: -len(suffix)], suffix[1:]
-    variant = {"lcnn": "lcnn_gradreg" if gradreg else "lcnn", "softplus": "gradreg" if gradreg else "standard"}.get(kind)
+            base, flavour = base[: -len(suffix)], suffix[1:]
+    variant = {"lcnn": "lcnn_gradreg" if gradreg else "lcnn", "softplus": "gradreg" if gradreg else "standard"}.get(flavour)
     config = f"configs/{dataset}_{base}_{variant}.yaml"
     if variant and (REPO_CONFIGS / Path(config).name).is_file():
         return f"`lcnn-zoo train --config {config} --download` (one command, see docs/training.md)"
-    reg = ("lcnn_gradreg" if gradreg else "lcnn") if kind == "lcnn" else ("gradreg" if gradreg else "none")
+    reg = ("lcnn_gradreg" if gradreg else "lcnn") if flavour == "lcnn" else ("gradreg" if gradreg else "none")
     return f"`lcnn-zoo train --model {model} --dataset {dataset} --reg {reg} --download` (see docs/training.md)"
 
 

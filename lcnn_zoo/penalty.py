@@ -301,22 +301,30 @@ def _fd_passes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, la
     if m < n:
         _fd_subset(model, x.detach(), targets, per_sample, m, lambda_grad, loss_fn, step, extra_loss, scale, generator)
         return GradRegOutput(loss.detach(), penalty.detach(), logits.detach())
-    g_norm = _global_sum(local_sq).sqrt()
-    total_n = _global_sum(torch.tensor(float(n), device=x.device))
-    h = step * total_n.sqrt() / g_norm.clamp_min(1e-12)
-    c = (2.0 * lambda_grad) / h
+    h, c = _fd_step(local_sq, n, step, lambda_grad, x.device)
     with torch.no_grad():
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, (1.0 - c).to(grads[0].dtype))
     with frozen_state(model):
         x2 = (x.detach() + h * per_sample).to(x.dtype)
-        loss2 = loss_fn(model(x2), targets)
-        total2 = loss2 * (c * scale)
-        if extra_loss is not None:
-            total2 = total2 + extra_loss() * scale
-        total2.backward()
+        _plus_extra(loss_fn(model(x2), targets) * (c * scale), extra_loss, scale).backward()
     return GradRegOutput(loss.detach(), penalty.detach(), logits.detach())
+
+
+def _fd_step(sq_sum: torch.Tensor, count: int, step: float, lambda_grad: float,
+             device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(h, c) of the finite difference: h = step·√B / ‖G‖ over all processes' ``count`` samples whose
+    squared input gradients sum to ``sq_sum`` here, and c = 2λ/h (see :func:`gradreg_fd_backward`)."""
+    g_norm = _global_sum(sq_sum).sqrt()
+    total = _global_sum(torch.tensor(float(count), device=device))
+    h = step * total.sqrt() / g_norm.clamp_min(1e-12)
+    return h, (2.0 * lambda_grad) / h
+
+
+def _plus_extra(total: torch.Tensor, extra_loss: Optional[Callable[[], torch.Tensor]], scale) -> torch.Tensor:
+    """``total`` + ``extra_loss()``·scale (the second pass's unscaled extra term), or ``total``."""
+    return total if extra_loss is None else total + extra_loss() * scale
 
 
 def _fd_subset(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, per_sample: torch.Tensor, m: int,
@@ -325,18 +333,12 @@ def _fd_subset(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, per_sam
     """The second pass of FD GradReg on a random subset of m samples (see :func:`gradreg_fd_backward`)."""
     idx = torch.randperm(x.shape[0], generator=generator)[:m].to(x.device)
     g = per_sample[idx]
-    g_norm = _global_sum(g.pow(2).sum()).sqrt()
-    total_m = _global_sum(torch.tensor(float(m), device=x.device))
-    h = step * total_m.sqrt() / g_norm.clamp_min(1e-12)
-    c = (2.0 * lambda_grad) / h
+    h, c = _fd_step(g.pow(2).sum(), m, step, lambda_grad, x.device)
     xs, ys = x[idx], targets[idx]
     with frozen_state(model):
         out = model(torch.cat([(xs + h * g).to(x.dtype), xs]))
         diff = loss_fn(out[:m], ys) - loss_fn(out[m:], ys)
-        total = diff * (c * scale)
-        if extra_loss is not None:
-            total = total + extra_loss() * scale
-        total.backward()
+        _plus_extra(diff * (c * scale), extra_loss, scale).backward()
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, exclude_1d: bool = False) -> List[dict]:

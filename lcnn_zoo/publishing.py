@@ -215,7 +215,7 @@ def _ours(name: str, tag: str) -> bool:
 # Model cards
 # --------------------------------------------------------------------------------------------
 _TEMPLATE_BEGIN, _TEMPLATE_END = "<!-- BEGIN HUB TEMPLATE -->", "<!-- END HUB TEMPLATE -->"
-_KIND_DESCRIPTIONS = {
+_FLAVOUR_DESCRIPTIONS = {
     "lcnn": "low-curvature neural network (LCNN)",
     "softplus": "softplus-β=1e3 baseline (the paper's \"standard\" model)",
     "relu": "plain ReLU baseline",
@@ -313,7 +313,7 @@ def render_recipe(text: str, path: str = "") -> str:
     return text
 
 
-def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict[str, Any], kind: str,
+def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict[str, Any], flavour: str,
                       metrics: Optional[Dict[str, Any]] = None, recipe: str = "", eval_command: str = "",
                       dataset: str = "", classes: Sequence[str] = ()) -> str:
     """Fill the template's ``${...}`` fields (string.Template; unknown fields raise). ``dataset``
@@ -326,7 +326,7 @@ def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict
         classes_line = f"{n} classes." if n else ""
     values = dict(
         model_id=repo_id.split("/")[-1], model_name=model_name, repo_id=repo_id,
-        architecture=model_name.split(".")[0], kind_description=_KIND_DESCRIPTIONS.get(kind, kind),
+        architecture=model_name.split(".")[0], flavour_description=_FLAVOUR_DESCRIPTIONS.get(flavour, flavour),
         dataset=dataset, dataset_description=_DATASET_NAMES.get(dataset, dataset), classes_line=classes_line,
         input_size="×".join(str(s) for s in cfg.get("input_size", ())),
         recipe=recipe or "Not recorded.", eval_command=eval_command or "not recorded",
@@ -432,7 +432,7 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
         bundle_dataset(model_name, model, info)  # the test data exists and has the model's classes
     repo = repo_id or hub_id(arch, tag)
     card = render_model_card(template_text, model_name=model_name, repo_id=repo,
-                             cfg=model.pretrained_cfg, kind=getattr(model, "kind", "lcnn"), metrics=metrics,
+                             cfg=model.pretrained_cfg, flavour=getattr(model, "flavour", "lcnn"), metrics=metrics,
                              recipe=recipe, eval_command=eval_command, dataset=dataset or info.get("dataset", ""),
                              classes=list(classes) or info.get("classes") or ())
     folder = save_pretrained(model, out, model_card=card, overwrite=overwrite)

@@ -81,8 +81,10 @@ class FDGradRegStep(ExactGradRegStep):
         self.step_size, self.fraction, self.generator = step_size, fraction, generator
 
     def step(self, model, x, y, amp, scaler) -> StepOutput:
-        if scaler is not None and scaler._scale is None:
-            scaler.scale(torch.zeros((), device=x.device))  # GradScaler creates its scale lazily; FD scales by hand
+        if scaler is not None:
+            # GradScaler creates its scale at its first scale() call, and FD GradReg scales by hand: one
+            # call on a zero makes sure it exists (its public API has no other way to ask).
+            scaler.scale(torch.zeros((), device=x.device))
         scale = torch.tensor(scaler.get_scale(), device=x.device) if scaler is not None else None
         stats: Dict[str, float] = {}
 

@@ -233,7 +233,7 @@ def test_errors():
         spectral_norm(nn.Conv2d(3, 4, 3), (5, 8, 8))
     with pytest.raises(ValueError, match="too small"):
         spectral_norm(nn.Conv2d(3, 4, 5), (3, 2, 2))
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ValueError, match="layer_type"):
         SpectralNorm(torch.randn(3, 3), "conv3d")
 
 

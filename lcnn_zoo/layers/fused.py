@@ -43,16 +43,16 @@ def fused_enabled(x: torch.Tensor) -> bool:
     """Whether the fused kernels serve this tensor (its device type, its dtype, the opt-out)."""
     if os.environ.get("LCNN_ZOO_FUSED", "1") == "0" or x.dtype not in _DTYPES:
         return False
-    kind = x.device.type
-    if kind not in ("cpu", "cuda") or kind in _disabled:
+    device = x.device.type
+    if device not in ("cpu", "cuda") or device in _disabled:
         return False
     return _triton_module() is not None if _use_triton(x) else True
 
 
-def _disable(kind: str, why: str) -> None:
-    if kind not in _disabled:
-        _disabled[kind] = why
-        warnings.warn(f"lcnn_zoo: the fused centered-softplus kernels are off on {kind} ({why}); the unfused "
+def _disable(device: str, why: str) -> None:
+    if device not in _disabled:
+        _disabled[device] = why
+        warnings.warn(f"lcnn_zoo: the fused centered-softplus kernels are off on {device} ({why}); the unfused "
                       f"formulas run instead (same values, more passes over memory).", RuntimeWarning, stacklevel=3)
 
 
@@ -145,7 +145,7 @@ _compiled: Dict[tuple, Callable] = {}
 
 
 def _cpu_kernel(name: str, *args: torch.Tensor) -> Callable:
-    """The compiled kernel for these inputs' dtypes and kind (inference tensors or not).
+    """The compiled kernel for these inputs' dtypes and whether they are inference tensors.
 
     torch.compile keeps its compiled variants per code object, up to a small recompile limit, and
     guards each on dtype and dispatch keys; so each such combination gets a copy of the function

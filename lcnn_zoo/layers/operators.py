@@ -21,13 +21,13 @@ __all__ = ["LinearOperator", "Conv2dOperator", "OPERATORS", "conv_padding"]
 class LinearOperator:
     """x ↦ W x for a weight of shape (out, in); singular vectors of shapes (in,) and (out,)."""
 
-    kind = "linear"
+    layer_type = "linear"
     padding = (0, 0, 0, 0)
 
     def shapes(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]] = None
                ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         if weight.dim() != 2:
-            raise ValueError(f"SpectralNorm(kind='linear') needs a 2D weight, got shape {tuple(weight.shape)}")
+            raise ValueError(f"SpectralNorm(layer_type='linear') needs a 2D weight, got shape {tuple(weight.shape)}")
         return (weight.shape[1],), (weight.shape[0],)
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ class LinearOperator:
         return torch.outer(u, v)
 
     def describe(self) -> str:
-        return "kind=linear"
+        return "layer_type=linear"
 
 
 class Conv2dOperator:
@@ -49,7 +49,7 @@ class Conv2dOperator:
     Lipschitz constant). ``padding`` is (left, right, top, bottom) as for ``F.pad``, or None until
     the input size is known (timm's dynamic TF-'same' padding)."""
 
-    kind = "conv2d"
+    layer_type = "conv2d"
 
     def __init__(self, stride: Tuple[int, int] = (1, 1), padding: Optional[Tuple[int, int, int, int]] = (0, 0, 0, 0),
                  dilation: Tuple[int, int] = (1, 1), groups: int = 1, padding_mode: str = "zeros") -> None:
@@ -62,7 +62,7 @@ class Conv2dOperator:
     def shapes(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]]
                ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
         if weight.dim() != 4:
-            raise ValueError(f"SpectralNorm(kind='conv2d') needs a 4D weight, got shape {tuple(weight.shape)}")
+            raise ValueError(f"SpectralNorm(layer_type='conv2d') needs a 4D weight, got shape {tuple(weight.shape)}")
         if input_shape is None or len(input_shape) != 3:
             raise ValueError(f"SpectralNorm(conv2d) needs input_shape=(C, H, W), got {input_shape}")
         c, h, w = (int(s) for s in input_shape)
@@ -126,7 +126,7 @@ class Conv2dOperator:
         return torch.nn.grad.conv2d_weight(v, weight.shape, u, self.stride, sym, self.dilation, self.groups)
 
     def describe(self) -> str:
-        return (f"kind=conv2d, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+        return (f"layer_type=conv2d, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}")
 
 

@@ -63,8 +63,8 @@ class _DivideBySigma(torch.autograd.Function):
 class SpectralNorm(nn.Module):
     """Parametrization W ↦ W / σ(W), σ = spectral norm of the layer's linear operator.
 
-    * ``kind="linear"``: the operator is the matrix W (out, in).
-    * ``kind="conv2d"``: the operator is the full convolution x ↦ conv2d(pad(x), W) on inputs of
+    * ``layer_type="linear"``: the operator is the matrix W (out, in).
+    * ``layer_type="conv2d"``: the operator is the full convolution x ↦ conv2d(pad(x), W) on inputs of
       shape (C_in, H, W) = ``input_shape`` — stride, padding (any mode, symmetric or the
       asymmetric TF-'same' padding of timm's ``Conv2dSame``), dilation and groups included, bias
       excluded. The singular "vectors" are tensors of the input shape (``_v``: (1, C_in, H, W)) and
@@ -97,21 +97,21 @@ class SpectralNorm(nn.Module):
     loads too: the vectors are recomputed for this layer's shape from the loaded weight.
     """
 
-    def __init__(self, weight: torch.Tensor, kind: str = "linear", *,
+    def __init__(self, weight: torch.Tensor, layer_type: str = "linear", *,
                  input_shape: Optional[Sequence[int]] = None,
                  stride: Tuple[int, int] = (1, 1), padding: Optional[Tuple[int, int, int, int]] = (0, 0, 0, 0),
                  dilation: Tuple[int, int] = (1, 1), groups: int = 1, padding_mode: str = "zeros",
                  n_power_iterations: int = 1, init_iterations: int = MAX_INIT_ITERATIONS,
                  init_tol: float = CONVERGENCE_TOL) -> None:
         super().__init__()
-        if kind not in OPERATORS:
-            raise ValueError(f"SpectralNorm: kind must be one of {sorted(OPERATORS)}, got {kind!r}")
+        if layer_type not in OPERATORS:
+            raise ValueError(f"SpectralNorm: layer_type must be one of {sorted(OPERATORS)}, got {layer_type!r}")
         if n_power_iterations < 0:
             raise ValueError(f"SpectralNorm: n_power_iterations must be >= 0, got {n_power_iterations}")
-        self.op = LinearOperator() if kind == "linear" else Conv2dOperator(stride, padding, dilation, groups,
+        self.op = LinearOperator() if layer_type == "linear" else Conv2dOperator(stride, padding, dilation, groups,
                                                                             padding_mode)
-        if kind == "conv2d" and weight.dim() != 4:
-            raise ValueError(f"SpectralNorm(kind='conv2d') needs a 4D weight, got shape {tuple(weight.shape)}")
+        if layer_type == "conv2d" and weight.dim() != 4:
+            raise ValueError(f"SpectralNorm(layer_type='conv2d') needs a 4D weight, got shape {tuple(weight.shape)}")
         self.n_power_iterations = n_power_iterations
         self.init_iterations = init_iterations
         self.init_tol = init_tol
@@ -126,13 +126,13 @@ class SpectralNorm(nn.Module):
         # is adapted to replicated input channels (see _adapt_vectors): the normalised weight then has
         # norm gain, and the net computes on replicated input what it computed on the original.
         self.register_buffer("_gain", None)
-        if kind == "linear" or input_shape is not None:
+        if layer_type == "linear" or input_shape is not None:
             self.initialize(weight, input_shape)
 
     # ---- shapes ---------------------------------------------------------------------------
     @property
-    def kind(self) -> str:
-        return self.op.kind
+    def layer_type(self) -> str:
+        return self.op.layer_type
 
     @property
     def padding(self) -> Optional[Tuple[int, int, int, int]]:
@@ -143,7 +143,7 @@ class SpectralNorm(nn.Module):
         """Shape of one input sample the operator acts on (None until known)."""
         if self._v is None:
             return None
-        return tuple(self._v.shape[1:]) if self.kind == "conv2d" else tuple(self._v.shape)
+        return tuple(self._v.shape[1:]) if self.layer_type == "conv2d" else tuple(self._v.shape)
 
     @torch.no_grad()
     def initialize(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]] = None) -> int:
@@ -231,7 +231,7 @@ class SpectralNorm(nn.Module):
         """Whether ``weight`` is a stem adapted from the checkpoint's c₀ input channels to this layer's
         c = r·c₀ the way timm adapts one (``adapt_input_conv``: the kernel repeated r times, scaled by
         1/r): the same output shape, the same spatial size, and r identical channel groups."""
-        if self.kind != "conv2d" or self.op.groups != 1 or u.shape != self._u.shape or v.dim() != 4:
+        if self.layer_type != "conv2d" or self.op.groups != 1 or u.shape != self._u.shape or v.dim() != 4:
             return False
         c0, c = v.shape[1], self._v.shape[1]
         if v.shape[0] != 1 or v.shape[2:] != self._v.shape[2:] or c <= c0 or c % c0:

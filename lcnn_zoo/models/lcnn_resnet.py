@@ -52,22 +52,22 @@ from ..penalty import LCNNPenalty, attach_penalty
 
 __all__ = ["CifarResNet", "LcnnResNet", "PreActBlock", "WideResNet"]
 
-KINDS = ("lcnn", "softplus", "relu")
+FLAVOURS = ("lcnn", "softplus", "relu")
 
 
-def _act_layer(kind: str):
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if kind == "softplus":
+def _act_layer(flavour: str):
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
+    if flavour == "softplus":
         return partial(CenteredSoftplus, beta_init=1e3, learnable=False)
     return nn.ReLU  # the LCNN's ReLUs are converted by lcnnify
 
 
-def _finalize(model: nn.Module, kind: str, in_chans: int, img_size: Sequence[int], beta_init: float,
+def _finalize(model: nn.Module, flavour: str, in_chans: int, img_size: Sequence[int], beta_init: float,
               gamma_init: float, device=None, dtype=None) -> None:
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
-    if kind == "lcnn":
+    if flavour == "lcnn":
         lcnnify(model, input_size=(in_chans, *img_size), bn_affine=False, beta_init=beta_init,
                 gamma_init=gamma_init, strict=True)
 
@@ -101,23 +101,41 @@ def _checkpointed(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return checkpoint(stage, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), frozen_state(stage)))
 
 
-class LcnnResNet(ResNet):
-    """timm's :class:`~timm.models.resnet.ResNet` (any block/depth), optionally with the CIFAR stem
-    (3×3 stride-1 conv, no max-pool); ``kind`` is "lcnn", "softplus" (β=1e3) or "relu"."""
+class _ScaledHead:
+    """The zoo's classifier head: timm's ResNet head (pool, dropout, fc), then the logit scale. A mixin
+    before timm's ResNet (TorchScript cannot call ``super()``) and in the zoo's own nets."""
 
-    def __init__(self, block: Type[nn.Module], layers: Sequence[int], *, kind: str = "lcnn",
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x) * self.logit_scale
+
+
+def _kaiming_convs(model: nn.Module) -> None:
+    """He-normal (fan-out) initialisation of every Conv2d, as timm's ResNet initialises its own."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+class LcnnResNet(_ScaledHead, ResNet):
+    """timm's :class:`~timm.models.resnet.ResNet` (any block/depth), optionally with the CIFAR stem
+    (3×3 stride-1 conv, no max-pool); ``flavour`` is "lcnn", "softplus" (β=1e3) or "relu"."""
+
+    def __init__(self, block: Type[nn.Module], layers: Sequence[int], *, flavour: str = "lcnn",
                  cifar_stem: bool = True, img_size: Sequence[int] = (32, 32), in_chans: int = 3,
                  beta_init: float = 5.0, gamma_init: float = 10.0, logit_scale: float = 1.0,
                  device=None, dtype=None, **kwargs: Any) -> None:
-        super().__init__(block, layers, in_chans=in_chans, act_layer=_act_layer(kind), **kwargs)
-        self.kind = kind
+        super().__init__(block, layers, in_chans=in_chans, act_layer=_act_layer(flavour), **kwargs)
+        self.flavour = flavour
         _add_logit_scale(self, logit_scale)
         if cifar_stem:
             self.conv1 = nn.Conv2d(in_chans, self.conv1.out_channels, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
             for info in self.feature_info:  # the stem no longer downsamples by 4
                 info["reduction"] = max(1, info["reduction"] // (4 if info["module"] != "act1" else 2))
-        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init, device, dtype)
+        _finalize(self, flavour, in_chans, img_size, beta_init, gamma_init, device, dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # timm's ResNet.forward_features, with the zoo's checkpointing (timm's checkpoint_seq recomputes
@@ -133,15 +151,8 @@ class LcnnResNet(ResNet):
             x = _checkpointed(layer, x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        # timm's ResNet.forward_head, then the logit scale (TorchScript cannot call super())
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x) * self.logit_scale
 
-
-class _StagedNet(nn.Module):
+class _StagedNet(_ScaledHead, nn.Module):
     """timm's model API for the zoo's own CIFAR nets — a stem, ``stages``, an optional final norm,
     ``global_pool`` + ``fc`` (+ dropout) — with gradient checkpointing, ``group_matcher``,
     ``forward_intermediates`` and ``prune_intermediate_layers`` as timm's models have them.
@@ -195,12 +206,6 @@ class _StagedNet(nn.Module):
             x = self.stages(x)
         return self.final_norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x) * self.logit_scale
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -249,13 +254,13 @@ class CifarResNet(_StagedNet):
     shortcuts), global average pooling and a linear classifier. Timm model API."""
 
     def __init__(self, layers: Sequence[int] = (3, 3, 3), channels: Sequence[int] = (16, 32, 64), *,
-                 num_classes: int = 10, in_chans: int = 3, kind: str = "lcnn", img_size: Sequence[int] = (32, 32),
+                 num_classes: int = 10, in_chans: int = 3, flavour: str = "lcnn", img_size: Sequence[int] = (32, 32),
                  global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  beta_init: float = 5.0, gamma_init: float = 10.0, logit_scale: float = 1.0,
                  norm_layer: Type[nn.Module] = nn.BatchNorm2d, device=None, dtype=None) -> None:
         super().__init__()
-        act_layer = _act_layer(kind)
-        self.kind = kind
+        act_layer = _act_layer(flavour)
+        self.flavour = flavour
         self.in_chans = in_chans
         self.conv1 = nn.Conv2d(in_chans, channels[0], 3, padding=1, bias=False)
         self.bn1 = norm_layer(channels[0])
@@ -280,10 +285,8 @@ class CifarResNet(_StagedNet):
             self.stages.add_module(str(i), nn.Sequential(*blocks))
             self.feature_info.append(dict(num_chs=c, reduction=reduction, module=f"stages.{i}"))
         self._init_head(in_chs, num_classes, global_pool, drop_rate, logit_scale)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init, device, dtype)
+        _kaiming_convs(self)
+        _finalize(self, flavour, in_chans, img_size, beta_init, gamma_init, device, dtype)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.act1(self.bn1(self.conv1(x)))
@@ -327,7 +330,7 @@ class WideResNet(_StagedNet):
     (depth-4)/6 :class:`PreActBlock`s with 16k/32k/64k channels, final BN-act, global pool, linear."""
 
     def __init__(self, depth: int = 28, widen_factor: int = 10, *, num_classes: int = 10, in_chans: int = 3,
-                 kind: str = "lcnn", img_size: Sequence[int] = (32, 32), global_pool: str = "avg",
+                 flavour: str = "lcnn", img_size: Sequence[int] = (32, 32), global_pool: str = "avg",
                  drop_rate: float = 0.0, block_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  beta_init: float = 5.0, gamma_init: float = 10.0, logit_scale: float = 1.0,
                  norm_layer: Type[nn.Module] = nn.BatchNorm2d, device=None, dtype=None) -> None:
@@ -335,9 +338,9 @@ class WideResNet(_StagedNet):
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
         n = (depth - 4) // 6
-        act_layer = _act_layer(kind)
+        act_layer = _act_layer(flavour)
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
-        self.kind = kind
+        self.flavour = flavour
         self.in_chans = in_chans
         self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         self.feature_info: List[Dict[str, Any]] = [dict(num_chs=16, reduction=1, module="conv1")]
@@ -356,10 +359,8 @@ class WideResNet(_StagedNet):
         self.bn = norm_layer(in_chs)
         self.act = act_layer(inplace=True)
         self._init_head(in_chs, num_classes, global_pool, drop_rate, logit_scale)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        _finalize(self, kind, in_chans, img_size, beta_init, gamma_init, device, dtype)
+        _kaiming_convs(self)
+        _finalize(self, flavour, in_chans, img_size, beta_init, gamma_init, device, dtype)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv1(x)
@@ -495,21 +496,21 @@ def _cfg_for_built_channels(model: nn.Module) -> None:
         model.default_cfg = model.pretrained_cfg  # timm's alias
 
 
-def _resnet(variant: str, pretrained: bool, block, layers, kind: str, cifar_stem: bool = True,
+def _resnet(variant: str, pretrained: bool, block, layers, flavour: str, cifar_stem: bool = True,
             **kwargs: Any) -> nn.Module:
-    args = dict(block=block, layers=layers, kind=kind, cifar_stem=cifar_stem)
+    args = dict(block=block, layers=layers, flavour=flavour, cifar_stem=cifar_stem)
     return _create(LcnnResNet, variant, pretrained, args, **kwargs)
 
 
 _STAGE_FEATURES = dict(feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True))
 
 
-def _cifar_resnet(variant: str, pretrained: bool, n: int, kind: str, **kwargs: Any) -> nn.Module:
-    return _create(CifarResNet, variant, pretrained, dict(layers=(n, n, n), kind=kind, **_STAGE_FEATURES), **kwargs)
+def _cifar_resnet(variant: str, pretrained: bool, n: int, flavour: str, **kwargs: Any) -> nn.Module:
+    return _create(CifarResNet, variant, pretrained, dict(layers=(n, n, n), flavour=flavour, **_STAGE_FEATURES), **kwargs)
 
 
-def _wrn(variant: str, pretrained: bool, depth: int, k: int, kind: str, **kwargs: Any) -> nn.Module:
-    args = dict(depth=depth, widen_factor=k, kind=kind, **_STAGE_FEATURES)
+def _wrn(variant: str, pretrained: bool, depth: int, k: int, flavour: str, **kwargs: Any) -> nn.Module:
+    args = dict(depth=depth, widen_factor=k, flavour=flavour, **_STAGE_FEATURES)
     return _create(WideResNet, variant, pretrained, args, **kwargs)
 
 
