@@ -86,5 +86,7 @@ def test_the_other_bash_blocks_run_as_written(tmp_path):
                 words = [exe] + words[1:] if exe else [sys.executable, "-m", "lcnn_zoo"] + words[1:]
             proc = subprocess.run(words, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=ENV)
             assert proc.returncode == 0, (command, proc.stderr[-3000:])
-    assert (tmp_path / "runs" / "first" / "model.safetensors").is_file()
+    names = {p.name for p in (tmp_path / "runs" / "first").iterdir()}  # what the README says the folder holds
+    assert {"args.json", "last.pth", "model.safetensors", "model_best.safetensors", "summary.json",
+            "summary.csv"} <= names, names
     assert (tmp_path / "runs" / "first-eval" / "eval.json").is_file()
