@@ -124,7 +124,7 @@ SLOW_TESTS = (
     "test_training.py::test_short_runs_all_regs[lcnn_gradreg-extra3]",
     "test_lcnn_resnet.py::test_timm_kwargs",
     "test_fused.py::test_triton_path_is_routed_on_cpu_under_the_interpreter",
-    # The default suite took 4 min 21 s on the EPYC at fb3502e (about 14 min on the Xeon kind): its 20
+    # The default suite took 4 min 21 s on the EPYC at fb3502e (the Xeon kind runs it ~3× slower): its 20
     # slowest checks then, below, moved to the slow step.
     "test_training.py::test_a_run_ends_with_its_norms_converged",
     "test_training.py::test_model_kwargs_reach_the_model_and_the_evaluation",
