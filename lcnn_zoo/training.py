@@ -413,15 +413,16 @@ def build_run(cfg: TrainConfig, data: TrainData, device: torch.device, rank: int
                                                       device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         wrapped = torch.compile(wrapped, mode=cfg.torchcompile_mode)
-    loaders = (_loader(data.train, cfg.batch_size, True, seed, rank, world, cfg.workers, drop_last=True,
-                       pin_memory=cfg.pin_mem),
-               _loader(data.test, cfg.validation_batch_size or max(cfg.batch_size, 256), False, seed, rank, world,
-                       cfg.workers, drop_last=False, pin_memory=cfg.pin_mem))
-    return TrainingRun(cfg, device, rank, world, data, wrapped, model, optimizer,
-                       _scheduler(cfg, optimizer, updates_per_epoch), ema,
-                       torch.amp.GradScaler(device.type) if fp16 else None, criterion, mixup,
-                       make_regulariser(cfg, criterion, model, seed + rank), train_augment(cfg, data.input_size),
-                       *loaders, updates_per_epoch=updates_per_epoch)
+    return TrainingRun(
+        cfg=cfg, device=device, rank=rank, world=world, data=data, model=wrapped, core=model, optimizer=optimizer,
+        scheduler=_scheduler(cfg, optimizer, updates_per_epoch), ema=ema,
+        scaler=torch.amp.GradScaler(device.type) if fp16 else None, criterion=criterion, mixup=mixup,
+        reg=make_regulariser(cfg, criterion, model, seed + rank), augment=train_augment(cfg, data.input_size),
+        train_loader=_loader(data.train, cfg.batch_size, True, seed, rank, world, cfg.workers, drop_last=True,
+                             pin_memory=cfg.pin_mem),
+        test_loader=_loader(data.test, cfg.validation_batch_size or max(cfg.batch_size, 256), False, seed, rank,
+                            world, cfg.workers, drop_last=False, pin_memory=cfg.pin_mem),
+        updates_per_epoch=updates_per_epoch)
 
 
 def _check_runtime(cfg: TrainConfig, device: torch.device, world: int) -> None:
