@@ -79,12 +79,14 @@ class FDGradRegStep(ExactGradRegStep):
                  generator: torch.Generator) -> None:
         super().__init__(criterion, penalty, core, lambda_grad)
         self.step_size, self.fraction, self.generator = step_size, fraction, generator
+        self._primed = None  # the GradScaler whose scale this step has made sure exists
 
     def step(self, model, x, y, amp, scaler) -> StepOutput:
-        if scaler is not None:
+        if scaler is not None and scaler is not self._primed:
             # GradScaler creates its scale at its first scale() call, and FD GradReg scales by hand: one
-            # call on a zero makes sure it exists (its public API has no other way to ask).
+            # call on a zero, once, makes sure it exists (its public API has no other way to ask).
             scaler.scale(torch.zeros((), device=x.device))
+            self._primed = scaler
         scale = torch.tensor(scaler.get_scale(), device=x.device) if scaler is not None else None
         stats: Dict[str, float] = {}
 
