@@ -1,7 +1,18 @@
-"""Helpers for tests of the command line: a user error is one line on stderr and exit code 2."""
+"""Helpers for tests of the command line: a user error is one line on stderr and exit code 2; the
+Fashion-MNIST marker; the arguments of a short real LCNN training run."""
 from pathlib import Path
 
+import pytest
+
 from lcnn_zoo.cli import main
+from lcnn_zoo.data import FMNIST_SYSTEM_DIR
+
+needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+
+# `lcnn-zoo train` arguments of a short LCNN run on the real data (add --epochs, --output, --experiment).
+FAST_LCNN_RUN = ["--dataset", "fmnist", "--train-subset", "128", "--test-subset", "128", "--batch-size", "64",
+                 "--lr", "0.05", "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3",
+                 "--model", "lcnn_resnet20", "--reg", "lcnn"]
 
 
 def fails_with(capsys, argv, *fragments):

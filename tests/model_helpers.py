@@ -1,9 +1,10 @@
-"""Small models and weight files the tests share: a briefly trained zoo model, its safetensors
-file, and an exact output comparison."""
+"""What the tests share: a briefly trained zoo model, its safetensors file, an exact output
+comparison, and the operator norm of a map from its dense Jacobian."""
 import timm
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.autograd.functional import jacobian
 
 import lcnn_zoo  # noqa: F401  (registers the zoo's models in timm)
 
@@ -36,3 +37,9 @@ def same_outputs(a: nn.Module, b: nn.Module, shape=(3, 32, 32)) -> None:
     a.eval(), b.eval()
     with torch.no_grad():
         torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def dense_norm(fn, x: torch.Tensor) -> float:
+    """Largest singular value of the Jacobian of ``fn`` at ``x`` (dense; float64 ``x`` for tight checks)."""
+    j = jacobian(fn, x, vectorize=True).reshape(-1, x.numel())
+    return torch.linalg.matrix_norm(j, 2).item()

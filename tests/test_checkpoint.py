@@ -7,25 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import fails_with
+from cli_helpers import FAST_LCNN_RUN, fails_with, needs_fmnist
 
 from lcnn_zoo.checkpoint import RunFolder
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR
 from lcnn_zoo.errors import UserError
 from lcnn_zoo.options import train_config
 from lcnn_zoo.training import train
 
 REPO = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
-FAST = ["--dataset", "fmnist", "--train-subset", "128", "--test-subset", "128", "--batch-size", "64", "--lr", "0.05",
-        "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3", "--model", "lcnn_resnet20", "--reg", "lcnn"]
 
 
 @needs_fmnist
 def test_a_second_run_in_a_locked_folder_fails_at_once_naming_the_holder(tmp_path):
     folder = RunFolder(tmp_path / "exp")
     with folder.lock():  # a run that has not written its first file yet: --resume auto would continue it
-        proc = subprocess.run([sys.executable, "-m", "lcnn_zoo", "train"] + FAST +
+        proc = subprocess.run([sys.executable, "-m", "lcnn_zoo", "train"] + FAST_LCNN_RUN +
                               ["--epochs", "1", "--output", str(tmp_path), "--experiment", "exp", "--resume", "auto"],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and f"pid {os.getpid()}" in proc.stderr and "in use" in proc.stderr, proc.stderr
@@ -34,7 +30,7 @@ def test_a_second_run_in_a_locked_folder_fails_at_once_naming_the_holder(tmp_pat
 
 @needs_fmnist
 def test_resume_regenerates_the_csv_and_cleans_only_its_own_temporaries(tmp_path):
-    common = FAST + ["--output", str(tmp_path), "--experiment", "r"]
+    common = FAST_LCNN_RUN + ["--output", str(tmp_path), "--experiment", "r"]
     train(train_config(common + ["--epochs", "1"]))
     run = tmp_path / "r"
     with open(run / "summary.csv", "a") as f:  # a row written before a kill that lost its checkpoint

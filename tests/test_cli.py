@@ -8,15 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import fails_with
+from cli_helpers import fails_with, needs_fmnist
 from PIL import Image
 
 from lcnn_zoo.cli import keep_freed_memory
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR
 from lcnn_zoo.errors import MAX_MESSAGE, one_line
 
 REPO = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 
 
 def test_keep_freed_memory_applies_only_where_asked(monkeypatch):

@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from model_helpers import dense_norm
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 from torch.autograd.functional import jacobian
@@ -27,12 +28,6 @@ from lcnn_zoo import (
 )
 from lcnn_zoo.conversion import ACTIVATION_TYPES, average_residual
 from lcnn_zoo.layers import spectral_norm_modules, spectral_norm_of
-
-
-def dense_norm(fn, x):
-    """Largest singular value of the Jacobian of ``fn`` at ``x`` (float64, dense)."""
-    j = jacobian(fn, x, vectorize=True).reshape(-1, x.numel())
-    return torch.linalg.matrix_norm(j, 2).item()
 
 
 def quiet_lcnnify(model, **kw):

@@ -32,11 +32,17 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from model_helpers import dense_norm
 from torch import nn
-from torch.autograd.functional import jacobian
 
-from lcnn_zoo import (LCNNConversionWarning, LCNNInputSizeWarning, LipschitzBatchNorm2d, LipschitzBatchNormAct2d,
-                      converge_spectral_norms, lcnnify)
+from lcnn_zoo import (
+    LCNNConversionWarning,
+    LCNNInputSizeWarning,
+    LipschitzBatchNorm2d,
+    LipschitzBatchNormAct2d,
+    converge_spectral_norms,
+    lcnnify,
+)
 from lcnn_zoo.layers import spectral_norm_modules
 
 
@@ -76,11 +82,6 @@ def _covered_modules(model, report):
 
 DEFAULT_FAMILIES = {"resnet18", "repvgg_a0", "densenet121", "convnext_atto", "vit_tiny_patch16_224"}  # the rest: slow
 SIZE = (3, 6, 6)
-
-
-def dense_norm(fn, x):
-    j = jacobian(fn, x, vectorize=True).reshape(-1, x.numel())
-    return torch.linalg.matrix_norm(j, 2).item()
 
 
 class Base(nn.Module):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import fails_with
+from cli_helpers import fails_with, needs_fmnist
 from PIL import Image
 
 from lcnn_zoo.data import FMNIST_SYSTEM_DIR, build_dataset, read_image
@@ -42,7 +42,6 @@ def _image_folder(root: Path, classes, splits=("train", "val"), size=(20, 20), p
 
 
 REPO = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 
 
 class _Payload:

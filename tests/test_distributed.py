@@ -13,15 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cli_helpers import FAST_LCNN_RUN, needs_fmnist
 
 from lcnn_zoo import LipschitzBatchNorm2d
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR
 from lcnn_zoo.layers import sync_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
-FAST = ["--dataset", "fmnist", "--train-subset", "128", "--test-subset", "128", "--batch-size", "64", "--lr", "0.05",
-        "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3", "--model", "lcnn_resnet20", "--reg", "lcnn"]
 
 
 def make():
@@ -68,7 +65,7 @@ def test_synced_lbn_matches_single_process():
 @needs_fmnist
 def test_a_stopped_rank_makes_the_other_fail_within_the_timeout(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
-           "lcnn_zoo", "train"] + FAST + ["--epochs", "50", "--threads", "1", "--output", str(tmp_path),
+           "lcnn_zoo", "train"] + FAST_LCNN_RUN + ["--epochs", "50", "--threads", "1", "--output", str(tmp_path),
                                         "--experiment", "stop", "--dist-timeout", "20"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)

@@ -7,16 +7,14 @@ import time
 import pytest
 import timm
 import torch
-from cli_helpers import fails_with, files_under
+from cli_helpers import fails_with, files_under, needs_fmnist
 from model_helpers import checkpoint
 
 from lcnn_zoo import hub
 from lcnn_zoo.cli import main
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR
 from lcnn_zoo.options import train_config
 from lcnn_zoo.training import train
 
-needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 SMALL = ["--limit", "64", "--geom-samples", "4", "--pgd-samples", "8", "--noise-samples", "4", "--hvp-iters", "2",
          "--pgd-steps", "1", "--no-progress"]
 

@@ -6,17 +6,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from cli_helpers import fails_with, files_under, needs_fmnist
 from safetensors.torch import save_file
 
-from cli_helpers import fails_with, files_under
 from lcnn_zoo import training
-from lcnn_zoo.options import train_config
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR
 from lcnn_zoo.errors import UserError
+from lcnn_zoo.options import train_config
 from lcnn_zoo.preflight import train_plan
 from lcnn_zoo.training import train
 
-needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 FAST = ["--dataset", "fmnist", "--train-subset", "128", "--test-subset", "64", "--batch-size", "64", "--epochs", "1",
         "--lr", "0.05", "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3"]
 
@@ -112,8 +110,8 @@ def test_a_partial_initial_checkpoint_is_refused_unless_asked(tmp_path, capsys):
 
 @needs_fmnist
 def test_resume_after_a_class_was_added_is_refused(tmp_path, capsys):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     root = tmp_path / "imgs"
     for split in ("train", "val"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from cli_helpers import fails_with, files_under
+from cli_helpers import fails_with, files_under, needs_fmnist
 from hf_cache import populate, publish, remove, unpublish
 from model_helpers import checkpoint, same_outputs, trained
 from PIL import Image
@@ -20,13 +20,12 @@ from safetensors.torch import save_file
 
 from lcnn_zoo import hub
 from lcnn_zoo.cli import main
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR, build_dataset
+from lcnn_zoo.data import build_dataset
 from lcnn_zoo.errors import UserError
 from lcnn_zoo.hub import hub_id
 from lcnn_zoo.publishing import save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 
 
 def _ckpt(path: Path, name="lcnn_resnet20.fmnist", **kw) -> Path:

@@ -4,12 +4,11 @@ import subprocess
 import sys
 
 import pytest
-
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR
+from cli_helpers import needs_fmnist
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fmnist
 def test_quickstart(tmp_path):
     out = tmp_path / "qs"
     proc = subprocess.run([sys.executable, "-m", "lcnn_zoo.cli", "quickstart", "--output", str(out), "--no-progress"],
@@ -29,7 +28,8 @@ def test_quickstart(tmp_path):
 def test_quickstart_recipe_parses():
     """The recipe the README documents (fast check; the run itself is the slow test above)."""
     from lcnn_zoo.options import train_config as parse_args
-    from lcnn_zoo.quickstart import QUICKSTART_COMMON as _COMMON, QUICKSTART_RUNS
+    from lcnn_zoo.quickstart import QUICKSTART_COMMON as _COMMON
+    from lcnn_zoo.quickstart import QUICKSTART_RUNS
 
     lcnn = parse_args(_COMMON + QUICKSTART_RUNS["lcnn_gradreg"])
     assert lcnn.model == "lcnn_resnet20" and lcnn.model_kwargs == {"logit_scale": 4}

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR
+from cli_helpers import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -36,6 +35,7 @@ def _run_by_ci(command: str) -> bool:
         words = ["python3", "-m", "pip"] + words[1:]
     elif words[0] == "python":
         words = ["python3"] + words[1:]
+
     def split(line):
         try:  # the package with its dev extras is the package installed
             return [".[dev]" if w == "." else w for w in shlex.split(line)]
@@ -73,7 +73,7 @@ def test_install_and_test_commands_are_the_ones_ci_runs():
             assert _run_by_ci(command), command
 
 
-@pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fmnist
 def test_the_other_bash_blocks_run_as_written(tmp_path):
     """Every later bash block, each command in turn, in an empty folder (the commands write runs/…)."""
     exe = shutil.which("lcnn-zoo")

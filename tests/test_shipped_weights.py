@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from cli_helpers import needs_fmnist
 
 import lcnn_zoo  # noqa: F401
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR, build_dataset
+from lcnn_zoo.data import build_dataset
 from lcnn_zoo.hub import WEIGHTS_DIR, bundled_manifest
 
 MANIFEST = bundled_manifest()
@@ -21,7 +22,7 @@ def test_manifest_matches_files():
 
 
 @pytest.mark.skipif(not MANIFEST, reason="no weights shipped")
-@pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fmnist
 @pytest.mark.parametrize("tag", sorted(MANIFEST))
 def test_shipped_tag_accuracy(tag):
     model = timm.create_model(tag, pretrained=True).eval()
@@ -45,7 +46,7 @@ def test_shipped_tag_via_torch_hub():
 
 
 @pytest.mark.skipif("lcnn_resnet20.fmnist" not in MANIFEST, reason="no weights shipped")
-@pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+@needs_fmnist
 def test_shipped_tag_at_another_input_size_loads_converged_vectors():
     """Built for 1×29×29, the 28×28 tag's singular vectors are recomputed from its weights at load
     (they were random 3-iteration ones before: 9.3% accuracy); on the test images padded by a pixel

@@ -5,6 +5,7 @@ import warnings
 import pytest
 import timm
 import torch
+from model_helpers import dense_norm
 from timm.layers import Conv2dSame
 from torch import nn
 from torch.autograd.functional import jacobian
@@ -18,12 +19,6 @@ from lcnn_zoo import (
     spectral_norm,
 )
 from lcnn_zoo.layers import spectral_norm_modules
-
-
-def dense_norm(fn, x):
-    """Largest singular value of the Jacobian of ``fn`` at ``x`` (float64, dense)."""
-    j = jacobian(fn, x, vectorize=True).reshape(-1, x.numel())
-    return torch.linalg.matrix_norm(j, 2).item()
 
 
 def operator_norm(module, shape):

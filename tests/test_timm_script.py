@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+from cli_helpers import needs_fmnist
 from PIL import Image
 
 import lcnn_zoo
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR, build_dataset
+from lcnn_zoo.data import build_dataset
 from lcnn_zoo.factory import is_lcnn
 
 REPO = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 
 
 def run_script(*args, cwd):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from cli_helpers import needs_fmnist
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -20,7 +21,6 @@ from lcnn_zoo import training
 from lcnn_zoo.checkpoint import RunFolder
 from lcnn_zoo.cli import main
 from lcnn_zoo.data import (
-    FMNIST_SYSTEM_DIR,
     BatchAugment,
     DataNotFoundError,
     build_dataset,
@@ -37,7 +37,6 @@ def load_checkpoint(path):
     return RunFolder(Path(path).parent).load_checkpoint(path)
 
 
-needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 FAST = ["--dataset", "fmnist", "--train-subset", "256", "--test-subset", "256", "--batch-size", "64",
         "--lr", "0.05", "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3"]
 
