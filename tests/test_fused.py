@@ -204,3 +204,16 @@ def test_a_failing_triton_kernel_falls_back_with_one_warning(monkeypatch):
     torch.testing.assert_close(gx, want_gx)
     torch.testing.assert_close(gb, want_gb)
     assert not fused.fused_enabled(x)
+
+
+def test_the_first_cpu_kernel_adds_no_line_to_stderr():
+    """Inductor's first C++ build imports torch.utils.cpp_extension, which on a CPU-only machine with
+    a CUDA build of torch logs "No CUDA runtime is found" (a user of `lcnn-zoo` would see it under
+    every command's one-line output); the fused op filters that record during that import only."""
+    code = ("import logging, torch, lcnn_zoo\n"
+            "x = torch.randn(64, requires_grad=True)\n"
+            "lcnn_zoo.CenteredSoftplus()(x).sum().backward()\n"
+            "assert not logging.getLogger('torch.utils.cpp_extension').filters\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "No CUDA runtime" not in r.stderr, r.stderr[-2000:]

@@ -24,8 +24,10 @@ the neighbouring ops. Double backward never uses these kernels (see :mod:`.activ
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 import types
 import warnings
 from typing import Callable, Dict, Tuple
@@ -144,6 +146,27 @@ _CPU_FUNCTIONS = {"fwd": _cpu_fwd, "bwd_x": _cpu_bwd_x, "bwd_x_beta": _cpu_bwd_x
 _compiled: Dict[tuple, Callable] = {}
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _import_cpp_extension_quietly() -> None:
+    """Import ``torch.utils.cpp_extension`` (inductor's C++ build imports it) with its one import-time
+    notice filtered: on a CPU-only machine whose torch is a CUDA build it logs "No CUDA runtime is
+    found, using CUDA_HOME=…", which says nothing about a CPU kernel and would be the only line on
+    stderr of an ``lcnn-zoo`` command that otherwise prints one-line messages. Only that record, only
+    during that import: the logger is left as it was."""
+    if "torch.utils.cpp_extension" in sys.modules:
+        return
+    log, quiet = logging.getLogger("torch.utils.cpp_extension"), _NoCudaRuntimeNotice()
+    log.addFilter(quiet)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        log.removeFilter(quiet)
+
+
 def _cpu_kernel(name: str, *args: torch.Tensor) -> Callable:
     """The compiled kernel for these inputs' dtypes and whether they are inference tensors.
 
@@ -153,6 +176,7 @@ def _cpu_kernel(name: str, *args: torch.Tensor) -> Callable:
     key = (name,) + tuple((a.dtype, a.is_inference()) for a in args)
     fn = _compiled.get(key)
     if fn is None:
+        _import_cpp_extension_quietly()
         base = _CPU_FUNCTIONS[name]
         tag = "_".join(str(d).replace("torch.", "") + ("_inf" if inf else "") for d, inf in key[1:])
         code = base.__code__.replace(co_name=f"{base.__name__}_{tag}")
