@@ -44,7 +44,7 @@ from .layers import (
     spectral_norm,
     spectral_norm_of,
 )
-from .layers.spectral_norm import CONVERGENCE_TOL, MAX_INIT_ITERATIONS
+from .layers.spectral_norm import CONVERGENCE_TOL, MAX_INIT_ITERATIONS, drop_hooks
 
 __all__ = ["lcnnify", "set_input_size", "average_residual", "detach_lcnn_state", "ConversionReport",
            "LCNNConversionWarning", "LCNNInputSizeWarning", "RULES", "Rule", "ACTIVATION_TYPES", "RESIDUAL_TYPES"]
@@ -585,11 +585,8 @@ def _keep_head_spectral(model: nn.Module) -> None:
 
 
 def _unhook_stem(model: nn.Module) -> None:
-    # Hooks are found by identity in the modules' hook dicts (as for the root's): a deep copy (fold,
-    # EMA) carries the hooks but not their handles.
     for m in model.modules():
-        for key in [k for k, h in m._forward_pre_hooks.items() if h is _stem_size_hook]:
-            del m._forward_pre_hooks[key]
+        drop_hooks(m._forward_pre_hooks, _stem_size_hook)
         if m is not model:
             m.__dict__.pop("_lcnn_size_warned", None)
     model.__dict__.pop("_lcnn_stem_checked", None)
@@ -598,10 +595,7 @@ def _unhook_stem(model: nn.Module) -> None:
 def detach_lcnn_state(model: nn.Module) -> None:
     """Remove what lcnnify attached to the model itself: the report, the input-size hook and the
     ``reset_classifier`` wrapper (what :func:`lcnn_zoo.fold` does once the layers are plain)."""
-    # By identity in the hook dict, not by handle: fold works on a deep copy, which carries the hook
-    # but not the handle lcnnify got.
-    for key in [k for k, h in model._forward_pre_hooks.items() if h is _input_size_hook]:
-        del model._forward_pre_hooks[key]
+    drop_hooks(model._forward_pre_hooks, _input_size_hook)  # fold works on a deep copy: no handle
     _unhook_stem(model)
     for attr in ("lcnn_report", "_lcnn_input_size", "_lcnn_size_warned", "_lcnn_stem_checked"):
         if attr in model.__dict__:

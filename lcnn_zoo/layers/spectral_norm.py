@@ -527,16 +527,21 @@ def remove_spectral_norm(module: nn.Module) -> nn.Module:
     sn.eval()
     w = module.weight.detach().clone()
     sn.train(was_training)
-    _drop_hooks(module._forward_pre_hooks, _lazy_init_hook)
-    _drop_hooks(module._state_dict_hooks, _sn_state_dict_hook)
-    _drop_hooks(module._load_state_dict_pre_hooks, _sn_load_pre_hook)
+    drop_hooks(module._forward_pre_hooks, _lazy_init_hook)
+    drop_hooks(module._state_dict_hooks, _sn_state_dict_hook)
+    drop_hooks(module._load_state_dict_pre_hooks, _sn_load_pre_hook)
     module.__class__ = type(module).__bases__[0]  # parametrize injects a direct subclass of the layer's class
     del module._modules["parametrizations"]
     module.register_parameter("weight", nn.Parameter(w))
     return module
 
 
-def _drop_hooks(hooks, fn) -> None:
+def drop_hooks(hooks, fn) -> None:
+    """Remove every hook that is ``fn`` (or wraps it) from one of a module's hook dicts.
+
+    By identity in the dict, not by handle: a deep copy of a model (fold, an EMA copy) carries the
+    hooks but not the handles they were registered with, and the dicts are where torch keeps them
+    (no public API removes a hook without its handle)."""
     for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is fn]:
         del hooks[key]
 
@@ -573,7 +578,7 @@ def _lazy_init_hook(module: nn.Module, args) -> None:
         sn.op.padding = conv_padding(module, x.shape[-2:])
     if sn._v is None:
         sn.initialize(module.parametrizations.weight.original, tuple(x.shape[1:]))
-    _drop_hooks(module._forward_pre_hooks, _lazy_init_hook)  # done: no per-call cost from now on
+    drop_hooks(module._forward_pre_hooks, _lazy_init_hook)  # done: no per-call cost from now on
 
 
 def spectral_norm_modules(model: nn.Module) -> Iterator[Tuple[nn.Module, SpectralNorm]]:
