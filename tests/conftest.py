@@ -73,9 +73,9 @@ def published(tmp_path_factory):
 
 # The default suite's budget is 10 minutes on 2 cores of the slower machine kind (the guide's figures
 # had an Intel Xeon ~3× slower than the AMD EPYC; at 00545b6 a 2-core Xeon machine ran the default
-# suite, 668 tests, in 3 min 56 s against the EPYC's 3 min 4 s, each measured once). These checks, the slowest on the EPYC (`--durations` in CI's
-# output), run in CI's separate `-m slow` step instead: "file::test" marks every parametrisation,
-# "file::test[id]" one of them.
+# suite, 668 tests, in 3 min 56 s against the EPYC's 3 min 4 s, each measured once). These checks,
+# the slowest on the EPYC (`--durations` in CI's output), run in CI's separate `-m slow` step
+# instead: "file::test" marks every parametrisation, "file::test[id]" one of them.
 SLOW_TESTS = (
     "test_fused.py::test_every_dtype_and_inference_mode_gets_a_kernel_without_hitting_the_recompile_limit",
     "test_cli.py::test_messages_are_bounded",
