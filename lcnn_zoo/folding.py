@@ -120,7 +120,9 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
     """Turn a (trained) LCNN into plain torch modules with identical eval-mode outputs.
 
     * spectral normalisation is baked into the weights (W / σ with the current singular vectors),
-      and the parametrizations and every lcnn_zoo state-dict hook are removed;
+      and the parametrizations and every lcnn_zoo state-dict hook are removed; a convolution that
+      no forward has reached (input size unknown, so no σ) gets W / σ̄ with σ̄ a bound on its
+      norm at every input size (and a warning);
     * each γ-Lipschitz BN becomes the equivalent affine ``BatchNorm2d``, fused into the preceding
       convolution when it consumes that convolution's output alone;
     * :class:`CenteredSoftplus` becomes :class:`FrozenCenteredSoftplus` (``softplus(x, β) − log2/β``,
@@ -163,6 +165,16 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
         example_input = torch.rand(2, *size, generator=gen).to(device=p.device, dtype=p.dtype)
     reference = folded(example_input)
 
+    # A conv this forward did not reach and whose input size is still unknown (an unused auxiliary
+    # head) has no σ: remove_spectral_norm bakes it with a bound valid at every input size.
+    unsized = [name for name, m in folded.named_modules()
+               if (sn := spectral_norm_of(m)) is not None and (sn._v is None or sn.padding is None)]
+    if unsized:
+        warnings.warn(f"fold: {len(unsized)} convolution(s) no forward has reached ({', '.join(unsized[:5])}"
+                      f"{', …' if len(unsized) > 5 else ''}) have no input size, so no operator norm: they are "
+                      "folded as W / (a bound on their norm at every input size), 1-Lipschitz at any size; "
+                      "run a forward that reaches them before fold to fold them with their exact norm",
+                      stacklevel=3)  # above torch.no_grad's wrapper
     for m, _ in list(spectral_norm_modules(folded)):
         remove_spectral_norm(m)
 

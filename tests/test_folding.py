@@ -1,6 +1,7 @@
 """lcnn_zoo.folding: ``fold`` leaves plain modules computing the LCNN's function (they reload,
 script and export), and a freshly converted model (tiny logits) does not trip its self-check
 (issue 20, case 10: the check's floor was an absolute 1e-12 × 1e-5)."""
+import copy
 import warnings
 
 import pytest
@@ -60,3 +61,53 @@ def test_fold_leaves_plain_modules_that_reload_script_and_export(tmp_path):
     onnx = pytest.importorskip("onnx")
     torch.onnx.export(folded, (x,), str(tmp_path / "legacy.onnx"), dynamo=False)
     onnx.checker.check_model(str(tmp_path / "legacy.onnx"))
+
+
+class _WithUnusedAux(torch.nn.Module):
+    """A net whose forward never calls one of its convs (an unused auxiliary head, as in Inception)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.act = torch.nn.ReLU()
+        self.aux = torch.nn.Conv2d(4, 5, 3, stride=2, padding=1, groups=1)
+        self.aux_reflect = torch.nn.Conv2d(4, 2, 3, padding=1, padding_mode="reflect")
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.stem(x)).mean((2, 3)))
+
+
+def test_fold_of_a_model_with_a_conv_no_forward_reaches():
+    """fold used to raise 'the conv input size is unknown' for a conv its forward never calls,
+    although input_size was given. It folds now: the outputs are the LCNN's, and the unreached
+    conv, whose σ is undefined (no input size), is baked with a bound at every input size, so it is
+    1-Lipschitz at any size it may later be run at (checked by dense SVD at several sizes)."""
+    from model_helpers import dense_norm
+
+    from lcnn_zoo.layers import spectral_norm_of
+
+    torch.manual_seed(0)
+    model = quiet_lcnnify(_WithUnusedAux(), input_size=(3, 8, 8)).eval()
+    assert spectral_norm_of(model.aux).input_shape is None  # never reached: lazily shaped
+    x = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(UserWarning, match=r"no forward has reached \(aux, aux_reflect\)"):
+        folded = fold(model)
+    assert spectral_norm_of(folded.aux) is None and type(folded.aux) is torch.nn.Conv2d
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), ref, rtol=0, atol=1e-6)
+    for conv in (folded.aux, folded.aux_reflect):
+        conv = copy.deepcopy(conv).double()
+        for hw in ((2, 2), (5, 7), (12, 12)):  # the Jacobian of the affine conv is its linear operator
+            assert 0.01 < dense_norm(conv, torch.zeros(1, 4, *hw, dtype=torch.float64)) <= 1.0 + 1e-9
+    # the LCNN itself is unchanged and, once a forward reaches the convs, folds them with their exact σ
+    with torch.no_grad():
+        model.aux(torch.rand(1, 4, 8, 8))
+        model.aux_reflect(torch.rand(1, 4, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded = fold(model)
+    aux = copy.deepcopy(folded.aux).double()
+    assert dense_norm(aux, torch.zeros(1, 4, 8, 8, dtype=torch.float64)) == pytest.approx(1.0, abs=2e-3)

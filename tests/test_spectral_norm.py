@@ -311,6 +311,60 @@ def test_an_averaged_copy_is_within_its_bound_at_its_first_eval_forward():
     assert not stale_spectral_norms(model)
 
 
+def test_eval_reconverges_when_only_the_singular_vectors_are_overwritten():
+    """Vectors overwritten with no weight change (copied from another model DDP-style, a state dict
+    holding only them, a buffer replaced): the eval operator norm used to be 1.85-2.87, as the check
+    for a stale state looked at the weight alone. The first eval forward re-converges them now,
+    and a forward with nothing changed checks nothing (no operator product)."""
+    torch.manual_seed(0)
+    shape = (3, 6, 6)
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    other = nn.Conv2d(3, 5, 3, padding=1).double()
+    spectral_norm(conv, shape)
+    spectral_norm(other, shape)
+    conv.eval()
+    sn = conv.parametrizations.weight[0]
+    x = torch.rand(2, *shape, dtype=torch.float64)
+
+    def true_norm():
+        with torch.no_grad():
+            conv(x)  # the eval forward that must see the new vectors
+        return operator_norm(conv, shape)
+
+    assert true_norm() == pytest.approx(1.0, abs=1e-3)
+    with torch.no_grad():  # in place, as DDP's buffer broadcast writes them
+        sn._u.copy_(torch.randn_like(sn._u))
+        sn._v.copy_(torch.randn_like(sn._v))
+    assert true_norm() == pytest.approx(1.0, abs=1e-3)
+    # another layer's vectors, loaded through the state dict without its weight
+    vectors = {k: v for k, v in other.state_dict().items() if k in ("weight_u", "weight_v")}
+    conv.load_state_dict(vectors, strict=False)
+    assert torch.equal(sn._v, other.parametrizations.weight[0]._v)
+    assert true_norm() == pytest.approx(1.0, abs=1e-3)
+    # a buffer replaced by another tensor
+    sn._v = torch.randn_like(sn._v)
+    assert true_norm() == pytest.approx(1.0, abs=1e-3)
+    # a whole converted model whose vectors are another model's (the weights kept)
+    torch.manual_seed(1)
+    net = lcnnify(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2)).double(),
+                  input_size=shape)
+    donor = lcnnify(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2)).double(),
+                    input_size=shape)
+    net.load_state_dict({k: v for k, v in donor.state_dict().items() if k.endswith(("weight_u", "weight_v"))},
+                        strict=False)
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    for layer, in_shape in ((net[0], shape), (net[2], (4, 6, 6))):
+        assert operator_norm(layer, in_shape) == pytest.approx(1.0, abs=1e-3)
+    # nothing changed: the next eval forward runs no operator product
+    calls = []
+    sn.residual = lambda w: calls.append(w) or 0.0
+    with torch.no_grad():
+        conv(x)
+    assert not calls
+
+
 TRAIN_GRAD_LAYERS = {
     "conv": lambda: nn.Conv2d(3, 5, 3, padding=1),
     "conv_stride_groups": lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),

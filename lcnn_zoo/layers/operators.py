@@ -125,6 +125,31 @@ class Conv2dOperator:
             sym = (0, 0)
         return torch.nn.grad.conv2d_weight(v, weight.shape, u, self.stride, sym, self.dilation, self.groups)
 
+    def norm_bound(self, weight: torch.Tensor) -> torch.Tensor:
+        """An upper bound on ‖A_W‖₂ that holds at every input size (0-dim; for a convolution whose
+        input size is unknown). A_W = Σ_ij (W_ij ⊗ S_ij)∘P over the kernel taps (i, j): W_ij mixes the
+        channels (block-diagonal over the groups, norm max_g ‖W_ij^g‖₂), S_ij selects one distinct
+        padded-input position per output position (norm ≤ 1, any stride and dilation), and the
+        padding P copies each input pixel m_h·m_w times at most: once with zero padding, at most
+        1 + [pad before > 0] + [pad after > 0] per dimension with reflect and circular padding
+        (each side copies distinct pixels: torch allows at most the input's size there), and
+        1 + pad before + pad after with replicate padding. So ‖A_W‖₂ ≤ √(m_h·m_w) · Σ_ij max_g ‖W_ij^g‖₂."""
+        w = weight.detach()
+        g = self.groups
+        co, ci, kh, kw = w.shape
+        taps = w.reshape(g, co // g, ci, kh * kw).permute(3, 0, 1, 2)  # (taps, groups, out/g, in/g)
+        bound = torch.linalg.matrix_norm(taps, ord=2).amax(dim=1).sum()
+        if self.padding_mode != "zeros" and self.padding is not None:
+            l, r, t, b = self.padding
+
+            def copies(before: int, after: int) -> int:
+                if self.padding_mode == "replicate":
+                    return 1 + before + after
+                return 1 + (before > 0) + (after > 0)
+
+            bound = bound * (copies(l, r) * copies(t, b)) ** 0.5
+        return bound
+
     def describe(self) -> str:
         return (f"layer_type=conv2d, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}")

@@ -81,12 +81,14 @@ class SpectralNorm(nn.Module):
     (u, v treated as constants, as in Miyato et al.). In eval mode σ is recomputed from the current
     weight at every call — nothing is cached, so weights changed in any way (``.data``, EMA/SWA tools,
     ``torch.func.functional_call``) are always seen — and the singular vectors are re-converged (to
-    ``init_tol``, warm-started) at the first eval forward after the weight tensor changed in place
-    or was replaced (its version counter or storage differs from the last check): an averaged copy
-    (timm's ModelEmaV3, SWA), whose vectors are an average or a copy, is within its bound without
-    a call to :func:`~lcnn_zoo.converge_spectral_norms`. Not seen by that check, and so needing that
-    call: writes through ``weight.data``, and eval under ``torch.compile`` or ``torch.func``
-    transforms (where the vectors are used as they are). For repeated
+    ``init_tol``, warm-started) at the first eval forward after the weight tensor or a singular-vector
+    buffer changed in place or was replaced (its version counter or storage differs from the last
+    check): an averaged copy (timm's ModelEmaV3, SWA), whose vectors are an average or a copy, and a
+    model whose vectors alone were overwritten (``copy_``, ``load_state_dict`` of the buffers, a DDP
+    buffer broadcast), are within their bound without a call to
+    :func:`~lcnn_zoo.converge_spectral_norms`. Not seen by that check, and so needing that call:
+    writes through ``.data`` (of the weight or of the vectors), and eval under ``torch.compile`` or
+    ``torch.func`` transforms (where the vectors are used as they are). For repeated
     calls with fixed weights, ``torch.nn.utils.parametrize.cached()`` caches the normalised weight
     within its block; :func:`lcnn_zoo.fold` bakes it for deployment.
 
@@ -118,8 +120,8 @@ class SpectralNorm(nn.Module):
         self.frozen = False  # True inside `frozen_state`: no power iteration
         self.last_residual = 0.0  # relative residual of the last `converge` (see there)
         self.vectors_loaded = False  # set when a state dict provided the singular vectors
-        self.auto_converge = True  # eval mode: re-converge the vectors when the weight has changed
-        self._converged_for: Optional[Tuple[int, int]] = None  # (storage pointer, version) last checked
+        self.auto_converge = True  # eval mode: re-converge the vectors when the weight or they have changed
+        self._converged_for: Optional[Tuple] = None  # (storage pointer, version) of W, u, v last checked
         self.register_buffer("_u", None)
         self.register_buffer("_v", None)
         # A fixed factor ≤ 1 on the normalised weight, or None (no factor, no buffer). Set when a stem
@@ -404,13 +406,12 @@ class SpectralNorm(nn.Module):
         return _DivideBySigma.apply(weight, sigma, grad_sigma)
 
     def _refresh(self, weight: torch.Tensor) -> None:
-        """Eval mode: converge the vectors for this weight once per change of it (see the class docs)."""
+        """Eval mode: converge the vectors for this weight once per change of it or of the vectors
+        (see the class docs)."""
         if not self.auto_converge or torch.compiler.is_compiling() or torch.jit.is_scripting() or weight.is_meta:
             return
         try:
-            # Tensor._version counts in-place writes; no public API exposes it. Together with the storage
-            # pointer it tells a weight written by an optimizer, an EMA update or load_state_dict.
-            key = (weight.data_ptr(), weight._version)
+            key = self._state_key(weight)
         except (RuntimeError, AttributeError):  # a functorch-wrapped or storage-less tensor: used as it is
             return
         if key == self._converged_for:
@@ -418,7 +419,17 @@ class SpectralNorm(nn.Module):
         with torch.no_grad():
             if self.residual(weight) > self.init_tol:
                 self.converge(weight, self.init_iterations, self.init_tol)
+                key = self._state_key(weight)  # converge wrote the vectors (their versions moved on)
         self._converged_for = key
+
+    def _state_key(self, weight: torch.Tensor) -> Tuple:
+        """What the vectors were last checked against: the storage pointer and version of the weight
+        and of both singular-vector buffers. Tensor._version counts in-place writes (no public API
+        exposes it); with the pointer it tells a weight written by an optimizer, an EMA update or
+        load_state_dict, and vectors overwritten without a weight change (``copy_``, a state dict or
+        a DDP broadcast of the buffers alone, a buffer replaced by another tensor). A training forward
+        writes the vectors too, so the first eval forward after it checks them once more."""
+        return tuple((t.data_ptr(), t._version) for t in (weight, self._u, self._v))
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
@@ -515,6 +526,10 @@ def remove_spectral_norm(module: nn.Module) -> nn.Module:
     value W/σ, and remove every hook :func:`spectral_norm` added. Returns ``module``, now an
     instance of its original class.
 
+    A convolution whose input size is still unknown (no forward has reached it and none was given)
+    has no σ yet: it gets W/σ̄ instead, σ̄ ≥ its operator norm at every input size
+    (:meth:`Conv2dOperator.norm_bound`), so it is 1-Lipschitz at any size it may be run at.
+
     Not ``parametrize.remove_parametrizations``: on a deep copy it deletes the property from the
     parametrized class that the copy *shares* with the original model, breaking the original.
     """
@@ -523,10 +538,16 @@ def remove_spectral_norm(module: nn.Module) -> nn.Module:
     if set(module.parametrizations.keys()) != {"weight"} or len(module.parametrizations.weight) != 1:
         raise ValueError(f"remove_spectral_norm: {type(module).__name__} has other parametrizations too")
     sn = module.parametrizations.weight[0]
-    was_training = sn.training
-    sn.eval()
-    w = module.weight.detach().clone()
-    sn.train(was_training)
+    if sn._v is None or sn.padding is None:
+        # A conv no forward has reached and no input size was given for: its σ is undefined (it depends
+        # on the input size). W / (a bound on its norm at every input size): 1-Lipschitz at any size.
+        original = module.parametrizations.weight.original.detach()
+        w = sn._with_gain(original / sn.op.norm_bound(original).clamp_min(_EPS)).clone()
+    else:
+        was_training = sn.training
+        sn.eval()
+        w = module.weight.detach().clone()
+        sn.train(was_training)
     drop_hooks(module._forward_pre_hooks, _lazy_init_hook)
     drop_hooks(module._state_dict_hooks, _sn_state_dict_hook)
     drop_hooks(module._load_state_dict_pre_hooks, _sn_load_pre_hook)
