@@ -154,3 +154,95 @@ def test_frozen_softplus_matches_the_training_activation():
         x = torch.linspace(-50, 50, 20001) / beta ** 0.5
         torch.testing.assert_close(FrozenCenteredSoftplus(beta)(x), CenteredSoftplus(beta)(x),
                                    rtol=1e-6, atol=3e-7 * 0.7 / beta)
+
+
+# ---- x = ±∞ and NaN (the limits; what FrozenCenteredSoftplus, fold's activation, gives) --------------------
+def _limits_ok(v, beta, y, gx, gb, dtype):
+    """s, ∂s/∂x, ∂s/∂β at x = v: s(−∞) = −log(2)/β, s(+∞) = +∞, s(NaN) = NaN; ∂s/∂x = 0, 1, NaN; ∂s/∂β =
+    log(2)/β² at both infinities (s = x − log(2)/β + o(1) and s → −log(2)/β), NaN at NaN. The backward sees
+    only the rounded output −log(2)/β, whose σ(βx) (≤ eps) adds σ·log 2σ ~ eps·|log eps| to ∂s/∂β and σ to
+    ∂s/∂x at −∞: the tolerances."""
+    eps = torch.finfo(dtype).eps
+    y, gx, gb = float(y), float(gx), float(gb)
+    if math.isnan(v):
+        assert math.isnan(y) and math.isnan(gx) and math.isnan(gb), (y, gx, gb)
+        return
+    assert abs(gb - math.log(2) / beta ** 2) <= 2 * eps * (1 - math.log(eps)) * math.log(2) / beta ** 2, (v, gb)
+    if v > 0:
+        assert y == math.inf and gx == 1.0, (y, gx)
+    else:
+        assert abs(y + math.log(2) / beta) <= eps * math.log(2) / beta and abs(gx) <= eps, (y, gx)
+
+
+def _at(v, beta, dtype, mode):
+    """s(v), ∂s/∂x and ∂s/∂β of centered_softplus at x = v through one back-end. The input holds v twice
+    (the fused CPU kernel serves tensors of two elements and more) and nothing else: with a NaN anywhere
+    the β-gradient, a sum, is NaN."""
+    x = torch.full((2,), v, dtype=dtype, requires_grad=True)
+    b = torch.tensor(beta, dtype=dtype, requires_grad=True)
+    if mode == "jvp":
+        import torch.autograd.forward_ad as fwad
+
+        with fwad.dual_level():
+            y, gx = fwad.unpack_dual(centered_softplus(fwad.make_dual(x.detach(), torch.ones_like(x)), b.detach()))
+        with fwad.dual_level():
+            gb = fwad.unpack_dual(centered_softplus(x.detach(), fwad.make_dual(b.detach(), torch.ones_like(b))))[1]
+        return y[0], gx[0], gb[0]
+    y = centered_softplus(x, b)
+    gx, gb = torch.autograd.grad(y.sum(), [x, b], create_graph=mode == "create_graph")
+    return y[0], gx[0], gb / 2
+
+
+@pytest.mark.parametrize("mode", ["backward", "create_graph", "jvp"])
+@pytest.mark.parametrize("fused_kernels", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("v", [-math.inf, math.inf, math.nan])
+def test_infinite_and_nan_inputs_give_the_limits(v, dtype, fused_kernels, mode, monkeypatch):
+    """The fused kernels (default) and the plain formulas (LCNN_ZOO_FUSED=0): forward, ordinary backward,
+    the differentiable backward (create_graph) and forward mode. x = −∞ gave NaN, ∂s/∂β at ±∞ NaN."""
+    monkeypatch.setenv("LCNN_ZOO_FUSED", fused_kernels)
+    beta = 0.37
+    _limits_ok(v, float(torch.tensor(beta, dtype=dtype)), *_at(v, beta, dtype, mode), dtype)
+
+
+def test_the_training_activation_matches_the_folded_one_at_infinities_and_nan():
+    x = torch.tensor([-math.inf, math.inf, math.nan, -1e30, 1e30])
+    for beta in (1e-3, 0.37, 5.0, 1e3):
+        torch.testing.assert_close(CenteredSoftplus(beta)(x), FrozenCenteredSoftplus(beta)(x), equal_nan=True,
+                                   rtol=1e-6, atol=0)
+
+
+def test_double_backward_at_infinities_is_that_of_a_saturated_unit():
+    """The differentiable backward at x = ±∞ (exact GradReg, Hessian-vector products): the second
+    derivatives are the limits — those at a saturated finite input, ∂²s/∂β² = −2·log(2)/β³ — not NaN."""
+    beta = 0.7
+
+    def second(v):
+        x = torch.full((2,), v, dtype=torch.float64, requires_grad=True)
+        b = torch.tensor(beta, dtype=torch.float64, requires_grad=True)
+        gx, gb = torch.autograd.grad(centered_softplus(x, b).sum(), [x, b], create_graph=True)
+        h_xx, h_xb = torch.autograd.grad(gx.sum(), [x, b], retain_graph=True)
+        h_bx, h_bb = torch.autograd.grad(gb, [x, b])
+        return torch.stack([gx[0], gb / 2, h_xx[0], h_xb / 2, h_bx[0], h_bb / 2]).detach()  # per element
+
+    for v in (-math.inf, math.inf):
+        h, h_finite = second(v), second(math.copysign(80.0 / beta, v))
+        torch.testing.assert_close(h, h_finite, rtol=1e-12, atol=1e-15)
+        assert abs(h[-1].item() + 2 * math.log(2) / beta ** 3) <= 1e-12
+    assert second(math.nan).isnan().all()
+
+
+def test_plain_formula_at_infinities_and_nan():
+    """The function TorchScript compiles (autograd differentiates it there): s(−∞) = −log(2)/β, not
+    ∞ − ∞; ∂s/∂x = 0, 1, NaN at −∞, +∞, NaN; finite values are those of the fused op."""
+    from lcnn_zoo.layers import activation
+
+    x = torch.tensor([-math.inf, math.inf, math.nan, -3.0, 0.0, 2.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.37, dtype=torch.float64)
+    y = activation._centered_softplus_plain(x, b)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y[:3], torch.tensor([-math.log(2) / 0.37, math.inf, math.nan], dtype=torch.float64),
+                               equal_nan=True, rtol=1e-15, atol=0)
+    assert gx[0] == 0 and gx[1] == 1 and gx[2].isnan()
+    torch.testing.assert_close(gx[3:], torch.sigmoid(b * x[3:].detach()), rtol=1e-14, atol=0)
+    torch.testing.assert_close(y[3:], centered_softplus(x[3:].detach(), b), rtol=1e-15, atol=0)

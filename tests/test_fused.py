@@ -217,3 +217,57 @@ def test_the_first_cpu_kernel_adds_no_line_to_stderr():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "No CUDA runtime" not in r.stderr, r.stderr[-2000:]
+
+
+def _limits(v, beta, dtype):
+    """(s, ∂s/∂x, ∂s/∂β, tolerance of s and ∂s/∂x, relative tolerance of ∂s/∂β) at x = v: the limits at
+    ±∞ (s(−∞) = −log(2)/β, ∂s/∂β → log(2)/β² at both ends), NaN at NaN. From the rounded output −log(2)/β
+    the backward rebuilds σ(βx) ≤ eps, which adds ≤ eps to ∂s/∂x and σ·log 2σ ~ eps·|log eps| to ∂s/∂β."""
+    eps = torch.finfo(dtype).eps
+    s = {-math.inf: -math.log(2) / beta, math.inf: math.inf}.get(v, math.nan)
+    dx = {-math.inf: 0.0, math.inf: 1.0}.get(v, math.nan)
+    db = math.log(2) / beta ** 2 if math.isinf(v) else math.nan
+    return s, dx, db, eps, 2 * eps * (1 - math.log(eps))
+
+
+def _check_limits(v, beta, dtype, y, gx, gb, what):
+    s, dx, db, eps, db_tol = _limits(v, beta, dtype)
+    y, gx, gb = float(y), float(gx), float(gb)
+    if math.isnan(v):
+        assert math.isnan(y) and math.isnan(gx) and math.isnan(gb), (what, y, gx, gb)
+        return
+    assert y == s if math.isinf(s) else abs(y - s) <= eps * abs(s), (what, "value", y, s)
+    assert abs(gx - dx) <= eps, (what, "grad_x", gx, dx)
+    assert abs(gb - db) <= db_tol * db, (what, "grad_beta", gb, db)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("beta", [1e-3, 0.37, 1e3])
+def test_cpu_kernels_and_formulas_at_infinities_and_nan(beta, dtype):
+    """The compiled CPU kernels and the formulas they compile (the fallback, vmap's rule): the forward gave
+    NaN at x = −∞ and the backward NaN for ∂s/∂β at y = +∞. Each value alone in its tensor (two elements,
+    so that the compiled kernel serves it): a NaN anywhere makes the β-gradient sum NaN."""
+    b = torch.tensor(beta, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for v in (-math.inf, math.inf, math.nan):
+        x = torch.full((2,), v, dtype=dtype)
+        for what, fwd, bwd in (("kernel", torch.ops.lcnn_zoo.centered_softplus_fwd,
+                                torch.ops.lcnn_zoo.centered_softplus_bwd),
+                               ("formula", fused.forward_formula, fused.backward_formula)):
+            y = fwd(x, b)
+            gx, gb = bwd(torch.ones_like(y), y, b, True)
+            _check_limits(v, float(b), dtype, y[0], gx[0], gb / 2, what)
+            assert torch.equal(y[0], y[1]) or y.isnan().all()
+            gx0, _ = bwd(torch.ones_like(y), y, b, False)  # the kernel without the β part
+            assert torch.equal(gx0, gx) or (gx0.isnan().all() and gx.isnan().all()), (what, gx0, gx)
+
+
+def test_the_module_at_infinities_and_nan_through_the_cpu_kernels():
+    """End to end through CenteredSoftplus on its default path (the fused ops): values and both gradients."""
+    for v in (-math.inf, math.inf, math.nan):
+        act = CenteredSoftplus(beta_init=0.37)
+        x = torch.full((2, 3), v, requires_grad=True)
+        y = act(x)
+        y.sum().backward()
+        beta = act.beta.item()
+        # log_beta's gradient is β·∂s/∂β summed over the 6 elements
+        _check_limits(v, beta, torch.float32, y[0, 0], x.grad[0, 0], act.log_beta.grad / (6 * beta), "module")

@@ -22,6 +22,9 @@ __all__ = ["CenteredSoftplus", "FrozenCenteredSoftplus", "centered_softplus", "D
 DEFAULT_BETA_INIT = 5.0  # the reference code's initial β
 _SERIES_BELOW = 5e-3  # |u| under which ∂s0/∂β uses its series (the closed form cancels there)
 _FROZEN_THRESHOLD = 20.0  # F.softplus switches to the identity above βx = 20: error e^-20/β, below float32's
+# Above u = βy = 64, e^{−u} < 2e-28 is under every dtype's rounding of 2: σ(βx) = 1 and t·σ(t) − u = log 2 to
+# the last bit, so capping u there changes no finite result and keeps u·(σ − 1) from being ∞·0 = NaN at y = +∞.
+_U_CAP = 64.0
 
 
 def _centered_softplus_t(t: torch.Tensor) -> torch.Tensor:
@@ -32,7 +35,11 @@ def _centered_softplus_t(t: torch.Tensor) -> torch.Tensor:
     """
     u = 0.5 * t
     a = u.abs()
-    return u + a + torch.log1p(0.5 * torch.expm1(-2.0 * a))
+    # u + |u| written max(0, t): the same number (2·(t/2) = t, up to a subnormal t's last bit), in as many ops,
+    # but 0 rather than ∞ − ∞ = NaN at t = −∞, so g(−∞) = −log 2. torch.maximum, not relu or clamp: it
+    # propagates a NaN, and its derivative at the tie t = 0 is 1/2 (as that of u + |u|), which autograd of this
+    # function (the TorchScript path) needs for g'(0) = 1/2. (0 first: the tie at t = −0 gives +0, as before.)
+    return torch.maximum(t.new_zeros(()), t) + torch.log1p(0.5 * torch.expm1(-2.0 * a))
 
 
 def _derivatives_from_output(y: torch.Tensor, beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -45,13 +52,15 @@ def _derivatives_from_output(y: torch.Tensor, beta: torch.Tensor) -> Tuple[torch
 
     Near t = 0 the difference cancels: there t = 2u − u² + u³ (error O(u⁴) for small |u|) and the
     series t²/8·(1 − t²/8) is used. Saturated units (d = 0 in floating point) give d·log d = 0, with
-    a zero derivative, so double backward stays finite.
+    a zero derivative, so double backward stays finite. t·σ(t) − u is written σ·log 2σ + u·(σ − 1),
+    as in the fused kernels, and u is capped at _U_CAP (y capped before the product with β, so that
+    double backward has no 0·∞ either): x = +∞ gives σ = 1 and ∂s0/∂β = log(2)/β², its limit.
     """
-    u = y * beta
+    u = torch.minimum(y, _U_CAP / beta.detach()) * beta  # u ≤ _U_CAP: no ∞·0 at y = +∞; NaN stays NaN
     d = (2.0 - torch.exp(-u)).clamp_min(0.0)  # an output rounded below −log(2)/β: a saturated unit
     grad_x = 0.5 * d
     dl = d.clamp_min(1e-30)
-    direct = (0.5 * (u * d + dl * torch.log(dl)) - u) / (beta * beta)
+    direct = (0.5 * dl * torch.log(dl) + u * (0.5 * d - 1.0)) / (beta * beta)
     small = u.abs() < _SERIES_BELOW
     us = torch.where(small, u, torch.zeros_like(u))
     t = us * (2.0 - us * (1.0 - us))  # t = log(2e^u − 1) = 2u − u² + u³ + O(u⁴): no transcendental op
@@ -68,12 +77,14 @@ def _fast_backward(grad_out: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, 
     per op, which costs more than the arithmetic on large activations.
     test_fast_backward_matches_differentiable_backward keeps the two equal."""
     # e^{−u}, σ(βx) = 1 − e/2. u is capped where e^{−u} would leave the normal range (σ is 1 to the last
-    # bit either way): an underflowing exp takes CPU's slow subnormal path (β = 1e3 models).
-    e = torch.mul(y, -beta).clamp_min_(math.log(torch.finfo(y.dtype).tiny) + 2.0).exp_()
+    # bit either way): an underflowing exp takes CPU's slow subnormal path (β = 1e3 models). The capped u
+    # is also the one in u·(σ − 1) below: σ − 1 = 0 there, and at y = +∞ this is 0, not ∞·0 = NaN.
+    neg_u = torch.mul(y, -beta).clamp_min_(math.log(torch.finfo(y.dtype).tiny) + 2.0)
+    e = neg_u.exp() if need_beta else neg_u.exp_()
     grad_x = torch.addcmul(grad_out, grad_out, e, value=-0.5) if need_x else None  # three passes in all
     grad_beta = None
     if need_beta:
-        u = y * beta
+        u = neg_u.neg_()
         sig = e.mul_(-0.5).add_(1.0).clamp_min_(0.0)
         f = (2.0 * sig).clamp_min_(1e-30)
         f.log_().mul_(sig)                      # σ·log 2σ

@@ -88,14 +88,19 @@ def forward_formula(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
 
     float64: activation.py's expm1/log1p form, with expm1 and log1p written from exp and log; other
     dtypes (computed in float32): a series for |u| < 1/4 and log((1 + e^{−2|u|})/2) above."""
-    u = 0.5 * (x * beta)
+    t = x * beta
+    u = 0.5 * t
     a = u.abs()
+    # u + |u| is written max(0, t): the same number for finite t (2·(t/2) = t, up to a subnormal t's last bit),
+    # in as many ops, but 0 rather than ∞ − ∞ = NaN at t = −∞, so s0(−∞) = −log(2)/β. A NaN stays NaN (the
+    # log term is NaN). (0 first: the tie at t = −0 gives +0, as u + |u| did.)
+    pos = torch.maximum(t.new_zeros(()), t)
     if x.dtype == torch.float64:
         # (the cap keeps e^{−2|u|} normal, as below; expm1 is −1 there to the last bit either way)
-        return (u + a + _log1p_small(0.5 * _expm1_nonpositive(-2.0 * torch.clamp(a, max=300.0)))) / beta
+        return (pos + _log1p_small(0.5 * _expm1_nonpositive(-2.0 * torch.clamp(a, max=300.0)))) / beta
     # |u| is capped where e^{−2|u|} would be subnormal (0.5 + e^{−2|u|}/2 rounds to 0.5 either way): an
     # exp that underflows takes the CPU's slow path.
-    big = u + a + torch.log(0.5 + 0.5 * torch.exp(-2.0 * torch.clamp(a, max=40.0)))
+    big = pos + torch.log(0.5 + 0.5 * torch.exp(-2.0 * torch.clamp(a, max=40.0)))
     u2 = u * u
     poly = _LOGCOSH[4]
     for c in reversed(_LOGCOSH[:4]):
@@ -112,13 +117,15 @@ def backward_formula(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, ne
     acc = torch.promote_types(y.dtype, torch.float32)
     g, yy, b = grad.to(acc), y.to(acc), beta.to(acc)
     u = yy * b
-    e = torch.exp(torch.clamp(-u, min=math.log(torch.finfo(y.dtype).tiny) + 2.0))
+    neg_u = torch.clamp(-u, min=math.log(torch.finfo(y.dtype).tiny) + 2.0)  # −u, capped: see _fast_backward
+    e = torch.exp(neg_u)
     # σ(βx) ≥ 0: a rounded output just below the infimum −log(2)/β (e > 2) is a saturated unit.
     sig = torch.clamp(1.0 - 0.5 * e, min=0.0)
     grad_x = (g * sig).to(grad.dtype)
     if not need_beta:
         return grad_x, torch.zeros((), dtype=beta.dtype, device=beta.device)
-    direct = sig * torch.log(torch.clamp(2.0 * sig, min=1e-30)) + u * (sig - 1.0)  # t·σ(t) − u
+    # t·σ(t) − u, with the capped u in u·(σ − 1) = (−u)·(1 − σ): 0 where σ = 1, also at y = +∞ (not ∞·0 = NaN)
+    direct = sig * torch.log(torch.clamp(2.0 * sig, min=1e-30)) + neg_u * (1.0 - sig)
     small = u.abs() < SERIES_BELOW
     us = torch.where(small, u, 0.0)
     t = us * (2.0 - us * (1.0 - us))  # t = log(2e^u − 1) = 2u − u² + u³ + O(u⁴)

@@ -41,9 +41,12 @@ def _fwd_kernel(x_ptr, y_ptr, beta_ptr, n, BLOCK: tl.constexpr, ACC: tl.constexp
     mask = offs < n
     b = tl.load(beta_ptr).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    u = 0.5 * (x * b)
+    t = x * b
+    u = 0.5 * t
     a = tl.abs(u)
-    y = (u + a + _log1p(0.5 * _expm1(-2.0 * a))) / b
+    # u + |u| as max(t, 0), as in fused.forward_formula: s0(−∞) = −log(2)/β, not ∞ − ∞ = NaN. The max
+    # propagates NaN: Triton's default (the GPU's max) returns the other operand for a NaN.
+    y = (tl.maximum(t, 0.0, propagate_nan=tl.PropagateNan.ALL) + _log1p(0.5 * _expm1(-2.0 * a))) / b
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -56,11 +59,15 @@ def _bwd_kernel(g_ptr, y_ptr, beta_ptr, gx_ptr, acc_ptr, n, log_tiny, BLOCK: tl.
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC)
     u = y * b
-    e = tl.exp(tl.maximum(-u, log_tiny))
-    sig = tl.maximum(1.0 - 0.5 * e, 0.0)  # a rounded output below −log(2)/β is a saturated unit
+    # −u capped as in fused.backward_formula. NaN propagated through both max: with Triton's default a NaN
+    # output (x = NaN) gave σ = 1, where the other back-ends give NaN.
+    neg_u = tl.maximum(-u, log_tiny, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.exp(neg_u)
+    sig = tl.maximum(1.0 - 0.5 * e, 0.0, propagate_nan=tl.PropagateNan.ALL)  # below −log(2)/β: saturated
     tl.store(gx_ptr + offs, (g * sig).to(gx_ptr.dtype.element_ty), mask=mask)
     if NEED_BETA:
-        direct = sig * tl.log(tl.maximum(2.0 * sig, 1e-30)) + u * (sig - 1.0)
+        # (−u)·(1 − σ) with the capped u: 0 where σ = 1, also at y = +∞ (not ∞·0 = NaN)
+        direct = sig * tl.log(tl.maximum(2.0 * sig, 1e-30)) + neg_u * (1.0 - sig)
         small = tl.abs(u) < SMALL
         us = tl.where(small, u, 0.0)
         t = us * (2.0 - us * (1.0 - us))
