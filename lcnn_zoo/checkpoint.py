@@ -25,7 +25,7 @@ import random
 import socket
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -95,7 +95,8 @@ def _torch_load(path: Path) -> Any:
 
 def rng_state() -> Dict[str, Any]:
     """Python, NumPy, torch (and CUDA) RNG states, as tensors and plain types (weights_only-loadable)."""
-    np_state = np.random.get_state()
+    # the legacy (MT19937) tuple, get_state()'s default; numpy's stubs type the no-argument call as a dict
+    np_state = cast(Tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
                        int(np_state[3]), float(np_state[4])]}

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .errors import UserError, shown
 
@@ -34,7 +34,7 @@ def _opt(default: Any, help: str, group: str, kind: str, **extra: Any) -> Any:
     ints, size3, kwargs, choice); ``extra``: ``choices``, ``minimum``, ``maximum``, ``optional``."""
     meta = {"help": help, "group": group, "kind": kind, **extra}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -343,7 +343,7 @@ def _number(value: Any, kind: str, bad) -> Any:
     return float(value)
 
 
-def _check_range(v: float, meta: Dict[str, Any], bad) -> None:
+def _check_range(v: float, meta: Mapping[str, Any], bad) -> None:
     lo, hi = meta.get("minimum"), meta.get("maximum")
     if lo is not None and v < lo:
         raise bad(f">= {lo}")

@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -204,9 +204,9 @@ def _fmnist(root: Optional[str], train: bool, download: bool) -> TensorImageData
             try:
                 if path.suffix == ".gz":
                     with gzip.open(path, "rb") as f_in:
-                        atomic_write(target, lambda f_out, src=f_in: shutil.copyfileobj(src, f_out))
+                        atomic_write(target, lambda f_out: shutil.copyfileobj(f_in, f_out))
                 else:
-                    atomic_write(target, lambda f_out, src=path: f_out.write(src.read_bytes()))
+                    atomic_write(target, lambda f_out: f_out.write(path.read_bytes()))
             except (EOFError, zlib.error, gzip.BadGzipFile) as e:
                 raise UserError(f"{shown(Path(path))} is truncated or corrupted ({e}): restore it (Debian: apt-get "
                                 f"install --reinstall dataset-fashion-mnist)") from e
@@ -233,7 +233,7 @@ def _fmnist(root: Optional[str], train: bool, download: bool) -> TensorImageData
 
 
 #: CIFAR's binary version (the official ``*-binary.tar.gz``): fixed-size records, read without unpickling
-_CIFAR_BINARY = {
+_CIFAR_BINARY: Dict[str, Dict[str, Any]] = {
     "cifar10": dict(folder="cifar-10-batches-bin", train=[f"data_batch_{i}.bin" for i in range(1, 6)],
                     test=["test_batch.bin"], names="batches.meta.txt", label_bytes=1, classes=10),
     "cifar100": dict(folder="cifar-100-binary", train=["train.bin"], test=["test.bin"],
@@ -319,7 +319,7 @@ def read_image(path: str, channels: int) -> torch.Tensor:
     return x.float().div_(255.0).contiguous()
 
 
-def _split_dir(root: Path, split: Optional[str]) -> Path:
+def _split_dir(root: Path, split: str) -> Path:
     """``root/<split>`` for a split named by the user (timm's --train-split/--val-split), which must exist."""
     if Path(split).name != split or split in (".", ".."):
         raise UserError(f"split {shown(split)} must be a sub-folder name of {shown(Path(root))}")
@@ -416,6 +416,7 @@ def _folder(path: str, train: bool, image_size: Optional[Tuple[int, int]], chann
     root = Path(path)
     found = folder_classes(path, split_name if train else None)
     train_dir = root / "train" if (root / "train").is_dir() else root
+    split: Optional[Path]
     if split_name is not None:
         split = _split_dir(root, split_name)
     elif train:
@@ -446,10 +447,10 @@ def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels:
     label_key = next((k for k in ("label", "labels", "fine_label") if k in ds.column_names), None)
     if image_key is None or label_key is None:
         raise UserError(f"hf:{name}: no image/label columns in {ds.column_names}")
-    tf = [transforms.Grayscale(1)] if channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
+    steps = [transforms.Grayscale(1)] if channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
     if image_size is not None:
-        tf.append(transforms.Resize(tuple(image_size)))
-    tf = transforms.Compose(tf + [transforms.ToTensor()])
+        steps.append(transforms.Resize(tuple(image_size)))
+    tf = transforms.Compose(steps + [transforms.ToTensor()])
 
     class _Wrapped(Dataset):
         def __len__(self) -> int:

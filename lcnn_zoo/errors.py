@@ -40,8 +40,8 @@ def shown(value: Any, limit: int = 80) -> str:
         text = repr(os.fspath(value))[1:-1]
         limit = max(limit, 160)
         return text if len(text) <= limit else "…" + text[-(limit - 1):]
-    text = value if isinstance(value, str) and len(value) <= limit and value.isprintable() else None
-    text = repr(text) if text is not None else _REPR.repr(value)
+    plain = value if isinstance(value, str) and len(value) <= limit and value.isprintable() else None
+    text = repr(plain) if plain is not None else _REPR.repr(value)
     text = text.replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -277,7 +277,7 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
     for spec, (name, model) in zip(specs, models):
         size = input_size_of(model) or ()
         if size not in datasets:
-            kw = dict(image_size=tuple(size[1:]), channels=size[0]) if size else {}
+            kw: Dict[str, Any] = dict(image_size=tuple(size[1:]), channels=size[0]) if size else {}
             test_ds = build_dataset(dataset, train=False, data_dir=data_dir, download=download, **kw)
             train_ds = build_dataset(dataset, train=True, data_dir=data_dir, download=download,
                                      classes=getattr(test_ds, "classes", None), **kw)

@@ -104,7 +104,8 @@ def create_model(spec: str, *, input_size: Optional[Sequence[int]] = None, num_c
             set_input_size(model, size)
         cfg = getattr(model, "pretrained_cfg", None)
         if isinstance(cfg, dict) and cfg.get("input_size") and tuple(cfg["input_size"]) != size:
-            model.pretrained_cfg = {**cfg, "input_size": size}
+            # (timm's pretrained_cfg is a dict attribute; nn.Module's stubs type attributes as Tensor | Module)
+            model.pretrained_cfg = {**cfg, "input_size": size}  # type: ignore[assignment]
     return model
 
 

@@ -20,7 +20,7 @@ reference code uses (``method="power"``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Literal, Optional, Sequence, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,20 @@ class CurvatureStats:
         return out
 
 
+@overload
 def _input_grad(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn: SumLossFn,
-                create_graph: bool) -> torch.Tensor:
+                create_graph: Literal[True]) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def _input_grad(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn: SumLossFn,
+                create_graph: Literal[False]) -> torch.Tensor: ...
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, loss_fn: SumLossFn,
+                create_graph: bool) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """The input gradient of the summed loss at ``x``; with ``create_graph`` (x, gradient), x the leaf
+    the gradient's graph starts from."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(model(x), targets)

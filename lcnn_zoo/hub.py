@@ -241,7 +241,7 @@ def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str
             how = recipe_hint(variant, tag) if tag else "pass a checkpoint with pretrained_cfg_overlay=dict(file=...)"
             raise PretrainedLoadError(f"no pretrained weights have been published for {name}; train them with {how}")
         _check_fetchable(f"Pretrained weights for '{name}'", repo, cfg.get("hf_hub_filename") or HUB_FILENAME)
-    where = cfg.get("file") or cfg.get("hf_hub_id") or variant
+    weights = cfg.get("file") or cfg.get("hf_hub_id") or variant
     try:
         return build_fn(model_cls, variant, pretrained, **kwargs)
     except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.EntryNotFoundError,
@@ -249,11 +249,11 @@ def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str
         raise _unreachable(f"Pretrained weights for '{name}'", str(cfg.get("hf_hub_id")),
                            f"{e.__class__.__name__}: {e}") from e
     except SafetensorError as e:
-        raise PretrainedLoadError(f"The weights file for '{name}' ({where}) is not a valid safetensors file "
+        raise PretrainedLoadError(f"The weights file for '{name}' ({weights}) is not a valid safetensors file "
                                   f"(truncated or corrupted?): {e}. Delete it and download again.") from e
     except RuntimeError as e:
         msg = str(e)
         if "state_dict" in msg or "size mismatch" in msg or "Missing key" in msg or "Unexpected key" in msg:
-            raise PretrainedLoadError(f"The checkpoint {where} does not match the architecture '{variant}' "
+            raise PretrainedLoadError(f"The checkpoint {weights} does not match the architecture '{variant}' "
                                       f"(wrong model or shapes): {msg}") from e
         raise

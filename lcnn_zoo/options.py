@@ -10,7 +10,7 @@ import argparse
 import ast
 import dataclasses
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, cast
 
 from .config import TrainConfig, check_value, load_yaml
 from .errors import UserError, shown
@@ -22,7 +22,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with its errors as :class:`UserError`: one line and exit code 2, like every other
     mistake (argparse's own prints the usage too)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
@@ -45,7 +45,8 @@ class _KeyValues(argparse.Action):
 
 def add_field(group, f: dataclasses.Field, aliases: tuple = ()) -> None:
     meta, flags = f.metadata, ("--" + f.name.replace("_", "-"), *aliases)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    # (a field has a default or a default_factory; mypy does not narrow one from the other)
+    default = f.default if f.default is not dataclasses.MISSING else cast(Callable[[], Any], f.default_factory)()
     kind, help_ = meta["kind"], meta["help"]
     if kind == "bool":
         if default:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -165,39 +165,43 @@ def _add_penalty_gradients(optimizer: torch.optim.Optimizer, args, kwargs) -> No
                     p.grad.add_(g)
 
 
+#: what the ``torch._foreach_*`` ops take (and return: a tuple)
+_Tensors = Union[Tuple[torch.Tensor, ...], List[torch.Tensor]]
+
+
 class _PenaltyFn(torch.autograd.Function):
     """λβ·Σᵢ exp(log βᵢ) + λγ·Σⱼ log(1 + softplus(rⱼ)) over two lists of 0-dim tensors, with foreach ops.
 
     ∂/∂log βᵢ = λβ·βᵢ;  ∂/∂rⱼ = λγ·sigmoid(rⱼ)/γⱼ, with sigmoid(r) = −expm1(−softplus(r))."""
 
     @staticmethod
-    def forward(ctx, lambda_beta: float, lambda_gamma: float, n_beta: int, *params: torch.Tensor  # type: ignore[override]
+    def forward(ctx, lambda_beta: float, lambda_gamma: float, n_beta: int, *params: torch.Tensor
                 ) -> torch.Tensor:
         log_betas, raws = list(params[:n_beta]), list(params[n_beta:])
-        betas = torch._foreach_exp(log_betas) if log_betas else []
-        terms = torch._foreach_mul(betas, lambda_beta) if betas else []
-        softplus = []
+        betas: _Tensors = torch._foreach_exp(log_betas) if log_betas else []
+        terms: _Tensors = torch._foreach_mul(betas, lambda_beta) if betas else []
+        softplus: _Tensors = []
         if raws:  # softplus(r) = max(r, 0) + log1p(exp(−|r|)), without overflow
             softplus = torch._foreach_log1p(torch._foreach_exp(torch._foreach_neg(torch._foreach_abs(raws))))
             torch._foreach_add_(softplus, torch._foreach_maximum(raws, 0.0))
             log_gamma = torch._foreach_log1p(softplus)
             torch._foreach_mul_(log_gamma, lambda_gamma)
-            terms = terms + log_gamma
+            terms = [*terms, *log_gamma]  # (not terms + log_gamma: [] + a tuple is a TypeError)
         ctx.n_beta, ctx.lambdas = n_beta, (lambda_beta, lambda_gamma)
         ctx.save_for_backward(*betas, *softplus)
         return torch.stack(terms).sum()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         saved = ctx.saved_tensors
         betas, softplus = list(saved[:ctx.n_beta]), list(saved[ctx.n_beta:])
         lambda_beta, lambda_gamma = ctx.lambdas
-        grads = torch._foreach_mul(betas, grad * lambda_beta) if betas else []
+        grads: _Tensors = torch._foreach_mul(betas, grad * lambda_beta) if betas else []
         if softplus:
             sig = torch._foreach_expm1(torch._foreach_neg(softplus))  # −sigmoid(r)
             torch._foreach_div_(sig, torch._foreach_add(softplus, 1.0))
             torch._foreach_mul_(sig, grad * -lambda_gamma)
-            grads = grads + sig
+            grads = [*grads, *sig]
         return (None, None, None, *grads)
 
 
@@ -294,6 +298,7 @@ def _fd_passes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, la
     loss = loss_fn(logits, targets)
     (loss * scale).backward()
     n = x.shape[0]
+    assert x.grad is not None  # (set by the backward just made)
     per_sample = _at_least_fp32(x.grad.detach()) * n / scale  # G, (B, ...)
     local_sq = per_sample.pow(2).sum()
     penalty = local_sq / n

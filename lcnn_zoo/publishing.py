@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 from string import Template
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, cast
 
 import torch
 from huggingface_hub import HfApi, get_token
@@ -86,7 +86,9 @@ def save_pretrained(model: nn.Module, output_dir: str | os.PathLike, *, model_ca
     under temporary names, renamed, restored on failure), the card last.
     """
     out = Path(output_dir)
-    architecture = model.pretrained_cfg.get("architecture", "") if hasattr(model, "pretrained_cfg") else ""
+    architecture = ""
+    if hasattr(model, "pretrained_cfg"):
+        architecture = cast(Dict[str, Any], model.pretrained_cfg).get("architecture", "")
     check_output_dir(out, architecture, overwrite)
     with tempfile.TemporaryDirectory(prefix="lcnn-zoo-push-") as staging:
         save_for_hf(model, staging, safe_serialization=True)
@@ -152,7 +154,7 @@ def bundle_dataset(tag: str, model: nn.Module, run: Dict[str, Any]):
     if not dataset or (dataset not in ("fmnist", "cifar10", "cifar100") and not dataset.startswith("folder:")):
         raise UserError(f"--bundle: cannot tell the dataset of {shown(tag)} (bundle a run folder, which records it, "
                         f"or use a tag starting with fmnist, cifar10 or cifar100)")
-    size = tuple(model.pretrained_cfg.get("input_size") or ()) or None
+    size = tuple(cast(Dict[str, Any], model.pretrained_cfg).get("input_size") or ()) or None
     ds = build_dataset(dataset, train=False, data_dir=run.get("data_dir"), classes=run.get("classes") or None,
                        channels=size[0] if size else None, image_size=size[1:] if size else None,
                        eval_on_train=bool(run.get("eval_on_train")))
@@ -191,8 +193,8 @@ def bundle(folder: Path, tag: str, model: nn.Module, *, metrics: Optional[dict],
         new_file = f"{tag}.{digest[:12]}.safetensors"
         old_file = hub.bundled_file(tag, old) if old is not None else None
         manifest[tag] = {"sha256": digest, "file": new_file, "accuracy_first1000": accuracy, "dataset": dataset,
-                         "num_classes": int(model.num_classes),
-                         "input_size": list(model.pretrained_cfg.get("input_size") or []),
+                         "num_classes": int(cast(int, model.num_classes)),
+                         "input_size": list(cast(Dict[str, Any], model.pretrained_cfg).get("input_size") or []),
                          "eval_command": eval_command, "metrics": metrics or {}}
         tx = Transaction()
         tx.add(hub.WEIGHTS_DIR / new_file, data)
@@ -426,14 +428,17 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
         check_upload_possible()
     info = _run_info(source)
     model = _load_for_push(weights, arch, info, ema)
-    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": arch, "tag": tag,
-                            "num_classes": model.num_classes}
+    # (timm's pretrained_cfg is a dict attribute; nn.Module's stubs type attributes as Tensor | Module)
+    model.pretrained_cfg = {  # type: ignore[assignment]
+        **cast(Dict[str, Any], model.pretrained_cfg), "architecture": arch, "tag": tag,
+        "num_classes": model.num_classes}
     if ship:
         bundle_dataset(model_name, model, info)  # the test data exists and has the model's classes
     repo = repo_id or hub_id(arch, tag)
     card = render_model_card(template_text, model_name=model_name, repo_id=repo,
-                             cfg=model.pretrained_cfg, flavour=getattr(model, "flavour", "lcnn"), metrics=metrics,
-                             recipe=recipe, eval_command=eval_command, dataset=dataset or info.get("dataset", ""),
+                             cfg=cast(Dict[str, Any], model.pretrained_cfg), flavour=getattr(model, "flavour", "lcnn"),
+                             metrics=metrics, recipe=recipe, eval_command=eval_command,
+                             dataset=dataset or info.get("dataset", ""),
                              classes=list(classes) or info.get("classes") or ())
     folder = save_pretrained(model, out, model_card=card, overwrite=overwrite)
     print(f"wrote {folder} ({', '.join(PUSH_FILES)})")

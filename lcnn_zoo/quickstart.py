@@ -63,9 +63,9 @@ def run_quickstart(output: Path = Path("runs/quickstart"), threads: int = 0, pro
         print(f"[{time.time() - t0:5.0f}s] {name}: trained, training accuracy {summary['history'][-1]['train_top1']:.2f}%",
               flush=True)
     print(f"[{time.time() - t0:5.0f}s] measuring ...", flush=True)
-    cfg = EvalConfig(**{**QUICKSTART_EVAL.__dict__, "progress": progress})
-    results = run_eval(run_dirs, "fmnist", cfg=cfg, command="lcnn-zoo quickstart")
-    write_report(results, output, cfg=cfg, command="lcnn-zoo quickstart")
+    eval_cfg = EvalConfig(**{**QUICKSTART_EVAL.__dict__, "progress": progress})
+    results = run_eval(run_dirs, "fmnist", cfg=eval_cfg, command="lcnn-zoo quickstart")
+    write_report(results, output, cfg=eval_cfg, command="lcnn-zoo quickstart")
     std, lcnn = results["standard"], results["lcnn_gradreg"]
     print()
     print(markdown_report(results, command="lcnn-zoo quickstart"))

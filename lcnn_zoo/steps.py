@@ -93,6 +93,7 @@ class FDGradRegStep(ExactGradRegStep):
         def extra() -> torch.Tensor:
             pen, terms = self._penalty()
             stats.update(terms)
+            assert pen is not None  # (passed only with a penalty)
             return pen
 
         with amp():

@@ -26,7 +26,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Sized, Tuple, cast
 
 import numpy as np
 import torch
@@ -38,12 +38,12 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, ModelEmaV3, dispatch_clip_grad
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from tqdm import tqdm
 
 from .checkpoint import RunFolder, rng_state, set_rng_state
 from .config import TrainConfig
-from .data import BatchAugment, build_dataset, num_classes_of
+from .data import BatchAugment, TensorImageDataset, build_dataset, num_classes_of
 from .errors import Interrupted, UserError, shown
 from .factory import create_model, is_lcnn, load_initial
 from .layers import (CONVERGENCE_TOL, LipschitzBatchNorm2d, converge_spectral_norms, recalibrate_batchnorm,
@@ -124,7 +124,7 @@ def _optimizer_step(run: TrainingRun, micro_steps: int) -> None:
     cfg = run.cfg
     params = [p for p in run.core.parameters() if p.grad is not None]
     if micro_steps > 1 and params:
-        torch._foreach_div_([p.grad for p in params], float(micro_steps))
+        torch._foreach_div_([p.grad for p in params if p.grad is not None], float(micro_steps))
     if cfg.clip_grad is not None:
         if run.scaler is not None:
             run.scaler.unscale_(run.optimizer)
@@ -178,7 +178,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> Dict[str, float]:
     if not math.isfinite(meters["loss"].avg):
         raise UserError(f"training diverged at epoch {epoch + 1} (mean loss {meters['loss'].avg}); lower --lr, or "
                         f"check the data and the penalty weights")
-    metrics = {k: m.avg for k, m in meters.items()}
+    metrics: Dict[str, float] = {k: m.avg for k, m in meters.items()}
     metrics["epoch_time_s"] = time.time() - t0
     return {**_all_reduce_mean(metrics, run.world, run.device), "lr": lr}
 
@@ -277,6 +277,7 @@ def _all_reduce_eval(m: Dict[str, float], world: int, device: torch.device) -> D
 
 def _loader(ds, batch_size: int, shuffle: bool, seed: int, rank: int, world: int, workers: int,
             drop_last: bool, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    sampler: Sampler
     if world > 1:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
                                      drop_last=drop_last)
@@ -291,20 +292,21 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int, rank: int, world: int
 def _datasets(cfg: TrainConfig) -> TrainData:
     size = tuple(cfg.input_size) if cfg.input_size else None
     img = (cfg.img_size, cfg.img_size) if cfg.img_size is not None else None  # folders: parts of --input-size
-    kw = dict(data_dir=cfg.data_dir, download=cfg.download, image_size=size[1:] if size else img,
-              channels=size[0] if size else cfg.in_chans)
+    kw: Dict[str, Any] = dict(data_dir=cfg.data_dir, download=cfg.download, image_size=size[1:] if size else img,
+                              channels=size[0] if size else cfg.in_chans)
     train_ds = build_dataset(cfg.dataset, train=True, split=cfg.train_split, **kw)
     test_ds = build_dataset(cfg.dataset, train=False, classes=getattr(train_ds, "classes", None),
                             eval_on_train=cfg.eval_on_train, split=cfg.val_split, **kw)
     for name, n, ds in (("--train-subset", cfg.train_subset, train_ds), ("--test-subset", cfg.test_subset, test_ds)):
         if n and not hasattr(ds, "subset"):
             raise UserError(f"{name} needs an in-memory dataset (cifar10/cifar100/fmnist)")
-        if n > len(ds):
-            raise UserError(f"{name} {n} is larger than the dataset ({len(ds)} images)")
+        if n > len(cast(Sized, ds)):
+            raise UserError(f"{name} {n} is larger than the dataset ({len(cast(Sized, ds))} images)")
+    # (only in-memory datasets have subset, checked above)
     if cfg.train_subset:
-        train_ds = train_ds.subset(cfg.train_subset, seed=cfg.seed)
+        train_ds = cast(TensorImageDataset, train_ds).subset(cfg.train_subset, seed=cfg.seed)
     if cfg.test_subset:
-        test_ds = test_ds.subset(cfg.test_subset, seed=cfg.seed)
+        test_ds = cast(TensorImageDataset, test_ds).subset(cfg.test_subset, seed=cfg.seed)
     input_size = size or tuple(train_ds[0][0].shape)
     num_classes = cfg.num_classes or num_classes_of(train_ds)
     for ds in (train_ds, test_ds):
@@ -328,9 +330,10 @@ def _build_model(cfg: TrainConfig, num_classes: int, input_size: tuple) -> nn.Mo
             m.momentum = cfg.bn_momentum if cfg.bn_momentum is not None else m.momentum
             m.eps = cfg.bn_eps if cfg.bn_eps is not None else m.eps
     if cfg.grad_checkpointing:
-        if not callable(getattr(model, "set_grad_checkpointing", None)):
+        set_grad_checkpointing = getattr(model, "set_grad_checkpointing", None)
+        if not callable(set_grad_checkpointing):
             raise UserError(f"--grad-checkpointing: {shown(cfg.model)} has no set_grad_checkpointing")
-        model.set_grad_checkpointing(True)
+        set_grad_checkpointing(True)
     if cfg.initial_checkpoint:
         # A logit_scale asked for explicitly is the new run's recipe: the checkpoint's does not replace it.
         load_initial(model, cfg.initial_checkpoint, keep=("logit_scale",) if "logit_scale" in cfg.model_kwargs else (),
@@ -345,7 +348,8 @@ def train_augment(cfg: TrainConfig, input_size: Sequence[int]) -> BatchAugment:
     if cfg.no_aug:
         return BatchAugment(pad=0, flip=False)
     return BatchAugment(pad=cfg.aug_pad, flip=not cfg.no_flip, hflip=cfg.hflip, vflip=cfg.vflip, aa=cfg.aa,
-                        reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount, image_size=tuple(input_size[1:]))
+                        reprob=cfg.reprob, remode=cfg.remode, recount=cfg.recount,
+                        image_size=cast(Tuple[int, int], tuple(input_size[1:])))
 
 
 def _criterion(cfg: TrainConfig, num_classes: int) -> Tuple[Callable, Optional[Mixup]]:
@@ -384,7 +388,8 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, updates_per_e
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_milestones=cfg.decay_milestones,
         decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs,
         warmup_lr=cfg.lr * 0.1 if cfg.warmup_lr is None else cfg.warmup_lr, warmup_prefix=cfg.warmup_prefix,
-        cooldown_epochs=cfg.cooldown_epochs, noise=cfg.lr_noise, noise_pct=cfg.lr_noise_pct,
+        # (timm annotates `noise` as float | List[float] with a default of None)
+        cooldown_epochs=cfg.cooldown_epochs, noise=cfg.lr_noise, noise_pct=cfg.lr_noise_pct,  # type: ignore[arg-type]
         noise_std=cfg.lr_noise_std, noise_seed=cfg.seed, cycle_mul=cfg.lr_cycle_mul, cycle_decay=cfg.lr_cycle_decay,
         cycle_limit=cfg.lr_cycle_limit, k_decay=cfg.lr_k_decay, step_on_epochs=not cfg.sched_on_updates,
         updates_per_epoch=updates_per_epoch, **sched_kw)
@@ -396,7 +401,8 @@ def build_run(cfg: TrainConfig, data: TrainData, device: torch.device, rank: int
     ``world`` > 1 and compiled with ``--compile``), optimizer, schedule, EMA, GradScaler (float16 AMP
     only), loss and Mixup, regulariser, augmentation and the two loaders (this ``rank``'s share)."""
     seed = cfg.seed
-    updates_per_epoch = -(-(len(data.train) // world // cfg.batch_size) // cfg.grad_accum_steps)  # drop_last batches
+    n_train = len(cast(Sized, data.train))
+    updates_per_epoch = -(-(n_train // world // cfg.batch_size) // cfg.grad_accum_steps)  # drop_last batches
     model = _build_model(cfg, data.num_classes, data.input_size).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -412,7 +418,7 @@ def build_run(cfg: TrainConfig, data: TrainData, device: torch.device, rank: int
         wrapped = nn.parallel.DistributedDataParallel(sync_batchnorm(model),
                                                       device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        wrapped = torch.compile(wrapped, mode=cfg.torchcompile_mode)
+        wrapped = cast(nn.Module, torch.compile(wrapped, mode=cfg.torchcompile_mode))  # an OptimizedModule
     return TrainingRun(
         cfg=cfg, device=device, rank=rank, world=world, data=data, model=wrapped, core=model, optimizer=optimizer,
         scheduler=_scheduler(cfg, optimizer, updates_per_epoch), ema=ema,
@@ -463,8 +469,8 @@ def _epoch_message(cfg: TrainConfig, epoch: int, train_m: Dict[str, float], eval
 def batches_seen_by_batchnorm(model: nn.Module) -> Optional[int]:
     """The fewest batches any BatchNorm of ``model`` has recorded statistics from (its
     ``num_batches_tracked``, which a pretrained state dict carries), or None without BatchNorms."""
-    counts = [int(m.num_batches_tracked) for m in model.modules()
-              if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor)]
+    counts = [int(n) for n in (getattr(m, "num_batches_tracked", None) for m in model.modules())
+              if isinstance(n, torch.Tensor)]
     return min(counts) if counts else None
 
 
@@ -477,8 +483,9 @@ def _recalibrate_if_short(run: TrainingRun) -> None:
     seen, train_loader = batches_seen_by_batchnorm(run.core), run.train_loader
     if seen is None or seen >= RECALIBRATE_BELOW_STEPS:
         return
-    if isinstance(getattr(train_loader.sampler, "generator", None), torch.Generator):
-        train_loader.sampler.generator.manual_seed(run.cfg.seed)  # the same batches in a resumed run
+    generator = getattr(train_loader.sampler, "generator", None)
+    if isinstance(generator, torch.Generator):
+        generator.manual_seed(run.cfg.seed)  # the same batches in a resumed run
     batches = (x.to(run.device) for _, (x, _) in zip(range(RECALIBRATE_BATCHES), train_loader))
     n = recalibrate_batchnorm(run.core, batches)
     if run.is_main:
@@ -493,9 +500,9 @@ def _epochs(run: TrainingRun, folder: RunFolder, start: int) -> Dict[str, float]
     eval_m: Dict[str, float] = {}
     for epoch in range(start, cfg.epochs):
         if run.world > 1:
-            train_loader.sampler.set_epoch(epoch)
+            cast(DistributedSampler, train_loader.sampler).set_epoch(epoch)
         else:
-            train_loader.sampler.generator.manual_seed(cfg.seed * 1000 + epoch)
+            cast(RandomSampler, train_loader.sampler).generator.manual_seed(cfg.seed * 1000 + epoch)
         if run.mixup is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
             run.mixup.mixup_enabled = False  # timm's --mixup-off-epoch
         train_m = train_one_epoch(run, epoch)
@@ -556,8 +563,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = _datasets(cfg)  # user errors surface before any training
-    if len(data.train) < cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1")):
-        raise UserError(f"the training set ({len(data.train)} images) is smaller than one batch of {cfg.batch_size} "
+    n_train = len(cast(Sized, data.train))
+    if n_train < cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1")):
+        raise UserError(f"the training set ({n_train} images) is smaller than one batch of {cfg.batch_size} "
                         f"per process")
     rank, world = _init_distributed(plan.device, cfg.dist_timeout)
     try:
@@ -584,7 +592,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 def _train_in(run: TrainingRun, plan: TrainPlan, folder: RunFolder) -> Dict[str, Any]:
     cfg = run.cfg
-    start = resume(run, plan.checkpoint, plan.resume_from) if plan.checkpoint is not None else 0
+    start = 0
+    if plan.checkpoint is not None:
+        assert plan.resume_from is not None  # (the file the checkpoint was read from)
+        start = resume(run, plan.checkpoint, plan.resume_from)
     if start >= cfg.epochs and folder.file(RunFolder.SUMMARY).is_file() and folder.file(RunFolder.WEIGHTS).is_file():
         summary = folder.summary()
         if summary.get("finished", True):  # a finished run: its summary and weights stay as they are

@@ -26,7 +26,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import UserError, shown
 
@@ -46,11 +46,13 @@ def _umask_mode(base: int) -> int:
 
 def _os_error(e: OSError, path: Path, doing: str) -> UserError:
     """A user-fixable OSError as one line (full disk, read-only, permissions, a file in the way)."""
-    reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-              errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-              errno.EPERM: "operation not permitted", errno.ENOTDIR: "a path component is a file, not a folder",
-              errno.EISDIR: "it is a folder", errno.ELOOP: "it is a symbolic link (not followed)",
-              errno.EEXIST: "it exists already"}.get(e.errno)
+    reasons: Dict[Optional[int], str] = {
+        errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted", errno.ENOTDIR: "a path component is a file, not a folder",
+        errno.EISDIR: "it is a folder", errno.ELOOP: "it is a symbolic link (not followed)",
+        errno.EEXIST: "it exists already"}
+    reason = reasons.get(e.errno)
     if reason is None:
         raise e
     return UserError(f"{reason} while {doing} {shown(path)}: the previous version of every file is intact")
@@ -91,7 +93,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binar
     tmp: Optional[Path] = None
     try:
         tmp, fd = _temporary(path)
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -245,7 +247,7 @@ class Transaction:
                 if before is None:
                     path.unlink(missing_ok=True)
                 else:
-                    atomic_write(path, lambda f, b=before: f.write(b))
+                    atomic_write(path, lambda f: f.write(before))  # (called at once: no late binding)
             for tmp, _ in staged:
                 if os.path.lexists(tmp):
                     os.unlink(tmp)

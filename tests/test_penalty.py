@@ -38,6 +38,26 @@ def test_penalty_value_and_gradient():
         LCNNPenalty(lambda_beta=-1)
 
 
+@pytest.mark.parametrize("layers", ["gamma_only", "beta_only"])
+def test_penalty_of_a_net_with_one_kind_of_layer(layers):
+    """Only γ-Lipschitz BatchNorms (no centered softplus), or only softplus: value and gradient are the
+    formula's (the ``torch._foreach_*`` ops return tuples; adding one to the empty list of the missing
+    kind raised a TypeError)."""
+    if layers == "gamma_only":
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), LipschitzBatchNorm2d(4, gamma_init=3.0), LipschitzBatchNorm2d(4))
+        params = [m.gamma_raw for m in model if isinstance(m, LipschitzBatchNorm2d)]
+        expected = sum(torch.log(1 + F.softplus(p)) for p in params)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), CenteredSoftplus(beta_init=2.0), CenteredSoftplus(beta_init=7.0))
+        params = [m.log_beta for m in model if isinstance(m, CenteredSoftplus)]
+        expected = sum(torch.exp(p) for p in params)
+    value = LCNNPenalty(lambda_beta=0.1, lambda_gamma=0.5)(model)
+    expected = (0.5 if layers == "gamma_only" else 0.1) * expected
+    torch.testing.assert_close(value, expected)
+    for got, want in zip(torch.autograd.grad(value, params), torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(got, want)
+
+
 def per_sample_input_grads(model, x, y):
     rows = []
     for i in range(x.shape[0]):

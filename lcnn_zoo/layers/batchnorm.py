@@ -7,7 +7,7 @@ it by min(γ, ‖BN‖₂)/‖BN‖₂, so its Lipschitz constant is at most γ.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,16 @@ class LipschitzBatchNorm2d(nn.Module):
     Shape: (N, C, H, W) → (N, C, H, W), any memory format.
     """
 
+    if TYPE_CHECKING:  # registered in __init__ (declared for type checkers only: TorchScript reads annotations)
+        weight: Optional[nn.Parameter]
+        bias: Optional[nn.Parameter]
+        running_mean: torch.Tensor
+        running_var: torch.Tensor
+        num_batches_tracked: torch.Tensor
+        scale_var: torch.Tensor
+        batch_mean: torch.Tensor
+        batch_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = False, gamma_init: float = DEFAULT_GAMMA_INIT, device=None, dtype=None) -> None:
         super().__init__()
@@ -80,7 +90,7 @@ class LipschitzBatchNorm2d(nn.Module):
         self.update_stats = True  # False inside `frozen_state`: batch stats are used, not recorded
         self._recorded: Optional[Tuple[int, int, int]] = None  # (n, data_ptr, _version): see _record_momentum
         self._late = False  # n ≥ 1/momentum: the plain exponential average from now on
-        self.process_group = None  # set by `sync_batchnorm`: batch statistics over all DDP processes
+        self.process_group: Optional[Any] = None  # set by `sync_batchnorm`: batch statistics over all DDP processes
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -122,6 +132,7 @@ class LipschitzBatchNorm2d(nn.Module):
             # gradients for channels_last inputs with an expanded weight.
             return _ChannelScale.apply(self.gamma_raw, var, self.eps, self.num_features), None
         scale = self.lipschitz_scale(var)
+        assert self.bias is not None  # affine: weight and bias are both parameters
         return self.weight * scale, self.bias * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,15 +181,17 @@ class LipschitzBatchNorm2d(nn.Module):
         tensor (one device sync) only when it changed otherwise: the first step, after a load or a
         reset, after compiled or DDP-broadcast writes. ``Tensor._version`` (no public API exposes it)
         counts a tensor's in-place writes; the increment just made is one."""
+        momentum = self.momentum
+        assert momentum is not None  # called only with a momentum (None: the cumulative average)
         if self._late:
-            return self.momentum
+            return momentum
         counter = self.num_batches_tracked
         key = (counter.data_ptr(), counter._version)
         mirror = self._recorded
         n = mirror[0] + 1 if mirror is not None and mirror[1:] == (key[0], key[1] - 1) else int(counter)
         self._recorded = (n, *key)
-        self._late = n * self.momentum >= 1.0
-        return max(self.momentum, 1.0 / n)
+        self._late = n * momentum >= 1.0
+        return max(momentum, 1.0 / n)
 
     def _early_momentum(self) -> torch.Tensor:
         """max(momentum, 1/n) for the n-th recorded batch (0-dim tensor: no device sync).
@@ -188,10 +201,11 @@ class LipschitzBatchNorm2d(nn.Module):
         exponential average keeps (1 − momentum)ⁿ of the initial variance of 1 after n steps, while an
         LCNN's first activations have a variance near 1e-3. After those batches (and for loaded
         statistics, which have seen many) it is the plain exponential average."""
+        assert self.momentum is not None  # called only with a momentum (None: the cumulative average)
         return torch.clamp_min(self.num_batches_tracked.reciprocal(), self.momentum)
 
     def _synced_batch_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], record: bool,
-                           momentum: float) -> torch.Tensor:
+                           momentum: Union[float, torch.Tensor]) -> torch.Tensor:
         """Training-mode BN with batch statistics summed over the process group (differentiable,
         so double backward works). Works on any backend, gloo on CPU included."""
         c = x.shape[1]
@@ -241,14 +255,14 @@ class _ChannelScale(torch.autograd.Function):
     Differentiable backward ops, so a create_graph backward records it."""
 
     @staticmethod
-    def forward(ctx, gamma_raw: torch.Tensor, var: torch.Tensor, eps: float, channels: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, gamma_raw: torch.Tensor, var: torch.Tensor, eps: float, channels: int) -> torch.Tensor:
         inv_norm = var.amin().add_(eps).sqrt_()  # 1 / ‖BN‖₂
         unclipped = torch.addcmul(inv_norm, F.softplus(gamma_raw), inv_norm)  # γ / ‖BN‖₂
         ctx.save_for_backward(gamma_raw, inv_norm, unclipped)
         return unclipped.clamp_max(1.0).expand(channels).contiguous()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         gamma_raw, inv_norm, unclipped = ctx.saved_tensors
         slope = torch.sigmoid(gamma_raw).mul_(inv_norm).mul_(unclipped < 1.0)
         return grad.sum() * slope, None, None, None
@@ -259,14 +273,14 @@ class _AllReduceSum(torch.autograd.Function):
     (so double backward through synchronised BatchNorm works)."""
 
     @staticmethod
-    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
         out = t.clone()
         torch.distributed.all_reduce(out, group=group)
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         return _AllReduceSum.apply(grad.contiguous(), ctx.group), None
 
 

@@ -7,10 +7,11 @@ explicit for an input size (timm's dynamic TF-'same' padding included).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad
 from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same_arg
 from torch import nn
@@ -54,10 +55,16 @@ class Conv2dOperator:
     def __init__(self, stride: Tuple[int, int] = (1, 1), padding: Optional[Tuple[int, int, int, int]] = (0, 0, 0, 0),
                  dilation: Tuple[int, int] = (1, 1), groups: int = 1, padding_mode: str = "zeros") -> None:
         self.stride = tuple(stride)
-        self.padding = None if padding is None else tuple(padding)
+        self.padding: Optional[Tuple[int, int, int, int]] = (
+            None if padding is None else cast(Tuple[int, int, int, int], tuple(padding)))
         self.dilation = tuple(dilation)
         self.groups = groups
         self.padding_mode = padding_mode
+
+    def _padding(self) -> Tuple[int, int, int, int]:
+        """``padding``, which is set (by the input size, for dynamic padding) before the operator is used."""
+        assert self.padding is not None, "Conv2dOperator: the padding is not known yet (no input size)"
+        return self.padding
 
     def shapes(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]]
                ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
@@ -68,7 +75,7 @@ class Conv2dOperator:
         c, h, w = (int(s) for s in input_shape)
         if c != weight.shape[1] * self.groups:
             raise ValueError(f"SpectralNorm: input has {c} channels, the conv expects {weight.shape[1] * self.groups}")
-        l, r, t, b = self.padding
+        l, r, t, b = self._padding()
         kh, kw = weight.shape[-2:]
         ho = (h + t + b - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (w + l + r - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
@@ -78,7 +85,7 @@ class Conv2dOperator:
         return (1, c, h, w), (1, weight.shape[0], ho, wo)
 
     def _symmetric_padding(self) -> Optional[Tuple[int, int]]:
-        l, r, t, b = self.padding
+        l, r, t, b = self._padding()
         if self.padding_mode == "zeros" and l == r and t == b:
             return (t, l)
         return None
@@ -87,7 +94,7 @@ class Conv2dOperator:
         sym = self._symmetric_padding()
         if sym is None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, self.padding, mode=mode)
+            x = F.pad(x, self._padding(), mode=mode)
             sym = (0, 0)
         return F.conv2d(x, weight, None, self.stride, sym, self.dilation, self.groups)
 
@@ -99,7 +106,7 @@ class Conv2dOperator:
                 x = torch.zeros(tuple(in_shape), device=y.device, dtype=y.dtype, requires_grad=True)
                 (out,) = torch.autograd.grad(self.apply(x, weight.detach()), x, y)
             return out
-        l, r, t, b = self.padding
+        l, r, t, b = self._padding()
         hp, wp = in_shape[-2] + t + b, in_shape[-1] + l + r
         kh, kw = weight.shape[-2:]
         base_h = (y.shape[-2] - 1) * self.stride[0] + self.dilation[0] * (kh - 1) + 1
@@ -121,7 +128,7 @@ class Conv2dOperator:
     def _sigma_gradient(self, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         sym = self._symmetric_padding()
         if sym is None:
-            v = F.pad(v, self.padding)
+            v = F.pad(v, self._padding())
             sym = (0, 0)
         return torch.nn.grad.conv2d_weight(v, weight.shape, u, self.stride, sym, self.dilation, self.groups)
 
@@ -165,7 +172,8 @@ def conv_padding(conv: nn.Conv2d, input_hw: Optional[Sequence[int]]) -> Tuple[in
         if input_hw is None:
             raise ValueError(f"{type(conv).__name__} pads dynamically: the input size must be known")
         # timm computes TF-'same' padding from the actual input size; use its own helper.
-        return tuple(pad_same_arg(list(input_hw), [kh, kw], list(conv.stride), list(conv.dilation)))
+        return cast(Tuple[int, int, int, int],
+                    tuple(pad_same_arg(list(input_hw), [kh, kw], list(conv.stride), list(conv.dilation))))
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
             return (0, 0, 0, 0)

@@ -5,7 +5,7 @@ converged spectral norms (:func:`converge_spectral_norms`) and BatchNorm statist
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -39,7 +39,8 @@ def frozen_state(model: nn.Module) -> Iterator[nn.Module]:
     exactly once, and the frozen pass computes the same function as the recording one (the same
     singular vectors, the same γ-clips).
     """
-    saved, counters = [], []
+    saved: List[Tuple[nn.Module, str, Any]] = []
+    counters: List[Tuple[torch.Tensor, torch.Tensor]] = []
     for m in model.modules():
         if isinstance(m, LipschitzBatchNorm2d):
             saved.append((m, "update_stats", m.update_stats))
@@ -48,8 +49,10 @@ def frozen_state(model: nn.Module) -> Iterator[nn.Module]:
             # Momentum 0 rather than track_running_stats=False: the running statistics stay as they
             # are, and the forward saves the same tensors for backward as the recording one (which a
             # gradient-checkpoint recompute must). The batch counter it advances is put back on exit.
+            counter = m.num_batches_tracked
+            assert counter is not None  # (a BatchNorm that tracks running statistics has its counter)
             saved.append((m, "momentum", m.momentum))
-            counters.append((m.num_batches_tracked, m.num_batches_tracked.clone()))
+            counters.append((counter, counter.clone()))
             m.momentum = 0.0
         elif isinstance(m, SpectralNorm):
             saved.append((m, "frozen", m.frozen))
@@ -60,8 +63,8 @@ def frozen_state(model: nn.Module) -> Iterator[nn.Module]:
         for m, name, value in saved:
             setattr(m, name, value)
         with torch.no_grad():
-            for counter, value in counters:
-                counter.copy_(value)
+            for counter, start in counters:
+                counter.copy_(start)
 
 
 @torch.no_grad()
@@ -77,7 +80,8 @@ def converge_spectral_norms(model: nn.Module, n_iter: int = 50, tol: Optional[fl
     for m, sn in spectral_norm_modules(model):
         if sn._v is None:
             continue
-        sn.converge(m.parametrizations.weight.original, n_iter, tol)
+        parametrizations: Any = m.parametrizations  # (torch's stubs type a submodule as Tensor | Module)
+        sn.converge(parametrizations.weight.original, n_iter, tol)
         count += 1
     return count
 
@@ -94,14 +98,14 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     """
     bns = [m for m in model.modules() if isinstance(m, (LipschitzBatchNorm2d, nn.modules.batchnorm._BatchNorm))]
     sns = [m for m in model.modules() if isinstance(m, SpectralNorm)]
-    saved = [(m, m.momentum) for m in bns]
-    frozen = [(m, m.frozen) for m in sns]
+    saved = [(bn, bn.momentum) for bn in bns]
+    frozen = [(sn, sn.frozen) for sn in sns]
     was_training = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    for m in sns:
-        m.frozen = True
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    for sn in sns:
+        sn.frozen = True
     n = 0
     try:
         model.train()
@@ -109,9 +113,9 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
             model(x)
             n += 1
     finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-        for m, value in frozen:
-            m.frozen = value
+        for bn, momentum in saved:
+            bn.momentum = momentum
+        for sn, value in frozen:
+            sn.frozen = value
         model.train(was_training)
     return n

@@ -30,7 +30,7 @@ import contextlib
 import math
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Type, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,9 @@ from ..hub import extra_tags, recipe_hint, safe_build, weights_location
 from ..layers import CONVERGENCE_TOL, CenteredSoftplus, converge_spectral_norms, frozen_state
 from ..layers.spectral_norm import deferred_convergence
 from ..penalty import LCNNPenalty, attach_penalty
+
+if TYPE_CHECKING:
+    from timm.layers import SelectAdaptivePool2d
 
 __all__ = ["CifarResNet", "LcnnResNet", "PreActBlock", "WideResNet"]
 
@@ -90,7 +93,7 @@ def _add_logit_scale(model: nn.Module, value: float) -> None:
 def _logit_scale_if_missing(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
     key = prefix + "logit_scale"
     if key not in state_dict:
-        state_dict[key] = module.logit_scale.detach().clone()
+        state_dict[key] = cast(torch.Tensor, module.logit_scale).detach().clone()
 
 
 @torch.jit.ignore
@@ -104,6 +107,13 @@ def _checkpointed(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class _ScaledHead:
     """The zoo's classifier head: timm's ResNet head (pool, dropout, fc), then the logit scale. A mixin
     before timm's ResNet (TorchScript cannot call ``super()``) and in the zoo's own nets."""
+
+    if TYPE_CHECKING:  # what the host module has (declared for type checkers only: TorchScript reads annotations)
+        training: bool
+        drop_rate: float
+        global_pool: SelectAdaptivePool2d
+        fc: nn.Module
+        logit_scale: torch.Tensor
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -127,15 +137,25 @@ class LcnnResNet(_ScaledHead, ResNet):
                  cifar_stem: bool = True, img_size: Sequence[int] = (32, 32), in_chans: int = 3,
                  beta_init: float = 5.0, gamma_init: float = 10.0, logit_scale: float = 1.0,
                  device=None, dtype=None, **kwargs: Any) -> None:
-        super().__init__(block, layers, in_chans=in_chans, act_layer=_act_layer(flavour), **kwargs)
+        # (timm annotates `block` as an instance of BasicBlock | Bottleneck, and `layers` as a tuple)
+        super().__init__(block, layers, in_chans=in_chans, act_layer=_act_layer(flavour),  # type: ignore[arg-type]
+                         **kwargs)
         self.flavour = flavour
         _add_logit_scale(self, logit_scale)
         if cifar_stem:
-            self.conv1 = nn.Conv2d(in_chans, self.conv1.out_channels, 3, stride=1, padding=1, bias=False)
-            self.maxpool = nn.Identity()
+            # (timm's ResNet types conv1 and maxpool as nn.Sequential, their deep-stem / anti-aliased form)
+            self.conv1 = nn.Conv2d(in_chans, cast(nn.Conv2d, self.conv1).out_channels, 3,  # type: ignore[assignment]
+                                   stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()  # type: ignore[assignment]
             for info in self.feature_info:  # the stem no longer downsamples by 4
-                info["reduction"] = max(1, info["reduction"] // (4 if info["module"] != "act1" else 2))
+                info["reduction"] = max(1, cast(int, info["reduction"]) // (4 if info["module"] != "act1" else 2))
         _finalize(self, flavour, in_chans, img_size, beta_init, gamma_init, device, dtype)
+
+    if TYPE_CHECKING:  # added by timm's ResNet with add_module (declared for type checkers only)
+        layer1: nn.Sequential
+        layer2: nn.Sequential
+        layer3: nn.Sequential
+        layer4: nn.Sequential
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # timm's ResNet.forward_features, with the zoo's checkpointing (timm's checkpoint_seq recomputes
@@ -161,6 +181,10 @@ class _StagedNet(_ScaledHead, nn.Module):
     recompute runs no power iteration and records no BatchNorm statistics: it computes exactly the
     function of the forward it replays.
     """
+
+    if TYPE_CHECKING:  # set by the subclasses (declared for type checkers only: TorchScript reads annotations)
+        conv1: nn.Conv2d
+        stages: nn.Sequential
 
     def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float,
                    logit_scale: float) -> None:
@@ -440,8 +464,8 @@ def _family(name: str, datasets: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[st
 _RESNET20_DATA = {**{k: dict(v, pool_size=(8, 8)) for k, v in _CIFAR.items()},
                   "fmnist": dict(num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7))}
 _WRN_DATA = {k: dict(v, pool_size=(8, 8)) for k, v in _CIFAR.items()}
-_IN1K = dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-             notes="architecture only: no weights and no recipe")
+_IN1K: Dict[str, Any] = dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                             notes="architecture only: no weights and no recipe")
 
 default_cfgs = generate_default_cfgs({
     **_family("resnet18", _CIFAR),
@@ -491,7 +515,8 @@ def _cfg_for_built_channels(model: nn.Module) -> None:
         values = tuple(cfg.get(key) or ())
         if values and len(set(values)) == 1:  # the zoo's are (0, …) and (1, …): one value per channel
             fix[key] = values[:1] * c
-    model.pretrained_cfg = {**cfg, **fix}
+    # (timm's pretrained_cfg is a dict attribute; nn.Module's stubs type attributes as Tensor | Module)
+    model.pretrained_cfg = {**cfg, **fix}  # type: ignore[assignment]
     if hasattr(model, "default_cfg"):
         model.default_cfg = model.pretrained_cfg  # timm's alias
 
