@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,13 +27,15 @@ __all__ = ["fold", "stale_spectral_norms"]
 def _plain_bn(lbn: LipschitzBatchNorm2d) -> nn.BatchNorm2d:
     """The eval-mode γ-Lipschitz BN as an ordinary affine BatchNorm2d (exact)."""
     c = lbn.lipschitz_scale().detach()
-    fk = {"device": lbn.running_mean.device, "dtype": lbn.running_mean.dtype}
+    fk: Dict[str, Any] = {"device": lbn.running_mean.device, "dtype": lbn.running_mean.dtype}
     bn = nn.BatchNorm2d(lbn.num_features, eps=lbn.eps, affine=True, **fk)
     with torch.no_grad():
         w = lbn.weight if lbn.weight is not None else torch.ones(lbn.num_features, **fk)
         b = lbn.bias if lbn.bias is not None else torch.zeros(lbn.num_features, **fk)
         bn.weight.copy_(w * c)
         bn.bias.copy_(b * c)
+        # (track_running_stats, the default: the BatchNorm2d built above has all three buffers)
+        assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
         bn.running_mean.copy_(lbn.running_mean)
         bn.running_var.copy_(lbn.running_var)
         bn.num_batches_tracked.copy_(lbn.num_batches_tracked)
@@ -88,6 +90,7 @@ def _fuse_conv_bn(model: nn.Module, x: torch.Tensor) -> int:
 
     def swap(m: nn.Module) -> Optional[nn.Module]:
         if id(m) in conv_ids:
+            assert isinstance(m, nn.Conv2d)  # conv_ids holds the ids of the Conv2d modules in `produced`
             return fuse_conv_bn_eval(m, conv_ids[id(m)])
         if id(m) in bn_ids:
             return nn.Identity()

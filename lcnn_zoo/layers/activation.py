@@ -110,18 +110,18 @@ class _CenteredSoftplusFn(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         if _use_fused(x):
             return torch.ops.lcnn_zoo.centered_softplus_fwd(x, beta)
         return _centered_softplus_t(x * beta) / beta
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
+    def setup_context(ctx, inputs, output):
         _, beta = inputs
         ctx.save_for_backward(output, beta)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor):
         y, beta = ctx.saved_tensors
         need_x, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not torch.is_grad_enabled():  # an ordinary backward (no create_graph): one fused pass
@@ -140,13 +140,13 @@ class _CenteredSoftplusFnFwdAD(_CenteredSoftplusFn):
     It saves the output for the jvp too, so the input is not kept alive."""
 
     @staticmethod
-    def setup_context(ctx, inputs, output):  # type: ignore[override]
+    def setup_context(ctx, inputs, output):
         _, beta = inputs
         ctx.save_for_backward(output, beta)
         ctx.save_for_forward(output, beta)
 
     @staticmethod
-    def jvp(ctx, x_t: Optional[torch.Tensor], beta_t: Optional[torch.Tensor]):  # type: ignore[override]
+    def jvp(ctx, x_t: Optional[torch.Tensor], beta_t: Optional[torch.Tensor]):
         y, beta = ctx.saved_tensors
         d_x, d_beta = _derivatives_from_output(y, beta)
         out = torch.zeros_like(y)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from timm.layers import Conv2dSame
@@ -49,12 +49,12 @@ class _DivideBySigma(torch.autograd.Function):
     records it)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, sigma: torch.Tensor, grad_sigma: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, weight: torch.Tensor, sigma: torch.Tensor, grad_sigma: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, sigma, grad_sigma)
         return weight / sigma
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         weight, sigma, grad_sigma = ctx.saved_tensors
         coef = (grad * weight).sum() / sigma
         return torch.addcmul(grad, grad_sigma, coef, value=-1.0).div_(sigma), None, None
@@ -98,6 +98,9 @@ class SpectralNorm(nn.Module):
     dict whose singular vectors have other shapes (saved at another input size or channel count)
     loads too: the vectors are recomputed for this layer's shape from the loaded weight.
     """
+
+    if TYPE_CHECKING:  # a buffer that is None unless a stem gain is set (registered in __init__)
+        _gain: Optional[torch.Tensor]
 
     def __init__(self, weight: torch.Tensor, layer_type: str = "linear", *,
                  input_shape: Optional[Sequence[int]] = None,
@@ -153,7 +156,7 @@ class SpectralNorm(nn.Module):
         ``init_iterations`` power iterations, to ``init_tol``). Returns the iterations run."""
         v_shape, u_shape = self.op.shapes(weight, input_shape)
         gen = torch.Generator().manual_seed(_INIT_SEED)
-        fk = {"device": weight.device, "dtype": weight.dtype}
+        fk: Dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
         self._v = _normalize(torch.randn(v_shape, generator=gen).to(**fk))
         self._u = _normalize(torch.randn(u_shape, generator=gen).to(**fk))
         self.vectors_loaded = False
@@ -233,7 +236,8 @@ class SpectralNorm(nn.Module):
         """Whether ``weight`` is a stem adapted from the checkpoint's c₀ input channels to this layer's
         c = r·c₀ the way timm adapts one (``adapt_input_conv``: the kernel repeated r times, scaled by
         1/r): the same output shape, the same spatial size, and r identical channel groups."""
-        if self.layer_type != "conv2d" or self.op.groups != 1 or u.shape != self._u.shape or v.dim() != 4:
+        if (not isinstance(self.op, Conv2dOperator) or self.op.groups != 1 or u.shape != self._u.shape
+                or v.dim() != 4):
             return False
         c0, c = v.shape[1], self._v.shape[1]
         if v.shape[0] != 1 or v.shape[2:] != self._v.shape[2:] or c <= c0 or c % c0:
@@ -315,7 +319,9 @@ class SpectralNorm(nn.Module):
         while used < max_iter:
             steps = min(LANCZOS_STEPS, max_iter - used)
             if steps > 1:
-                _, v = lanczos(matvec, v, steps, gen, return_vectors=True)
+                _, ritz = lanczos(matvec, v, steps, gen, return_vectors=True)
+                assert ritz is not None  # return_vectors=True
+                v = ritz
                 used += steps
             w = matvec(v)  # one more product: the residual, and a power step
             used += 1
@@ -460,7 +466,8 @@ def spectral_norm(module: nn.Module, input_shape: Optional[Sequence[int]] = None
     ordinary checkpoints (e.g. timm ImageNet weights) load into a converted model, and timm's
     classifier/stem adaptation, which works on ``<layer>.weight``, keeps working.
     """
-    kw = dict(n_power_iterations=n_power_iterations, init_iterations=init_iterations, init_tol=init_tol)
+    kw: Dict[str, Any] = dict(n_power_iterations=n_power_iterations, init_iterations=init_iterations,
+                              init_tol=init_tol)
     if isinstance(module, nn.Linear):
         sn = SpectralNorm(module.weight.detach(), "linear", **kw)
     elif isinstance(module, nn.Conv2d):
@@ -471,8 +478,10 @@ def spectral_norm(module: nn.Module, input_shape: Optional[Sequence[int]] = None
         # Dynamic TF-'same' padding with an unknown input size: the padding is set on first forward.
         padding = None if hw is None and _needs_input_size(module) else conv_padding(module, hw)
         sn = SpectralNorm(
-            module.weight.detach(), "conv2d", input_shape=input_shape, stride=module.stride, padding=padding,
-            dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode, **kw)
+            module.weight.detach(), "conv2d", input_shape=input_shape,
+            stride=cast(Tuple[int, int], module.stride), padding=padding,  # (Conv2d's are pairs)
+            dilation=cast(Tuple[int, int], module.dilation), groups=module.groups,
+            padding_mode=module.padding_mode, **kw)
         if sn._v is None or sn.padding is None:
             module.register_forward_pre_hook(_lazy_init_hook)
     else:
@@ -490,7 +499,8 @@ def spectral_norm(module: nn.Module, input_shape: Optional[Sequence[int]] = None
 def spectral_norm_of(module: nn.Module) -> Optional[SpectralNorm]:
     """The :class:`SpectralNorm` on ``module.weight``, or None."""
     if parametrize.is_parametrized(module, "weight"):
-        for p in module.parametrizations.weight:
+        parametrizations: Any = module.parametrizations  # a ModuleDict of ParametrizationLists
+        for p in parametrizations.weight:
             if isinstance(p, SpectralNorm):
                 return p
     return None
@@ -517,7 +527,8 @@ def deferred_convergence() -> Iterator[None]:
     for module in pending:
         sn = spectral_norm_of(module)
         if sn is not None and sn._v is not None and not sn.vectors_loaded:
-            sn.converge(module.parametrizations.weight.original, sn.init_iterations, sn.init_tol)
+            parametrizations: Any = module.parametrizations
+            sn.converge(parametrizations.weight.original, sn.init_iterations, sn.init_tol)
 
 
 @torch.no_grad()
@@ -535,18 +546,20 @@ def remove_spectral_norm(module: nn.Module) -> nn.Module:
     """
     if spectral_norm_of(module) is None:
         raise ValueError(f"remove_spectral_norm: {type(module).__name__} has no spectral norm")
-    if set(module.parametrizations.keys()) != {"weight"} or len(module.parametrizations.weight) != 1:
+    parametrizations: Any = module.parametrizations  # a ModuleDict of ParametrizationLists
+    if set(parametrizations.keys()) != {"weight"} or len(parametrizations.weight) != 1:
         raise ValueError(f"remove_spectral_norm: {type(module).__name__} has other parametrizations too")
-    sn = module.parametrizations.weight[0]
+    sn: SpectralNorm = parametrizations.weight[0]
     if sn._v is None or sn.padding is None:
         # A conv no forward has reached and no input size was given for: its σ is undefined (it depends
         # on the input size). W / (a bound on its norm at every input size): 1-Lipschitz at any size.
-        original = module.parametrizations.weight.original.detach()
+        assert isinstance(sn.op, Conv2dOperator)  # a linear layer's vectors are allocated at construction
+        original = parametrizations.weight.original.detach()
         w = sn._with_gain(original / sn.op.norm_bound(original).clamp_min(_EPS)).clone()
     else:
         was_training = sn.training
         sn.eval()
-        w = module.weight.detach().clone()
+        w = cast(torch.Tensor, module.weight).detach().clone()
         sn.train(was_training)
     drop_hooks(module._forward_pre_hooks, _lazy_init_hook)
     drop_hooks(module._state_dict_hooks, _sn_state_dict_hook)
@@ -595,8 +608,8 @@ def _lazy_init_hook(module: nn.Module, args) -> None:
     if sn is None:
         return
     x = args[0]
-    if sn.op.padding is None:
-        sn.op.padding = conv_padding(module, x.shape[-2:])
+    if sn.op.padding is None:  # only a Conv2d registers this hook (see spectral_norm)
+        sn.op.padding = conv_padding(cast(nn.Conv2d, module), x.shape[-2:])
     if sn._v is None:
         sn.initialize(module.parametrizations.weight.original, tuple(x.shape[1:]))
     drop_hooks(module._forward_pre_hooks, _lazy_init_hook)  # done: no per-call cost from now on
