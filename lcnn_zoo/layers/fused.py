@@ -30,7 +30,7 @@ import os
 import sys
 import types
 import warnings
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Literal, Tuple, Union, cast
 
 import torch
 
@@ -149,7 +149,7 @@ def _cpu_bwd_x_beta(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor) -> 
     return backward_formula(grad, y, beta, True)
 
 
-_CPU_FUNCTIONS = {"fwd": _cpu_fwd, "bwd_x": _cpu_bwd_x, "bwd_x_beta": _cpu_bwd_x_beta}
+_CPU_FUNCTIONS: Dict[str, Callable[..., Any]] = {"fwd": _cpu_fwd, "bwd_x": _cpu_bwd_x, "bwd_x_beta": _cpu_bwd_x_beta}
 _compiled: Dict[tuple, Callable] = {}
 
 
@@ -180,12 +180,13 @@ def _cpu_kernel(name: str, *args: torch.Tensor) -> Callable:
     torch.compile keeps its compiled variants per code object, up to a small recompile limit, and
     guards each on dtype and dispatch keys; so each such combination gets a copy of the function
     with a code object of its own (and one graph for every size, ``dynamic=True``)."""
-    key = (name,) + tuple((a.dtype, a.is_inference()) for a in args)
+    kinds = tuple((a.dtype, a.is_inference()) for a in args)
+    key = (name,) + kinds
     fn = _compiled.get(key)
     if fn is None:
         _import_cpp_extension_quietly()
-        base = _CPU_FUNCTIONS[name]
-        tag = "_".join(str(d).replace("torch.", "") + ("_inf" if inf else "") for d, inf in key[1:])
+        base = cast(types.FunctionType, _CPU_FUNCTIONS[name])  # plain `def` functions (see _CPU_FUNCTIONS)
+        tag = "_".join(str(d).replace("torch.", "") + ("_inf" if inf else "") for d, inf in kinds)
         code = base.__code__.replace(co_name=f"{base.__name__}_{tag}")
         copy = types.FunctionType(code, base.__globals__, code.co_name, base.__defaults__, base.__closure__)
         fn = _compiled[key] = torch.compile(copy, dynamic=True, fullgraph=True)
@@ -213,6 +214,7 @@ def _unflat(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _run_cpu(name: str, *args):
     if args[0].numel() < 2:  # sizes 0 and 1 would each need a compiled variant of their own
         return _CPU_FUNCTIONS[name](*args)
+    args = tuple(a.detach() for a in args)  # the op's own autograd is around it: plain tensors for the guards
     try:
         return _cpu_kernel(name, *args)(*args)
     except Exception as exc:  # no C++ compiler, an inductor failure: the formulas, after one warning
@@ -299,7 +301,7 @@ torch.library.register_vmap("lcnn_zoo::centered_softplus_bwd", _bwd_vmap)
 
 
 # ---- CUDA: Triton ---------------------------------------------------------------------------------
-_triton = None
+_triton: Union[types.ModuleType, Literal[False], None] = None  # None: not tried yet; False: not usable
 
 
 def _run_triton(name: str, formula: Callable, *args):
