@@ -25,7 +25,7 @@ _EXPORTS = {
     "folding": ("fold",),
     "penalty": ("LCNNPenalty", "attach_penalty", "gradreg_exact", "gradreg_fd_backward", "param_groups"),
     "geometry": ("CurvatureStats", "curvature_stats", "gradient_robustness", "relative_discrepancy"),
-    "curvature_bound": ("HessianBound", "hessian_bound"),
+    "curvature_bound": ("BoundCheck", "HessianBound", "hessian_bound", "verify_bounds"),
     "errors": ("UserError",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -31,7 +31,8 @@ from timm.models.resnet import Bottleneck as TimmBottleneck
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from .coverage import analyse
+from .coverage import analyse, measure_norm, trained_buffers
+from .graph_rules import apply_graph_rules, is_gate_finding
 from .layers import (
     DEFAULT_BETA_INIT,
     DEFAULT_GAMMA_INIT,
@@ -48,6 +49,12 @@ from .layers.spectral_norm import CONVERGENCE_TOL, MAX_INIT_ITERATIONS, drop_hoo
 
 __all__ = ["lcnnify", "set_input_size", "average_residual", "detach_lcnn_state", "ConversionReport",
            "LCNNConversionWarning", "LCNNInputSizeWarning", "RULES", "Rule", "ACTIVATION_TYPES", "RESIDUAL_TYPES"]
+
+
+#: An ``nn.Module`` carrying the attributes lcnnify sets (``lcnn_report``, ``_lcnn_input_size``…) and
+#: that timm's models have (``reset_classifier``, ``pretrained_cfg``): torch's stubs type every
+#: dynamic attribute as ``Tensor | Module``, so these functions take it untyped.
+LCNNModel = Any
 
 
 class LCNNConversionWarning(UserWarning):
@@ -72,6 +79,9 @@ class ConversionReport:
             network's bound is multiplied by them.
         analysis: "graph" (torch.fx), "modules" (tracing failed: module-level check, said in
             ``unconverted``) or "pending" (no input size yet).
+        gates: lcnnify's ``gates`` option ("keep" or "remove").
+        refused: module name → why a merge the analysis found in it was not rewritten (its forward
+            could not be traced alone, takes optional arguments, differs in train and eval…).
     """
 
     input_size: Optional[Tuple[int, int, int]] = None
@@ -79,6 +89,8 @@ class ConversionReport:
     unconverted: List[Tuple[str, str, str]] = field(default_factory=list)
     gains: List[Tuple[str, float]] = field(default_factory=list)
     analysis: str = "pending"
+    gates: str = "keep"
+    refused: Dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -93,7 +105,12 @@ class ConversionReport:
         for name, factor in self.gains:
             lines.append(f"  fixed gain ×{factor:.4g} at {name}: the network's Lipschitz bound is multiplied by it")
         for name, typ, reason in self.unconverted:
-            lines.append(f"  not covered: {name or '<root>'} ({typ}): {reason}")
+            why_not = self.refused.get(name)
+            lines.append(f"  not covered: {name or '<root>'} ({typ}): {reason}"
+                         + (f"; not rewritten: {why_not}" if why_not else ""))
+        if self.gates == "keep" and any(is_gate_finding(reason) for _, _, reason in self.unconverted):
+            lines.append('  gates="keep" (the default) keeps squeeze-excite and other gates, which have no bound; '
+                         'lcnnify(..., gates="remove") replaces gate modules by identities')
         if self.ok:
             lines.append("  every operation is covered: each nonlinear layer's input is at most "
                          "(Π γ × fixed gains)-Lipschitz in the model input (eval mode)")
@@ -113,9 +130,9 @@ class _Context:
     bn_affine: Optional[bool] = None
     average_residuals: bool = True
     replace_maxpool: bool = True
-    sn_kwargs: Dict[str, object] = field(default_factory=dict)
+    sn_kwargs: Dict[str, Any] = field(default_factory=dict)
     conv_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
-    act_kw: Dict[str, object] = field(default_factory=dict)
+    act_kw: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -149,7 +166,7 @@ def _is_maxpool(m: nn.Module) -> bool:
     return isinstance(m, (nn.MaxPool2d, MaxPool2dSame))
 
 
-def average_residual(block: nn.Module, name: str = "", ctx: Optional[_Context] = None) -> None:
+def average_residual(block: Any, name: str = "", ctx: Optional[_Context] = None) -> None:
     """The rewrite lcnnify applies to ResNet blocks: make ``out = branch + shortcut`` into ``out = (branch + shortcut) / 2`` in the ResNet blocks
     of timm and torchvision, by scaling both summands with :class:`Scale` (0.5) modules placed where
     each block's forward applies them."""
@@ -170,11 +187,11 @@ def average_residual(block: nn.Module, name: str = "", ctx: Optional[_Context] =
         block.downsample = nn.Sequential(block.downsample, Scale(0.5))
 
 
-def _halve_residual_scale(block: nn.Module, name: str, ctx: _Context) -> None:
+def _halve_residual_scale(block: Any, name: str, ctx: _Context) -> None:
     block.residual_scale = 0.5  # blocks computing (branch + shortcut) * residual_scale
 
 
-def _effective_conv(conv: nn.Conv2d) -> nn.Conv2d:
+def _effective_conv(conv: Any) -> nn.Conv2d:
     """Replace timm's weight-standardised convs by a plain conv with the standardised weight.
 
     Weight standardisation is scale-invariant, so it would undo spectral normalisation; the LCNN
@@ -192,17 +209,17 @@ def _effective_conv(conv: nn.Conv2d) -> nn.Conv2d:
                            training=True, momentum=0.0, eps=conv.eps).reshape_as(w)
     same = bool(getattr(conv, "same_pad", False))
     cls = Conv2dSame if same else nn.Conv2d
-    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-              0 if same else conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-              device=w.device, dtype=w.dtype)
+    geometry: Dict[str, Any] = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=0 if same else conv.padding,
+                                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+    new = cls(conv.in_channels, conv.out_channels, **geometry, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         new.weight.copy_(eff)
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     return new
 
 
-def _conv_rewrite(module: nn.Module, name: str, ctx: _Context) -> Optional[nn.Module]:
+def _conv_rewrite(module: Any, name: str, ctx: _Context) -> Optional[nn.Module]:
     conv = _effective_conv(module)
     spectral_norm(conv, ctx.conv_shapes.get(name), **ctx.sn_kwargs)
     return conv if conv is not module else None
@@ -212,14 +229,15 @@ def _linear_rewrite(module: nn.Module, name: str, ctx: _Context) -> None:
     spectral_norm(module, **ctx.sn_kwargs)
 
 
-def _lipschitz_bn(bn: nn.Module, name: str, ctx: _Context) -> LipschitzBatchNorm2d:
+def _lipschitz_bn(bn: Any, name: str, ctx: _Context) -> LipschitzBatchNorm2d:
     if not bn.track_running_stats:
         raise ValueError(f"lcnnify: {name or 'the model'} is a BatchNorm2d(track_running_stats=False): it has no "
                          "running variance to bound the Lipschitz constant with")
     affine = bn.affine if ctx.bn_affine is None else ctx.bn_affine
     fk = {"device": bn.running_mean.device, "dtype": bn.running_mean.dtype}
-    kw = dict(eps=bn.eps, momentum=bn.momentum, affine=affine, gamma_init=ctx.gamma_init, **fk)
+    kw: Dict[str, Any] = dict(eps=bn.eps, momentum=bn.momentum, affine=affine, gamma_init=ctx.gamma_init, **fk)
 
+    new: LipschitzBatchNorm2d
     if isinstance(bn, BatchNormAct2d):  # its act was converted with its children
         new = LipschitzBatchNormAct2d(bn.num_features, act=bn.act, drop=bn.drop, **kw)
     else:
@@ -230,14 +248,14 @@ def _lipschitz_bn(bn: nn.Module, name: str, ctx: _Context) -> LipschitzBatchNorm
         # The statistics were recorded for the unconverted network (its convolutions were not normalised):
         # counted as unseen, so a short fine-tune recomputes them at its end (training._recalibrate_if_short).
         new.num_batches_tracked.zero_()
-        if affine and bn.affine:
+        if affine and bn.affine and new.weight is not None and new.bias is not None:
             new.weight.copy_(bn.weight)
             new.bias.copy_(bn.bias)
     new.train(bn.training)
     return new
 
 
-def _maxpool_to_avgpool(module: nn.Module, name: str, ctx: _Context) -> nn.Module:
+def _maxpool_to_avgpool(module: Any, name: str, ctx: _Context) -> nn.Module:
 
     if isinstance(module, MaxPool2dSame):
         return AvgPool2dSame(module.kernel_size, module.stride, ceil_mode=module.ceil_mode)
@@ -362,6 +380,7 @@ def lcnnify(
     bn_affine: Optional[bool] = None,
     average_residuals: bool = True,
     replace_maxpool: bool = True,
+    gates: str = "keep",
     n_power_iterations: int = 1,
     init_iterations: int = MAX_INIT_ITERATIONS,
     strict: bool = False,
@@ -382,6 +401,12 @@ def lcnnify(
     * ResNet ``BasicBlock``/``Bottleneck`` (timm and torchvision): the residual sum becomes the
       average of the two branches (``average_residuals``), as in the paper's reference ResNet. Any
       other block that computes ``(branch + shortcut) * self.residual_scale`` (a float) gets 0.5.
+    * Found on the traced graph (:mod:`lcnn_zoo.graph_rules`, with ``average_residuals``): any other
+      sum of k input-dependent tensors becomes their average and a concatenation of k is scaled by
+      1/√k, inside the owning module's forward (traced alone and replaced on the instance); a
+      parameter-free linear module of norm g > 1 (``nn.Upsample``) is followed by ``Scale(1/g)``.
+    * ``gates="remove"``: gate modules ``x * g(x)`` (squeeze-excite, ECA) become ``nn.Identity``;
+      the default ``"keep"`` keeps them, reported as not covered.
     * ``MaxPool2d`` → ``AvgPool2d`` with the same window (``replace_maxpool``): max-pooling is not
       smooth, average pooling is linear.
 
@@ -404,12 +429,18 @@ def lcnnify(
             ``model.pretrained_cfg["input_size"]``, else the shape of the first forward pass.
         bn_affine: None keeps each BatchNorm's ``affine`` setting; True/False forces it (the
             paper uses False).
+        average_residuals: average sums and rescale concatenations (False keeps them, reported).
+        replace_maxpool: ``MaxPool2d`` → ``AvgPool2d``.
+        gates: "keep" (default) or "remove" (see above).
+        strict: raise ``ValueError`` instead of warning when something is not covered.
         n_power_iterations: power iterations per training forward (1 in the paper).
         init_iterations: at most this many power iterations at conversion.
 
     Returns:
         ``model`` (same object), converted.
     """
+    if gates not in ("keep", "remove"):
+        raise ValueError(f"lcnnify: gates must be 'keep' or 'remove', got {gates!r}")
     size = _check_convertible(model, input_size, strict)
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     ctx = _Context(beta_init=beta_init, gamma_init=gamma_init, bn_affine=bn_affine,
@@ -423,14 +454,64 @@ def lcnnify(
         raise ValueError(f"lcnnify: the model itself is a {type(model).__name__}; wrap it in a container")
 
     _keep_head_spectral(model)
-    model.lcnn_report = ConversionReport(input_size=size, converted=dict(counts))
-    model._lcnn_input_size = size
-    model._lcnn_size_warned = False
+    state: LCNNModel = model
+    state.lcnn_report = ConversionReport(input_size=size, converted=dict(counts), gates=gates)
+    state._lcnn_input_size = size
+    state._lcnn_size_warned = False
     model.register_forward_pre_hook(_input_size_hook)
     _hook_stem(model, size)
     if size is not None:
+        _graph_rules(model, size, average_residuals, gates)
         _check_coverage(model, strict=strict, stacklevel=3)
     return model
+
+
+def _graph_rules(model: LCNNModel, size: Tuple[int, int, int], merges: bool, gates: str) -> None:
+    """The rewrites found on the traced graph (:mod:`lcnn_zoo.graph_rules`), until the analysis finds
+    nothing more to rewrite (a rewrite can uncover the next merge downstream)."""
+    if any(p.is_meta for p in model.parameters()):
+        return
+    report = model.lcnn_report
+    trained = trained_buffers(model, size)  # once: the rewrites add no buffer
+    for _ in range(4):
+        cov = analyse(model, size, _reason_for, trained)
+        before = {name: m.__dict__.get("forward") for name, m in model.named_modules()}
+        counts, refused = apply_graph_rules(model, cov, merges=merges, gates=gates,
+                                            measure=lambda m: _measure_module(model, size, m))
+        report.refused = {**report.refused, **dict(refused)}
+        if not counts:
+            return
+        try:
+            _forward_at(model, size)
+        except Exception as e:  # noqa: BLE001 - a rewritten forward that fails: undo this round's rewrites
+            for name, m in model.named_modules():
+                if name in before and m.__dict__.get("forward") is not before[name]:
+                    m.__dict__.pop("forward", None)
+                    report.refused[name] = f"its traced forward failed ({type(e).__name__})"
+            return
+        for k, v in counts.items():
+            report.converted[k] = report.converted.get(k, 0) + v
+
+
+def _forward_at(model: nn.Module, size: Tuple[int, int, int]) -> None:
+    """One eval forward of zeros at ``size`` (nothing recorded)."""
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    with eval_mode(model), torch.no_grad():
+        model(torch.zeros(1, *size, device=p.device if p is not None else None,
+                          dtype=p.dtype if p is not None else None))
+
+
+def _measure_module(model: nn.Module, size: Tuple[int, int, int], module: nn.Module) -> Optional[float]:
+    """Operator norm of a parameter-free linear module at the input a forward at ``size`` gives it."""
+    seen: List[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0]) if not seen else None)
+    try:
+        _forward_at(model, size)
+    finally:
+        handle.remove()
+    if not seen or not isinstance(seen[0], torch.Tensor):
+        return None
+    return measure_norm(lambda t: module(t), seen[0])
 
 
 def _check_convertible(model: nn.Module, input_size: Optional[Sequence[int]], strict: bool
@@ -449,7 +530,7 @@ def _check_convertible(model: nn.Module, input_size: Optional[Sequence[int]], st
     return size
 
 
-def _check_coverage(model: nn.Module, *, strict: bool = False, stacklevel: int = 2) -> None:
+def _check_coverage(model: LCNNModel, *, strict: bool = False, stacklevel: int = 2) -> None:
     report = model.lcnn_report
     if any(p.is_meta for p in model.parameters()):
         report.analysis = "pending"  # no values on the meta device: checked by set_input_size once materialised
@@ -484,7 +565,7 @@ def _size_warning(expected: Tuple[int, ...], size: Tuple[int, ...]) -> None:
         f"(this warning is shown once per model).", LCNNInputSizeWarning, stacklevel=4)
 
 
-def _hook_stem(model: nn.Module, size: Optional[Tuple[int, int, int]]) -> None:
+def _hook_stem(model: LCNNModel, size: Optional[Tuple[int, int, int]]) -> None:
     """The input-size check on the stem (the first convolution that takes the model's input) as well
     as on the root: ``forward_features``, ``forward_intermediates`` and other entry points than
     ``forward`` reach the stem, not the root's hook."""
@@ -499,7 +580,7 @@ def _hook_stem(model: nn.Module, size: Optional[Tuple[int, int, int]]) -> None:
             return
 
 
-def _stem_size_hook(conv: nn.Module, args) -> None:
+def _stem_size_hook(conv: LCNNModel, args) -> None:
     x = args[0] if args else None
     sn = spectral_norm_of(conv)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or sn is None or sn.input_shape is None:
@@ -511,7 +592,7 @@ def _stem_size_hook(conv: nn.Module, args) -> None:
         _size_warning(sn.input_shape, tuple(x.shape[1:]))
 
 
-def _input_size_hook(model: nn.Module, args) -> None:
+def _input_size_hook(model: LCNNModel, args) -> None:
     """Root forward pre-hook: the first forward fixes an unknown input size (and checks coverage);
     another size than the norms were computed for warns once."""
     x = args[0] if args else None
@@ -525,20 +606,21 @@ def _input_size_hook(model: nn.Module, args) -> None:
         model._lcnn_input_size = size
         model.lcnn_report.input_size = size
         _check_coverage(model, stacklevel=4)
-        _hook_stem(model, size)
+        _hook_stem(model, size)  # type: ignore[arg-type]  # a (C, H, W) from a 4-d input
     elif (size != expected and size[:1] == tuple(expected)[:1] and not model._lcnn_size_warned
           and not getattr(model, "_lcnn_stem_checked", False)):
         model._lcnn_size_warned = True  # no stem found: the root warns
         _size_warning(expected, size)
 
 
-def set_input_size(model: nn.Module, input_size: Sequence[int]) -> nn.Module:
+def set_input_size(model: LCNNModel, input_size: Sequence[int]) -> nn.Module:
     """Recompute every convolution's operator norm for inputs of ``input_size`` = (C, H, W) (the
     singular vectors are re-allocated and converged to 1e-3) and re-check coverage at that size.
     Returns ``model``."""
     if getattr(model, "lcnn_report", None) is None:
         raise ValueError("set_input_size: the model was not converted with lcnnify")
     size = _resolve_input_size(model, input_size)
+    assert size is not None  # input_size given
     model._lcnn_input_size = size  # before the tracing forward below, which would warn otherwise
     model._lcnn_size_warned = False
     shapes = _trace_conv_inputs(model, size)
@@ -563,7 +645,7 @@ class _SpectralHeadReset:
     normalised. Set on the instance (not a generated subclass): the model keeps its own class, so
     pickling and ``isinstance`` see the class the user built."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: LCNNModel) -> None:
         self.model = model
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -578,7 +660,7 @@ class _SpectralHeadReset:
         return out
 
 
-def _keep_head_spectral(model: nn.Module) -> None:
+def _keep_head_spectral(model: LCNNModel) -> None:
     """Make ``model.reset_classifier`` keep a new head spectrally normalised."""
     if callable(getattr(type(model), "reset_classifier", None)):
         model.reset_classifier = _SpectralHeadReset(model)

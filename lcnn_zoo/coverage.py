@@ -16,22 +16,32 @@ the input to it, with every γ-Lipschitz BN counted as 1:
 * a sum: the sum of the summands' B; a concatenation: the root of the sum of their squares.
 
 A B above 1 may be brought back by a later linear op (``(a + b) * 0.5``); where it reaches a
-nonlinear op or the output it is reported at the op that raised it (a residual sum outside the
-blocks lcnnify averages, a concatenation, an upsampling). Operations with no established bound
-are reported where they are: products of two activations (gates, attention), learned scales,
-normalisations other than BN, activations called as functions, max-pooling, unknown modules and
-functions. When the model cannot be traced, a module-level check runs instead and the report says
-that sums, concatenations and gates between modules were not checked.
+nonlinear op or the output it is reported at the op that raised it (a sum or concatenation
+lcnnify could not rewrite, an upsampling). Operations with no established bound are reported where
+they are: products of two activations (gates, attention), learned scales (parameters, and buffers a
+train-mode forward changes), normalisations other than BN, activations called as functions,
+max-pooling, unknown modules and functions.
+
+What the graph does not show is checked too: a leaf is given its class's role only if its forward
+is that class's and no forward hook of the user's is on it; a functional dropout active in eval is
+reported; an in-place write (``y.add_``, ``x[i] = v``, ``inplace=True``) updates the bound of every
+live alias of the written storage; and the traced graph's output must equal the model's own (FX
+records ``y += …`` out of place, so a view of y taken before would differ). When the model cannot
+be traced, a module-level check runs instead and the report says that sums, concatenations and
+gates between modules were not checked.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx
-from timm.layers import get_notrace_functions, get_notrace_modules
+from timm.layers import Conv2dSame, get_notrace_functions, get_notrace_modules
+from timm.layers import Linear as TimmLinear
+from timm.layers.pool2d_same import AvgPool2dSame
 from torch import nn
 
 from .layers import (
@@ -40,6 +50,7 @@ from .layers import (
     LipschitzBatchNorm2d,
     LipschitzBatchNormAct2d,
     Scale,
+    SpectralNorm,
     eval_mode,
     spectral_norm_of,
 )
@@ -91,6 +102,13 @@ _NONSMOOTH = {"relu", "relu_", "relu6", "leaky_relu", "hardtanh", "hardswish", "
 _NORMS = {"layer_norm", "group_norm", "batch_norm", "instance_norm", "local_response_norm", "normalize", "rms_norm"}
 
 
+def graph_order(gm: nn.Module) -> Dict[torch.fx.Node, int]:
+    """Each node of a GraphModule's graph → its position."""
+    graph = gm.graph
+    assert isinstance(graph, torch.fx.Graph)
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
 def op_name(node: torch.fx.Node) -> str:
     if node.op == "call_method":
         return str(node.target)
@@ -120,8 +138,44 @@ _SHAPE_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1
                   nn.AlphaDropout)
 
 
+def _forward_class(m: nn.Module) -> type:
+    """The class whose ``forward`` a module runs (parametrize's injected subclass defines none)."""
+    return next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+
+
+#: Classes whose ``forward`` the roles below describe: a leaf whose forward comes from elsewhere (a
+#: subclass that scales, standardises or otherwise changes what its base computes) is not analysed.
+_UNDERSTOOD_FORWARDS: Tuple[type, ...] = (
+    nn.Conv2d, nn.Linear, TimmLinear, Conv2dSame, LipschitzBatchNorm2d, LipschitzBatchNormAct2d, CenteredSoftplus,
+    FrozenCenteredSoftplus, Scale, nn.Sigmoid, nn.Tanh, AvgPool2dSame)
+
+
+def _package_hook(hook: Any) -> bool:
+    fn = getattr(hook, "hook", hook)  # torch wraps some hooks
+    return str(getattr(fn, "__module__", "") or getattr(type(fn), "__module__", "")).startswith("lcnn_zoo.")
+
+
+def leaf_problem(m: nn.Module) -> Optional[str]:
+    """Why a leaf module cannot be given the role of its class, or None: a forward hook the package did
+    not add (FX does not trace into a leaf, so what the hook does to the output is never seen), or a
+    ``forward`` defined by a class the analysis does not know."""
+    hooks = [h for d in (m._forward_hooks, m._forward_pre_hooks) for h in d.values() if not _package_hook(h)]
+    if hooks:
+        return (f"forward hook on {type(m).__name__} ({getattr(hooks[0], '__name__', type(hooks[0]).__name__)}): "
+                "what it does to the layer's input or output is not analysed")
+    owner = _forward_class(m)
+    known = _UNDERSTOOD_FORWARDS + _SHAPE_MODULES + _LINEAR_MEASURED_MODULES
+    if owner not in known and any(isinstance(m, k) for k in known):
+        return (f"{owner.__name__} overrides the forward of its base class: what it computes is not the "
+                "layer the bound knows")
+    return None
+
+
 def module_role(m: nn.Module, reason_for: Callable[[nn.Module], str]) -> Tuple[str, float, str]:
     """(role, gain, reason) of a leaf module: its role in the bound is "linear", "nonlinear", "measure" or "flag"."""
+    problem = leaf_problem(m)
+    if problem is not None:
+        return "flag", 0.0, problem
     if spectral_norm_of(m) is not None:
         return "linear", 1.0, ""
     if isinstance(m, LipschitzBatchNormAct2d):
@@ -143,7 +197,7 @@ def module_role(m: nn.Module, reason_for: Callable[[nn.Module], str]) -> Tuple[s
         return "nonlinear", 0.25, ""
     if isinstance(m, nn.Tanh):
         return "nonlinear", 1.0, ""
-    if isinstance(m, _LINEAR_MEASURED_MODULES) or type(m).__name__ == "AvgPool2dSame":
+    if isinstance(m, _LINEAR_MEASURED_MODULES + (AvgPool2dSame,)):
         return "measure", 1.0, ""
     return "flag", 0.0, reason_for(m)
 
@@ -174,13 +228,14 @@ class _BoundInterpreter(torch.fx.Interpreter):
         self.learned: Set[torch.fx.Node] = set()
         self.findings: List[Finding] = []
         self.gains: List[Tuple[str, float]] = []
-        self._reported: Set[Tuple[str, str]] = set()
+        self._reported: Set[Tuple[Tuple[str, str], str]] = set()
         self._why: Dict[torch.fx.Node, str] = {}
+        self.trained_buffers: Set[str] = set()
 
     # -- bookkeeping
     def _flag(self, node: torch.fx.Node, reason: str, op: Optional[str] = None) -> None:
         if op is None:
-            op = type(self.module.get_submodule(node.target)).__name__ if node.op == "call_module" else op_name(node)
+            op = type(self.module.get_submodule(str(node.target))).__name__ if node.op == "call_module" else op_name(node)
         key = (_owner(node), op)
         if (key, reason) in self._reported:
             return
@@ -212,11 +267,13 @@ class _BoundInterpreter(torch.fx.Interpreter):
 
     # -- per node
     def run_node(self, node: torch.fx.Node) -> Any:
+        mutated = mutated_argument(node, self.module)
+        before = self._before_write(mutated)
         out = super().run_node(node)
         if node.op == "placeholder":
             self._set(node, 1.0, set())
         elif node.op == "get_attr":
-            if isinstance(out, nn.Parameter):
+            if isinstance(out, nn.Parameter) or node.target in self.trained_buffers:
                 self.learned.add(node)
         elif node.op == "output":
             self._settle(node, self._inputs(node))
@@ -225,10 +282,51 @@ class _BoundInterpreter(torch.fx.Interpreter):
                 self._module(node, out)
             else:
                 self._function(node, out)
+        elif self._inputs(node) and op_name(node) == "setitem":  # x[i] = v: returns None, writes into x
+            first = node.args[0]
+            value = self._inputs(node)
+            whole = self.bound.get(first, 0.0) if isinstance(first, torch.fx.Node) else 0.0
+            self._raise(node, sum(self.bound[a] for a in value if a is not first) + whole,
+                        value, "write into a slice (x[i] = v): Lipschitz bound {b:.3g} > 1")
+        if before is not None and mutated is not None:
+            self._after_write(node, mutated, before)
         return out
 
+    # -- writes in place: every tensor viewing the written storage now holds the new values
+    def _before_write(self, mutated: Optional[torch.fx.Node]) -> Optional[Tuple[int, float]]:
+        t = self.env.get(mutated) if mutated is not None else None
+        if mutated is None or not isinstance(t, torch.Tensor) or t.is_meta:
+            return None
+        return t.untyped_storage().data_ptr(), self.bound.get(mutated, 0.0)
+
+    def _after_write(self, node: torch.fx.Node, mutated: torch.fx.Node, before: Tuple[int, float]) -> None:
+        """An in-place op on ``mutated`` changed every alias of its storage (views taken earlier, the
+        tensor a view was taken from). A full alias now has the bound of the written value; a partial
+        one gains the bound of the change (new value − old value)."""
+        storage, old = before
+        written = self.env[mutated]
+        new = self.bound.get(node, self.bound.get(mutated, 0.0))
+        if node not in self.bound and mutated not in self.bound:
+            return  # a constant written with a constant
+        if mutated not in self.bound:
+            self._flag(node, "an input-dependent value written in place into a constant (a buffer or "
+                             "parameter): later reads of it are not tracked")
+            return
+        why = f"in-place {op_name(node)} seen through an alias of the tensor it writes: " + "Lipschitz bound {b:.3g} > 1"
+        order = graph_order(self.module)
+        for n, t in list(self.env.items()):
+            if (n is node or not isinstance(t, torch.Tensor) or t.is_meta or t.untyped_storage().data_ptr() != storage
+                    or not any(order[u] > order[node] for u in n.users)):  # a dead alias is never read again
+                continue
+            full = (t.data_ptr() == written.data_ptr() and t.numel() == written.numel() and t.is_contiguous()
+                    and written.is_contiguous())  # the same elements in the same order
+            b = new if full else self.bound.get(n, 0.0) + new + old
+            if b > self.bound.get(n, 0.0) + BOUND_TOL or n is mutated:
+                self._why.setdefault(node, why.format(b=b))
+                self._set(n, b, self.origins.get(n, set()) | self.origins.get(node, set()) | {node})
+
     def _module(self, node: torch.fx.Node, out: Any) -> None:
-        m = self.module.get_submodule(node.target)
+        m = self.module.get_submodule(str(node.target))
         ins = self._inputs(node)
         role, gain, reason = module_role(m, self.reason_for)
         if role == "flag":
@@ -259,15 +357,18 @@ class _BoundInterpreter(torch.fx.Interpreter):
     def _function(self, node: torch.fx.Node, out: Any) -> None:
         name = op_name(node)
         ins = self._inputs(node)
-        if name == "getitem" and _advanced_index(node, self.env):
-            self._measured(node, "indexing", ins)  # repeated indices copy an entry: norm √(repeats)
+        if name in DROPOUT_OPS and active_dropout(node):
+            self._flag(node, "stochastic op active in eval (dropout called with training=True): each call draws "
+                             "another mask, scaled by up to 1/(1-p)", name)
+            self._set(node, self._settle(node, ins), set())
+        elif name == "getitem" and _advanced_index(node, self.env):
+            self._measured_op(node, "indexing", ins)  # repeated indices copy an entry: norm √(repeats)
         elif name in SHAPE_OPS:
             self._linear(node, ins, 1.0, "")
         elif name in SUM_OPS:
-            alpha = abs(float(node.kwargs.get("alpha", 1.0)))
+            alpha = abs(float(node.kwargs.get("alpha", 1.0)))  # type: ignore[arg-type]  # a number in torch.add
             b = sum(self.bound[a] * (alpha if i else 1.0) for i, a in enumerate(ins))
-            self._raise(node, b, ins, "residual sum: Lipschitz bound {b:.3g} > 1 (the sum of its branches' bounds; "
-                                      "lcnnify averages the sums of the residual blocks it knows)")
+            self._raise(node, b, ins, "residual sum: Lipschitz bound {b:.3g} > 1 (the sum of its branches' bounds)")
         elif name in CAT_OPS:
             b = math.sqrt(sum(self.bound[a] ** 2 for a in ins))
             self._raise(node, b, ins, "concatenation: Lipschitz bound {b:.3g} > 1 (root of the sum of its "
@@ -275,7 +376,7 @@ class _BoundInterpreter(torch.fx.Interpreter):
         elif name in SCALE_OPS:
             self._scale(node, name, ins)
         elif name in MEASURED_OPS:
-            self._measured(node, name, ins)
+            self._measured_op(node, name, ins)
         elif name in _SMOOTH_BOUNDED:
             self._set(node, self._settle(node, ins) * _SMOOTH_BOUNDED[name], set())
         else:
@@ -320,9 +421,10 @@ class _BoundInterpreter(torch.fx.Interpreter):
             gain = 1.0
         self._linear(node, ins, gain, "")
 
-    def measure_normd(self, node: torch.fx.Node, name: str, ins: Sequence[torch.fx.Node]) -> None:
+    def _measured_op(self, node: torch.fx.Node, name: str, ins: Sequence[torch.fx.Node]) -> None:
         if name == "pad" and (node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant") == "constant"
-                              and float(node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0.0) or 0.0)
+                              and float(node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0.0)  # type: ignore[arg-type]
+                                        or 0.0)
                               == 0.0):
             self._linear(node, ins, 1.0, "")
             return
@@ -331,11 +433,46 @@ class _BoundInterpreter(torch.fx.Interpreter):
         def fn(t: torch.Tensor) -> Any:  # the op with its input replaced by t, everything else as it ran
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: t if a is first else self.env[a])
             if node.op == "call_method":
-                return getattr(args[0], node.target)(*args[1:], **kwargs)
+                return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            assert callable(node.target)
             return node.target(*args, **kwargs)
 
         gain = measure_norm(fn, self.env[first])
         self._linear(node, ins, gain, f"{name}: operator norm {{b:.3g}} > 1")
+
+
+_INPLACE_OPS = {"iadd", "isub", "imul", "itruediv", "setitem"}
+_METADATA_INPLACE = {"squeeze_", "unsqueeze_", "t_", "transpose_", "resize_", "requires_grad_", "as_strided_",
+                     "share_memory_", "detach_", "retain_grad"}
+
+
+def mutated_argument(node: torch.fx.Node, root: nn.Module) -> Optional[torch.fx.Node]:
+    """The node whose tensor ``node`` writes in place, or None: ``x.add_(y)``, ``x += y``,
+    ``x[i] = v``, ``F.relu(x, inplace=True)`` and modules that return their input's storage
+    (``nn.ReLU(inplace=True)``) are writes."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, torch.fx.Node):
+        return None
+    name = op_name(node)
+    if node.op in ("call_function", "call_method"):
+        if name in _INPLACE_OPS or (name.endswith("_") and not name.endswith("__") and name not in _METADATA_INPLACE):
+            return first
+        if node.kwargs.get("inplace") is True:
+            return first
+    if node.op == "call_module" and getattr(root.get_submodule(str(node.target)), "inplace", False) is True:
+        return first
+    return None
+
+
+DROPOUT_OPS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
+
+
+def active_dropout(node: torch.fx.Node) -> bool:
+    """Whether a functional dropout runs with training=True (torch.nn.functional's default) in eval mode."""
+    if node.op != "call_function":
+        return False
+    training = node.kwargs.get("training", node.kwargs.get("train", node.args[2] if len(node.args) > 2 else True))
+    return not isinstance(training, torch.fx.Node) and bool(training)
 
 
 def _learned_source(node: torch.fx.Node, learned: Set[torch.fx.Node]) -> bool:
@@ -383,31 +520,75 @@ def measure_norm(fn: Callable[[torch.Tensor], Any], like: torch.Tensor) -> float
     return sigma
 
 
-def analyse(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[nn.Module], str]) -> Coverage:
+def analyse(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[nn.Module], str],
+            trained: Optional[Set[str]] = None) -> Coverage:
     """Trace ``model`` and check every operation against the bound (see the module docstring).
 
     ``input_size``: (C, H, W) the operator norms are measured at; ``reason_for(module)``: why a leaf
-    module the analysis does not know is not covered (lcnnify's rules table answers it).
+    module the analysis does not know is not covered (lcnnify's rules table answers it);
+    ``trained``: the names :func:`trained_buffers` gives (computed here when None).
     """
     with eval_mode(model):  # the guarantee is about eval mode: trace the graph eval mode takes (its branches)
-        return _analyse_eval(model, input_size, reason_for)
+        return _analyse_eval(model, input_size, reason_for, trained)
 
 
-def _analyse_eval(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[nn.Module], str]) -> Coverage:
+def _example(model: nn.Module, input_size: Sequence[int]) -> torch.Tensor:
+    """The analysis's input: one uniform sample in [0, 1) on the model's device and dtype."""
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    x = torch.rand(1, *input_size, generator=torch.Generator().manual_seed(0))
+    return x.to(device=p.device, dtype=p.dtype) if p is not None else x
+
+
+def _analyse_eval(model: nn.Module, input_size: Sequence[int], reason_for: Callable[[nn.Module], str],
+                  trained: Optional[Set[str]]) -> Coverage:
     try:
         gm = torch.fx.GraphModule(model, LeafTracer().trace(model))
     except Exception as e:  # noqa: BLE001 - any tracing failure means: fall back, and say so
         return _module_level(model, reason_for, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    p = next((t for t in model.parameters() if t.is_floating_point()), None)
-    x = torch.rand(1, *input_size, generator=torch.Generator().manual_seed(0))
-    x = x.to(device=p.device, dtype=p.dtype) if p is not None else x
+    x = _example(model, input_size)
     interp = _BoundInterpreter(gm, reason_for)
+    interp.trained_buffers = trained_buffers(model, input_size) if trained is None else trained
     try:
         with torch.no_grad():
-            interp.run(x)
+            traced = interp.run(x)
+            eager = model(x)
     except Exception as e:  # noqa: BLE001
         return _module_level(model, reason_for, f"{type(e).__name__} while running the traced graph: {e}")
+    if not same_function(traced, eager):
+        interp.findings.insert(0, Finding("", type(model).__name__, "the traced graph computes another function than "
+                                          "the model's forward (an in-place write such as `y += …` on a tensor "
+                                          "viewed elsewhere, which torch.fx records out of place?)"))
     return Coverage(interp.findings, interp.gains, "graph")
+
+
+def same_function(a: Any, b: Any) -> bool:
+    """Whether the traced graph's outputs ``a`` equal the model's own ``b`` (float tolerance)."""
+    xs, ys = leaves(a), leaves(b)
+    if len(xs) != len(ys):
+        return False
+    for x, y in zip(xs, ys):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max().clamp_min(1))):
+                return False
+    return True
+
+
+def trained_buffers(model: nn.Module, input_size: Sequence[int]) -> Set[str]:
+    """Names of the buffers outside the LCNN layers that a train-mode forward changes (on a copy):
+    a scale kept in such a buffer moves in training like a parameter. The LCNN layers' own buffers
+    (running statistics, singular vectors) are what their bounds are made of."""
+    copy_ = copy.deepcopy(model).train()
+    own = {f"{name}.{b}" if name else b for name, m in copy_.named_modules()
+           if isinstance(m, (LipschitzBatchNorm2d, SpectralNorm)) for b, _ in m.named_buffers(recurse=False)}
+    before = {n: b.detach().clone() for n, b in copy_.named_buffers() if n not in own}
+    x = _example(model, input_size)
+    try:
+        with torch.no_grad():
+            copy_(torch.cat([x, torch.rand_like(x)]))  # two samples: batch statistics need more than one
+    except Exception:  # noqa: BLE001 - a model that cannot run in train mode here: nothing learned from it
+        return set()
+    after = dict(copy_.named_buffers())
+    return {n for n, b in before.items() if n in after and not torch.equal(after[n], b)}
 
 
 def _module_level(model: nn.Module, reason_for: Callable[[nn.Module], str], why: str) -> Coverage:
@@ -415,7 +596,7 @@ def _module_level(model: nn.Module, reason_for: Callable[[nn.Module], str], why:
     findings = [Finding("", type(model).__name__, f"torch.fx could not trace the model ({why}); residual sums, "
                                                   "concatenations and gates between modules were not checked")]
     for name, m in model.named_modules():
-        if list(m.children()) and not isinstance(m, LipschitzBatchNormAct2d):
+        if (list(m.children()) and not isinstance(m, LipschitzBatchNormAct2d)) or ".parametrizations." in f".{name}.":
             continue
         role, _, reason = module_role(m, reason_for)
         if role == "flag":

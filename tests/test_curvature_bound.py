@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.autograd.functional import hessian
 
-from lcnn_zoo import converge_spectral_norms, hessian_bound, lcnnify
+from lcnn_zoo import converge_spectral_norms, curvature_bound, hessian_bound, lcnnify, verify_bounds
 from lcnn_zoo.conversion import LCNNConversionWarning, LCNNInputSizeWarning
 from lcnn_zoo.layers import LipschitzBatchNorm2d
 
@@ -123,3 +123,29 @@ def test_the_bound_reports_stale_singular_vectors_and_still_uses_true_norms():
     lcnn_zoo.converge_spectral_norms(model, 500, tol=1e-9)
     again = lcnn_zoo.hessian_bound(model)
     assert again.stale == [] and again.value < stale.value
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        self.act = nn.SiLU()
+        self.fc = nn.Linear(3 * 16, 4, bias=False)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).flatten(1))
+
+
+def test_verify_bounds_reaches_the_true_norms_and_catches_a_wrong_claim(monkeypatch):
+    """The self-check's lower bounds come close to the dense Jacobians' norms, stay below the claims,
+    and a claim made wrong (each layer said to be half its norm) is caught."""
+    torch.manual_seed(0)
+    model = _convert(_Tiny(), (2, 4, 4))
+    checks = verify_bounds(model, iterations=40)
+    assert [c.name for c in checks] == ["output", "act input"] and all(c.ok for c in checks)
+    x = torch.rand(1, 2, 4, 4, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda t: model.conv(t), x).reshape(-1, x.numel())
+    assert checks[1].measured == pytest.approx(torch.linalg.matrix_norm(jac, 2).item(), rel=1e-3)  # linear map: exact
+    monkeypatch.setattr(curvature_bound, "_conv_norm", lambda m: 0.5)
+    wrong = verify_bounds(model, iterations=40)
+    assert not wrong[1].ok and wrong[1].claimed == pytest.approx(0.5 * (1 + 1e-6), rel=1e-6)
