@@ -401,12 +401,9 @@ def lcnnify(
     * ResNet ``BasicBlock``/``Bottleneck`` (timm and torchvision): the residual sum becomes the
       average of the two branches (``average_residuals``), as in the paper's reference ResNet. Any
       other block that computes ``(branch + shortcut) * self.residual_scale`` (a float) gets 0.5.
-    * Found on the traced graph (:mod:`lcnn_zoo.graph_rules`, with ``average_residuals``): any other
-      sum of k input-dependent tensors becomes their average and a concatenation of k is scaled by
-      1/√k, inside the owning module's forward (traced alone and replaced on the instance); a
-      parameter-free linear module of norm g > 1 (``nn.Upsample``) is followed by ``Scale(1/g)``.
-    * ``gates="remove"``: gate modules ``x * g(x)`` (squeeze-excite, ECA) become ``nn.Identity``;
-      the default ``"keep"`` keeps them, reported as not covered.
+    * On the traced graph (:mod:`lcnn_zoo.graph_rules`): other sums of k tensors are averaged,
+      concatenations scaled by 1/√k, ``nn.Upsample`` by 1/its norm; ``gates="remove"`` makes gates
+      ``x * g(x)`` (squeeze-excite, ECA) identities (default ``"keep"``: kept, reported).
     * ``MaxPool2d`` → ``AvgPool2d`` with the same window (``replace_maxpool``): max-pooling is not
       smooth, average pooling is linear.
 
@@ -429,19 +426,15 @@ def lcnnify(
             ``model.pretrained_cfg["input_size"]``, else the shape of the first forward pass.
         bn_affine: None keeps each BatchNorm's ``affine`` setting; True/False forces it (the
             paper uses False).
-        average_residuals: average sums and rescale concatenations (False keeps them, reported).
-        replace_maxpool: ``MaxPool2d`` → ``AvgPool2d``.
-        gates: "keep" (default) or "remove" (see above).
-        strict: raise ``ValueError`` instead of warning when something is not covered.
+        average_residuals: average sums, rescale concatenations (False keeps them, reported).
+        gates: "keep" (default) or "remove"; strict: raise ``ValueError`` instead of warning.
         n_power_iterations: power iterations per training forward (1 in the paper).
         init_iterations: at most this many power iterations at conversion.
 
     Returns:
         ``model`` (same object), converted.
     """
-    if gates not in ("keep", "remove"):
-        raise ValueError(f"lcnnify: gates must be 'keep' or 'remove', got {gates!r}")
-    size = _check_convertible(model, input_size, strict)
+    size = _check_convertible(model, input_size, strict, gates)
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     ctx = _Context(beta_init=beta_init, gamma_init=gamma_init, bn_affine=bn_affine,
                    average_residuals=average_residuals, replace_maxpool=replace_maxpool,
@@ -453,17 +446,21 @@ def lcnnify(
     if _convert(model, "", ctx, counts) is not None:  # the model itself is a single layer
         raise ValueError(f"lcnnify: the model itself is a {type(model).__name__}; wrap it in a container")
 
-    _keep_head_spectral(model)
-    state: LCNNModel = model
-    state.lcnn_report = ConversionReport(input_size=size, converted=dict(counts), gates=gates)
-    state._lcnn_input_size = size
-    state._lcnn_size_warned = False
-    model.register_forward_pre_hook(_input_size_hook)
-    _hook_stem(model, size)
+    _attach_state(model, ConversionReport(input_size=size, converted=dict(counts), gates=gates))
     if size is not None:
         _graph_rules(model, size, average_residuals, gates)
         _check_coverage(model, strict=strict, stacklevel=3)
     return model
+
+
+def _attach_state(model: LCNNModel, report: ConversionReport) -> None:
+    """The report, the input-size hooks (root and stem) and the spectral ``reset_classifier``."""
+    _keep_head_spectral(model)
+    model.lcnn_report = report
+    model._lcnn_input_size = report.input_size
+    model._lcnn_size_warned = False
+    model.register_forward_pre_hook(_input_size_hook)
+    _hook_stem(model, report.input_size)
 
 
 def _graph_rules(model: LCNNModel, size: Tuple[int, int, int], merges: bool, gates: str) -> None:
@@ -514,9 +511,11 @@ def _measure_module(model: nn.Module, size: Tuple[int, int, int], module: nn.Mod
     return measure_norm(lambda t: module(t), seen[0])
 
 
-def _check_convertible(model: nn.Module, input_size: Optional[Sequence[int]], strict: bool
+def _check_convertible(model: nn.Module, input_size: Optional[Sequence[int]], strict: bool, gates: str = "keep"
                        ) -> Optional[Tuple[int, int, int]]:
     """The input size to convert at; refuses what lcnnify cannot convert (once more, or strictly blind)."""
+    if gates not in ("keep", "remove"):
+        raise ValueError(f"lcnnify: gates must be 'keep' or 'remove', got {gates!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"lcnnify expects an nn.Module, got {type(model).__name__}")
     done = next((n for n, m in model.named_modules()

@@ -117,6 +117,20 @@ def stale_spectral_norms(model: nn.Module, tol: float = STALE_RESIDUAL) -> List[
     return out
 
 
+
+def _warn_unreached_convs(folded: nn.Module) -> None:
+    """A conv no forward reached and whose input size is still unknown (an unused auxiliary head) has
+    no σ: remove_spectral_norm bakes it with a bound valid at every input size. Say so, once."""
+    unsized = [name for name, m in folded.named_modules()
+               if (sn := spectral_norm_of(m)) is not None and (sn._v is None or sn.padding is None)]
+    if unsized:
+        warnings.warn(f"fold: {len(unsized)} convolution(s) no forward has reached ({', '.join(unsized[:5])}"
+                      f"{', …' if len(unsized) > 5 else ''}) have no input size, so no operator norm: they are "
+                      "folded as W / (a bound on their norm at every input size), 1-Lipschitz at any size; "
+                      "run a forward that reaches them before fold to fold them with their exact norm",
+                      stacklevel=4)  # above fold and torch.no_grad's wrapper
+
+
 @torch.no_grad()
 def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inplace: bool = False,
          rtol: float = 1e-5) -> nn.Module:
@@ -168,16 +182,7 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
         example_input = torch.rand(2, *size, generator=gen).to(device=p.device, dtype=p.dtype)
     reference = folded(example_input)
 
-    # A conv this forward did not reach and whose input size is still unknown (an unused auxiliary
-    # head) has no σ: remove_spectral_norm bakes it with a bound valid at every input size.
-    unsized = [name for name, m in folded.named_modules()
-               if (sn := spectral_norm_of(m)) is not None and (sn._v is None or sn.padding is None)]
-    if unsized:
-        warnings.warn(f"fold: {len(unsized)} convolution(s) no forward has reached ({', '.join(unsized[:5])}"
-                      f"{', …' if len(unsized) > 5 else ''}) have no input size, so no operator norm: they are "
-                      "folded as W / (a bound on their norm at every input size), 1-Lipschitz at any size; "
-                      "run a forward that reaches them before fold to fold them with their exact norm",
-                      stacklevel=3)  # above torch.no_grad's wrapper
+    _warn_unreached_convs(folded)
     for m, _ in list(spectral_norm_modules(folded)):
         remove_spectral_norm(m)
 
