@@ -168,7 +168,8 @@ class _Interpreter(torch.fx.Interpreter):
             if any(a is None for a in acts):
                 return self._none(node, type(m).__name__)
             b, c = g * b, g * c
-            self.activation_inputs.setdefault(f"{node.target}.act", []).append(b * _SAFETY)
+            if isinstance(getattr(m, "act", None), (CenteredSoftplus, FrozenCenteredSoftplus, nn.Sigmoid, nn.Tanh)):
+                self.activation_inputs.setdefault(f"{node.target}.act", []).append(b * _SAFETY)
             for act in acts:
                 assert act is not None
                 slope, curv = act
@@ -285,7 +286,7 @@ class BoundCheck:
 
 
 def verify_bounds(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, points: int = 2,
-                  iterations: int = 20, seed: int = 0) -> List[BoundCheck]:
+                  iterations: int = 20, seed: int = 0, max_maps: Optional[int] = None) -> List[BoundCheck]:
     """Check the bounds the analysis claims against numerical lower bounds: for the map from the input
     to every activation's input and to the output, power iteration on JᵀJ (J v by double backward,
     Jᵀ u by backward) at ``points`` random inputs in [0, 1). A check whose ``measured`` exceeds its
@@ -300,6 +301,8 @@ def verify_bounds(model: nn.Module, input_size: Optional[Sequence[int]] = None, 
         model: the model (eval mode is used; its mode is restored).
         input_size: (C, H, W) (default: ``model.lcnn_report.input_size``).
         points: random inputs to iterate from; iterations: power iterations at each.
+        max_maps: check the output and at most this many activations, evenly spaced in the order
+            the analysis met them (default: all; the batch holds one sample per map).
 
     Returns:
         one :class:`BoundCheck` per map, the output first.
@@ -317,7 +320,10 @@ def verify_bounds(model: nn.Module, input_size: Optional[Sequence[int]] = None, 
         out = next(n for n in gm.graph.nodes if n.op == "output")
         finals = [interp.bc[a][0] for a in leaves(out.args) if isinstance(a, torch.fx.Node) and a in interp.bc]
         claims = {"output": max(finals, default=math.inf)}
-        for path, bs in interp.activation_inputs.items():
+        acts = list(interp.activation_inputs.items())
+        if max_maps is not None and len(acts) > max_maps:
+            acts = [acts[round(i * (len(acts) - 1) / max(max_maps - 1, 1))] for i in range(max_maps)]
+        for path, bs in acts:
             claims[f"{path} input"] = math.sqrt(sum(b * b for b in bs))
         names = list(claims)
         gen = torch.Generator().manual_seed(seed + 1)

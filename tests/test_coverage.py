@@ -601,8 +601,8 @@ def test_report_names_what_the_bound_does_not_cover_and_dense_check_of_the_rest(
     converge_spectral_norms(model, 400, tol=1e-6)  # σ within 5e-7 of the true norm
     model.eval()
     if expected is None:  # the claims against their own lower bounds (power iteration on JᵀJ)
-        checks = verify_bounds(model, iterations=10, points=1)
-        assert checks and all(c.ok for c in checks), [c for c in checks if not c.ok]
+        checks = verify_bounds(model, iterations=8, points=1, max_maps=8)
+        assert checks and all(c.ok and math.isfinite(c.claimed) for c in checks), [c for c in checks if not c.ok]
     inputs = {}
     hooks = [m.register_forward_pre_hook(lambda mod, a, _n=n: inputs.setdefault(_n, a))
              for n, m in _covered_modules(model, report)]
