@@ -96,7 +96,7 @@ def _covered_modules(model, report):
 MAX_JACOBIAN = 400_000  # dense Jacobians up to this many entries
 
 
-DEFAULT_FAMILIES = {"repvgg_a0", "mobilenetv3_small_050", "convnext_atto"}  # the rest: slow
+DEFAULT_FAMILIES = {"repvgg_a0", "convnext_atto"}  # the rest: slow (and these two, by conftest.SLOW_TESTS)
 SIZE = (3, 6, 6)
 
 
