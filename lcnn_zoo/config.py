@@ -21,7 +21,7 @@ __all__ = ["TrainConfig", "EvalConfig", "REGS", "SCHEDULERS", "RESUME_MAY_CHANGE
 REGS = ("none", "lcnn", "gradreg", "lcnn_gradreg")
 SCHEDULERS = ("multistep", "cosine", "step", "poly", "tanh", "none")
 #: options a resumed run may change; every other one must match the checkpoint's recipe
-RESUME_MAY_CHANGE = frozenset({"epochs", "eval_every", "no_progress", "threads", "workers", "resume", "device",
+RESUME_MAY_CHANGE = frozenset({"epochs", "eval_every", "no_progress", "log_interval", "threads", "workers", "resume", "device",
                                "output", "experiment", "data_dir", "download", "dist_timeout", "compile", "config",
                                "if_exists", "pin_mem", "validation_batch_size", "torchcompile_mode",
                                "grad_checkpointing"})
@@ -205,7 +205,10 @@ class TrainConfig:
                                     "a new <name>-N folder, as timm's train.py does; refuse — stop with an error",
                           "runtime", "choice", choices=("suffix", "refuse"))
     resume: str = _opt("", "checkpoint to resume, or 'auto' for <run>/last.pth", "runtime", "str")
-    no_progress: bool = _opt(False, "no progress bars", "runtime", "bool")
+    no_progress: bool = _opt(False, "no progress bar or log lines within an epoch", "runtime", "bool")
+    log_interval: int = _opt(50, "steps between the running loss and top-1 (a progress bar's figures on a "
+                                 "terminal, a line otherwise); read from the device only then", "runtime", "int",
+                             minimum=1)
     eval_every: int = _opt(1, "evaluate every N epochs (and the last); 0: never (no test accuracy, no "
                                "model_best; for runs measured afterwards by `lcnn-zoo eval`)", "runtime", "int", minimum=0)
     dist_timeout: float = _opt(600.0, "DDP: seconds a collective waits for the other processes before the run "

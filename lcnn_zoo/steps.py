@@ -21,11 +21,13 @@ __all__ = ["StepOutput", "Regulariser", "ExactGradRegStep", "FDGradRegStep", "ma
 
 @dataclass
 class StepOutput:
-    """loss: mean task loss (0-dim, detached); logits: (B, K); stats: scalars to log (Σβ, Σlog γ, ‖∇ₓℓ‖²)."""
+    """loss: mean task loss (0-dim, detached); logits: (B, K); stats: what to log (Σβ, Σlog γ, ‖∇ₓℓ‖²), as
+    detached 0-dim tensors on the model's device: a step reads nothing on the host (a GPU would wait for
+    it at every step); the loop accumulates them there and reads them at its log interval."""
 
     loss: torch.Tensor
     logits: torch.Tensor
-    stats: Dict[str, float] = field(default_factory=dict)
+    stats: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Regulariser:
@@ -35,12 +37,12 @@ class Regulariser:
     def __init__(self, criterion: Callable, penalty: Optional[LCNNPenalty], core: nn.Module) -> None:
         self.criterion, self.penalty, self.core = criterion, penalty, core
 
-    def _penalty(self) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+    def _penalty(self) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         if self.penalty is None:
             return None, {}
         terms = LCNNPenalty.terms(self.core)
         value = self.penalty.lambda_beta * terms["sum_beta"] + self.penalty.lambda_gamma * terms["sum_log_gamma"]
-        return value, {k: float(v.detach()) for k, v in terms.items()}
+        return value, {k: v.detach() for k, v in terms.items()}
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Callable, scaler) -> StepOutput:
         with amp():
@@ -60,14 +62,12 @@ class ExactGradRegStep(Regulariser):
         self.lambda_grad = lambda_grad
 
     def step(self, model, x, y, amp, scaler) -> StepOutput:
-        scale = scaler.get_scale() if scaler is not None else None
         with amp():
-            out = gradreg_exact(model, x, y, self.criterion,
-                                loss_scale=torch.tensor(scale, device=x.device) if scale is not None else None)
+            out = gradreg_exact(model, x, y, self.criterion, loss_scale=_loss_scale(scaler, x.device))
             pen, stats = self._penalty()
             total = out.loss + self.lambda_grad * out.penalty + (0.0 if pen is None else pen)
         (scaler.scale(total) if scaler is not None else total).backward()
-        return StepOutput(out.loss.detach(), out.logits.detach(), {**stats, "grad_sq": float(out.penalty.detach())})
+        return StepOutput(out.loss.detach(), out.logits.detach(), {**stats, "grad_sq": out.penalty.detach()})
 
 
 class FDGradRegStep(ExactGradRegStep):
@@ -79,16 +79,10 @@ class FDGradRegStep(ExactGradRegStep):
                  generator: torch.Generator) -> None:
         super().__init__(criterion, penalty, core, lambda_grad)
         self.step_size, self.fraction, self.generator = step_size, fraction, generator
-        self._primed = None  # the GradScaler whose scale this step has made sure exists
 
     def step(self, model, x, y, amp, scaler) -> StepOutput:
-        if scaler is not None and scaler is not self._primed:
-            # GradScaler creates its scale at its first scale() call, and FD GradReg scales by hand: one
-            # call on a zero, once, makes sure it exists (its public API has no other way to ask).
-            scaler.scale(torch.zeros((), device=x.device))
-            self._primed = scaler
-        scale = torch.tensor(scaler.get_scale(), device=x.device) if scaler is not None else None
-        stats: Dict[str, float] = {}
+        scale = _loss_scale(scaler, x.device)
+        stats: Dict[str, torch.Tensor] = {}
 
         def extra() -> torch.Tensor:
             pen, terms = self._penalty()
@@ -100,7 +94,15 @@ class FDGradRegStep(ExactGradRegStep):
             out = gradreg_fd_backward(model, x, y, self.lambda_grad, loss_fn=self.criterion, step=self.step_size,
                                       extra_loss=extra if self.penalty is not None else None, loss_scale=scale,
                                       fraction=self.fraction, generator=self.generator)
-        return StepOutput(out.loss, out.logits, {**stats, "grad_sq": float(out.penalty)})
+        return StepOutput(out.loss, out.logits, {**stats, "grad_sq": out.penalty})
+
+
+def _loss_scale(scaler, device: torch.device) -> Optional[torch.Tensor]:
+    """The GradScaler's current scale as a 0-dim tensor on ``device``, or None without a scaler.
+
+    ``scaler.scale(1)`` rather than ``get_scale()``: the latter reads the scale on the host (a device
+    sync at every step); scale() multiplies on the device, and creates the scale at its first call."""
+    return None if scaler is None else scaler.scale(torch.ones((), device=device))
 
 
 def make_regulariser(cfg: TrainConfig, criterion: Callable, core: nn.Module, seed: int) -> Regulariser:

@@ -32,6 +32,8 @@ NO_OPS: Dict[str, str] = {
     "--no-prefetcher": "lcnn-zoo train has no GPU prefetcher",
     "--local_rank": "the process's rank is read from torchrun's environment",
     "--sync-bn": "BatchNorm statistics are always synchronised across DDP processes",
+    "--dist-bn": "BatchNorm statistics are synchronised at every step, so there is nothing to distribute at an "
+                 "epoch's end",
 }
 
 _SIZES = ("an LCNN's spectral norms are computed for one input size, so training at several sizes would leave "
@@ -98,10 +100,7 @@ REFUSED: Dict[str, str] = {
     "--resplit": _SPLIT,
     "--drop-connect": "drop connect is EfficientNet's; the zoo's ResNets take --drop-path",
     "--drop-block": "DropBlock is not in the zoo's CIFAR architectures",
-    "--dist-bn": "BatchNorm statistics are synchronised at every step, so there is nothing to distribute at an "
-                 "epoch's end",
     "--worker-seeding": "DataLoader workers are seeded from --seed",
-    "--log-interval": "lcnn-zoo logs once per epoch, with a progress bar within it (--no-progress)",
     "--recovery-interval": "last.pth is written whole at every epoch's end; continue with --resume auto",
     "--checkpoint-hist": "a run keeps last.pth and model_best.safetensors, not a history of checkpoints",
     "--save-images": "lcnn-zoo writes no image files",

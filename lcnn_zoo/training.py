@@ -1,7 +1,7 @@
 """Training: timm's training-loop pieces with the LCNN penalty (eq. 5) and GradReg (§5) in the loss.
 
 The structure follows timm's ``train.py`` (``create_optimizer_v2``, ``create_scheduler_v2``,
-``ModelEmaV3``, ``Mixup``, ``AverageMeter``):
+``ModelEmaV3``, ``Mixup``):
 
 * :func:`train` runs a :class:`~lcnn_zoo.config.TrainConfig` in a locked
   :class:`~lcnn_zoo.checkpoint.RunFolder`: :func:`resume`, then :func:`train_one_epoch` and
@@ -36,7 +36,7 @@ from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import AverageMeter, ModelEmaV3, dispatch_clip_grad
+from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from tqdm import tqdm
@@ -142,16 +142,56 @@ def _optimizer_step(run: TrainingRun, micro_steps: int) -> None:
         run.scheduler.step_update(num_updates=run.updates)
 
 
+class DeviceMeters:
+    """Running means of per-step values, summed on the values' device: :meth:`add` reads nothing on the
+    host (a GPU would wait for every read, and no CUDA graph may hold one); :meth:`read` reads all the
+    means at once, one device sync, at a log interval or an epoch's end. timm's ``AverageMeter`` takes
+    Python floats, so it would read every step."""
+
+    def __init__(self) -> None:
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, values: Dict[str, torch.Tensor], n: int) -> None:
+        """Add one step's ``values`` (0-dim tensors, means over its ``n`` samples)."""
+        for k, v in values.items():
+            v = v.detach().float() * n
+            if k in self.sums:
+                self.sums[k].add_(v)
+            else:
+                self.sums[k] = v
+        self.count += n
+
+    def read(self) -> Dict[str, float]:
+        """The means so far, {name: float} (empty before the first :meth:`add`)."""
+        if not self.sums:
+            return {}
+        values = torch.stack(list(self.sums.values())).tolist()
+        return {k: v / self.count for k, v in zip(self.sums, values)}
+
+
+def _progress(cfg: TrainConfig, run: TrainingRun, epoch: int, loader) -> Tuple[Any, bool]:
+    """(the loader, wrapped in a progress bar on a terminal; whether to print a line per log interval
+    instead: stderr is not a terminal, as in a log file, where a bar's redraws would pile up)."""
+    show = run.is_main and not cfg.no_progress
+    on_terminal = show and sys.stderr.isatty()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not on_terminal, file=sys.stderr)
+    return bar, show and not on_terminal
+
+
 def train_one_epoch(run: TrainingRun, epoch: int) -> Dict[str, float]:
     """One pass over ``run.train_loader`` (0-based ``epoch``); returns the epoch's mean loss, top-1 (%),
-    penalty terms, lr and time (s), averaged over the processes."""
+    penalty terms, lr and time (s), averaged over the processes.
+
+    No step reads a value on the host: the metrics stay on the device (:class:`DeviceMeters`) and are
+    read every ``--log-interval`` steps (a progress bar's figures on a terminal, else one line, as
+    timm's train.py logs) and at the end."""
     cfg, loader = run.cfg, run.train_loader
     run.model.train()
     aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + epoch * 104729 + run.rank)
-    meters: Dict[str, AverageMeter] = {}
+    meters = DeviceMeters()
     lr = float(np.mean([g["lr"] for g in run.optimizer.param_groups]))  # the lr this epoch trains at
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=cfg.no_progress or not run.is_main,
-               file=sys.stderr)
+    bar, log_lines = _progress(cfg, run, epoch, loader)
     t0 = time.time()
     accum, pending = cfg.grad_accum_steps, 0
     last = len(loader) - 1
@@ -169,18 +209,28 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> Dict[str, float]:
         if pending == accum or i == last:
             _optimizer_step(run, pending)
             pending = 0
-        n = x.shape[0]
-        for k, v in {"loss": float(out.loss), "top1": 100.0 * float((out.logits.argmax(1) == y).float().mean()),
-                     **out.stats}.items():
-            meters.setdefault(k, AverageMeter()).update(v, n)
-        bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", acc=f"{meters['top1'].avg:.1f}")
+        top1 = (out.logits.argmax(1) == y).float().mean() * 100.0
+        meters.add({"loss": out.loss, "top1": top1, **out.stats}, x.shape[0])
+        if (i + 1) % cfg.log_interval == 0 and i != last and (log_lines or not bar.disable):
+            _log_step(bar, log_lines, meters.read(), epoch, i + 1, len(loader), lr, time.time() - t0)
     bar.close()
-    if not math.isfinite(meters["loss"].avg):
-        raise UserError(f"training diverged at epoch {epoch + 1} (mean loss {meters['loss'].avg}); lower --lr, or "
+    metrics: Dict[str, float] = meters.read()
+    if not math.isfinite(metrics["loss"]):
+        raise UserError(f"training diverged at epoch {epoch + 1} (mean loss {metrics['loss']}); lower --lr, or "
                         f"check the data and the penalty weights")
-    metrics: Dict[str, float] = {k: m.avg for k, m in meters.items()}
     metrics["epoch_time_s"] = time.time() - t0
     return {**_all_reduce_mean(metrics, run.world, run.device), "lr": lr}
+
+
+def _log_step(bar, log_lines: bool, means: Dict[str, float], epoch: int, step: int, steps: int, lr: float,
+              elapsed: float) -> None:
+    """The running means at a log interval: the bar's figures, or one line (timm's train.py's format)."""
+    if not log_lines:
+        bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['top1']:.1f}")
+        return
+    print(f"Train: {epoch + 1} [{step:>{len(str(steps))}d}/{steps} ({100.0 * step / steps:3.0f}%)]  "
+          f"loss {means['loss']:.4f}  top-1 {means['top1']:.2f}%  lr {lr:.3e}  {step / max(elapsed, 1e-9):.2f} steps/s",
+          file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
@@ -189,17 +239,19 @@ def evaluate(model: nn.Module, loader, device: torch.device, channels_last: bool
     """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``loader`` (eval mode)."""
     was = model.training
     model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (correct, Σ loss), summed on the device
+    total = 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with amp():
             logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
+        sums += torch.stack([(logits.argmax(1) == y).sum().double(),
+                             F.cross_entropy(logits.float(), y, reduction="sum").double()])
         total += y.numel()
     model.train(was)
+    correct, loss_sum = sums.tolist()
     return {"top1": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1), "count": float(total)}
 
 

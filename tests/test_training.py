@@ -336,3 +336,60 @@ def test_extending_a_finished_run_rebuilds_the_schedule_and_other_changes_are_re
         with pytest.raises(UserError, match=f"cannot resume .*{option[0]}"):
             train(train_config(common + ["--epochs", "4", "--resume", "auto"] + option))
     assert json.loads((tmp_path / "ext" / "args.json").read_text()) == args  # what ran, unchanged
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of a tensor's value on the host (``Tensor.item``, ``float(t)``, ``int(t)``, and
+    ``.tolist()``, which reads without dispatching: each a device sync on a GPU), outside the DataLoader
+    (whose reads touch CPU tensors only)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counted(t):
+            self._read()
+            return tolist(t)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def _read(self):
+        import traceback
+        if not any("torch/utils/data" in f.filename for f in traceback.extract_stack()):
+            self.count += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            self._read()
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reg", [["--reg", "lcnn"], ["--reg", "lcnn_gradreg", "--gradreg", "fd"],
+                                 ["--reg", "lcnn_gradreg", "--gradreg", "fd", "--gradreg-fraction", "0.5",
+                                  "--model-ema"]])
+def test_a_training_step_reads_nothing_on_the_host(reg, tmp_path, monkeypatch):
+    """The sync-free step (issue 30): after warm-up, an epoch reads values on the host only at its end (the
+    metrics, one read) and at each log interval — never per step — for every --reg the paper trains with."""
+    g = torch.Generator().manual_seed(0)
+    data = training.TrainData(
+        lcnn_zoo.data.TensorImageDataset(torch.randint(0, 256, (64, 1, 12, 12), dtype=torch.uint8, generator=g),
+                                         torch.arange(64) % 4),
+        lcnn_zoo.data.TensorImageDataset(torch.zeros(8, 1, 12, 12, dtype=torch.uint8), torch.arange(8) % 4),
+        (1, 12, 12), 4, ["a", "b", "c", "d"])
+    counts = {}
+    for interval in (1000, 3):
+        cfg = parse_args(["--model", "lcnn_resnet20", "--batch-size", "8", "--epochs", "3", "--output", str(tmp_path),
+                          "--log-interval", str(interval), "--threads", "2", *reg])
+        run = training.build_run(cfg, data, torch.device("cpu"))
+        training.train_one_epoch(run, 0)  # warm-up: the first step reads each BatchNorm's count once
+        for steps in (4, 8):
+            run.train_loader = training._loader(torch.utils.data.Subset(data.train, range(8 * steps)), 8, True, 0, 0,
+                                                1, 0, drop_last=True)
+            with monkeypatch.context() as patch, _HostReads(patch) as reads:
+                training.train_one_epoch(run, 1)
+            counts[interval, steps] = reads.count
+    # One read at the end of an epoch; with a log interval of 3, one more per interval when lines are logged
+    # (stderr is not a terminal under pytest), except at the last step.
+    assert counts[1000, 4] == counts[1000, 8] == 1, counts
+    assert (counts[3, 4], counts[3, 8]) == (2, 3), counts

@@ -151,16 +151,14 @@ class LipschitzBatchNorm2d(nn.Module):
         momentum = 0.0 if self.momentum is None else self.momentum
         if record:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-            elif not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling():
                 momentum = self._record_momentum()
         if self.training and self.process_group is not None and _world_size(self.process_group) > 1:
             return self._synced_batch_norm(x, weight, bias, record, momentum)
-        if record and self.momentum is not None and torch.compiler.is_compiling():
+        if record and torch.compiler.is_compiling():
             # Compiled, n is a tensor (a Python count would recompile the graph at every step): this
             # batch's statistics land in two vectors (momentum 1), then the running ones move towards
-            # them by max(momentum, 1/n) in tensor ops, which inductor fuses.
+            # them by max(momentum, 1/n) (1/n: the cumulative average) in tensor ops, which inductor fuses.
             out = F.batch_norm(x, self.batch_mean, self.batch_var, weight, bias, True, 1.0, self.eps)
             with torch.no_grad():
                 step = self._early_momentum().to(self.running_var.dtype)
@@ -175,21 +173,23 @@ class LipschitzBatchNorm2d(nn.Module):
         return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, momentum, self.eps)
 
     def _record_momentum(self) -> float:
-        """Eager mode: max(momentum, 1/n) for the n-th recorded batch (see :meth:`_early_momentum`) as a
-        Python float, so F.batch_norm makes the update itself (no extra op). Once n ≥ 1/momentum it is
-        the momentum for good (until a reset or a load). Before that n is counted here and read from the
-        tensor (one device sync) only when it changed otherwise: the first step, after a load or a
-        reset, after compiled or DDP-broadcast writes. ``Tensor._version`` (no public API exposes it)
-        counts a tensor's in-place writes; the increment just made is one."""
+        """Eager mode: max(momentum, 1/n) for the n-th recorded batch (see :meth:`_early_momentum`; 1/n,
+        the cumulative average, when ``momentum`` is None) as a Python float, so F.batch_norm makes the
+        update itself (no extra op). Once n ≥ 1/momentum it is the momentum for good (until a reset or
+        a load). Before that n is counted here and read from the tensor (one device sync, which a GPU
+        step must not make at every step) only when it changed otherwise: the first step, after a load
+        or a reset, after compiled or DDP-broadcast writes. ``Tensor._version`` (no public API exposes
+        it) counts a tensor's in-place writes; the increment just made is one."""
         momentum = self.momentum
-        assert momentum is not None  # called only with a momentum (None: the cumulative average)
-        if self._late:
+        if self._late and momentum is not None:
             return momentum
         counter = self.num_batches_tracked
         key = (counter.data_ptr(), counter._version)
         mirror = self._recorded
         n = mirror[0] + 1 if mirror is not None and mirror[1:] == (key[0], key[1] - 1) else int(counter)
         self._recorded = (n, *key)
+        if momentum is None:
+            return 1.0 / n
         self._late = n * momentum >= 1.0
         return max(momentum, 1.0 / n)
 
@@ -200,9 +200,10 @@ class LipschitzBatchNorm2d(nn.Module):
         initial (0, 1) and eval mode is right after a few steps, in any training loop: the plain
         exponential average keeps (1 − momentum)ⁿ of the initial variance of 1 after n steps, while an
         LCNN's first activations have a variance near 1e-3. After those batches (and for loaded
-        statistics, which have seen many) it is the plain exponential average."""
-        assert self.momentum is not None  # called only with a momentum (None: the cumulative average)
-        return torch.clamp_min(self.num_batches_tracked.reciprocal(), self.momentum)
+        statistics, which have seen many) it is the plain exponential average. With ``momentum=None`` it
+        is 1/n throughout: the cumulative average."""
+        inverse = self.num_batches_tracked.reciprocal()
+        return inverse if self.momentum is None else torch.clamp_min(inverse, self.momentum)
 
     def _synced_batch_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], record: bool,
                            momentum: Union[float, torch.Tensor]) -> torch.Tensor:
@@ -216,7 +217,7 @@ class LipschitzBatchNorm2d(nn.Module):
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
         if record:
             with torch.no_grad():
-                if self.momentum is not None and torch.compiler.is_compiling():
+                if torch.compiler.is_compiling():
                     momentum = self._early_momentum().to(mean.dtype)
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
                 unbiased = var.detach() * (n.detach() / (n.detach() - 1).clamp_min(1.0))
