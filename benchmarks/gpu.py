@@ -202,9 +202,15 @@ def real_run(device: torch.device, fmnist_dir: str, epochs: int, subset: int, ou
 
 def fused_check(device: torch.device) -> Dict[str, object]:
     """The fused centered-softplus kernels on this device (Triton on CUDA) against the unfused formulas
-    in float64: max relative errors of value, ∂/∂x and the β-gradient, float32 and bf16, both layouts."""
-    from lcnn_zoo.layers import activation
+    in float64: max relative errors of value, ∂/∂x and the β-gradient, float32 and bf16, both layouts.
 
+    ``passed`` is False (and main exits 1) unless every call ran the device's kernels ("triton" on
+    CUDA, "cpu-inductor" on the CPU): a kernel that fails falls back to the formulas, which would
+    otherwise be measured here as if they were the kernels. ``kernel_path`` is what
+    ``fused.fused_status()`` recorded for the device during this check."""
+    from lcnn_zoo.layers import activation, fused
+
+    fused.reset_fused_status()
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for beta in (1e-4, 1.0, 5.0, 1e4):
@@ -226,7 +232,17 @@ def fused_check(device: torch.device) -> Dict[str, object]:
                              "value": float((y.double() - y_ref).abs().max() / y_ref.abs().max()),
                              "grad_x": float((gx.double() - gd * dx).abs().max() / (gd * dx).abs().max()),
                              "grad_beta": float((gb.double() - (gd * db).sum()).abs() / (gd * db).abs().sum())})
-    return {"rows": rows, "worst": {k: max(r[k] for r in rows) for k in ("value", "grad_x", "grad_beta")}}
+    where = str(y.device)
+    status = fused.fused_status()
+    path = status.get(where, {})
+    expected = "triton" if device.type == "cuda" else "cpu-inductor"
+    calls = path.get("calls", {})
+    passed = bool(calls) and set(calls) == {expected}
+    return {"rows": rows, "worst": {k: max(r[k] for r in rows) for k in ("value", "grad_x", "grad_beta")},
+            "device": where, "expected_path": expected, "kernel_path": path, "disabled": status["disabled"],
+            "passed": passed,
+            "failure": "" if passed else f"{where}: expected only {expected!r} to run, recorded {calls} "
+                                         f"(formulas because: {path.get('reasons') or status['disabled']})"}
 
 
 def launches(device: torch.device, batch: int) -> Dict[str, object]:
@@ -234,7 +250,7 @@ def launches(device: torch.device, batch: int) -> Dict[str, object]:
     the dispatched-op count of benchmarks.op_count, for timm's ReLU net, the softplus net and the LCNN."""
     from torch.profiler import ProfilerActivity, profile
 
-    from benchmarks.op_count import count_step_ops
+    from benchmarks.op_count import count_step
 
     res = {}
     for case in ("timm_relu", "softplus", "lcnn"):
@@ -254,9 +270,10 @@ def launches(device: torch.device, batch: int) -> Dict[str, object]:
         events = prof.events()
         n_kernels = sum(1 for e in events if getattr(e, "device_type", None) is not None
                         and str(e.device_type).endswith("CUDA"))
+        counted = count_step(case, 8, model=model.cpu().train())
         res[case] = {"cuda_kernels": n_kernels if device.type == "cuda" else None,
-                     "dispatched_ops": sum(count_step_ops(case if case != "softplus" else "softplus", 8,
-                                                          model=model.cpu().train()).values())}
+                     "dispatched_ops": sum(counted.ops.values()),
+                     "dispatched_ops_fused_as_cuda_launches": counted.cuda_path}
     return res
 
 
@@ -282,6 +299,8 @@ def main() -> int:
                                           32 if dry else 128, out)),
         ("real_run", lambda: real_run(device, args.data_dir, 1 if dry else 3, 128 if dry else 20000, out)),
     ]
+    from lcnn_zoo.layers import fused
+
     for name, fn in sections:
         t = time.time()
         try:
@@ -293,7 +312,13 @@ def main() -> int:
             print(step_table(report[name]), flush=True)
         else:
             print(json.dumps(report[name], indent=1, default=str)[:3000], flush=True)
+        # Which activation code ran on each device in the sections after fused_check (which resets it).
+        report["kernel_paths"] = fused.fused_status()
         (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
+    check = report["fused_check"]
+    if not isinstance(check, dict) or not check.get("passed"):
+        print(f"FAIL fused_check: {check.get('failure') or check.get('error', check)}", flush=True)
+        return 1
     return 0
 
 

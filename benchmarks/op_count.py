@@ -5,8 +5,13 @@
 Every ATen (or custom) operation one training step dispatches, counted with a ``TorchDispatchMode``:
 forward, loss, LCNN penalty, backward and an SGD step with momentum and ``foreach=True`` (the GPU
 default) for every variant; CIFAR ResNet-18, 3×32×32, 100 classes (the variants of
-``benchmarks.train_step``). The count does not depend on the batch size or the machine. A fused
-kernel counts as one operation, as it is one launch; views and ``detach`` count too.
+``benchmarks.train_step``). The count does not depend on the batch size or the machine. Views and
+``detach`` count too.
+
+A fused centered-softplus op counts as one operation here, but on CUDA it is more than one launch
+(the backward's sum of per-block partials, a cast, a layout copy: ``lcnn_zoo.layers.fused.cuda_launches``).
+The column "CUDA path" is the same count with each fused op replaced by the launches its CUDA path
+makes for those arguments (computed from sizes, dtypes and layouts: it runs on the CPU too).
 """
 from __future__ import annotations
 
@@ -21,19 +26,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lcnn_zoo
 from benchmarks.train_step import _model
+from lcnn_zoo.layers import fused
 
-__all__ = ["count_step_ops", "phase_counts"]
+__all__ = ["count_step", "count_step_ops", "phase_counts"]
 
 VARIANTS = ["timm_relu", "relu", "softplus", "lcnn", "lcnn_gradreg_fd"]
 
 
 class _Count(TorchDispatchMode):
+    """Counts dispatched operations (``ops``) and the same with each fused op counted as the CUDA
+    launches of its Triton path (``cuda_path``)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = collections.Counter()
+        self.cuda_path = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
+        name = str(func)
+        self.ops[name] += 1
+        self.cuda_path += fused.cuda_launches(name, *args) if name.startswith("lcnn_zoo.centered_softplus_") else 1
         return func(*args, **(kwargs or {}))
 
 
@@ -74,14 +86,20 @@ class _Null:
         return False
 
 
-def count_step_ops(variant: str, batch: int = 8, model=None) -> Counter[str]:
-    """Operations of one training step (after two warm-up steps), by operation name."""
+def count_step(variant: str, batch: int = 8, model=None) -> _Count:
+    """The counter of one training step (after two warm-up steps): ``.ops`` by operation name and
+    ``.cuda_path``, the total with the fused ops counted as their CUDA launches."""
     run = _step(variant, batch, model)
     run()
     run()
     with _Count() as c:
         run()
-    return c.ops
+    return c
+
+
+def count_step_ops(variant: str, batch: int = 8, model=None) -> Counter[str]:
+    """Operations of one training step (after two warm-up steps), by operation name."""
+    return count_step(variant, batch, model).ops
 
 
 def phase_counts(variant: str, batch: int = 8) -> Dict[str, int]:
@@ -104,14 +122,18 @@ def main() -> None:
     args = ap.parse_args()
     res = {}
     for v in args.variants:
-        ops = count_step_ops(v, args.batch)
-        res[v] = {"total": sum(ops.values()), "phases": phase_counts(v, args.batch), "top": ops.most_common(args.top)}
-    base = res.get("timm_relu", res[args.variants[0]])["total"]
+        c = count_step(v, args.batch)
+        res[v] = {"total": sum(c.ops.values()), "cuda_path": c.cuda_path, "phases": phase_counts(v, args.batch),
+                  "top": c.ops.most_common(args.top)}
+    ref = res.get("timm_relu", res[args.variants[0]])
+    base, base_cuda = ref["total"], ref["cuda_path"]
     print(f"operations per training step (batch {args.batch}, CIFAR ResNet-18, SGD momentum foreach; torch {torch.__version__})")
-    print("| variant | ops | × timm_relu | by phase |\n|---|---|---|---|")
+    print("| variant | ops | × timm_relu | CUDA path (fused ops as their launches) | × timm_relu | by phase |\n"
+          "|---|---|---|---|---|---|")
     for v, r in res.items():
         phases = ", ".join(f"{k} {n}" for k, n in r["phases"].items())
-        print(f"| {v} | {r['total']} | {r['total'] / base:.2f} | {phases} |")
+        print(f"| {v} | {r['total']} | {r['total'] / base:.2f} | {r['cuda_path']} | {r['cuda_path'] / base_cuda:.2f} "
+              f"| {phases} |")
     for v, r in res.items():
         if r["top"]:
             print(f"\n{v}: " + ", ".join(f"{k} {n}" for k, n in r["top"]))

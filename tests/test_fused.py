@@ -148,7 +148,9 @@ def test_triton_path_is_routed_on_cpu_under_the_interpreter():
               "a(x).pow(2).sum().backward(); g = x.grad.clone(); bg = a.log_beta.grad.clone();"
               "x.grad = None; a.log_beta.grad = None; import os; os.environ['LCNN_ZOO_FUSED'] = '0';"
               "a(x).pow(2).sum().backward();"
-              "assert called; print(float((g - x.grad).abs().max()), float((bg - a.log_beta.grad).abs()))")
+              "assert called and fused.kernel_path('cpu') == 'formulas';"  # the last call: LCNN_ZOO_FUSED=0
+              "assert fused.fused_status()['cpu']['calls']['triton'] == 2;"
+              "print(float((g - x.grad).abs().max()), float((bg - a.log_beta.grad).abs()))")
     env = dict(os.environ, TRITON_INTERPRET="1", LCNN_ZOO_TRITON_ON_CPU="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=600)
@@ -192,6 +194,7 @@ def test_a_failing_triton_kernel_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(fused, "_FORCE_TRITON_ON_CPU", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(fused, "_disabled", {})
+    monkeypatch.setattr(fused, "_status", {})
     x = torch.randn(3, 4, dtype=torch.float64)
     b = torch.tensor(0.7, dtype=torch.float64)
     with warnings.catch_warnings(record=True) as caught:
@@ -203,7 +206,59 @@ def test_a_failing_triton_kernel_falls_back_with_one_warning(monkeypatch):
     want_gx, want_gb = fused.backward_formula(torch.ones_like(y), y, b, True)
     torch.testing.assert_close(gx, want_gx)
     torch.testing.assert_close(gb, want_gb)
+    # The fallback is recorded for the device, with the failure, for both calls.
+    assert fused.kernel_path(x.device) == "formulas"
+    status = fused.fused_status()
+    assert status["cpu"]["calls"] == {"formulas": 2}, status
+    assert status["cpu"]["reason"] == "the Triton kernel failed: RuntimeError: ptxas failed", status
+    assert status["disabled"] == {"cpu": status["cpu"]["reason"]}
     assert not fused.fused_enabled(x)
+
+
+def test_the_path_that_ran_is_recorded_per_device(monkeypatch):
+    """kernel_path/fused_status: the CPU kernels as "cpu-inductor", the formulas with their reason
+    (the opt-out, a size without a compiled variant), nothing for a device that ran nothing."""
+    monkeypatch.setattr(fused, "_status", {})
+    x = torch.randn(4, 5)
+    b = torch.tensor(1.5)
+    assert fused.kernel_path("cpu") is None
+    y = torch.ops.lcnn_zoo.centered_softplus_fwd(x, b)
+    torch.ops.lcnn_zoo.centered_softplus_bwd(torch.ones_like(y), y, b, True)
+    assert fused.kernel_path(torch.device("cpu")) == "cpu-inductor"
+    assert fused.fused_status()["cpu"] == {"path": "cpu-inductor", "reason": "", "calls": {"cpu-inductor": 2},
+                                           "reasons": {}}
+    torch.ops.lcnn_zoo.centered_softplus_fwd(x[:1, :1], b)
+    assert fused.kernel_path("cpu") == "formulas"
+    assert "fewer than 2 elements" in fused.fused_status()["cpu"]["reason"]
+    monkeypatch.setenv("LCNN_ZOO_FUSED", "0")
+    assert not fused.fused_enabled(x)  # the activation then runs the formulas: recorded here
+    status = fused.fused_status()["cpu"]
+    assert status["reason"] == "LCNN_ZOO_FUSED=0" and status["calls"] == {"cpu-inductor": 2, "formulas": 2}
+    assert fused.kernel_path("cuda:1") is None
+    fused.reset_fused_status()
+    assert fused.kernel_path("cpu") is None and set(fused.fused_status()) == {"disabled"}
+
+
+def test_gpu_benchmarks_fused_check_fails_when_the_formulas_ran(monkeypatch):
+    """benchmarks/gpu.py's fused_check passes on the device's kernels and fails (so does the script)
+    when a kernel failed and the formulas were measured in its place; the paths go into gpu.json."""
+    pytest.importorskip("timm")
+    from benchmarks import gpu
+
+    monkeypatch.setattr(fused, "_status", {})
+    ok = gpu.fused_check(torch.device("cpu"))
+    assert ok["passed"] and ok["kernel_path"]["calls"] == {"cpu-inductor": 32}, ok["kernel_path"]
+
+    def broken(name, *args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(fused, "_cpu_kernel", broken)
+    monkeypatch.setattr(fused, "_disabled", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        bad = gpu.fused_check(torch.device("cpu"))
+    assert not bad["passed"] and bad["kernel_path"]["path"] == "formulas", bad["kernel_path"]
+    assert "inductor could not compile them: RuntimeError: no compiler" in bad["failure"], bad["failure"]
 
 
 def test_the_first_cpu_kernel_adds_no_line_to_stderr():

@@ -18,9 +18,11 @@ FakeTensor/meta tracing and ``vmap`` see one operation. Their kernels:
   ``TRITON_INTERPRET=1`` they run on CPU tensors, which is how the tests check them without a GPU.
 
 Where neither works (no C++ compiler, no Triton, an unsupported dtype) the reference formulas run,
-after one warning. ``LCNN_ZOO_FUSED=0`` turns the kernels off. Under ``torch.compile`` of a whole
-model the activation is not routed here: inductor fuses the reference formulas itself, together with
-the neighbouring ops. Double backward never uses these kernels (see :mod:`.activation`).
+after one warning. ``LCNN_ZOO_FUSED=0`` turns the kernels off. Which of the three ran on each device
+("triton", "cpu-inductor", "formulas" with the reason) is recorded: :func:`kernel_path`,
+:func:`fused_status`. :func:`cuda_launches` gives the CUDA launches one call of an op makes. Under
+``torch.compile`` of a whole model the activation is not routed here: inductor fuses the reference
+formulas itself, together with the neighbouring ops. Double backward never uses these kernels (see :mod:`.activation`).
 """
 from __future__ import annotations
 
@@ -34,24 +36,93 @@ from typing import Any, Callable, Dict, Literal, Tuple, Union, cast
 
 import torch
 
-__all__ = ["fused_enabled", "centered_softplus_fwd", "centered_softplus_bwd", "SERIES_BELOW"]
+__all__ = ["fused_enabled", "centered_softplus_fwd", "centered_softplus_bwd", "SERIES_BELOW", "kernel_path",
+           "fused_status", "reset_fused_status", "cuda_launches"]
 
 SERIES_BELOW = 5e-3  # |u| = |βy| under which ∂s0/∂β uses its series (the closed form cancels there)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _disabled: Dict[str, str] = {}  # device type -> why the kernels are off there (warned once)
+# str(device) -> {"path": the latest call's path, "reason": why the formulas ran ("" for a kernel),
+# "calls": {path: count}, "reasons": {why the formulas ran: count}}. See kernel_path / fused_status.
+_status: dict[str, dict[str, Any]] = {}
+
+
+def _record(device: torch.device, path: str, reason: str = "") -> None:
+    """Note that ``path`` computed the activation on ``device`` (reason: why the formulas ran)."""
+    entry = _status.get(str(device))
+    if entry is None:
+        entry = _status[str(device)] = {"path": path, "reason": reason, "calls": {}, "reasons": {}}
+    entry["path"], entry["reason"] = path, reason
+    entry["calls"][path] = entry["calls"].get(path, 0) + 1
+    if reason:
+        entry["reasons"][reason] = entry["reasons"].get(reason, 0) + 1
+
+
+def kernel_path(device: torch.device | str) -> str | None:
+    """Which code computed the centered softplus most recently on ``device``.
+
+    "triton" (the CUDA kernels), "cpu-inductor" (the compiled CPU kernels) or "formulas" (the unfused
+    reference formulas: the kernels are off, failed or have no variant for the input; the reason is in
+    :func:`fused_status`); None if nothing ran there since the start or :func:`reset_fused_status`.
+    Recorded by the custom ops and, for the formulas, by :func:`fused_enabled`; not under
+    ``torch.compile`` (inductor fuses the formulas there) nor in the replay of a captured CUDA graph.
+
+    Args:
+        device: e.g. ``torch.device("cuda", 1)``, ``"cuda:1"`` or ``"cpu"``.
+    """
+    entry = _status.get(str(torch.device(device)))
+    return entry["path"] if entry else None
+
+
+def fused_status() -> dict[str, dict[str, Any]]:
+    """Per device (``"cuda:0"``, ``"cpu"``): the latest path and its reason, calls per path, and the
+    reasons the formulas ran with their counts; plus ``"disabled"``: device type → why the kernels
+    are off there for the rest of the process. A JSON-able copy (``benchmarks/gpu.py`` writes it
+    into gpu.json)."""
+    out: dict[str, dict[str, Any]] = {dev: {"path": e["path"], "reason": e["reason"], "calls": dict(e["calls"]),
+                                            "reasons": dict(e["reasons"])} for dev, e in _status.items()}
+    out["disabled"] = dict(_disabled)
+    return out
+
+
+def reset_fused_status() -> None:
+    """Forget the recorded paths (not the kernels turned off: see :func:`fused_status`'s "disabled")."""
+    _status.clear()
+
+
+def _why_not(x: torch.Tensor) -> str:
+    """Why the fused kernels do not serve this tensor ("" when they do)."""
+    if os.environ.get("LCNN_ZOO_FUSED", "1") == "0":
+        return "LCNN_ZOO_FUSED=0"
+    if x.dtype not in _DTYPES:
+        return f"no kernel for {x.dtype}"
+    device = x.device.type
+    if device not in ("cpu", "cuda"):
+        return f"no kernel for device type {device}"
+    if device in _disabled:
+        return _disabled[device]
+    if _use_triton(x) and _triton_module() is None:
+        return _disabled.get("cuda", "Triton is not usable")
+    return ""
 
 
 def fused_enabled(x: torch.Tensor) -> bool:
-    """Whether the fused kernels serve this tensor (its device type, its dtype, the opt-out)."""
-    if os.environ.get("LCNN_ZOO_FUSED", "1") == "0" or x.dtype not in _DTYPES:
-        return False
-    device = x.device.type
-    if device not in ("cpu", "cuda") or device in _disabled:
-        return False
-    return _triton_module() is not None if _use_triton(x) else True
+    """Whether the fused kernels serve this tensor (its device type, its dtype, the opt-out).
+
+    Where they do not, the caller runs the formulas: that is recorded as x's device's path (see
+    :func:`kernel_path`), with the reason.
+
+    Args:
+        x: the activation's input (or, in the backward, its output).
+    """
+    why = _why_not(x)
+    if why:
+        _record(x.device, "formulas", why)
+    return not why
 
 
 def _disable(device: str, why: str) -> None:
+    """Turn the kernels off on a device type for the rest of the process, with one RuntimeWarning."""
     if device not in _disabled:
         _disabled[device] = why
         warnings.warn(f"lcnn_zoo: the fused centered-softplus kernels are off on {device} ({why}); the unfused "
@@ -212,14 +283,25 @@ def _unflat(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _run_cpu(name: str, *args):
+    device = args[0].device
     if args[0].numel() < 2:  # sizes 0 and 1 would each need a compiled variant of their own
+        _record(device, "formulas", "fewer than 2 elements (no compiled variant, by design)")
         return _CPU_FUNCTIONS[name](*args)
     args = tuple(a.detach() for a in args)  # the op's own autograd is around it: plain tensors for the guards
     try:
-        return _cpu_kernel(name, *args)(*args)
+        out = _cpu_kernel(name, *args)(*args)
     except Exception as exc:  # no C++ compiler, an inductor failure: the formulas, after one warning
-        _disable("cpu", f"inductor could not compile them: {type(exc).__name__}")
+        _disable("cpu", f"inductor could not compile them: {_describe(exc)}")
+        _record(device, "formulas", _disabled["cpu"])
         return _CPU_FUNCTIONS[name](*args)
+    _record(device, "cpu-inductor")
+    return out
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as the one line a reason can hold."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 # ---- the custom ops -------------------------------------------------------------------------------
@@ -233,12 +315,18 @@ def _use_triton(x: torch.Tensor) -> bool:
 @torch.library.custom_op("lcnn_zoo::centered_softplus_fwd", mutates_args=())
 def centered_softplus_fwd(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """s0(x; β) in one pass. x: any shape, float; beta: 0-dim, positive. Returns x's shape and layout."""
+    return _fwd_impl(x, beta)
+
+
+def _fwd_impl(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The forward op's body (a plain function, so that a dispatch mode can count the ops inside it)."""
     xf = _flat(x)
     if _use_triton(x) and x.device.type not in _disabled:
         yf = _run_triton("forward", forward_formula, xf, beta)
     elif x.device.type == "cpu" and "cpu" not in _disabled:
         yf = _run_cpu("fwd", xf, beta)
     else:
+        _record(x.device, "formulas", _disabled.get(x.device.type, f"no kernel for device type {x.device.type}"))
         yf = forward_formula(xf, beta)
     return _unflat(yf, x)
 
@@ -252,15 +340,24 @@ def _(x, beta):
 def centered_softplus_bwd(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, need_beta: bool
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(grad·∂s0/∂x, Σ grad·∂s0/∂β) in one pass from the output y; grad_beta is 0 unless need_beta."""
+    return _bwd_impl(grad, y, beta, need_beta)
+
+
+def _bwd_impl(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, need_beta: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward op's body (a plain function, so that a dispatch mode can count the ops inside it)."""
     fmt = _format_of(y)
     if grad.shape != y.shape or not grad.is_contiguous(memory_format=fmt):  # grad laid out as y is
         grad = grad.expand_as(y).contiguous(memory_format=fmt)
     gf, yf = _flat(grad), _flat(y)
     if _use_triton(y) and y.device.type not in _disabled:
+        if gf.dtype != yf.dtype:  # the kernels read grad as y's dtype (autograd's grad always is)
+            gf = gf.to(yf.dtype)
         gx, gb = _run_triton("backward", lambda *a: backward_formula(*a[:4]), gf, yf, beta, need_beta, SERIES_BELOW)
     elif y.device.type == "cpu" and "cpu" not in _disabled:
         gx, gb = _run_cpu("bwd_x_beta" if need_beta else "bwd_x", gf, yf, beta)
     else:
+        _record(y.device, "formulas", _disabled.get(y.device.type, f"no kernel for device type {y.device.type}"))
         gx, gb = backward_formula(gf, yf, beta, need_beta)
     return _unflat(gx, y), gb.reshape(beta.shape)
 
@@ -268,6 +365,40 @@ def centered_softplus_bwd(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tenso
 @centered_softplus_bwd.register_fake
 def _(grad, y, beta, need_beta):
     return torch.empty_like(y), torch.empty_like(beta)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether :func:`_flat` views t (contiguous or 4-D channels_last) rather than copying it."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def cuda_launches(op: str, *args: Any) -> int:
+    """CUDA kernel launches of one call of a custom op on its CUDA (Triton) path, for these arguments.
+
+    A dispatch-level count sees each op as one operation; on CUDA it is: the forward one kernel (a
+    copy first for an input that is neither contiguous nor channels_last); the backward one kernel
+    without the β-gradient, two with it (kernel + sum of the per-block partials), one more to cast the
+    β-gradient where β's dtype is not the accumulation dtype, and a copy for a grad not laid out as y
+    (see :mod:`.triton_kernels`; tests/test_triton_kernels.py pins these numbers against the launches
+    counted under Triton's interpreter). The arguments may be CPU tensors: the count depends on sizes,
+    dtypes and layouts only. ``benchmarks/op_count.py`` adds these up.
+
+    Args:
+        op: "fwd" or "bwd", or the op's name (``lcnn_zoo.centered_softplus_fwd.default``, …).
+        args: the op's arguments: (x, beta) or (grad, y, beta, need_beta).
+    """
+    from . import triton_kernels as tk  # the counts are defined next to the launches
+
+    if op.endswith("fwd") or "centered_softplus_fwd" in op:
+        x, _ = args[:2]
+        return (not _dense(x)) + tk.forward_launches(x.numel())
+    if op.endswith("bwd") or "centered_softplus_bwd" in op:
+        grad, y, beta, need_beta = args[:4]
+        fmt = _format_of(y)
+        relayout = grad.shape != y.shape or not grad.is_contiguous(memory_format=fmt)
+        copies = int(relayout) + (not _dense(y)) + (grad.dtype != y.dtype)
+        return copies + tk.backward_launches(y.numel(), y.dtype, beta.dtype, bool(need_beta))
+    raise ValueError(f"cuda_launches: not a centered-softplus op: {op!r}")
 
 
 def _format_of(t: torch.Tensor) -> torch.memory_format:
@@ -306,13 +437,20 @@ _triton: Union[types.ModuleType, Literal[False], None] = None  # None: not tried
 
 def _run_triton(name: str, formula: Callable, *args):
     """A Triton kernel, or (after one warning, for the rest of the process) the formula when Triton is
-    missing or its kernel fails to compile or launch on this device."""
+    missing or its kernel fails to compile or launch on this device; the path that ran is recorded
+    (:func:`kernel_path`). A launch that faults asynchronously (an illegal address) is not caught here:
+    it surfaces at the next synchronisation."""
+    device = args[0].device
     module = _triton_module()
     if module is not None:
         try:
-            return getattr(module, name)(*args)
+            out = getattr(module, name)(*args)
         except Exception as exc:  # a Triton compile or launch error: the formulas, after one warning
-            _disable(args[0].device.type, f"the Triton kernel failed: {type(exc).__name__}")
+            _disable(device.type, f"the Triton kernel failed: {_describe(exc)}")
+        else:
+            _record(device, "triton")
+            return out
+    _record(device, "formulas", _disabled.get(device.type, "Triton is not usable"))
     return formula(*args)
 
 
@@ -324,6 +462,6 @@ def _triton_module():
             from . import triton_kernels
             _triton = triton_kernels
         except Exception as exc:  # Triton missing or broken: the formulas
-            _disable("cuda", f"Triton is not usable: {type(exc).__name__}")
+            _disable("cuda", f"Triton is not usable: {_describe(exc)}")
             _triton = False
     return _triton or None
