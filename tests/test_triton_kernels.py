@@ -1,7 +1,7 @@
 """lcnn_zoo.layers.triton_kernels: the centered softplus's Triton kernels against the unfused float64 formulas,
 run on CPU tensors under TRITON_INTERPRET=1 (as in CI), over β from 1e-4 to 1e4 and float64, float32 and
 bfloat16; the device guard around every launch; the launch counts of the CUDA path, pinned against the
-launches counted under the interpreter."""
+launches counted under the interpreter; the ahead-of-time compilation for sm_80/sm_90 (benchmarks/triton_aot.py)."""
 import contextlib
 import json
 import math
@@ -278,3 +278,25 @@ def test_launch_counts_of_the_cuda_path_are_what_cuda_launches_reports():
     c = out["chunks"]
     assert (c["fwd"], c["bwd"]) == (c["fwd_want"], c["bwd_want"]) == (3, 4), c
     assert c["same"] and c["gb_rel"] <= 1e-6, c
+
+
+def test_ahead_of_time_variants_cover_every_specialisation_and_compile(monkeypatch, tmp_path):
+    """benchmarks/triton_aot.py's variants (CI compiles all of them for sm_80 and sm_90): every
+    dtype × β dtype × n (1, divisible by 16, not) × alignment of x (forward) and of grad and y × need_beta
+    (backward) is a distinct specialisation of Triton's JIT, 96 + 384; one of each kernel compiles here
+    for sm_80 through the wheel's ptxas without spills."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from benchmarks import triton_aot
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    variants = triton_aot._variants(make_backend(GPUTarget("cuda", 80, 32)))
+    kernels = [launch.kernel.__name__ for _, launch, _ in variants]
+    assert (kernels.count("_fwd_kernel"), kernels.count("_bwd_kernel")) == (96, 384)
+    for prefix in ("fwd torch.float32 beta torch.float32 n=4096 x aligned=True",
+                   "bwd torch.bfloat16 beta torch.float32 need_beta=True n=4097 grad aligned=True y aligned=True"):
+        index = next(i for i, (name, _, _) in enumerate(variants) if name.startswith(prefix))
+        row = triton_aot._compile_one(80, index)
+        assert row["ok"] and row["spill_stores"] == row["spill_loads"] == 0 and row["registers"] > 0, row
