@@ -326,3 +326,19 @@ def test_the_module_at_infinities_and_nan_through_the_cpu_kernels():
         beta = act.beta.item()
         # log_beta's gradient is β·∂s/∂β summed over the 6 elements
         _check_limits(v, beta, torch.float32, y[0, 0], x.grad[0, 0], act.log_beta.grad / (6 * beta), "module")
+
+
+def test_gpu_benchmarks_preflight_names_what_the_device_call_lacks(tmp_path, monkeypatch):
+    """benchmarks/gpu.py checks the versions, the GPU and the carried Fashion-MNIST before any work: a
+    device call without them would fail minutes in, after its time was spent."""
+    from benchmarks import gpu
+
+    assert gpu.preflight(str(tmp_path), dry=True) == []  # a dry run needs neither
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    problems = gpu.preflight(str(tmp_path), dry=False)
+    assert len(problems) == 1 and "gpu.sh --prepare" in problems[0] and "t10k-labels-idx1-ubyte.gz" in problems[0]
+    for name in gpu.FMNIST_FILES:
+        (tmp_path / name).write_bytes(b"")
+    assert gpu.preflight(str(tmp_path), dry=False) == []
+    monkeypatch.setitem(gpu.MINIMUM_VERSIONS, "timm", "99.0")
+    assert ["timm" in p and "older" in p for p in gpu.preflight(str(tmp_path), dry=False)] == [True]
