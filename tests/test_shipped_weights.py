@@ -65,3 +65,34 @@ def test_shipped_tag_at_another_input_size_loads_converged_vectors():
     with torch.no_grad():
         acc = 100.0 * (model(x).argmax(1) == y).float().mean().item()
     assert acc > MANIFEST["lcnn_resnet20.fmnist"]["accuracy_first1000"] - 5
+
+
+@pytest.mark.skipif(not MANIFEST, reason="no weights shipped")
+@needs_fmnist
+@pytest.mark.parametrize("tag", sorted(MANIFEST))
+def test_shipped_tag_compiled_equals_eager(tag):
+    """A compiled forward uses the stored singular vectors as they are (eager eval re-converges them at
+    its first call): the shipped files hold vectors converged for their weights, so compiled logits and
+    predictions are eager's, and every spectrally normalised layer of the compiled model is within its
+    bound. Dynamo traces with ``is_compiling()`` true whatever the backend; "eager" keeps the test fast."""
+    from safetensors.torch import load_file
+
+    from lcnn_zoo.layers.spectral_norm import spectral_norm_of
+
+    stored = load_file(str(Path(WEIGHTS_DIR) / f"{tag}.safetensors"))
+    probe = timm.create_model(tag.split(".")[0], num_classes=10)
+    for name, module in probe.named_modules():  # the file's own vectors, not those a load converges
+        sn = spectral_norm_of(module)
+        if sn is not None:
+            residual = sn._residual_of(stored[f"{name}.weight"], stored[f"{name}.weight_v"])
+            assert residual <= sn.init_tol, (name, residual)
+    ds = build_dataset("fmnist", train=False)
+    x = ds.images[:256].float() / 255.0
+    eager = timm.create_model(tag, pretrained=True).eval()
+    compiled_model = timm.create_model(tag, pretrained=True).eval()
+    compiled = torch.compile(compiled_model, backend="eager", fullgraph=False)
+    with torch.no_grad():
+        out_c = compiled(x)
+        out_e = eager(x)
+    assert torch.allclose(out_c, out_e, rtol=1e-4, atol=1e-4), (out_c - out_e).abs().max()
+    assert torch.equal(out_c.argmax(1), out_e.argmax(1))

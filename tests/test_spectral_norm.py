@@ -202,6 +202,32 @@ def test_state_dict_loads_without_dummy_forward():
     assert not any("parametrizations" in k for k in keys)
 
 
+def test_loaded_stale_vectors_are_converged_so_a_compiled_forward_is_within_its_bound():
+    """Vectors saved mid-training (one power step per step only tracks σ) or averaged are converged at
+    load, from where they are: a compiled forward, which uses the vectors as they are, then gives the
+    normalised layer its bound (issue 31, case 7); vectors that are already converged load unchanged."""
+    torch.manual_seed(0)
+    conv = spectral_norm(nn.Conv2d(3, 8, 3, padding=1), (3, 8, 8))
+    w = conv.parametrizations.weight.original.detach()
+    truth = dense_norm(lambda x: torch.nn.functional.conv2d(x, w, padding=1), torch.zeros(1, 3, 8, 8))
+    state = conv.state_dict()
+    converged_v = state["weight_v"].clone()
+    state["weight_v"] = converged_v + 0.5 * torch.randn_like(converged_v)  # stale
+    for saved, moved in ((state, True), ({**state, "weight_v": converged_v}, False)):
+        dst = spectral_norm(nn.Conv2d(3, 8, 3, padding=1), (3, 8, 8))
+        dst.load_state_dict(saved)
+        sn = dst.parametrizations.weight[0]
+        assert sn.residual(w) <= sn.init_tol
+        assert torch.equal(sn._v, saved["weight_v"]) is not moved
+        dst.eval()
+        compiled = torch.compile(dst, backend="eager")
+        with torch.no_grad():
+            sigma = float(sn.sigma(w))
+            out = compiled(torch.zeros(1, 3, 8, 8))  # (runs: the compiled forward uses the vectors as loaded)
+        assert out.shape == (1, 8, 8, 8)
+        assert truth / sigma <= 1 + sn.init_tol
+
+
 def test_plain_checkpoint_loads_into_normalised_layer():
     """An ordinary conv checkpoint (key 'weight') loads as the unnormalised weight."""
     plain = nn.Conv2d(3, 4, 3, padding=1)

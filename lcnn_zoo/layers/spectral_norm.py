@@ -200,10 +200,29 @@ class SpectralNorm(nn.Module):
         if has_vectors and (tuple(state_dict[kv].shape) != tuple(self._v.shape)
                             or tuple(state_dict[ku].shape) != tuple(self._u.shape)):
             has_vectors = self._adapt_vectors(state_dict, prefix, ku, kv, weight)
+        elif has_vectors and weight is not None and self._fits(weight):
+            self._converge_if_stale(state_dict, ku, kv, weight)
         elif not has_vectors and weight is not None and self._fits(weight):
             self.converge(weight.to(self._v), self.init_iterations, self.init_tol)
             has_vectors = True
         self.vectors_loaded = self.vectors_loaded or has_vectors
+
+    @torch.no_grad()
+    def _converge_if_stale(self, state_dict, ku: str, kv: str, weight: torch.Tensor) -> None:
+        """Loaded vectors that are not singular vectors of the loaded weight to ``init_tol`` (saved
+        mid-training, where one power step per step only tracks σ, or averaged by an EMA) are
+        converged from where they are, and the state dict gets the converged ones. Eager eval would
+        re-converge them at its first forward, but a compiled or ``torch.func`` forward uses the
+        vectors as they are: there a stale v makes σ too small and the layer's norm above 1."""
+        if not (torch.is_tensor(state_dict[kv]) and torch.is_tensor(state_dict[ku])) or weight.is_meta:
+            return
+        w = weight.detach().to(self._v)
+        if self._residual_of(w, state_dict[kv].to(self._v)) <= self.init_tol:
+            return
+        self._v.copy_(state_dict[kv])
+        self._u.copy_(state_dict[ku])
+        self.converge(w, self.init_iterations, self.init_tol)
+        state_dict[ku], state_dict[kv] = self._u.clone(), self._v.clone()
 
     def _fits(self, weight: torch.Tensor) -> bool:
         try:
@@ -350,11 +369,14 @@ class SpectralNorm(nn.Module):
         """‖AᵀAv̂ − ρv̂‖ / ρ with ρ = ‖Av̂‖²: σ is within half of it (relative) of a singular value
         of A_W (see :meth:`converge`); a large value means the singular vectors are stale."""
         self._check_ready()
-        weight = weight.detach()
-        v = _normalize(self._v)
+        return self._residual_of(weight.detach(), self._v)
+
+    def _residual_of(self, weight: torch.Tensor, v: torch.Tensor) -> float:
+        """:meth:`residual` at the vector ``v`` (of ``_v``'s shape) instead of the buffer."""
+        v = _normalize(v)
         w = self.adjoint(self.operator(v, weight), weight)
-        rho = float((w * v).sum())
-        return float((w - rho * v).norm()) / max(rho, _EPS)
+        rho, off = torch.stack([(w * v).sum(), (w - (w * v).sum() * v).norm()]).tolist()  # one host read
+        return off / max(rho, _EPS)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
