@@ -24,23 +24,23 @@ from typing import Any, List, Optional
 from . import register_models
 from .config import EvalConfig
 from .errors import UserError, one_line
-from .options import Parser, add_field, train_config
+from .options import HelpFormatter, Parser, add_field, train_config
 
 __all__ = ["main", "train_config", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="lcnn-zoo", description="Low-curvature neural networks for timm users",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("quickstart", help="train a standard and an LCNN+GradReg model on Fashion-MNIST and compare",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--output", default="runs/quickstart", help="folder for the two runs and the comparison")
     p.add_argument("--threads", type=_non_negative, default=0, help="torch threads (0: leave)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("train", help="train a model (all options: lcnn-zoo train --help)", add_help=False)
     p = sub.add_parser("eval", help="the paper's measurements for one or more models, side by side",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("models", nargs="+", help="registry name[.tag], local-dir:/hf-hub: name, run folder or checkpoint")
     p.add_argument("--dataset", default="fmnist", help="cifar10 | cifar100 | fmnist | folder:<path> | hf:<name>")
     p.add_argument("--data-dir", default=None, help="where the dataset lives")
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name not in ("progress", "noise_norms"):
             add_field(p, f)
     p = sub.add_parser("push", help="write (and optionally upload or ship) a Hub repo folder for trained weights",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help=".safetensors state dict, a training checkpoint (.pth) or a run folder")
     p.add_argument("--model", required=True, help="'<architecture>.<tag>', a new tag name allowed (e.g. lcnn_resnet20.fm3)")
     p.add_argument("--output-dir", help="folder to write (default: hub/<model>.<tag>); must be new, empty or a "

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, cast
 from .config import TrainConfig, check_value, load_yaml
 from .errors import UserError, shown
 
-__all__ = ["Parser", "add_field", "fields_parser", "train_config"]
+__all__ = ["Parser", "HelpFormatter", "add_field", "fields_parser", "train_config"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,6 +41,17 @@ class _KeyValues(argparse.Action):
             except (ValueError, SyntaxError):
                 out[key] = value
         setattr(namespace, self.dest, out)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: …)" after each help, except where the help states its default itself
+    (a default that is None means "decided later", which the help says in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if "(default" in help_ or action.default is None or action.default is argparse.SUPPRESS:
+            return help_
+        return super()._get_help_string(action) or help_
 
 
 def add_field(group, f: dataclasses.Field, aliases: tuple = ()) -> None:
@@ -90,7 +101,7 @@ def fields_parser(cls, prog: str, description: str, timm_flags: bool = False) ->
     """The parser of a config class's fields; ``timm_flags``: also timm train.py's names for them, its
     no-op flags, and its refused ones (see :mod:`lcnn_zoo.train_flags`)."""
     from .train_flags import ALIASES, NO_OPS, REFUSED
-    p = Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=prog, description=description, formatter_class=HelpFormatter)
     groups: Dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         group = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
@@ -102,7 +113,7 @@ def fields_parser(cls, prog: str, description: str, timm_flags: bool = False) ->
                           metavar="BACKEND", help="--compile (inductor)")
         for flag, why in NO_OPS.items():
             timm.add_argument(flag, nargs="*", action=_TimmNoOp, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
-                              help=f"no effect: {why}")
+                              metavar="VALUE", help=f"no effect: {why}")
         for flag in REFUSED:
             timm.add_argument(flag, nargs="*", action=_TimmRefused, dest=argparse.SUPPRESS,
                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -1,4 +1,5 @@
 """lcnn_zoo.options: the option parser made from TrainConfig's fields — YAML, then the command line, each checked; the shipped configs parse."""
+import re
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,17 @@ def test_every_field_is_an_option_and_its_kind_decides_the_flag():
     assert parse_args(["--decay-milestones", "3", "6"]).decay_milestones == [3, 6]
     with pytest.raises(UserError, match="invalid int value"):
         parse_args(["--epochs", "three"])
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "push", "quickstart"])
+def test_help_states_each_default_once_and_names_every_value(command, capsys):
+    """--help (issue 32): no option says its default twice or "(default: None)", and the usage line
+    shows a name for every value (argparse shows ==SUPPRESS== for an argument without a destination)."""
+    from lcnn_zoo.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "SUPPRESS" not in text
+    assert "(default: None)" not in text
+    assert not re.search(r"\(default[^)]*\) \(default", text)
