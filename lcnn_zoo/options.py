@@ -75,12 +75,31 @@ def add_field(group, f: dataclasses.Field, aliases: tuple = ()) -> None:
         group.add_argument(*flags, type=conv, default=default, choices=meta.get("choices"), help=help_)
 
 
+_REFUSED_SEEN = "_timm_refused"  # the namespace attribute where the refused flags of one command line gather
+
+
 class _TimmRefused(argparse.Action):
-    """A timm train.py flag lcnn-zoo train does not take: one line saying why (its values are consumed)."""
+    """A timm train.py flag lcnn-zoo train does not take (its values are consumed). Every refused flag of
+    the command line is gathered and reported in one message (:func:`_refuse`), so that a timm command
+    line is fixed in one rerun, not one per flag."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        from .train_flags import REFUSED
-        raise UserError(f"{option_string} (timm train.py's) is not taken by lcnn-zoo train: {REFUSED[option_string]}")
+        seen = getattr(namespace, _REFUSED_SEEN, [])
+        if option_string not in seen:
+            seen.append(option_string)
+        setattr(namespace, _REFUSED_SEEN, seen)
+
+
+def _refuse(namespace: argparse.Namespace) -> None:
+    """Raise one :class:`UserError` naming every refused timm flag of the command line, each with why."""
+    from .train_flags import REFUSED
+
+    seen: List[str] = vars(namespace).pop(_REFUSED_SEEN, [])
+    if len(seen) == 1:
+        raise UserError(f"{seen[0]} (timm train.py's) is not taken by lcnn-zoo train: {REFUSED[seen[0]]}")
+    if seen:
+        raise UserError(f"{len(seen)} of timm train.py's flags are not taken by lcnn-zoo train: "
+                        + "; ".join(f"{flag}: {REFUSED[flag]}" for flag in seen))
 
 
 class _TimmNoOp(argparse.Action):
@@ -126,6 +145,7 @@ def train_config(argv: List[str]) -> TrainConfig:
     parser = fields_parser(TrainConfig, "lcnn-zoo train", "Train an lcnn-zoo / timm model (see docs/training.md); "
                             "timm train.py's flags are taken under their names", timm_flags=True)
     known, _ = parser.parse_known_args(argv)
+    _refuse(known)
     values: Dict[str, Any] = {}
     if known.config:
         values = load_yaml(known.config)
@@ -136,7 +156,9 @@ def train_config(argv: List[str]) -> TrainConfig:
         for key, value in values.items():  # a bad value is named where it was written
             check_value(fields[key], value, known.config)
         parser.set_defaults(**values)
-    args = vars(parser.parse_args(argv))
+    parsed = parser.parse_args(argv)
+    _refuse(parsed)
+    args = vars(parsed)
     named = "dataset" in values or any(a == "--dataset" or a.startswith("--dataset=") for a in argv)
     if not named and args.get("data_dir") and (Path(args["data_dir"]) / "train").is_dir():
         args["dataset"] = ""  # timm's meaning: --data-dir alone is an image folder (folder:<data-dir>)

@@ -194,3 +194,16 @@ def test_the_command_refuses_a_timm_flag_with_exit_code_2_and_writes_nothing(tmp
     fails_with(capsys, ["train", "--output", str(tmp_path / "runs"), "--aug-splits", "3"],
                "--aug-splits (timm train.py's) is not taken by lcnn-zoo train: AugMix split batches")
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_refused_flag_of_a_command_line_is_reported_at_once():
+    """A timm command line with several refused flags is fixed in one rerun (issue 32): one message,
+    each flag with its reason, in the order given; a flag given twice is named once."""
+    flags = [f for f in sorted(REFUSED)][:3]
+    argv = ["--lr", "0.1"] + [a for f in flags for a in (f, "1")] + [flags[0], "2"]
+    with pytest.raises(UserError) as err:
+        train_config(argv)
+    msg = str(err.value)
+    assert msg.startswith("3 of timm train.py's flags are not taken by lcnn-zoo train: ")
+    assert msg.count(flags[0]) == 1 and all(f"{f}: {REFUSED[f]}" in msg for f in flags)
+    assert "\n" not in msg
