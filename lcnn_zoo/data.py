@@ -17,12 +17,12 @@ import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Sized, Tuple, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.utils import check_integrity
@@ -30,7 +30,7 @@ from torchvision.datasets.utils import check_integrity
 from .errors import UserError, shown
 from .writing import atomic_write
 
-__all__ = ["TensorImageDataset", "BatchAugment", "build_dataset", "describe_dataset", "DataInfo", "DataNotFoundError",
+__all__ = ["TensorImageDataset", "subset", "BatchAugment", "build_dataset", "describe_dataset", "DataInfo", "DataNotFoundError",
            "DATASETS", "FMNIST_SYSTEM_DIR", "read_image", "folder_classes"]
 
 FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -552,6 +552,25 @@ def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, dow
     if key.startswith("hf:"):
         return _hf(name.split(":", 1)[1], train, image_size, channels or 3)
     raise UserError(f"unknown dataset {shown(name)}; choose one of {', '.join(DATASETS)}")
+
+
+class _Subset(Subset):
+    """A fixed random subset of a dataset that is read image by image (a folder, a Hugging Face
+    dataset), keeping its class names."""
+
+    def __init__(self, ds: Dataset, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        super().__init__(ds, torch.randperm(len(cast(Sized, ds)), generator=g)[:n].tolist())
+        if hasattr(ds, "classes"):
+            self.classes = ds.classes
+
+
+def subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
+    """A fixed random subset of ``n`` samples of any dataset :func:`build_dataset` builds (the same
+    samples for a given seed; an in-memory dataset stays in memory)."""
+    if isinstance(ds, TensorImageDataset):
+        return ds.subset(n, seed=seed)
+    return _Subset(ds, n, seed)
 
 
 def num_classes_of(ds: Dataset) -> int:

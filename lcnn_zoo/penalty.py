@@ -322,6 +322,7 @@ def _fd_step(sq_sum: torch.Tensor, count: int, step: float, lambda_grad: float,
     """(h, c) of the finite difference: h = step·√B / ‖G‖ over all processes' ``count`` samples whose
     squared input gradients sum to ``sq_sum`` here, and c = 2λ/h (see :func:`gradreg_fd_backward`)."""
     g_norm = _global_sum(sq_sum).sqrt()
+    root_n: Union[float, torch.Tensor]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # torch.full writes the count on the device (torch.tensor would copy it from the host)
         root_n = _global_sum(torch.full((), float(count), device=device)).sqrt()

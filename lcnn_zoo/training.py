@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from .checkpoint import RunFolder, rng_state, set_rng_state
 from .config import TrainConfig
-from .data import BatchAugment, TensorImageDataset, build_dataset, num_classes_of
+from .data import BatchAugment, build_dataset, num_classes_of, subset
 from .errors import Interrupted, UserError, shown
 from .factory import create_model, is_lcnn, load_initial
 from .layers import (CONVERGENCE_TOL, LipschitzBatchNorm2d, converge_spectral_norms, recalibrate_batchnorm,
@@ -350,15 +350,12 @@ def _datasets(cfg: TrainConfig) -> TrainData:
     test_ds = build_dataset(cfg.dataset, train=False, classes=getattr(train_ds, "classes", None),
                             eval_on_train=cfg.eval_on_train, split=cfg.val_split, **kw)
     for name, n, ds in (("--train-subset", cfg.train_subset, train_ds), ("--test-subset", cfg.test_subset, test_ds)):
-        if n and not hasattr(ds, "subset"):
-            raise UserError(f"{name} needs an in-memory dataset (cifar10/cifar100/fmnist)")
         if n > len(cast(Sized, ds)):
             raise UserError(f"{name} {n} is larger than the dataset ({len(cast(Sized, ds))} images)")
-    # (only in-memory datasets have subset, checked above)
     if cfg.train_subset:
-        train_ds = cast(TensorImageDataset, train_ds).subset(cfg.train_subset, seed=cfg.seed)
+        train_ds = subset(train_ds, cfg.train_subset, seed=cfg.seed)
     if cfg.test_subset:
-        test_ds = cast(TensorImageDataset, test_ds).subset(cfg.test_subset, seed=cfg.seed)
+        test_ds = subset(test_ds, cfg.test_subset, seed=cfg.seed)
     input_size = size or tuple(train_ds[0][0].shape)
     num_classes = cfg.num_classes or num_classes_of(train_ds)
     for ds in (train_ds, test_ds):

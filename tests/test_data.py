@@ -216,3 +216,26 @@ def test_image_folder_errors_name_the_problem(tmp_path, capsys):
     ds = build_dataset(f"folder:{tmp_path / 'mixed'}", train=False, channels=1, image_size=(20, 20))
     with pytest.raises(UserError, match=str(bad)):
         [ds[i] for i in range(len(ds))]
+
+
+def test_subsets_work_for_every_dataset_kind(tmp_path):
+    """--train-subset / --test-subset on an image folder (issue 32; refused before): a fixed random
+    subset, the same for a seed, with the folder's class names; in-memory data stays in memory."""
+    from lcnn_zoo.data import TensorImageDataset, subset
+    from lcnn_zoo.options import train_config
+    from lcnn_zoo.training import _datasets
+
+    for split, n in (("train", 6), ("val", 3)):
+        for c in ("a", "b"):
+            (tmp_path / "f" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(tmp_path / "f" / split / c / f"{i}.png")
+    folder = build_dataset(f"folder:{tmp_path / 'f'}", train=True, channels=1)
+    part = subset(folder, 5, seed=1)
+    assert len(part) == 5 and part.classes == ["a", "b"]
+    assert [part[i][1] for i in range(5)] == [subset(folder, 5, seed=1)[i][1] for i in range(5)]
+    memory = TensorImageDataset(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10) % 2)
+    assert isinstance(subset(memory, 4), TensorImageDataset)
+    data = _datasets(train_config(["--dataset", f"folder:{tmp_path / 'f'}", "--train-subset", "7",
+                                   "--test-subset", "2", "--input-size", "1", "8", "8"]))
+    assert (len(data.train), len(data.test), data.num_classes, data.classes) == (7, 2, 2, ["a", "b"])
