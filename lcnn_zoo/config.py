@@ -52,6 +52,8 @@ class TrainConfig:
     allow_partial: bool = _opt(False, "let --initial-checkpoint cover only part of the model (the rest stays as "
                                       "initialised; timm's strict=False)", "model", "bool")
     lcnnify: bool = _opt(False, "convert a non-lcnn timm model with lcnnify first", "model", "bool")
+    allow_uncovered: bool = _opt(False, "with --lcnnify: train a model whose curvature bound does not apply (the "
+                                        "lcnnify report names what is not covered)", "model", "bool")
     num_classes: Optional[int] = _opt(None, "classes (default: the dataset's)", "model", "int", minimum=1,
                                       optional=True)
     input_size: Optional[List[int]] = _opt(None, "C H W the model is built for (default: the dataset's image "

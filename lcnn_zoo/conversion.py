@@ -97,17 +97,33 @@ class ConversionReport:
         """True when the analysis ran and found every operation covered by the bound."""
         return self.analysis == "graph" and not self.unconverted
 
+    @property
+    def verdict(self) -> str:
+        """One sentence: whether the curvature bound applies to the converted model."""
+        if self.analysis == "pending":
+            return "not known yet: the coverage analysis runs at the first forward (no input_size was given)"
+        if self.ok:
+            return "the curvature bound holds: every operation is covered"
+        places = len({name for name, _, _ in self.unconverted})
+        return (f"the curvature bound does NOT apply to this model: {len(self.unconverted)} operation(s) in "
+                f"{places} place(s) are not covered (listed below)")
+
     def __str__(self) -> str:
         lines = [f"lcnnify: input_size={self.input_size}, converted " +
-                 ", ".join(f"{k}={v}" for k, v in sorted(self.converted.items()))]
-        if self.analysis == "pending":
-            lines.append("  coverage not checked yet: it runs at the first forward (no input_size was given)")
+                 ", ".join(f"{k}={v}" for k, v in sorted(self.converted.items())), f"  verdict: {self.verdict}"]
         for name, factor in self.gains:
             lines.append(f"  fixed gain ×{factor:.4g} at {name}: the network's Lipschitz bound is multiplied by it")
+        # One line per kind of finding (operation, reason), naming a few of its places: a transformer's
+        # 40 identical findings are one line, not 40.
+        kinds: Dict[Tuple[str, str], List[str]] = {}
         for name, typ, reason in self.unconverted:
             why_not = self.refused.get(name)
-            lines.append(f"  not covered: {name or '<root>'} ({typ}): {reason}"
-                         + (f"; not rewritten: {why_not}" if why_not else ""))
+            places = kinds.setdefault((typ, reason + (f"; not rewritten: {why_not}" if why_not else "")), [])
+            if (name or "<root>") not in places:
+                places.append(name or "<root>")
+        for (typ, reason), places in kinds.items():
+            shown_places = ", ".join(places[:3]) + (f" and {len(places) - 3} more" if len(places) > 3 else "")
+            lines.append(f"  not covered: {shown_places} ({typ}): {reason}")
         if self.gates == "keep" and any(is_gate_finding(reason) for _, _, reason in self.unconverted):
             lines.append('  gates="keep" (the default) keeps squeeze-excite and other gates, which have no bound; '
                          'lcnnify(..., gates="remove") replaces gate modules by identities')

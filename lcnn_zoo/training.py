@@ -374,6 +374,12 @@ def _build_model(cfg: TrainConfig, num_classes: int, input_size: tuple) -> nn.Mo
         kwargs["global_pool"] = cfg.gp
     model = create_model(cfg.model, input_size=input_size, num_classes=num_classes, model_kwargs=kwargs,
                          pretrained=cfg.pretrained, drop_rate=cfg.drop_rate, convert=cfg.lcnnify)
+    report = getattr(model, "lcnn_report", None)
+    if cfg.lcnnify and report is not None and report.analysis != "pending" and not report.ok and not cfg.allow_uncovered:
+        places = len({name for name, _, _ in report.unconverted})
+        raise UserError(f"--lcnnify: the curvature bound does not apply to {shown(cfg.model)} ({places} place(s) not "
+                        f"covered; print lcnn_zoo.lcnnify(model).lcnn_report for the list): pass --allow-uncovered to "
+                        f"train it anyway")
     for m in model.modules():  # timm's --bn-momentum / --bn-eps: every BatchNorm, γ-Lipschitz ones too
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm2d)):
             m.momentum = cfg.bn_momentum if cfg.bn_momentum is not None else m.momentum

@@ -393,3 +393,15 @@ def test_a_training_step_reads_nothing_on_the_host(reg, tmp_path, monkeypatch):
     # (stderr is not a terminal under pytest), except at the last step.
     assert counts[1000, 4] == counts[1000, 8] == 1, counts
     assert (counts[3, 4], counts[3, 8]) == (2, 3), counts
+
+
+def test_an_uncovered_lcnnify_model_needs_allow_uncovered_to_train():
+    """--lcnnify of a model whose bound does not apply (ConvNeXt: LayerNorm, layer scale) is refused in one
+    line before any file is written, unless --allow-uncovered (issue 32); a covered one trains as before."""
+    common = ["--lcnnify", "--input-size", "3", "32", "32", "--reg", "lcnn"]
+    with pytest.raises(UserError, match="--allow-uncovered") as err:
+        training._build_model(parse_args(["--model", "convnext_atto", *common]), 10, (3, 32, 32))
+    assert "\n" not in str(err.value)
+    model = training._build_model(parse_args(["--model", "convnext_atto", "--allow-uncovered", *common]), 10, (3, 32, 32))
+    assert not model.lcnn_report.ok
+    assert training._build_model(parse_args(["--model", "resnet18", *common]), 10, (3, 32, 32)).lcnn_report.ok
