@@ -664,6 +664,7 @@ def _train_in(run: TrainingRun, plan: TrainPlan, folder: RunFolder) -> Dict[str,
         if start:
             args["resumed_at_epoch"] = start
         folder.write_args(args)
+        print(startup_summary(run, folder, start), file=sys.stderr, flush=True)
     t0 = time.time()
     eval_m = _epochs(run, folder, start)
     if not eval_m and run.history:
@@ -673,3 +674,30 @@ def _train_in(run: TrainingRun, plan: TrainPlan, folder: RunFolder) -> Dict[str,
         folder.save_weights(run.core.state_dict())
         folder.write_summary(summary)
     return summary
+
+
+def startup_summary(run: TrainingRun, folder: RunFolder, start: int) -> str:
+    """What a run is about to do, in a few lines (printed before its first step): the run folder's whole
+    path, the data, the model and what makes it an LCNN, the optimizer and schedule, the regulariser,
+    and where and how it computes."""
+    cfg, data = run.cfg, run.data
+    n_params = sum(p.numel() for p in run.core.parameters())
+    report = getattr(run.core, "lcnn_report", None)
+    kind = (f"LCNN ({report.verdict})" if report is not None else "not an LCNN (no curvature bound)")
+    steps = len(run.train_loader)
+    reg = cfg.reg + (f" (λβ {cfg.lambda_beta:g}, λγ {cfg.lambda_gamma:g})" if cfg.reg in ("lcnn", "lcnn_gradreg") else "")
+    if cfg.reg in ("gradreg", "lcnn_gradreg"):
+        reg += f", GradReg {cfg.gradreg} λ {cfg.lambda_grad:g}"
+    lines = [
+        f"lcnn-zoo train: {'resuming at epoch ' + str(start) + ' in' if start else 'run folder'} {Path(folder.path).resolve()}",
+        f"  data: {cfg.dataset or 'image folder'}, {len(cast(Sized, data.train))} training / "
+        f"{len(cast(Sized, data.test))} test images, {data.num_classes} classes, input {'×'.join(map(str, data.input_size))}",
+        f"  model: {cfg.model}, {n_params / 1e6:.2f} M parameters, {kind}",
+        f"  optimizer: {cfg.opt}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g} (none on β, γ); schedule: {cfg.sched}"
+        f" over {cfg.epochs} epochs" + (f", {cfg.warmup_epochs} warm-up" if cfg.warmup_epochs else ""),
+        f"  regulariser: {reg}",
+        f"  {run.device.type}{'' if run.world == 1 else f' × {run.world} processes'}, batch {cfg.batch_size}, "
+        f"{steps} steps per epoch; AMP {cfg.amp_dtype if cfg.amp else 'off'}; compile {'on' if cfg.compile else 'off'}; "
+        f"a line every {cfg.log_interval} steps off a terminal",
+    ]
+    return "\n".join(lines)

@@ -405,3 +405,23 @@ def test_an_uncovered_lcnnify_model_needs_allow_uncovered_to_train():
     model = training._build_model(parse_args(["--model", "convnext_atto", "--allow-uncovered", *common]), 10, (3, 32, 32))
     assert not model.lcnn_report.ok
     assert training._build_model(parse_args(["--model", "resnet18", *common]), 10, (3, 32, 32)).lcnn_report.ok
+
+
+def test_a_run_starts_by_saying_where_and_what_it_runs(tmp_path):
+    """The first lines of `lcnn-zoo train` (issue 32): the run folder's whole path, the data, the model and
+    whether its bound holds, optimizer and schedule, regulariser, device, batch and steps, AMP and compile."""
+    data = training.TrainData(
+        lcnn_zoo.data.TensorImageDataset(torch.zeros(40, 1, 12, 12, dtype=torch.uint8), torch.arange(40) % 4),
+        lcnn_zoo.data.TensorImageDataset(torch.zeros(8, 1, 12, 12, dtype=torch.uint8), torch.arange(8) % 4),
+        (1, 12, 12), 4, ["a", "b", "c", "d"])
+    cfg = parse_args(["--model", "lcnn_resnet20", "--batch-size", "8", "--epochs", "3", "--reg", "lcnn_gradreg",
+                      "--sched", "cosine", "--output", str(tmp_path)])
+    run = training.build_run(cfg, data, torch.device("cpu"))
+    text = training.startup_summary(run, RunFolder(tmp_path / "r"), 0)
+    lines = text.splitlines()
+    assert lines[0] == f"lcnn-zoo train: run folder {(tmp_path / 'r').resolve()}"
+    assert "40 training / 8 test images, 4 classes, input 1×12×12" in lines[1]
+    assert "lcnn_resnet20" in lines[2] and "the curvature bound holds" in lines[2]
+    assert "sgd" in lines[3] and "cosine over 3 epochs" in lines[3]
+    assert "GradReg fd" in lines[4] and "cpu, batch 8, 5 steps per epoch; AMP off; compile off" in lines[5]
+    assert "resuming at epoch 2" in training.startup_summary(run, RunFolder(tmp_path / "r"), 2)
