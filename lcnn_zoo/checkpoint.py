@@ -12,18 +12,19 @@ A run folder (:class:`RunFolder`) holds::
 Every file is written to a temporary file in the same folder and renamed into place
 (:func:`atomic_write`), so a kill never leaves a half-written file under its real name; a full
 disk is reported as such. Checkpoints are read with ``torch.load(weights_only=True)`` and
-safetensors only: nothing is unpickled.
+safetensors only: nothing is unpickled. Every run file is read through its schema
+(:mod:`lcnn_zoo.run_files`): a damaged or edited one is one line naming the file and the field.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
-import json
 import os
 import random
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
@@ -32,24 +33,11 @@ import torch
 from safetensors.torch import load_file, save
 
 from .errors import UserError, shown
-from .writing import atomic_write, file_lock, is_temporary, write_json, write_text
+from .run_files import CheckpointError, load_torch_file, read_args, read_checkpoint, read_json, read_summary
+from .writing import atomic_write, file_lock, is_temporary, lock_holder, write_json, write_text
 
 __all__ = ["atomic_write", "write_text", "write_json", "read_json", "load_state_dict", "rng_state", "set_rng_state",
-           "RunFolder", "CheckpointError"]
-
-class CheckpointError(UserError):
-    """A checkpoint or run file cannot be read (missing, truncated, not ours); the message names it."""
-
-
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """JSON from ``path``; a missing or unreadable file raises :class:`CheckpointError` naming it."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{what} not found: {path}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupted?): {e}; delete or restore it") from e
+           "RunFolder", "RunState", "CheckpointError"]
 
 
 def _save_torch(path: Path, payload: Dict[str, Any]) -> None:
@@ -74,7 +62,7 @@ def load_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> Dict[s
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises several types
             raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from e
-    ckpt = _torch_load(path)
+    ckpt = load_torch_file(path)
     if isinstance(ckpt, dict) and ("state_dict" in ckpt or "state_dict_ema" in ckpt):
         key = "state_dict_ema" if use_ema else "state_dict"
         if ckpt.get(key) is None:
@@ -83,14 +71,6 @@ def load_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> Dict[s
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise CheckpointError(f"{path} does not contain a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in ckpt.items()}
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-        raise CheckpointError(f"cannot read checkpoint {path} with weights_only=True (truncated, corrupted, or "
-                              f"not an lcnn-zoo checkpoint): {str(e).splitlines()[0]}") from e
 
 
 def rng_state() -> Dict[str, Any]:
@@ -115,6 +95,24 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass(frozen=True)
+class RunState:
+    """Whether a run has finished (:meth:`RunFolder.state`): ``epoch`` is the last epoch its files
+    record and ``epochs`` the number asked for (None where they do not say); ``status`` is
+    ``"finished"``, ``"still training"`` or ``"unfinished"`` and ``evidence`` what shows it."""
+
+    finished: bool
+    epoch: Optional[int]
+    epochs: Optional[int]
+    status: str
+    evidence: str = ""
+
+    def describe(self) -> str:
+        """e.g. ``unfinished at epoch 2 of 10 (its summary.json says finished: false)``."""
+        at = "" if self.epoch is None else f" at epoch {self.epoch}" + (f" of {self.epochs}" if self.epochs else "")
+        return self.status + at + (f" ({self.evidence})" if self.evidence else "")
+
+
 class RunFolder:
     """The files of one training run (see the module docstring)."""
 
@@ -135,12 +133,14 @@ class RunFolder:
     def is_run(cls, path: str | os.PathLike) -> bool:
         return (Path(path) / cls.ARGS).is_file()
 
-    # ---- reading ---------------------------------------------------------------------------
+    # ---- reading (every file through its schema: lcnn_zoo.run_files) ---------------------------
     def args(self) -> Dict[str, Any]:
-        return read_json(self.file(self.ARGS), "run configuration (args.json)")
+        """``args.json``, checked against the options of ``lcnn-zoo train``."""
+        return read_args(self.file(self.ARGS))
 
     def summary(self) -> Dict[str, Any]:
-        return read_json(self.file(self.SUMMARY), "run summary") if self.file(self.SUMMARY).is_file() else {}
+        """``summary.json``, checked (``{}`` when the run has not written one yet)."""
+        return read_summary(self.file(self.SUMMARY)) if self.file(self.SUMMARY).is_file() else {}
 
     def weights(self) -> Path:
         """The run's final weights, else its last checkpoint."""
@@ -151,22 +151,47 @@ class RunFolder:
                               f"an epoch yet")
 
     def load_checkpoint(self, path: Optional[str | os.PathLike] = None) -> Dict[str, Any]:
-        """A training checkpoint (``last.pth`` by default), validated."""
-        path = Path(path) if path is not None else self.file(self.LAST)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint not found: {path}")
-        ckpt = _torch_load(path)
-        for key in ("state_dict", "optimizer", "epoch"):
-            if not isinstance(ckpt, dict) or key not in ckpt:
-                raise CheckpointError(f"{path} is not an lcnn-zoo training checkpoint (missing '{key}')")
-        return ckpt
+        """A training checkpoint (``last.pth`` by default), checked against its schema."""
+        return read_checkpoint(Path(path) if path is not None else self.file(self.LAST))
 
     def unfinished_start(self) -> bool:
-        """Whether the folder holds only this run's own files and no checkpoint: a run stopped
-        before its first epoch ended, which ``--resume auto`` starts again in place."""
+        """Whether the folder holds only the files a run writes before its first checkpoint
+        (``args.json``, its lock, temporaries, at most ``model_best.safetensors``): a run stopped
+        before its first epoch ended, which ``--resume auto`` starts again in place. A summary, a CSV
+        or final weights mean the run got further (or finished): its files are never trained over."""
         names = [p.name for p in self.path.iterdir()]
-        own = set(self._OURS) | {self.LOCK}
-        return self.LAST not in names and all(n in own or is_temporary(n, self._OURS) for n in names)
+        early = {self.ARGS, self.BEST, self.LOCK}
+        return all(n in early or is_temporary(n, self._OURS) for n in names)
+
+    def state(self) -> "RunState":
+        """Whether the run has finished, from its own files: its lock held by a training process, a
+        summary that says ``finished: false``, or a ``last.pth`` without ``model.safetensors`` mean
+        it has not. The lock is only looked at (a shared ``flock`` tried and released at once)."""
+        summary = self.summary()
+        history = summary.get("history") or []
+        epoch = int(history[-1]["epoch"]) if history else None
+        epochs = summary.get("epochs")
+        holder = lock_holder(self.file(self.LOCK))
+        if holder is not None:
+            return RunState(False, epoch, epochs, "still training", f"its lock is held: {shown(holder, 120)}")
+        if summary and not summary.get("finished", True):
+            return RunState(False, epoch, epochs, "unfinished", f"its {self.SUMMARY} says finished: false")
+        if not summary and self.file(self.LAST).is_file() and not self.file(self.WEIGHTS).is_file():
+            ckpt = self.load_checkpoint()
+            recorded = ckpt.get("config") or ckpt.get("args") or {}
+            return RunState(False, int(ckpt["epoch"]), recorded.get("epochs"), "unfinished",
+                            f"it holds {self.LAST} but no {self.WEIGHTS}")
+        return RunState(True, epoch, epochs, "finished")
+
+    def require_finished(self, command: str, allow_unfinished: bool = False) -> "RunState":
+        """The run's :meth:`state`; a run that has not finished is refused for ``command`` (``push``,
+        ``eval``: it would use mid-training weights under the run's name) unless ``allow_unfinished``."""
+        state = self.state()
+        if not state.finished and not allow_unfinished:
+            raise UserError(f"{shown(self.path)} is {state.describe()}: `{command}` would use mid-training weights; "
+                            f"wait until it finishes, or pass --allow-unfinished to use them (the epoch is recorded "
+                            f"in what {command.split()[-1]} writes)")
+        return state
 
     # ---- writing ---------------------------------------------------------------------------
     @contextlib.contextmanager

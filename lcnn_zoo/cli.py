@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "holds anything gets a -N suffix: nothing is overwritten)")
     p.add_argument("--random-init", action="store_true", help="allow an architecture name without a tag: "
                                                               "measure the model as initialised")
+    p.add_argument("--allow-unfinished", action="store_true", help="measure a run that is still training or "
+                                                                   "stopped (its last.pth; the epoch is recorded)")
     p.add_argument("--threads", type=_non_negative, default=0, help="torch threads (0: leave)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -83,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also ship the weights inside the package (lcnn_zoo/weights) for offline pretrained=True")
     p.add_argument("--replace-shipped", action="store_true", help="with --bundle: replace a tag that ships already")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--allow-unfinished", action="store_true", help="push a run that is still training or stopped "
+                                                                   "(its last.pth; the card says which epoch)")
     return ap
 
 
@@ -110,7 +114,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
         command = "lcnn-zoo " + shlex.join(args.argv)
         results = evaluation.run_eval(args.models, args.dataset, data_dir=args.data_dir, download=args.download,
                                       arch=args.arch, input_size=args.input_size, cfg=cfg, device=device,
-                                      command=command, random_init=args.random_init)
+                                      command=command, random_init=args.random_init,
+                                      allow_unfinished=args.allow_unfinished)
         out = evaluation.write_report(results, preflight.new_output_folder(args.output), cfg=cfg, command=command)
         print(evaluation.markdown_report(results))
         print(f"wrote {out / 'eval.json'}, eval.md and gradient_robustness.png")
@@ -122,7 +127,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
             eval_command=args.eval_command or "", dataset=args.dataset,
             classes=[c.strip() for c in args.classes.split(",") if c.strip()], template=args.template,
             repo_id=args.repo_id, ema=args.ema, upload=args.upload, ship=args.bundle,
-            replace_shipped=args.replace_shipped, private=args.private)
+            replace_shipped=args.replace_shipped, private=args.private, allow_unfinished=args.allow_unfinished)
         return 0
     raise AssertionError(command)
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from .errors import UserError, shown
 
 __all__ = ["TrainConfig", "EvalConfig", "REGS", "SCHEDULERS", "RESUME_MAY_CHANGE", "load_yaml", "check_value",
-           "resume_conflicts", "PAPER_EPS", "NOISE_NORMS"]
+           "resume_conflicts", "PAPER_EPS", "NOISE_NORMS", "SEED_MAX"]
 
 REGS = ("none", "lcnn", "gradreg", "lcnn_gradreg")
 SCHEDULERS = ("multistep", "cosine", "step", "poly", "tanh", "none")
@@ -25,6 +25,8 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "eval_every", "no_progress", "log_inter
                                "output", "experiment", "data_dir", "download", "dist_timeout", "compile", "config",
                                "if_exists", "pin_mem", "validation_batch_size", "torchcompile_mode",
                                "grad_checkpointing"})
+#: the largest --seed: training seeds NumPy too, whose np.random.seed takes 32 bits (torch takes 64)
+SEED_MAX = 2**32 - 1
 PAPER_EPS = (0.05, 0.1, 0.15, 0.2)
 NOISE_NORMS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -200,7 +202,7 @@ class TrainConfig:
                                                      "max-autotune-no-cudagraphs"))
     device: Optional[str] = _opt(None, "cpu | cuda (default: cuda if available)", "runtime", "str", optional=True)
     threads: int = _opt(0, "torch.set_num_threads (0: leave)", "runtime", "int", minimum=0)
-    seed: int = _opt(42, "random seed", "runtime", "int", minimum=0)
+    seed: int = _opt(42, "random seed", "runtime", "int", minimum=0, maximum=SEED_MAX)
     output: str = _opt("runs", "parent folder of run folders", "runtime", "str")
     experiment: str = _opt("", "run folder name, not a path (default: <model>-<dataset>-<reg>)", "runtime", "str")
     if_exists: str = _opt("suffix", "when the run folder holds another run (without --resume): suffix — train in "
@@ -431,7 +433,7 @@ class EvalConfig:
                                     minimum=0.0)
     hvp_iters: int = _opt(10, "Lanczos steps per image", "measurements", "int", minimum=1)
     batch_size: int = _opt(128, "batch size", "measurements", "int", minimum=1)
-    seed: int = _opt(0, "seed for the random vectors", "measurements", "int", minimum=0)
+    seed: int = _opt(0, "seed for the random vectors", "measurements", "int", minimum=0, maximum=SEED_MAX)
     progress: bool = _opt(True, "progress bars", "measurements", "bool")
 
     def validate(self) -> "EvalConfig":

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import RunFolder, atomic_write, load_state_dict, write_json, write_text
+from .checkpoint import RunFolder, RunState, atomic_write, load_state_dict, write_json, write_text
 from .config import EvalConfig
 from .data import build_dataset, num_classes_of
 from .errors import UserError, shown
@@ -38,12 +38,15 @@ __all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plo
 # Loading
 # --------------------------------------------------------------------------------------------
 def load_model(spec: str, *, arch: Optional[str] = None, input_size: Optional[Sequence[int]] = None,
-               device: Optional[torch.device] = None, random_init: bool = False) -> Tuple[str, nn.Module]:
+               device: Optional[torch.device] = None, random_init: bool = False,
+               allow_unfinished: bool = False) -> Tuple[str, nn.Module]:
     """Build a model from a registry name (with pretrained tag), ``local-dir:``/``hf-hub:`` name, a
     run folder written by ``lcnn-zoo train``, or a checkpoint (``.pth`` / ``.safetensors``).
 
     A registry name without a tag is an architecture, not weights: it is refused unless
-    ``random_init`` (then the model is measured as initialised, and its name says so).
+    ``random_init`` (then the model is measured as initialised, and its name says so). A run that
+    has not finished (still training, or stopped) is refused unless ``allow_unfinished``: then its
+    ``last.pth`` is measured, and the name and :func:`run_eval`'s results record the epoch.
     Returns (display name, model in eval mode).
     """
     path = Path(spec)
@@ -51,11 +54,17 @@ def load_model(spec: str, *, arch: Optional[str] = None, input_size: Optional[Se
         if not RunFolder.is_run(path):
             raise UserError(f"{shown(Path(path))} is a folder but not a run folder of `lcnn-zoo train` (no args.json); "
                             f"for a Hub repo folder use local-dir:{shown(Path(path))}")
-        name, model = path.name, _from_run(RunFolder(path), arch)
+        state = RunFolder(path).require_finished("lcnn-zoo eval", allow_unfinished)
+        name, model = path.name, _from_run(RunFolder(path), arch, latest=not state.finished)
+        name = _mark_unfinished(name, model, state)
     elif path.suffix in (".pth", ".pt", ".safetensors"):
         if not path.is_file():
             raise UserError(f"checkpoint not found: {shown(Path(path))}")
+        state = None
+        if path.name == RunFolder.LAST and RunFolder.is_run(path.parent):  # a run's mid-training weights?
+            state = RunFolder(path.parent).require_finished("lcnn-zoo eval", allow_unfinished)
         name, model = path.stem, _from_checkpoint(path, arch, input_size)
+        name = _mark_unfinished(name, model, state)
     elif path.is_file():
         raise UserError(f"{shown(path)} is a file but not a checkpoint (.pth, .pt or .safetensors)")
     else:
@@ -70,19 +79,31 @@ def load_model(spec: str, *, arch: Optional[str] = None, input_size: Optional[Se
     return name, (model.to(device) if device is not None else model).eval()
 
 
-def _from_run(run: RunFolder, arch: Optional[str]) -> nn.Module:
+def _mark_unfinished(name: str, model: nn.Module, state: Optional[RunState]) -> str:
+    """``name``, and the epoch an unfinished run's weights come from (also kept on ``model`` for
+    :func:`run_eval`'s results)."""
+    if state is None or state.finished:
+        return name
+    setattr(model, "unfinished_run", {"epoch": state.epoch, "epochs": state.epochs, "status": state.status})
+    return f"{name} ({state.status}: epoch {state.epoch if state.epoch is not None else '?'}" + (
+        f" of {state.epochs})" if state.epochs else ")")
+
+
+def _from_run(run: RunFolder, arch: Optional[str], latest: bool = False) -> nn.Module:
+    """The run's final weights (``latest``: its last checkpoint, for an unfinished run)."""
     args = run.args()
     summary = run.summary()
     input_size = summary.get("input_size") or args.get("input_size")
     num_classes = summary.get("num_classes") or args.get("num_classes")
     if input_size is None or num_classes is None:
         meta = run.load_checkpoint()
-        input_size, num_classes = meta["input_size"], meta["num_classes"]
+        input_size, num_classes = input_size or meta.get("input_size"), num_classes or meta.get("num_classes")
     architecture, _ = split_spec(arch or args["model"])  # the run's weights, not the tag's
+    weights = run.file(RunFolder.LAST) if latest and run.file(RunFolder.LAST).is_file() else run.weights()
     with deferred_convergence():  # the run's weights bring their singular vectors
         model = create_model(architecture, input_size=input_size, num_classes=num_classes,
                              model_kwargs=args.get("model_kwargs") or {}, convert=bool(args.get("lcnnify")))
-        _load_state(model, load_state_dict(run.weights()), run.weights())
+        _load_state(model, load_state_dict(weights), weights)
     return model.eval()
 
 
@@ -261,17 +282,18 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
              arch: Optional[str] = None, input_size: Optional[Sequence[int]] = None,
              cfg: Optional[EvalConfig] = None, output: Optional[Path] = None,
              device: Optional[torch.device] = None, command: str = "",
-             random_init: bool = False) -> Dict[str, Dict[str, Any]]:
+             random_init: bool = False, allow_unfinished: bool = False) -> Dict[str, Dict[str, Any]]:
     """Evaluate each model in ``specs`` on ``dataset``; with ``output``, write eval.json, eval.md and
     the plot into that folder (:func:`write_report`; the caller chose it: a new folder of its own).
 
     Every model is loaded and checked against the data (input size, number of classes) before any
-    measurement starts, so a mistake costs seconds, not a partial evaluation.
+    measurement starts, so a mistake costs seconds, not a partial evaluation. A run that has not
+    finished is measured only with ``allow_unfinished`` (its entry then says which epoch).
     """
     cfg = (cfg or EvalConfig()).validate()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = [load_model(spec, arch=arch, input_size=input_size, device=device, random_init=random_init)
-              for spec in specs]
+    loaded = [load_model(spec, arch=arch, input_size=input_size, device=device, random_init=random_init,
+                         allow_unfinished=allow_unfinished) for spec in specs]
     models = list(zip(_unique_names(specs, [n for n, _ in loaded]), [m for _, m in loaded]))
     datasets: Dict[Tuple[int, ...], Tuple[Any, Any]] = {}
     for spec, (name, model) in zip(specs, models):
@@ -299,6 +321,8 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
             print(f"evaluating {name} on {dataset} ...", flush=True)
         results[name] = evaluate_model(model, test_ds, train_ds, cfg, device)
         results[name]["dataset"] = dataset
+        if getattr(model, "unfinished_run", None):  # --allow-unfinished: which epoch was measured
+            results[name]["unfinished_run"] = getattr(model, "unfinished_run")
     if output is not None:
         write_report(results, Path(output), cfg=cfg, command=command)
     return results

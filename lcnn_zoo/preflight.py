@@ -3,15 +3,19 @@ it reads any data or writes any file; a failure is one :class:`~lcnn_zoo.errors.
 
 :func:`train_plan` checks, for ``lcnn-zoo train``, in this order: the options (the optimizer against
 timm's factory, ``--model-kwargs`` by building the model on the meta device, mixup against the
-batch size), the device, the dataset's metadata (an explicit ``--data-dir`` must hold the data; the
-class count against ``--num-classes``; channels against ``--input-size``; at least two classes),
-the output folder (``--experiment`` is a name; the parent is a writable folder; a folder holding
-another run is never written into, see :func:`~lcnn_zoo.writing.new_folder`) and, with
-``--resume``, the checkpoint's recipe and classes against this run's. :func:`output_folder` is the
-same choice for ``eval`` and ``quickstart``.
+batch size), the device, torchrun's environment (``WORLD_SIZE``, ``RANK``, the rendezvous), the
+dataset's metadata (an explicit ``--data-dir`` must hold the data; the class count against
+``--num-classes``; channels against ``--input-size``; at least two classes), that one batch of the
+input size fits in memory, the output folder (``--experiment`` is a name; the parent is a writable
+folder; a folder holding another run is never written into, see
+:func:`~lcnn_zoo.writing.new_folder`) and, with ``--resume``, the checkpoint (read through its
+schema) and its recipe and classes against this run's; ``--resume auto`` never trains again over a
+run that got past its first checkpoint. :func:`output_folder` is the same choice for ``eval`` and
+``quickstart``.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,18 @@ from .data import DataInfo, describe_dataset
 from .errors import UserError, shown
 from .writing import check_name, new_folder
 
-__all__ = ["TrainPlan", "train_plan", "output_folder", "new_output_folder", "check_device", "check_model_options"]
+__all__ = ["TrainPlan", "DistEnv", "train_plan", "output_folder", "new_output_folder", "check_device",
+           "check_model_options", "check_memory", "distributed_env"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a distributed run, read from torchrun's environment (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``) by :func:`distributed_env`; one process: rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
 
 
 @dataclass
@@ -33,7 +48,8 @@ class TrainPlan:
     """What a checked ``lcnn-zoo train`` will do: its device, data, run folder and resume point.
 
     ``folder`` is the run folder (not created yet for a new run: :meth:`claim` does that);
-    ``resume_from`` the checkpoint to resume and ``checkpoint`` its contents (read once, here)."""
+    ``resume_from`` the checkpoint to resume and ``checkpoint`` its contents (read once, here);
+    ``dist`` this process's place in a distributed run."""
 
     cfg: TrainConfig
     device: torch.device
@@ -42,6 +58,7 @@ class TrainPlan:
     new: bool
     resume_from: Optional[Path] = None
     checkpoint: Optional[Dict[str, Any]] = None
+    dist: DistEnv = DistEnv()
 
     def claim(self) -> RunFolder:
         """Create a new run's folder (atomically: never one that another command took meanwhile —
@@ -52,6 +69,84 @@ class TrainPlan:
                               existing="refuse" if exact else self.cfg.if_exists, option="--output")
             self.folder = RunFolder(path)
         return self.folder
+
+
+def _env_int(name: str, minimum: int, maximum: Optional[int] = None) -> Optional[int]:
+    """The integer in environment variable ``name`` (None when unset), in [minimum, maximum]."""
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"the environment variable {name} must be an integer (torchrun sets it), got "
+                        f"{shown(text)}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        limits = f">= {minimum}" if maximum is None else f"in {minimum}…{maximum}"
+        raise UserError(f"the environment variable {name} must be {limits}, got {value}")
+    return value
+
+
+def distributed_env(device: torch.device) -> DistEnv:
+    """Where this process stands in a DDP run, from the variables torchrun sets, checked before any
+    data is read: ``WORLD_SIZE`` > 1 without torchrun's rendezvous (``MASTER_ADDR``, ``MASTER_PORT``,
+    ``RANK``) would otherwise fail in ``init_process_group`` after the data was loaded, or wait there."""
+    world = _env_int("WORLD_SIZE", 1) or 1
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world == 1:
+        return DistEnv()
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)] + (["RANK"] if rank is None else [])
+    if missing:
+        raise UserError(f"WORLD_SIZE={world} asks for a distributed run, but {', '.join(missing)} "
+                        f"{'is' if len(missing) == 1 else 'are'} not set: start it with torchrun "
+                        f"(torchrun --nproc_per_node={world} -m lcnn_zoo train …), or unset WORLD_SIZE")
+    _env_int("MASTER_PORT", 1, 65535)
+    assert rank is not None  # (checked above)
+    if rank >= world:
+        raise UserError(f"the environment variable RANK must be below WORLD_SIZE={world}, got {rank}")
+    local_rank = local_rank or 0
+    if device.type == "cuda" and local_rank >= torch.cuda.device_count():
+        raise UserError(f"LOCAL_RANK={local_rank}, but this machine has {torch.cuda.device_count()} GPU(s): start at "
+                        f"most one process per GPU (torchrun --nproc_per_node)")
+    return DistEnv(rank, world, local_rank)
+
+
+def _memory_of(device: torch.device) -> Tuple[Optional[int], str]:
+    """(bytes of memory ``device`` has, what to call it); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or 0).total_memory, f"the GPU ({device})"
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine"
+    except (ValueError, OSError, AttributeError):  # not a POSIX system that tells
+        return None, "this machine"
+
+
+def _gib(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} bytes" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def check_memory(cfg: TrainConfig, size: Optional[Tuple[int, ...]], device: torch.device) -> None:
+    """Refuse an input size that cannot fit: one batch of float32 images on ``device`` (training's
+    ``--batch-size`` and the evaluation's batch) must fit in its memory. A lower bound, so nothing that
+    could run is refused: the model's activations come on top. Without it a size like 1×100000×100000
+    passes every other check, the data is read and resized, and the run fails allocating petabytes."""
+    if not size:
+        return
+    have, where = _memory_of(device)
+    if have is None:
+        return
+    per_image = math.prod(size) * 4  # float32
+    eval_batch = cfg.validation_batch_size or max(cfg.batch_size, 256)  # (as training._loader is given)
+    for batch, option in ((cfg.batch_size, "--batch-size"), (eval_batch, "--validation-batch-size")):
+        if batch * per_image > have:
+            raise UserError(f"--input-size {' '.join(map(str, size))}: one batch of {batch} images ({option}) needs "
+                            f"at least {_gib(batch * per_image)} ({_gib(per_image)} per float32 image) and {where} has "
+                            f"{_gib(have)}: choose a smaller --input-size or {option}")
 
 
 def check_device(name: Optional[str]) -> torch.device:
@@ -150,9 +245,12 @@ def _resume_point(cfg: TrainConfig, info: DataInfo) -> Tuple[RunFolder, bool, Op
         source = folder.file(RunFolder.LAST)
         if not source.is_file():
             # Nothing to resume: a new run there, if the folder is absent, empty, or a run stopped
-            # before its first checkpoint (only the run's own files); never a folder of other files.
-            if folder.path.is_dir() and not folder.path.is_symlink() and folder.unfinished_start():
-                return folder, False, None, None
+            # before its first checkpoint (only the run's own files); never a folder of other files,
+            # nor a run that got further and lost its last.pth (it would be trained again over its files).
+            if folder.path.is_dir() and not folder.path.is_symlink():
+                if folder.unfinished_start():
+                    return folder, False, None, None
+                _refuse_a_run_without_checkpoint(cfg, folder)
             return RunFolder(new_folder(cfg.output, cfg.run_name, existing="refuse", create=False)), True, None, None
     else:
         source = Path(cfg.resume)
@@ -160,8 +258,25 @@ def _resume_point(cfg: TrainConfig, info: DataInfo) -> Tuple[RunFolder, bool, Op
             # Another folder's checkpoint: the resumed run continues in a new folder of its own.
             folder, new = RunFolder(new_folder(cfg.output, cfg.run_name, existing=cfg.if_exists, create=False)), True
     ckpt = folder.load_checkpoint(source)
+    folder.summary()  # read when the run is already done: checked here, before any data is read
     _check_resumable(cfg, info, source, ckpt)
     return folder, new, source, ckpt
+
+
+def _refuse_a_run_without_checkpoint(cfg: TrainConfig, folder: RunFolder) -> None:
+    """``--resume auto`` in a folder whose run got past its first checkpoint (a summary, a CSV or
+    final weights) but has no ``last.pth`` (deleted to save space, say): nothing to continue from,
+    and starting again there would replace the run's weights and summary. Refused, saying what to do."""
+    names = {p.name for p in folder.path.iterdir()}
+    if not names & {RunFolder.SUMMARY, RunFolder.CSV, RunFolder.WEIGHTS}:
+        return  # other files: new_folder refuses the folder, naming them
+    finished = RunFolder.WEIGHTS in names or (RunFolder.SUMMARY in names
+                                              and folder.summary().get("finished", True))
+    what = "a finished run" if finished else "a run stopped after its first epochs"
+    fresh = shown(Path(cfg.run_name + "-N"))
+    raise UserError(f"--resume auto: {shown(folder.path)} holds {what} but no {RunFolder.LAST} to continue from; "
+                    f"it is not trained again over its own files. Restore {RunFolder.LAST} to train it on, or leave "
+                    f"out --resume to train again in a new folder ({fresh}), or choose another --experiment")
 
 
 def _check_resumable(cfg: TrainConfig, info: DataInfo, source: Path, ckpt: Dict[str, Any]) -> None:
@@ -192,15 +307,17 @@ def train_plan(cfg: TrainConfig) -> TrainPlan:
     cfg.validate()
     _check_options(cfg)
     device = check_device(cfg.device)
+    dist_env = distributed_env(device)
     info = describe_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                             splits=(cfg.train_split, cfg.val_split))
     _resolve_input_size(cfg, info)
     _check_data(cfg, info)
     size = tuple(cfg.input_size) if cfg.input_size else (
         (info.channels, *info.size) if info.channels and info.size else None)
+    check_memory(cfg, size, device)
     check_model_options(cfg.model, cfg.num_classes or info.num_classes, size, cfg.model_kwargs)
     folder, new, source, ckpt = _resume_point(cfg, info)
-    return TrainPlan(cfg, device, info, folder, new, source, ckpt)
+    return TrainPlan(cfg, device, info, folder, new, source, ckpt, dist_env)
 
 
 def output_folder(output: str | os.PathLike, existing: str = "suffix") -> Path:

@@ -394,13 +394,15 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
             recipe_path: Optional[str] = None, eval_command: str = "", dataset: str = "",
             classes: Sequence[str] = (), template: Optional[str] = None, repo_id: Optional[str] = None,
             ema: bool = False, upload: bool = False, ship: bool = False, replace_shipped: bool = False,
-            private: bool = False) -> Path:
+            private: bool = False, allow_unfinished: bool = False) -> Path:
     """Everything ``lcnn-zoo push`` does: build ``model_name``'s architecture for the checkpoint's
     input size and classes (a new tag name is fine), load the weights, write the repo folder with
     its card, then optionally ship them in the package and upload them. Returns the folder.
 
     Every input (name, template, recipe, metrics, output folder, the shipped tag, the bundle's test
-    data, the Hub) is checked, and the card rendered, before the first file is written."""
+    data, the Hub) is checked, and the card rendered, before the first file is written. A run that
+    has not finished (still training, or stopped) is refused unless ``allow_unfinished``: then its
+    ``last.pth`` is published and the card says from which epoch."""
     if "." not in model_name:
         raise UserError(f"--model must be '<architecture>.<tag>' (e.g. lcnn_resnet20.fmnist), got {shown(model_name)}")
     check_name(model_name, "--model")  # it names files and folders: never a path
@@ -408,10 +410,15 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
     source = Path(checkpoint)
     if not source.exists():
         raise UserError(f"checkpoint not found: {shown(Path(source))}")
+    run_state = None
     if source.is_dir():  # a run folder: its final weights, or with --ema the checkpoint that holds the EMA copy
-        weights = RunFolder(source).file(RunFolder.LAST) if ema else RunFolder(source).weights()
+        run_state = RunFolder(source).require_finished("lcnn-zoo push", allow_unfinished)
+        latest = ema or not run_state.finished  # an unfinished run's newest weights are in last.pth
+        weights = RunFolder(source).file(RunFolder.LAST) if latest else RunFolder(source).weights()
     else:
         weights = source
+        if source.name == RunFolder.LAST and RunFolder.is_run(source.parent):  # a run's mid-training weights?
+            run_state = RunFolder(source.parent).require_finished("lcnn-zoo push", allow_unfinished)
     template_text = find_model_card_template(template)
     recipe = render_recipe(_read_text(recipe_path, "--recipe"), recipe_path) if recipe_path else ""
     metrics = None
@@ -440,6 +447,10 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
                              metrics=metrics, recipe=recipe, eval_command=eval_command,
                              dataset=dataset or info.get("dataset", ""),
                              classes=list(classes) or info.get("classes") or ())
+    if run_state is not None and not run_state.finished:  # --allow-unfinished: the card says so
+        card = card.rstrip("\n") + (f"\n\n**Unfinished run.** These weights are from epoch {run_state.epoch} of "
+                                    f"{run_state.epochs or '?'} of a run that was {run_state.status} when they were "
+                                    f"pushed (`lcnn-zoo push --allow-unfinished`).\n")
     folder = save_pretrained(model, out, model_card=card, overwrite=overwrite)
     print(f"wrote {folder} ({', '.join(PUSH_FILES)})")
     if ship:

@@ -21,6 +21,7 @@ import datetime
 import math
 import os
 import random
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -41,14 +42,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from tqdm import tqdm
 
-from .checkpoint import RunFolder, rng_state, set_rng_state
+from .checkpoint import CheckpointError, RunFolder, rng_state, set_rng_state
 from .config import TrainConfig
 from .data import BatchAugment, build_dataset, num_classes_of, subset
 from .errors import Interrupted, UserError, shown
 from .factory import create_model, is_lcnn, load_initial
 from .layers import (CONVERGENCE_TOL, LipschitzBatchNorm2d, converge_spectral_norms, recalibrate_batchnorm,
                      sync_batchnorm)
-from .preflight import TrainPlan, train_plan
+from .preflight import DistEnv, TrainPlan, train_plan
 from .penalty import param_groups
 from .steps import Regulariser, make_regulariser
 
@@ -265,24 +266,36 @@ def resume(run: TrainingRun, ckpt: Dict[str, Any], path: str | os.PathLike) -> i
     """
     cfg = run.cfg
     recorded = ckpt.get("config") or ckpt.get("args") or {}
-    done = int(ckpt["epoch"])
-    run.core.load_state_dict(ckpt["state_dict"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    done = int(ckpt["epoch"])  # (the types were checked with the checkpoint's schema: lcnn_zoo.run_files)
+
+    def restore(what: str, load: Callable[[], Any]) -> None:
+        # What the schema cannot tell: whether the tensors and states fit this run's model and optimizer.
+        try:
+            load()
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+            raise CheckpointError(f"{shown(Path(path))}: '{what}' does not fit this run "
+                                  f"({shown((str(e) or type(e).__name__).splitlines()[0], 160)}): restore the file, or "
+                                  f"train again in a new folder (leave out --resume)") from e
+
+    restore("state_dict", lambda: run.core.load_state_dict(ckpt["state_dict"]))
+    restore("optimizer", lambda: run.optimizer.load_state_dict(ckpt["optimizer"]))
     then_epochs = int(recorded.get("epochs", cfg.epochs))
     if run.scheduler is not None:
         if then_epochs == cfg.epochs and ckpt.get("scheduler") is not None:
-            run.scheduler.load_state_dict(ckpt["scheduler"])
+            restore("scheduler", lambda: run.scheduler.load_state_dict(ckpt["scheduler"]))
         run.scheduler.step(done)  # the lr of the next epoch, on the (possibly rebuilt) schedule
     if then_epochs != cfg.epochs and run.is_main:
         lr = run.optimizer.param_groups[0]["lr"]
         print(f"extending the run from {then_epochs} to {cfg.epochs} epochs: the {cfg.sched} schedule is rebuilt over "
               f"{cfg.epochs} epochs (lr for epoch {done + 1}: {lr:.4g})", file=sys.stderr)
     if run.ema is not None and ckpt.get("state_dict_ema") is not None:
-        run.ema.module.load_state_dict(ckpt["state_dict_ema"])
+        ema = run.ema.module
+        restore("state_dict_ema", lambda: ema.load_state_dict(ckpt["state_dict_ema"]))
     if run.scaler is not None and ckpt.get("scaler") is not None:
-        run.scaler.load_state_dict(ckpt["scaler"])
+        scaler = run.scaler
+        restore("scaler", lambda: scaler.load_state_dict(ckpt["scaler"]))
     if ckpt.get("rng") and run.world == 1:
-        set_rng_state(ckpt["rng"])
+        restore("rng", lambda: set_rng_state(ckpt["rng"]))
     run.history = list(ckpt.get("history") or [])
     run.best = dict(ckpt.get("best") or {})
     run.updates = done * run.updates_per_epoch
@@ -296,14 +309,15 @@ def resume(run: TrainingRun, ckpt: Dict[str, Any], path: str | os.PathLike) -> i
 # --------------------------------------------------------------------------------------------
 # Setting a run up
 # --------------------------------------------------------------------------------------------
-def _init_distributed(device: torch.device, timeout_s: float) -> Tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+def _init_distributed(device: torch.device, timeout_s: float, env: DistEnv) -> Tuple[int, int]:
+    """(rank, world size): the process group joined when ``env`` (checked by the preflight) says
+    this is one process of several."""
+    if env.world <= 1:
         return 0, 1
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_s))
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(env.local_rank)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -614,18 +628,18 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     the model built; only then is the run folder created (a new one, never another run's: see
     :mod:`lcnn_zoo.writing`) and locked."""
     plan = train_plan(cfg)
-    _check_runtime(cfg, plan.device, int(os.environ.get("WORLD_SIZE", "1")))
+    _check_runtime(cfg, plan.device, plan.dist.world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = _datasets(cfg)  # user errors surface before any training
     n_train = len(cast(Sized, data.train))
-    if n_train < cfg.batch_size * int(os.environ.get("WORLD_SIZE", "1")):
+    if n_train < cfg.batch_size * plan.dist.world:
         raise UserError(f"the training set ({n_train} images) is smaller than one batch of {cfg.batch_size} "
                         f"per process")
-    rank, world = _init_distributed(plan.device, cfg.dist_timeout)
+    rank, world = _init_distributed(plan.device, cfg.dist_timeout, plan.dist)
     try:
         torch.manual_seed(cfg.seed + rank)
-        np.random.seed(cfg.seed + rank)
+        np.random.seed((cfg.seed + rank) % 2**32)  # NumPy's legacy seeding takes 32 bits (--seed < 2**32)
         random.seed(cfg.seed + rank)
         run = build_run(cfg, data, plan.device, rank, world)
         folder = plan.claim() if run.is_main else plan.folder
@@ -636,9 +650,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             try:
                 return _train_in(run, plan, folder)
             except KeyboardInterrupt:
+                # quoted as a shell reads them, so the line can be pasted whatever the path holds
                 raise Interrupted(f"every file in {folder.path} is whole; continue with the same command and "
-                                  f"--output {Path(folder.path).parent} --experiment {folder.path.name} "
-                                  f"--resume auto") from None
+                                  f"--output {shlex.quote(str(folder.path.parent))} --experiment "
+                                  f"{shlex.quote(folder.path.name)} --resume auto") from None
     finally:
         if world > 1:
             dist.barrier()

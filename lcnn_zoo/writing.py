@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from .errors import UserError, shown
 
 __all__ = ["atomic_write", "write_text", "write_json", "new_folder", "check_name", "check_writable_parent",
-           "file_lock", "Transaction", "TMP_MARK", "is_temporary", "EXISTING_POLICIES"]
+           "file_lock", "lock_holder", "Transaction", "TMP_MARK", "is_temporary", "EXISTING_POLICIES"]
 
 TMP_MARK = ".tmp-lcnn-"  # temporary files are named .<name>.tmp-lcnn-<pid>-<random>: ours to clean up
 EXISTING_POLICIES = ("suffix", "refuse")
@@ -208,6 +208,23 @@ def file_lock(path: str | os.PathLike, what: str, *, describe: Optional[str] = N
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
     finally:
         f.close()
+
+
+def lock_holder(path: str | os.PathLike) -> Optional[str]:
+    """Who holds the :func:`file_lock` on ``path`` (what it wrote there), or None when nobody does
+    (or there is no lock file). Only looks: the file is opened read-only without following a link,
+    and a shared ``flock`` is tried and released at once (a holder's exclusive lock refuses it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:  # absent, or a link (which no run locks: file_lock refuses it)
+        return None
+    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read(200).strip() or "another process"
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return None
 
 
 class Transaction:

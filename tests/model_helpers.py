@@ -1,5 +1,7 @@
 """What the tests share: a briefly trained zoo model, its safetensors file, an exact output
-comparison, and the operator norm of a map from its dense Jacobian."""
+comparison, the operator norm of a map from its dense Jacobian, and a run folder as training leaves it."""
+import functools
+
 import timm
 import torch
 from safetensors.torch import save_file
@@ -43,3 +45,45 @@ def dense_norm(fn, x: torch.Tensor) -> float:
     """Largest singular value of the Jacobian of ``fn`` at ``x`` (dense; float64 ``x`` for tight checks)."""
     j = jacobian(fn, x, vectorize=True).reshape(-1, x.numel())
     return torch.linalg.matrix_norm(j, 2).item()
+
+
+@functools.lru_cache(maxsize=1)
+def _fmnist_model() -> nn.Module:
+    """An lcnn_resnet20 for Fashion-MNIST, as ``lcnn-zoo train`` builds it (built once: an LCNN's
+    construction converges its spectral norms, seconds on a busy 2-core machine)."""
+    from lcnn_zoo.factory import create_model
+
+    return create_model("lcnn_resnet20", input_size=(1, 28, 28), num_classes=10)
+
+
+def run_folder(path, *, epoch: int = 1, epochs: int = 1, finished: bool = True, argv=()):
+    """A run folder as ``lcnn-zoo train`` leaves it after ``epoch`` of ``epochs`` epochs of an
+    lcnn_resnet20 on Fashion-MNIST (``finished``: with its summary saying so and its final weights),
+    written through :class:`~lcnn_zoo.checkpoint.RunFolder` without training (untrained weights): for
+    tests of what reads run folders. ``argv``: more ``lcnn-zoo train`` options for its recipe."""
+    from lcnn_zoo.checkpoint import RunFolder, rng_state
+    from lcnn_zoo.options import train_config
+
+    cfg = train_config(["--dataset", "fmnist", "--model", "lcnn_resnet20", "--reg", "lcnn", "--epochs", str(epochs),
+                        "--output", str(path.parent), "--experiment", path.name, *argv])
+    from torchvision.datasets import FashionMNIST
+
+    model = _fmnist_model()
+    classes = list(FashionMNIST.classes)
+    history = [{"epoch": e + 1, "train_loss": 2.0, "eval_top1": 10.0} for e in range(epoch)]
+    best = {"epoch": 1, "eval_top1": 10.0}
+    path.mkdir(parents=True)
+    folder = RunFolder(path)
+    folder.write_args(cfg.to_dict())
+    folder.save_weights(model.state_dict(), RunFolder.BEST)
+    folder.save_checkpoint({
+        "epoch": epoch, "arch": cfg.model, "num_classes": 10, "input_size": [1, 28, 28], "classes": classes,
+        "state_dict": model.state_dict(), "optimizer": torch.optim.SGD(model.parameters(), lr=0.1).state_dict(),
+        "scheduler": None, "state_dict_ema": None, "scaler": None, "rng": rng_state(), "history": history,
+        "best": best, "config": cfg.to_dict()})
+    folder.write_summary({"run_dir": str(path), "model": cfg.model, "dataset": "fmnist", "reg": cfg.reg,
+                          "epochs": epochs, "num_classes": 10, "classes": classes, "input_size": [1, 28, 28],
+                          "final": {"top1": 10.0}, "best": best, "finished": finished, "history": history})
+    if finished:
+        folder.save_weights(model.state_dict())
+    return path

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import FAST_LCNN_RUN, fails_with, needs_fmnist
+from model_helpers import run_folder
 
+from lcnn_zoo import training
 from lcnn_zoo.checkpoint import RunFolder
 from lcnn_zoo.errors import UserError
 from lcnn_zoo.options import train_config
@@ -70,3 +72,55 @@ def test_damaged_json_files_are_named(tmp_path, capsys):
     local.mkdir()
     (local / "config.json").write_text("{")
     fails_with(capsys, ["eval", f"local-dir:{local}", "--output", str(tmp_path / "e")], "config.json", "not valid JSON")
+
+
+@needs_fmnist
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "stopped-after-an-epoch"])
+def test_a_run_whose_last_pth_is_gone_is_never_trained_again_over_its_files(tmp_path, capsys, monkeypatch, finished):
+    """Issue 31, case 1: a finished run whose last.pth was deleted (to save space, say) was taken for
+    a run stopped before its first checkpoint, and `--resume auto` trained it again from scratch in
+    place, replacing model.safetensors, model_best.safetensors and summary.json."""
+    run = run_folder(tmp_path / "exp", epoch=1, epochs=1 if finished else 3, finished=finished, argv=FAST_LCNN_RUN)
+    (run / "last.pth").unlink()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def read(*a, **k):
+        raise AssertionError("the data was read: the run would be trained again")
+
+    monkeypatch.setattr(training, "_datasets", read)
+    fails_with(capsys, ["train"] + FAST_LCNN_RUN + ["--epochs", "2", "--output", str(tmp_path), "--experiment", "exp",
+                        "--resume", "auto"],
+               "holds a finished run" if finished else "holds a run stopped after its first epochs",
+               "no last.pth to continue from", "Restore last.pth", "leave out --resume")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_only_a_run_stopped_before_its_first_checkpoint_is_started_again_in_place(tmp_path):
+    run = RunFolder(tmp_path / "exp")
+    run.path.mkdir()
+    run.write_args({"model": "lcnn_resnet20"})
+    (run.path / ".lock").write_text("")
+    (run.path / ".last.pth.tmp-lcnn-12345-ab12").write_bytes(b"half a checkpoint")
+    run.save_weights({"w": torch.zeros(1)}, RunFolder.BEST)  # killed between the best weights and the checkpoint
+    assert run.unfinished_start()
+    for name in (RunFolder.SUMMARY, RunFolder.CSV, RunFolder.WEIGHTS, "notes.txt"):
+        (run.path / name).write_text("{}")
+        assert not run.unfinished_start(), name
+        (run.path / name).unlink()
+
+
+def test_a_runs_state_comes_from_its_own_files(tmp_path):
+    """What push and eval ask before using a run's weights (issue 31, case 2)."""
+    done = RunFolder(run_folder(tmp_path / "done", epoch=2, epochs=2))
+    assert done.state().finished and done.state().epoch == 2
+    with done.lock():  # training again (extending it): its files still say finished
+        state = done.state()
+        assert not state.finished and state.status == "still training" and f"pid {os.getpid()}" in state.evidence
+    assert done.state().finished  # the lock was only looked at, never taken or left held
+    stopped = RunFolder(run_folder(tmp_path / "stopped", epoch=2, epochs=5, finished=False))
+    assert stopped.state().describe() == "unfinished at epoch 2 of 5 (its summary.json says finished: false)"
+    (stopped.path / "summary.json").unlink()  # an older run: only last.pth without model.safetensors tells
+    assert stopped.state().describe() == "unfinished at epoch 2 of 5 (it holds last.pth but no model.safetensors)"
+    with pytest.raises(UserError, match="pass --allow-unfinished"):
+        stopped.require_finished("lcnn-zoo push")
+    assert stopped.require_finished("lcnn-zoo push", allow_unfinished=True).epoch == 2

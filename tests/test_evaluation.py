@@ -107,3 +107,27 @@ def test_eval_checks_classes_and_reads_the_input_size_from_the_weights(tmp_path,
     assert main(["eval", str(ten), "--arch", "lcnn_resnet20", "--limit", "100", "--geom-samples", "4",
                  "--pgd-samples", "4", "--noise-samples", "2", "--hvp-iters", "2", "--pgd-steps", "1",
                  "--output", str(tmp_path / "e"), "--no-progress"]) == 0
+
+
+@needs_fmnist
+def test_eval_of_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, capsys, monkeypatch):
+    """Issue 31, case 2: `eval` of a run folder still training measured its mid-run last.pth under the
+    run's name. Now refused; with --allow-unfinished the name and the results say which epoch."""
+    from model_helpers import run_folder
+
+    from lcnn_zoo.checkpoint import RunFolder
+    from lcnn_zoo.evaluation import run_eval
+
+    done = run_folder(tmp_path / "done", epoch=2, epochs=2)
+    stopped = run_folder(tmp_path / "stopped", epoch=2, epochs=5, finished=False)
+    monkeypatch.setattr("lcnn_zoo.evaluation.evaluate_model", lambda *a, **k: {"accuracy": 0.0})
+    with RunFolder(done).lock():
+        fails_with(capsys, ["eval", str(done), "--output", str(tmp_path / "ev")] + SMALL, "is still training",
+                   "pass --allow-unfinished")
+    fails_with(capsys, ["eval", str(stopped), "--output", str(tmp_path / "ev")] + SMALL,
+               "is unfinished at epoch 2 of 5", "pass --allow-unfinished")
+    fails_with(capsys, ["eval", str(stopped / "last.pth"), "--output", str(tmp_path / "ev")] + SMALL, "is unfinished")
+    assert not (tmp_path / "ev").exists()
+    results = run_eval([str(stopped)], "fmnist", allow_unfinished=True)
+    assert results["stopped (unfinished: epoch 2 of 5)"]["unfinished_run"] == {"epoch": 2, "epochs": 5,
+                                                                              "status": "unfinished"}

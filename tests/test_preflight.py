@@ -176,3 +176,59 @@ def test_every_option_refuses_a_bad_value_in_one_line_and_writes_nothing(tmp_pat
     base = ["--output", str(tmp_path / "runs")] if field.name != "output" else []
     fails_with(capsys, ["train", "--dataset", "fmnist", "--no-progress"] + base + argv)
     assert files_under(tmp_path / "runs") == [] and (tmp_path / "afile").read_text() == "mine"
+
+
+@needs_fmnist
+@pytest.mark.parametrize("argv,fragments", [
+    pytest.param(["--input-size", "1", "100000", "100000"],
+                 ["--input-size 1 100000 100000: one batch of 64 images (--batch-size) needs at least", "TiB",
+                  "choose a smaller --input-size or --batch-size"], id="input-size"),
+    pytest.param(["--input-size", "3", "4000", "4000", "--batch-size", "2"],
+                 ["one batch of 256 images (--validation-batch-size)"], id="evaluation-batch"),
+    pytest.param(["--seed", "99999999999999999999"], ["--seed must be <= 4294967295"], id="seed"),
+    pytest.param(["--seed", "4294967296"], ["--seed must be <= 4294967295"], id="seed-33-bits"),
+])
+def test_sizes_and_seeds_that_cannot_run_are_refused_before_the_data_is_read(tmp_path, capsys, no_data_read,
+                                                                             monkeypatch, argv, fragments):
+    """Issue 31, case 12: 1×100000×100000 passed the preflight, the data was read and resized, and the
+    run failed allocating 2.4 PB; a seed beyond NumPy's 32 bits overflowed after the data was read."""
+    if "--validation-batch-size" in fragments[0]:  # a machine of 16 GiB, whatever this one has
+        monkeypatch.setattr("lcnn_zoo.preflight._memory_of", lambda device: (16 << 30, "this machine"))
+    fails_with(capsys, ["train"] + FAST + ["--output", str(tmp_path / "runs")] + argv, *fragments)
+    assert files_under(tmp_path / "runs") == []
+
+
+def test_the_memory_check_is_a_lower_bound_that_passes_what_runs(monkeypatch):
+    from lcnn_zoo.preflight import check_memory
+
+    cfg = train_config(FAST + ["--input-size", "3", "224", "224", "--batch-size", "256"])
+    check_memory(cfg, (3, 224, 224), torch.device("cpu"))  # ImageNet's usual batch: 154 MB of inputs
+    monkeypatch.setattr("os.sysconf", lambda name: {"SC_PHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}[name])
+    with pytest.raises(UserError, match="this machine has 3.9 MiB"):
+        check_memory(cfg, (3, 224, 224), torch.device("cpu"))
+
+
+@needs_fmnist
+@pytest.mark.parametrize("env,fragments", [
+    pytest.param({"WORLD_SIZE": "abc"}, ["WORLD_SIZE must be an integer (torchrun sets it), got 'abc'"],
+                 id="WORLD_SIZE-junk"),
+    pytest.param({"WORLD_SIZE": "0"}, ["WORLD_SIZE must be >= 1"], id="WORLD_SIZE-0"),
+    pytest.param({"WORLD_SIZE": "2"}, ["WORLD_SIZE=2 asks for a distributed run, but MASTER_ADDR, MASTER_PORT, RANK "
+                                       "are not set", "torchrun --nproc_per_node=2"], id="WORLD_SIZE-outside-torchrun"),
+    pytest.param({"WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500", "RANK": "x"},
+                 ["RANK must be an integer"], id="RANK-junk"),
+    pytest.param({"WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500", "RANK": "2"},
+                 ["RANK must be below WORLD_SIZE=2, got 2"], id="RANK-too-large"),
+    pytest.param({"WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "http", "RANK": "0"},
+                 ["MASTER_PORT must be an integer"], id="MASTER_PORT-junk"),
+])
+def test_torchruns_environment_is_checked_before_the_data_is_read(tmp_path, capsys, no_data_read, monkeypatch, env,
+                                                                  fragments):
+    """Issue 31, case 13: WORLD_SIZE=abc was a ValueError; WORLD_SIZE=2 outside torchrun failed in the
+    rendezvous after the data was loaded."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    fails_with(capsys, ["train"] + FAST + ["--output", str(tmp_path / "runs")], *fragments)
+    assert files_under(tmp_path / "runs") == []

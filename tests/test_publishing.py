@@ -384,3 +384,25 @@ def test_cli_push_errors(tmp_path, capsys):
         load_checkpoint_state_dict(pickled)
     assert main(["push", str(bad), "--model", "lcnn_resnet20"]) == 2
     assert "architecture" in capsys.readouterr().err
+
+
+def test_push_of_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, capsys):
+    """Issue 31, case 2: `push` of a run still training published its mid-training last.pth, and the
+    card said nothing. Now refused (its lock held, or its summary saying finished: false), the folder
+    not written; with --allow-unfinished its last.pth is pushed and the card says from which epoch."""
+    from model_helpers import run_folder
+
+    from lcnn_zoo.checkpoint import RunFolder
+
+    done = run_folder(tmp_path / "done", epoch=2, epochs=2)
+    stopped = run_folder(tmp_path / "stopped", epoch=2, epochs=5, finished=False)
+    out = ["--model", "lcnn_resnet20.mine", "--output-dir", str(tmp_path / "hub")]
+    with RunFolder(done).lock():  # training again there (e.g. extended with --epochs 4 --resume auto)
+        fails_with(capsys, ["push", str(done)] + out, "is still training at epoch 2 of 2", f"pid {os.getpid()}",
+                   "pass --allow-unfinished")
+    fails_with(capsys, ["push", str(stopped)] + out, "is unfinished at epoch 2 of 5", "pass --allow-unfinished")
+    fails_with(capsys, ["push", str(stopped / "last.pth")] + out, "is unfinished at epoch 2 of 5")
+    assert files_under(tmp_path / "hub") == []
+    assert main(["push", str(stopped)] + out + ["--allow-unfinished"]) == 0
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "These weights are from epoch 2 of 5 of a run that was unfinished" in card

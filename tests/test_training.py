@@ -425,3 +425,26 @@ def test_a_run_starts_by_saying_where_and_what_it_runs(tmp_path):
     assert "sgd" in lines[3] and "cosine over 3 epochs" in lines[3]
     assert "GradReg fd" in lines[4] and "cpu, batch 8, 5 steps per epoch; AMP off; compile off" in lines[5]
     assert "resuming at epoch 2" in training.startup_summary(run, RunFolder(tmp_path / "r"), 2)
+
+
+@needs_fmnist
+def test_the_resume_hint_after_an_interrupt_can_be_pasted_whatever_the_path_holds(tmp_path, capsys, monkeypatch):
+    """Issue 31, case 15: after SIGTERM or Ctrl-C the hint printed an --output holding spaces unquoted."""
+    import shlex
+    from types import SimpleNamespace
+
+    from lcnn_zoo.data import TensorImageDataset
+
+    images = TensorImageDataset(torch.zeros(64, 1, 28, 28), torch.arange(64) % 10)
+    monkeypatch.setattr(training, "_datasets", lambda cfg: training.TrainData(images, images, (1, 28, 28), 10, []))
+    monkeypatch.setattr(training, "build_run", lambda *a, **k: SimpleNamespace(is_main=True))
+
+    def interrupted(run, plan, folder):
+        raise KeyboardInterrupt  # SIGTERM is turned into this by the command line
+
+    monkeypatch.setattr(training, "_train_in", interrupted)
+    output = tmp_path / "my runs" / "Ben's"
+    assert main(["train"] + FAST + ["--epochs", "1", "--output", str(output), "--experiment", "exp"]) == 130
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    pasted = shlex.split(hint.split("continue with the same command and ", 1)[1])
+    assert pasted == ["--output", str(output), "--experiment", "exp", "--resume", "auto"], hint
