@@ -77,6 +77,9 @@ def published(tmp_path_factory):
 # the slowest on the EPYC (`--durations` in CI's output), run in CI's separate `-m slow` step
 # instead: "file::test" marks every parametrisation, "file::test[id]" one of them.
 SLOW_TESTS = (
+    "test_training.py::test_an_uncovered_lcnnify_model_needs_allow_uncovered_to_train",
+    "test_evaluation.py::test_eval_of_a_run_that_has_not_finished_is_refused_unless_asked",
+    "test_run_files.py::test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_one_line",
     "test_fused.py::test_every_dtype_and_inference_mode_gets_a_kernel_without_hitting_the_recompile_limit",
     "test_cli.py::test_messages_are_bounded",
     "test_timm_script.py::test_the_runner_runs_a_script_as_python_would_with_the_zoo_registered",
