@@ -47,8 +47,8 @@ from .config import TrainConfig
 from .data import BatchAugment, build_dataset, num_classes_of, subset
 from .errors import Interrupted, UserError, shown
 from .factory import create_model, is_lcnn, load_initial
-from .layers import (CONVERGENCE_TOL, LipschitzBatchNorm2d, converge_spectral_norms, recalibrate_batchnorm,
-                     sync_batchnorm)
+from .layers import (CONVERGENCE_TOL, LipschitzBatchNorm2d, converge_spectral_norms, exact_vectors,
+                     recalibrate_batchnorm, sync_batchnorm)
 from .preflight import DistEnv, TrainPlan, train_plan
 from .penalty import param_groups
 from .steps import Regulariser, make_regulariser
@@ -277,7 +277,8 @@ def resume(run: TrainingRun, ckpt: Dict[str, Any], path: str | os.PathLike) -> i
                                   f"({shown((str(e) or type(e).__name__).splitlines()[0], 160)}): restore the file, or "
                                   f"train again in a new folder (leave out --resume)") from e
 
-    restore("state_dict", lambda: run.core.load_state_dict(ckpt["state_dict"]))
+    with exact_vectors():  # the run's own tracking state, as the uninterrupted run would have it
+        restore("state_dict", lambda: run.core.load_state_dict(ckpt["state_dict"]))
     restore("optimizer", lambda: run.optimizer.load_state_dict(ckpt["optimizer"]))
     then_epochs = int(recorded.get("epochs", cfg.epochs))
     if run.scheduler is not None:
@@ -290,7 +291,8 @@ def resume(run: TrainingRun, ckpt: Dict[str, Any], path: str | os.PathLike) -> i
               f"{cfg.epochs} epochs (lr for epoch {done + 1}: {lr:.4g})", file=sys.stderr)
     if run.ema is not None and ckpt.get("state_dict_ema") is not None:
         ema = run.ema.module
-        restore("state_dict_ema", lambda: ema.load_state_dict(ckpt["state_dict_ema"]))
+        with exact_vectors():
+            restore("state_dict_ema", lambda: ema.load_state_dict(ckpt["state_dict_ema"]))
     if run.scaler is not None and ckpt.get("scaler") is not None:
         scaler = run.scaler
         restore("scaler", lambda: scaler.load_state_dict(ckpt["scaler"]))

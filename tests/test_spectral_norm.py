@@ -226,6 +226,12 @@ def test_loaded_stale_vectors_are_converged_so_a_compiled_forward_is_within_its_
             out = compiled(torch.zeros(1, 3, 8, 8))  # (runs: the compiled forward uses the vectors as loaded)
         assert out.shape == (1, 8, 8, 8)
         assert truth / sigma <= 1 + sn.init_tol
+    from lcnn_zoo.layers import exact_vectors
+
+    resumed = spectral_norm(nn.Conv2d(3, 8, 3, padding=1), (3, 8, 8))
+    with exact_vectors():  # a resumed training run keeps its tracking state exactly
+        resumed.load_state_dict(state)
+    assert torch.equal(resumed.parametrizations.weight[0]._v, state["weight_v"])
 
 
 def test_plain_checkpoint_loads_into_normalised_layer():

@@ -30,6 +30,7 @@ from .scale import Scale
 from .spectral_norm import (
     CONVERGENCE_TOL,
     SpectralNorm,
+    exact_vectors,
     remove_spectral_norm,
     spectral_norm,
     spectral_norm_modules,
@@ -45,6 +46,6 @@ __all__ = [
     "LipschitzBatchNorm2d", "LipschitzBatchNormAct2d", "sync_batchnorm", "DEFAULT_GAMMA_INIT",
     "Scale",
     "SpectralNorm", "LinearOperator", "Conv2dOperator", "spectral_norm", "remove_spectral_norm",
-    "spectral_norm_modules", "spectral_norm_of", "conv_padding", "CONVERGENCE_TOL",
+    "spectral_norm_modules", "spectral_norm_of", "conv_padding", "CONVERGENCE_TOL", "exact_vectors",
     "frozen_state", "eval_mode", "converge_spectral_norms", "recalibrate_batchnorm",
 ]

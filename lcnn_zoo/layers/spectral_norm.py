@@ -24,7 +24,8 @@ from ..linalg import lanczos
 from .operators import OPERATORS, Conv2dOperator, LinearOperator, conv_padding
 
 __all__ = ["SpectralNorm", "LinearOperator", "Conv2dOperator", "spectral_norm", "remove_spectral_norm",
-           "spectral_norm_modules", "spectral_norm_of", "conv_padding", "deferred_convergence", "CONVERGENCE_TOL",
+           "spectral_norm_modules", "spectral_norm_of", "conv_padding", "deferred_convergence", "exact_vectors",
+           "CONVERGENCE_TOL",
            "MAX_INIT_ITERATIONS"]
 
 CONVERGENCE_TOL = 1e-3  # relative accuracy of σ reached at initialisation (conversion, new input size)
@@ -214,7 +215,7 @@ class SpectralNorm(nn.Module):
         converged from where they are, and the state dict gets the converged ones. Eager eval would
         re-converge them at its first forward, but a compiled or ``torch.func`` forward uses the
         vectors as they are: there a stale v makes σ too small and the layer's norm above 1."""
-        if not (torch.is_tensor(state_dict[kv]) and torch.is_tensor(state_dict[ku])) or weight.is_meta:
+        if _EXACT or not (torch.is_tensor(state_dict[kv]) and torch.is_tensor(state_dict[ku])) or weight.is_meta:
             return
         w = weight.detach().to(self._v)
         if self._residual_of(w, state_dict[kv].to(self._v)) <= self.init_tol:
@@ -529,6 +530,22 @@ def spectral_norm_of(module: nn.Module) -> Optional[SpectralNorm]:
 
 
 _DEFERRED: Optional[List[nn.Module]] = None
+_EXACT = False  # inside `exact_vectors`: loaded singular vectors are kept as they are
+
+
+@contextlib.contextmanager
+def exact_vectors() -> Iterator[None]:
+    """Within this block, a loaded state dict's singular vectors are kept exactly as saved, even when
+    they are not converged for its weight (elsewhere loading converges them: see
+    :meth:`SpectralNorm.prepare_load`). For resuming a training run: its vectors are the tracking
+    state of one power step per step, and converging them would make the resumed run differ from
+    the one that was not interrupted."""
+    global _EXACT
+    outer, _EXACT = _EXACT, True
+    try:
+        yield
+    finally:
+        _EXACT = outer
 
 
 @contextlib.contextmanager
