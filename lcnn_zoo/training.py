@@ -392,10 +392,8 @@ def _build_model(cfg: TrainConfig, num_classes: int, input_size: tuple) -> nn.Mo
                          pretrained=cfg.pretrained, drop_rate=cfg.drop_rate, convert=cfg.lcnnify)
     report = getattr(model, "lcnn_report", None)
     if cfg.lcnnify and report is not None and report.analysis != "pending" and not report.ok and not cfg.allow_uncovered:
-        places = len({name for name, _, _ in report.unconverted})
-        raise UserError(f"--lcnnify: the curvature bound does not apply to {shown(cfg.model)} ({places} place(s) not "
-                        f"covered; print lcnn_zoo.lcnnify(model).lcnn_report for the list): pass --allow-uncovered to "
-                        f"train it anyway")
+        raise UserError(f"--lcnnify {shown(cfg.model)}: {report.verdict}; print lcnn_zoo.lcnnify(model).lcnn_report for "
+                        f"the list, or pass --allow-uncovered to train it anyway")
     for m in model.modules():  # timm's --bn-momentum / --bn-eps: every BatchNorm, γ-Lipschitz ones too
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm2d)):
             m.momentum = cfg.bn_momentum if cfg.bn_momentum is not None else m.momentum
