@@ -166,7 +166,7 @@ def test_batchnorm_recalibrated_only_when_it_saw_few_batches(tmp_path, capsys, m
     save_file(base.state_dict(), str(tmp_path / "pre.safetensors"))
     train(parse_args(FAST + ["--model", "lcnn_resnet20", "--reg", "lcnn", "--epochs", "1", "--initial-checkpoint",
                              str(tmp_path / "pre.safetensors"), "--output", str(tmp_path), "--experiment", "ft"]))
-    assert calls == [1] and "recalibrated" not in capsys.readouterr().err
+    assert calls == [1] and "recalibrated BatchNorm statistics" not in capsys.readouterr().err
     # statistics recorded before lcnnify belong to another function: counted as unseen
     converted = lcnn_zoo.lcnnify(timm.create_model("lcnn_resnet20_softplus.fmnist", pretrained=True), input_size=(1, 28, 28))
     assert training.batches_seen_by_batchnorm(converted) == 0
