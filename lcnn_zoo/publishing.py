@@ -112,6 +112,8 @@ def check_upload_possible(token: Optional[str] = None) -> str:
     if reason is not None:
         raise UserError(f"--upload: the Hugging Face Hub cannot be reached ({reason}); the folder is written, upload "
                         f"it later with `hf upload`")
+    # the upload is recorded in the published manifest afterwards: a damaged entry there is named now
+    hub.read_manifest(published_manifest_path(), strict=True)
     return token
 
 
@@ -132,7 +134,7 @@ def record_published(tag: str, repo_id: str, folder: Path) -> Path:
     digest = hashlib.sha256((folder / HUB_FILENAME).read_bytes()).hexdigest()
     config = read_json(folder / "config.json", "model config (config.json)")
     with file_lock(path.with_name(f".{path.name}.lock"), f"{path} (another push updates it)"):
-        manifest = hub.read_manifest(path)  # validated: an entry of the wrong type is named, not overwritten
+        manifest = hub.read_manifest(path, strict=True)  # a damaged entry is named, never dropped or rewritten
         manifest[tag] = {"repo_id": repo_id, "sha256": digest, "num_classes": config.get("num_classes"),
                          "input_size": list(config.get("pretrained_cfg", {}).get("input_size") or [])}
         return write_json(path, manifest)
@@ -182,7 +184,7 @@ def bundle(folder: Path, tag: str, model: nn.Module, *, metrics: Optional[dict],
     digest = hashlib.sha256(data).hexdigest()
     accuracy = round(_first_images_accuracy(model, test_ds), 2)
     with file_lock(hub.WEIGHTS_DIR / ".manifest.lock", f"{hub.WEIGHTS_DIR} (another bundle is writing it)"):
-        manifest = bundled_manifest()  # read under the lock: a concurrent bundle's entry is kept
+        manifest = bundled_manifest(strict=True)  # under the lock: a concurrent bundle's entry is kept
         old = manifest.get(tag)
         if old is not None and not replace:
             raise UserError(f"{tag} is already shipped (accuracy {old.get('accuracy_first1000')}% on the first "

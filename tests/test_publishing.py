@@ -406,3 +406,21 @@ def test_push_of_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, c
     assert main(["push", str(stopped)] + out + ["--allow-unfinished"]) == 0
     card = (tmp_path / "hub" / "README.md").read_text()
     assert "These weights are from epoch 2 of 5 of a run that was unfinished" in card
+
+
+def test_an_upload_is_not_recorded_over_a_damaged_manifest_entry(tmp_path, monkeypatch):
+    """The published manifest is rewritten only when every entry fits its schema: a damaged one is
+    named (import skips it with a warning), never dropped or kept as if it were sound."""
+    from lcnn_zoo.publishing import record_published
+
+    path = tmp_path / "published.json"
+    before = json.dumps({"lcnn_resnet20.a": {"repo_id": "me/a", "input_size": [3, 1e400, 28]}}).replace("Infinity", "1e400")
+    path.write_text(before)
+    monkeypatch.setenv("LCNN_ZOO_PUBLISHED", str(path))
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text('{"num_classes": 3, "pretrained_cfg": {"input_size": [1, 28, 28]}}')
+    with pytest.raises(hub.PretrainedLoadError, match="'lcnn_resnet20.a' has input_size = \\[3, inf, 28\\]"):
+        record_published("lcnn_resnet20.b", "me/b", folder)
+    assert path.read_text() == before
