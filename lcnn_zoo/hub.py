@@ -327,7 +327,11 @@ def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str
     name = f"{variant}.{tag}" if tag else variant
     local = cfg.get("source") == "local-dir" or cfg.get("state_dict") is not None
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    if tag and not local and not overlay.get("file") and not overlay.get("hf_hub_id"):
+    # An hf-hub:<repo> name brings its repo's config, which says where its weights are: the manifests
+    # (this machine's record of uploads) must not replace it, or a pushed card's usage line would
+    # fail for every reader whose manifest does not list the tag.
+    named_repo = cfg.get("source") == "hf-hub"
+    if tag and not local and not named_repo and not overlay.get("file") and not overlay.get("hf_hub_id"):
         # The manifests as they are now: weights published after import (lcnn-zoo push --upload) load too.
         where = weights_location(variant, tag)
         cfg = {k: v for k, v in cfg.items() if k not in ("file", "hf_hub_id")}
