@@ -13,7 +13,6 @@ import argparse
 import ctypes
 import dataclasses
 import importlib
-import os
 import shlex
 import signal
 import sys
@@ -141,7 +140,9 @@ def keep_freed_memory() -> bool:
     (docs/performance.md has the commands). PyTorch's CPU tuning guide gets this
     from jemalloc/tcmalloc, without a preload. Only for the ``lcnn-zoo`` process (the library never
     does it); ``LCNN_ZOO_MALLOC=system`` leaves malloc alone. Returns whether it was applied."""
-    if sys.platform != "linux" or os.environ.get("LCNN_ZOO_MALLOC") == "system":
+    from .environment import env
+
+    if sys.platform != "linux" or env("LCNN_ZOO_MALLOC") == "system":
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

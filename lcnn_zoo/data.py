@@ -159,7 +159,9 @@ def _pil_augment(policy: Callable, img: torch.Tensor) -> torch.Tensor:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("LCNN_ZOO_CACHE", Path.home() / ".cache" / "lcnn_zoo"))
+    from .environment import env
+
+    return Path(env("LCNN_ZOO_CACHE"))
 
 
 def _source_key(files: Sequence[Path]) -> str:

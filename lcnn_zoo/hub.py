@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
+import re
 import socket
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
 from huggingface_hub import constants as hf_constants
@@ -31,18 +32,25 @@ from safetensors import SafetensorError
 from timm.models import resolve_pretrained_cfg
 from torch import nn
 
+from .environment import env
 from .errors import UserError, shown
 
 __all__ = ["NAMESPACE", "WEIGHTS_DIR", "REPO_CONFIGS", "hub_id", "tag_dataset", "bundled_manifest",
            "published_manifest", "published_manifest_path", "weights_location", "bundled_weights", "recipe_hint",
            "check_hub_spec", "safe_build", "PretrainedLoadError", "HUB_FILENAME", "bundled_file", "extra_tags", "read_manifest",
-           "hub_unreachable_reason"]
+           "hub_unreachable_reason", "entry_problem"]
 
-NAMESPACE = os.environ.get("LCNN_ZOO_HUB_NAMESPACE", "lcnn-zoo").strip("/") or "lcnn-zoo"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # present in a clone (the recipes)
 HUB_FILENAME = "model.safetensors"  # never fall back to a pickled file
-_PROBE_TIMEOUT_S = float(os.environ.get("LCNN_ZOO_HUB_PROBE_TIMEOUT", "3"))
+
+
+def __getattr__(name: str) -> Any:
+    # NAMESPACE is read when it is used (push), not at import: a bad $LCNN_ZOO_HUB_NAMESPACE is then
+    # that command's one-line error, and importing the package never fails on it.
+    if name == "NAMESPACE":
+        return env("LCNN_ZOO_HUB_NAMESPACE")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PretrainedLoadError(UserError, RuntimeError):
@@ -51,7 +59,7 @@ class PretrainedLoadError(UserError, RuntimeError):
 
 def hub_id(model: str, tag: str) -> str:
     """Hub repo id of a pretrained tag in the current namespace, e.g. ``lcnn-zoo/lcnn_resnet18.cifar10``."""
-    return f"{NAMESPACE}/{model}.{tag}"
+    return f"{env('LCNN_ZOO_HUB_NAMESPACE')}/{model}.{tag}"
 
 
 def tag_dataset(model_name: str) -> str:
@@ -59,31 +67,118 @@ def tag_dataset(model_name: str) -> str:
     return model_name.split(".", 1)[1].split("_")[0] if "." in model_name else ""
 
 
-def read_manifest(path: Path) -> Dict[str, Dict[str, Any]]:
-    """A weights manifest (tag → entry), validated: damaged JSON and entries of the wrong type are named."""
+# The schema of a manifest entry: field → (check, what it must be). Unknown fields are kept (newer
+# versions may add some); a known field of the wrong type or range makes the entry unusable.
+_ENTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+=@,-]{0,99}\.[A-Za-z0-9._+=@,-]{1,100}$")
+_MAX_CLASSES, _MAX_SIDE = 1_000_000, 65_536
+
+
+def _count(value: Any, top: int) -> bool:
+    """A JSON integer in [1, top] (not a bool, not a float such as 1e400)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top
+
+
+def _repo_id(value: Any) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(value, str) or value.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+_ENTRY_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "repo_id": (_repo_id, "a Hub repo id '<namespace>/<name>'"),
+    "sha256": (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+               "64 lowercase hexadecimal digits"),
+    "file": (lambda v: isinstance(v, str) and Path(v).name == v and v.endswith(".safetensors"),
+             "a .safetensors file name in the weights folder"),
+    "num_classes": (lambda v: _count(v, _MAX_CLASSES), f"an integer from 1 to {_MAX_CLASSES:,}"),
+    "input_size": (lambda v: isinstance(v, list) and (v == [] or (len(v) == 3 and all(_count(s, _MAX_SIDE) for s in v))),
+                   f"[channels, height, width], integers from 1 to {_MAX_SIDE:,} (or [] when unknown)"),
+    "accuracy_first1000": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                           "a finite number"),
+    "dataset": (lambda v: isinstance(v, str), "a string"),
+    "eval_command": (lambda v: isinstance(v, str), "a string"),
+    "metrics": (lambda v: isinstance(v, dict), "a mapping"),
+}
+
+
+def entry_problem(name: Any, entry: Any) -> Optional[str]:
+    """What is wrong with one manifest entry (``None`` when it fits the schema), naming the field.
+
+    Args:
+        name: the entry's key, ``<model>.<tag>``.
+        entry: its value, a mapping of the fields in ``_ENTRY_FIELDS`` (others are kept as they are).
+    """
+    if not isinstance(name, str) or not _ENTRY_NAME.match(name):
+        return f"the entry {shown(name)} is not named '<model>.<tag>'"
+    if not isinstance(entry, dict):
+        return f"the entry for {shown(name)} is {type(entry).__name__}, not a mapping (repo_id, sha256, …)"
+    for field, (check, what) in _ENTRY_FIELDS.items():
+        if field in entry and not check(entry[field]):
+            return f"the entry for {shown(name)} has {field} = {shown(entry[field], 60)}, not {what}"
+    return None
+
+
+def _manifest_file(path: Path) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+    """(the entries that fit the schema, {name: problem} for those that do not) of a manifest file."""
     if not path.is_file():
-        return {}
+        return {}, {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PretrainedLoadError(f"{path} is not valid JSON (truncated or corrupted?): {e}; restore it "
-                                  f"(reinstall lcnn-zoo for the package's own)") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise PretrainedLoadError(f"{path} is not valid JSON (truncated or corrupted?): {shown(str(e), 120)}; "
+                                  f"restore it (reinstall lcnn-zoo for the package's own)") from e
     if not isinstance(data, dict):
         raise PretrainedLoadError(f"{path} is not a weights manifest (expected a mapping of tag: entry)")
-    for tag, entry in data.items():
-        if not isinstance(entry, dict):
-            raise PretrainedLoadError(f"{path}: the entry for {shown(tag)} is {type(entry).__name__}, not a mapping "
-                                      f"(repo_id, sha256, …): fix or remove it")
-        if "file" in entry and not (isinstance(entry["file"], str) and Path(entry["file"]).name == entry["file"]
-                                    and entry["file"].endswith(".safetensors")):
-            raise PretrainedLoadError(f"{path}: the entry for {shown(tag)} names file {shown(entry['file'])}, not a "
-                                      f".safetensors file name in the weights folder")
-    return data
+    good: Dict[str, Dict[str, Any]] = {}
+    bad: Dict[str, str] = {}
+    for name, entry in data.items():
+        problem = entry_problem(name, entry)
+        if problem is None:
+            good[name] = entry
+        else:
+            bad[str(name)] = problem
+    return good, bad
 
 
-def bundled_manifest() -> Dict[str, Dict[str, Any]]:
-    """``lcnn_zoo/weights/manifest.json``: for each shipped tag its sha256 and recorded metrics."""
-    return read_manifest(WEIGHTS_DIR / "manifest.json")
+def read_manifest(path: Path, *, strict: bool = False) -> Dict[str, Dict[str, Any]]:
+    """A weights manifest (``<model>.<tag>`` → entry), every entry checked against the schema.
+
+    Args:
+        path: the manifest file (absent: no entries).
+        strict: an entry that does not fit raises (for rewriting the file, which must not drop or
+            keep it silently); otherwise it is skipped with a warning naming the file, the entry and
+            the field (reading: one damaged entry never stops the others, nor ``import lcnn_zoo``).
+
+    Raises:
+        PretrainedLoadError: the file is not a JSON mapping; with ``strict``, an entry does not fit.
+    """
+    good, bad = _manifest_file(path)
+    for problem in bad.values():
+        if strict:
+            raise PretrainedLoadError(f"{path}: {problem}: fix or remove that entry")
+        warnings.warn(f"{path}: {problem}; the entry is skipped (fix or remove it)", stacklevel=2)
+    return good
+
+
+def _refuse_damaged_entry(name: str) -> None:
+    """Loading ``name`` itself: a damaged entry for it is named, not taken for "never published"."""
+    for path in (WEIGHTS_DIR / "manifest.json", WEIGHTS_DIR / "published.json", published_manifest_path()):
+        problem = _manifest_file(path)[1].get(name)
+        if problem is not None:
+            raise PretrainedLoadError(f"{path}: {problem}: fix or remove that entry")
+
+
+def bundled_manifest(strict: bool = False) -> Dict[str, Dict[str, Any]]:
+    """``lcnn_zoo/weights/manifest.json``: for each shipped tag its sha256 and recorded metrics
+    (``strict``: see :func:`read_manifest`)."""
+    return read_manifest(WEIGHTS_DIR / "manifest.json", strict=strict)
 
 
 def bundled_file(name: str, entry: Optional[Dict[str, Any]] = None) -> Path:
@@ -104,18 +199,17 @@ def extra_tags() -> Dict[str, Dict[str, Dict[str, Any]]]:
     except PretrainedLoadError as e:
         warnings.warn(str(e), stacklevel=2)
         return out
-    for name, entry in entries.items():
+    for name, entry in entries.items():  # each checked by read_manifest: integers in range
         arch, _, tag = name.partition(".")
         n, size = entry.get("num_classes"), entry.get("input_size")
-        if tag and isinstance(n, int) and isinstance(size, list) and len(size) == 3:
-            out.setdefault(arch, {})[tag] = {"num_classes": n, "input_size": tuple(int(v) for v in size)}
+        if tag and n is not None and size:
+            out.setdefault(arch, {})[tag] = {"num_classes": n, "input_size": tuple(size)}
     return out
 
 
 def published_manifest_path() -> Path:
     """The user's published manifest (``$LCNN_ZOO_PUBLISHED`` or ``~/.cache/lcnn_zoo/published.json``)."""
-    default = Path(os.environ.get("LCNN_ZOO_CACHE", Path.home() / ".cache" / "lcnn_zoo")) / "published.json"
-    return Path(os.environ.get("LCNN_ZOO_PUBLISHED", default))
+    return Path(env("LCNN_ZOO_PUBLISHED"))
 
 
 def published_manifest() -> Dict[str, Dict[str, Any]]:
@@ -126,14 +220,20 @@ def published_manifest() -> Dict[str, Dict[str, Any]]:
 def weights_location(model: str, tag: str, *, strict: bool = True) -> Dict[str, Any]:
     """The timm cfg keys that say where ``model.tag``'s weights are: ``file`` for shipped weights,
     ``hf_hub_id`` for published ones, nothing for a recipe-only tag. With ``strict=False`` (building
-    the registry at import) a corrupt manifest warns instead of raising; loading raises, naming it."""
+    the registry at import) a corrupt manifest warns instead of raising and a damaged entry is
+    skipped (:func:`read_manifest` warns); loading raises, naming the file and the entry's field."""
+    name = f"{model}.{tag}"
     if not strict:
         try:
-            return weights_location(model, tag)
+            return _weights_location(name)
         except PretrainedLoadError as e:
             warnings.warn(str(e), stacklevel=2)
             return {}
-    name = f"{model}.{tag}"
+    _refuse_damaged_entry(name)
+    return _weights_location(name)
+
+
+def _weights_location(name: str) -> Dict[str, Any]:
     entry = bundled_manifest().get(name)
     if entry is not None and bundled_file(name, entry).is_file():
         return {"file": str(bundled_file(name, entry))}
@@ -182,7 +282,7 @@ def hub_unreachable_reason() -> Optional[str]:
     url = urlparse(hf_constants.ENDPOINT)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     try:
-        with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S):
+        with socket.create_connection((host, port), timeout=env("LCNN_ZOO_HUB_PROBE_TIMEOUT")):
             return None
     except OSError as e:
         return f"{host}:{port} is unreachable ({e.__class__.__name__}: {e})"
@@ -227,7 +327,11 @@ def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str
     name = f"{variant}.{tag}" if tag else variant
     local = cfg.get("source") == "local-dir" or cfg.get("state_dict") is not None
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    if tag and not local and not overlay.get("file") and not overlay.get("hf_hub_id"):
+    # An hf-hub:<repo> name brings its repo's config, which says where its weights are: the manifests
+    # (this machine's record of uploads) must not replace it, or a pushed card's usage line would
+    # fail for every reader whose manifest does not list the tag.
+    named_repo = cfg.get("source") == "hf-hub"
+    if tag and not local and not named_repo and not overlay.get("file") and not overlay.get("hf_hub_id"):
         # The manifests as they are now: weights published after import (lcnn-zoo push --upload) load too.
         where = weights_location(variant, tag)
         cfg = {k: v for k, v in cfg.items() if k not in ("file", "hf_hub_id")}

@@ -122,7 +122,9 @@ def attach_penalty(model: nn.Module, penalty: Optional[LCNNPenalty] = None) -> P
     such as a fused Adam, gets R's gradient multiplied by its ``grad_scale``), and a step the scaler
     skips adds nothing. Gradient clipping before the step does not clip R's gradient (a handful of
     scalars; clipping would have to see them first). An EMA copy of the model is not penalised (its
-    parameters are in no optimizer).
+    parameters are in no optimizer). It is *instead of* :class:`LCNNPenalty` in the loss, never
+    with it: both would count the penalty twice (``lcnn-zoo train --reg lcnn`` refuses
+    ``--model-kwargs lcnn_penalty``).
 
     Args:
         model: an LCNN (its ``CenteredSoftplus``/``LipschitzBatchNorm2d`` layers); kept by weak reference.

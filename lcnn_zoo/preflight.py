@@ -211,6 +211,21 @@ def _check_options(cfg: TrainConfig) -> None:
         except ValueError as e:
             raise UserError(f"--aa: {e}") from None
     check_name(cfg.run_name, "--experiment")
+    _check_penalty_once(cfg)
+
+
+def _check_penalty_once(cfg: TrainConfig) -> None:
+    """``--reg lcnn``/``lcnn_gradreg`` puts the LCNN penalty in the loss; the model keyword
+    ``lcnn_penalty`` (for loops that compute only the task loss, such as timm's train.py) adds its
+    gradient again at every optimizer step, with its own λ: together the penalty counts twice.
+    Refused rather than reconciled: the hook cannot see what the loss holds, and which λ was meant
+    is the user's choice. ``--reg none`` (or ``gradreg``) with ``lcnn_penalty`` counts it once."""
+    attached = cfg.model_kwargs.get("lcnn_penalty")
+    if cfg.reg in ("lcnn", "lcnn_gradreg") and attached is not None and attached is not False:
+        raise UserError(f"--reg {cfg.reg} already adds the LCNN penalty to the loss, and --model-kwargs "
+                        f"lcnn_penalty={shown(attached, 30)} would add it again at every optimizer step: drop "
+                        f"lcnn_penalty (set the weights with --lambda-beta/--lambda-gamma), or use --reg "
+                        f"{'none' if cfg.reg == 'lcnn' else 'gradreg'} with it")
 
 
 def _resolve_input_size(cfg: TrainConfig, info: DataInfo) -> None:

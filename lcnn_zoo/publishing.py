@@ -11,15 +11,17 @@ manifest entry that vouches for them.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from string import Template
-from typing import Any, Dict, Optional, Sequence, cast
+from typing import Any, Dict, Optional, Sequence, Tuple, cast
 
 import torch
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub import constants as hf_constants
 from timm.models import save_for_hf
 from torch import nn
@@ -47,7 +49,8 @@ from .layers.spectral_norm import deferred_convergence
 from .writing import Transaction, check_name, check_writable_parent, file_lock
 
 __all__ = ["PUSH_FILES", "save_pretrained", "push_folder", "record_published", "bundle", "select_metrics",
-           "metrics_table", "render_recipe", "render_model_card", "find_model_card_template"]
+           "metrics_table", "render_recipe", "render_model_card", "build_model_card", "find_model_card_template",
+           "card_dataset", "md_text", "md_code", "md_fenced"]
 
 PUSH_FILES = (HUB_FILENAME, "config.json", "README.md")
 BUNDLE_EVAL_IMAGES = 1000  # the manifest's accuracy: the first 1,000 test images
@@ -77,8 +80,11 @@ def check_output_dir(out: Path, architecture: str, overwrite: bool) -> None:
 
 
 def save_pretrained(model: nn.Module, output_dir: str | os.PathLike, *, model_card: str,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, label_names: Sequence[str] = ()) -> Path:
     """Write a Hub repo folder: ``model.safetensors``, timm's ``config.json`` and ``README.md``.
+    ``label_names`` (the class names, in label order) go into ``config.json`` where timm's
+    ``save_for_hf`` puts them, its top-level ``label_names``, which timm loads into the model's
+    ``pretrained_cfg["label_names"]``.
 
     ``output_dir`` must be new, empty, or a previous push of the same architecture holding only
     those three files; with ``overwrite`` those three are replaced in any folder and nothing else in
@@ -90,8 +96,12 @@ def save_pretrained(model: nn.Module, output_dir: str | os.PathLike, *, model_ca
     if hasattr(model, "pretrained_cfg"):
         architecture = cast(Dict[str, Any], model.pretrained_cfg).get("architecture", "")
     check_output_dir(out, architecture, overwrite)
+    if label_names and len(label_names) != model.num_classes:
+        raise UserError(f"{len(label_names)} class names for a model with {model.num_classes} classes: give one name "
+                        f"per class, in label order")
     with tempfile.TemporaryDirectory(prefix="lcnn-zoo-push-") as staging:
-        save_for_hf(model, staging, safe_serialization=True)
+        save_for_hf(model, staging, safe_serialization=True,
+                    model_config={"label_names": [str(c) for c in label_names]} if label_names else None)
         read_json(Path(staging) / "config.json")  # sanity: timm wrote valid JSON
         tx = Transaction()
         for name in (HUB_FILENAME, "config.json"):
@@ -112,6 +122,8 @@ def check_upload_possible(token: Optional[str] = None) -> str:
     if reason is not None:
         raise UserError(f"--upload: the Hugging Face Hub cannot be reached ({reason}); the folder is written, upload "
                         f"it later with `hf upload`")
+    # the upload is recorded in the published manifest afterwards: a damaged entry there is named now
+    hub.read_manifest(published_manifest_path(), strict=True)
     return token
 
 
@@ -132,7 +144,7 @@ def record_published(tag: str, repo_id: str, folder: Path) -> Path:
     digest = hashlib.sha256((folder / HUB_FILENAME).read_bytes()).hexdigest()
     config = read_json(folder / "config.json", "model config (config.json)")
     with file_lock(path.with_name(f".{path.name}.lock"), f"{path} (another push updates it)"):
-        manifest = hub.read_manifest(path)  # validated: an entry of the wrong type is named, not overwritten
+        manifest = hub.read_manifest(path, strict=True)  # a damaged entry is named, never dropped or rewritten
         manifest[tag] = {"repo_id": repo_id, "sha256": digest, "num_classes": config.get("num_classes"),
                          "input_size": list(config.get("pretrained_cfg", {}).get("input_size") or [])}
         return write_json(path, manifest)
@@ -182,7 +194,7 @@ def bundle(folder: Path, tag: str, model: nn.Module, *, metrics: Optional[dict],
     digest = hashlib.sha256(data).hexdigest()
     accuracy = round(_first_images_accuracy(model, test_ds), 2)
     with file_lock(hub.WEIGHTS_DIR / ".manifest.lock", f"{hub.WEIGHTS_DIR} (another bundle is writing it)"):
-        manifest = bundled_manifest()  # read under the lock: a concurrent bundle's entry is kept
+        manifest = bundled_manifest(strict=True)  # under the lock: a concurrent bundle's entry is kept
         old = manifest.get(tag)
         if old is not None and not replace:
             raise UserError(f"{tag} is already shipped (accuracy {old.get('accuracy_first1000')}% on the first "
@@ -229,6 +241,12 @@ _METRIC_LABELS = {
     "curvature_mean": "E normalised curvature C(x)",
 }
 _DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "fmnist": "Fashion-MNIST"}
+# The Hub's own dataset repos, for the card's YAML `datasets:` (the Hub links the model to them).
+_HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "fmnist": "zalando-datasets/fashion_mnist"}
+LOCAL_DATASET = "an image folder"  # what a card says of data that lives on the uploader's machine
+LOCAL_PATH = "<local path>"  # what a card shows instead of a path on the uploader's machine
+# A recipe's options whose values are paths on the uploader's machine (TrainConfig's).
+_LOCAL_PATH_OPTIONS = ("config", "data_dir", "output", "resume", "initial_checkpoint")
 
 
 def find_model_card_template(path: Optional[str | os.PathLike] = None) -> str:
@@ -265,12 +283,57 @@ def select_metrics(data: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]
                      f"{' or '.join(map(repr, names))}: pass --metrics-key")
 
 
+def _visible(text: str, keep: str = "") -> str:
+    """``text`` with each control or other non-printable character (newline, escape, U+2028) written
+    as its Python escape (``\\n``), except those in ``keep``: a value cannot start a new line of
+    Markdown, where ``#``, ``---`` or an indented block would take effect."""
+    return "".join(c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+# Inline Markdown (CommonMark and the Hub's extensions: tables, strikethrough, $math$) that a
+# character can start; < > & are HTML-escaped instead, so no tag or entity survives. An underscore
+# inside a word cannot open or close emphasis (CommonMark): lcnn_resnet20 stays as it is.
+_MD_INLINE = re.compile(r"[\\`*\[\]|~$]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+# What starts a heading, a list item or a setext underline when it begins a line (the template may
+# put a value first on a line): "# x", "- x", "+ x", "1. x", "1) x", "---", "===".
+_MD_LINE_START = re.compile(r"^(#{1,6}|[+-]|\d{1,9}[.)])(?=[ \t]|$)|^([=-])(?=[=-]*[ \t]*$)")
+
+
+def md_text(value: Any) -> str:
+    """``value`` as literal Markdown text on one line: what a class folder name, a dataset name or
+    a metrics file's key shows in a card, without adding markup (HTML, links, emphasis, table cells).
+
+    Args:
+        value: anything; shown as ``str(value)``.
+    """
+    text = _MD_INLINE.sub(lambda m: "\\" + m.group(0), html.escape(_visible(str(value)), quote=False))
+    return _MD_LINE_START.sub(lambda m: m.group(0)[:-1] + "\\" + m.group(0)[-1], text)
+
+
+def md_code(value: str) -> str:
+    """``value`` as one inline code span that it cannot close: fenced by more backticks than its
+    longest run (CommonMark), padded where it starts or ends with one, on one line."""
+    text = _visible(value)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_fenced(text: str, info: str = "") -> str:
+    """``text`` as a fenced code block that no line of it can close (a fence longer than any run of
+    backticks in it); control characters other than newlines and tabs are written as escapes."""
+    body = _visible(text.strip("\n"), keep="\n\t")
+    fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", body)), default=0) + 1)
+    return f"{fence}{info}\n{body}\n{fence}"
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def metrics_table(metrics: Optional[Dict[str, Any]]) -> str:
-    """Markdown table of one model's measured metrics (what ``lcnn-zoo eval`` wrote; nothing else)."""
+    """Markdown table of one model's measured metrics (what ``lcnn-zoo eval`` wrote; nothing else).
+    Every cell is literal text (:func:`md_text`): a key or value of the metrics file adds no markup."""
     if not metrics:
         return "No metrics were measured for this upload."
     m = dict(metrics)
@@ -304,40 +367,196 @@ def metrics_table(metrics: Optional[Dict[str, Any]]) -> str:
         elif isinstance(value, dict):
             rows += [(f"{key} {sub}", _fmt(v)) for sub, v in value.items() if isinstance(v, (int, float))]
     lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += [f"| {md_text(k)} | {md_text(v)} |" for k, v in rows]
     return "\n".join(lines)
 
 
+def _without_local_paths(text: str) -> str:
+    """A YAML recipe with the values of its path options (``data_dir``, ``output``, …) and a
+    ``folder:`` dataset replaced by placeholders: as written when it has none (comments kept), else
+    re-serialised by PyYAML's safe dumper."""
+    import yaml
+
+    from .config import _safe_yaml
+
+    try:
+        data = _safe_yaml(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"--recipe is not valid YAML ({shown(str(e).splitlines()[0], 120)})") from e
+    if not isinstance(data, dict):
+        return text
+    changed = dict(data)
+    for key, value in data.items():
+        option = str(key).replace("-", "_")
+        if option in _LOCAL_PATH_OPTIONS and isinstance(value, str) and value not in ("", "auto"):
+            changed[key] = LOCAL_PATH
+        elif option == "dataset" and isinstance(value, str) and value.lower().startswith("folder:"):
+            changed[key] = f"folder:{LOCAL_PATH}"
+    if changed == data:
+        return text
+    return yaml.safe_dump(changed, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
 def render_recipe(text: str, path: str = "") -> str:
-    """The card's training section: a YAML config is shown as the command and the config."""
+    """The card's training section. A YAML config is shown as the command and the config, without
+    the uploader's local paths (the config is named by its file name, or ``configs/<name>`` for one
+    of the repository's; path options are placeholders); other text is the uploader's own Markdown.
+
+    Args:
+        text: the recipe file's text.
+        path: its path (its suffix says whether it is a YAML config).
+    """
     if path.endswith((".yaml", ".yml")):
-        return f"Trained with `lcnn-zoo train --config {path}`:\n\n```yaml\n{text.strip()}\n```"
+        name = Path(path).name
+        try:
+            Path(path).resolve().relative_to(hub.REPO_CONFIGS.resolve())
+            name = f"configs/{name}"
+        except ValueError:
+            pass
+        return (f"Trained with {md_code(f'lcnn-zoo train --config {name}')}:\n\n"
+                f"{md_fenced(_without_local_paths(text), 'yaml')}")
     return text
 
 
-def render_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict[str, Any], flavour: str,
-                      metrics: Optional[Dict[str, Any]] = None, recipe: str = "", eval_command: str = "",
-                      dataset: str = "", classes: Sequence[str] = ()) -> str:
-    """Fill the template's ``${...}`` fields (string.Template; unknown fields raise). ``dataset``
-    defaults to the tag's (``.fmnist`` → Fashion-MNIST); ``classes``: the class names, in label order."""
-    dataset = dataset or tag_dataset(model_name) or "unknown"
+def _is_local_path(text: str) -> bool:
+    return text.startswith(("/", "~", ".")) or "\\" in text or os.path.exists(text)
+
+
+def _hub_repo(name: str) -> bool:
+    """Whether ``name`` is a Hub repo id ``<namespace>/<name>`` (and not a path here)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.count("/") != 1 or _is_local_path(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def card_dataset(dataset: str, option: str = "--dataset") -> Tuple[Optional[str], str]:
+    """What a card says of the training data: (the Hub dataset id for its YAML ``datasets:``, or
+    ``None``; the words of its text, not yet escaped). Data on the uploader's machine (``folder:``,
+    a path, ``hf:`` of a local folder) is "an image folder", never its path.
+
+    Args:
+        dataset: as ``train --dataset`` took it (``fmnist``, ``folder:<path>``, ``hf:<name>``) or as
+            ``push --dataset`` names it (``fmnist``, ``hf:<owner>/<name>``, ``<owner>/<name>``, a word).
+        option: what to name in the error.
+
+    Raises:
+        UserError: a name with control characters (a newline would start new lines of the card).
+    """
+    name = dataset.strip()
+    key = name.lower()
+    if key in _HUB_DATASETS:
+        return _HUB_DATASETS[key], _DATASET_NAMES[key]
+    if key.startswith("folder:"):
+        return None, LOCAL_DATASET
+    if not name.isprintable():
+        raise UserError(f"{option} {shown(dataset)} has control characters (a newline?): give the dataset's name "
+                        f"on one line")
+    if key.startswith("hf:"):
+        name = name[3:]
+        return (name, name) if _hub_repo(name) else (None, LOCAL_DATASET)
+    if _hub_repo(name):
+        return name, name
+    if "/" in name or _is_local_path(name):
+        return None, LOCAL_DATASET
+    return None, name
+
+
+def _without_local_path_words(command: str) -> str:
+    """``command`` with each word that is an absolute or home path (also after ``--opt=`` or
+    ``folder:``) replaced by a placeholder: a card quotes the command, not the uploader's folders."""
+    words = []
+    for word in command.split(" "):
+        bare = word.strip("'\"")
+        head, _, tail = bare.rpartition("=") if bare.startswith("-") else ("", "", bare)
+        prefix, colon, rest = tail.partition(":") if tail.lower().startswith("folder:") else ("", "", tail)
+        if rest.startswith(("/", "~")):
+            word = f"{head}{'=' if head else ''}{prefix}{colon}{LOCAL_PATH}"
+        words.append(word)
+    return " ".join(words)
+
+
+def _template_parts(template: str) -> Tuple[Dict[str, Any], str]:
+    """(the template's YAML header as data, its Markdown body). The header is read with the configs'
+    safe loader (aliases capped) and may hold no ``${…}`` field: it is written by huggingface_hub."""
+    import yaml
+
+    from .config import _safe_yaml
+
+    match = re.match(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", template, re.S)
+    if match is None:
+        return {}, template
+    try:
+        meta = _safe_yaml(match.group(1)) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"the model card template's YAML header is not valid YAML "
+                        f"({shown(str(e).splitlines()[0], 120)})") from e
+    if not isinstance(meta, dict):
+        raise UserError("the model card template's YAML header is not a mapping of key: value")
+    if "$" in match.group(1):
+        raise UserError("the model card template's YAML header has a $ field: the header is written from the model's "
+                        "data (datasets, license, tags); put ${…} fields in the text below it")
+    return meta, template[match.end():]
+
+
+def build_model_card(template: str, *, model_name: str, repo_id: str, cfg: Dict[str, Any], flavour: str,
+                     metrics: Optional[Dict[str, Any]] = None, recipe: str = "", eval_command: str = "",
+                     dataset: str = "", classes: Sequence[str] = ()) -> ModelCard:
+    """The Hub card of one model: huggingface_hub's :class:`ModelCard` whose YAML header is a
+    :class:`ModelCardData` (the template's header, ``datasets:`` from the data) serialised by the
+    library, and whose text is the template's with its ``${…}`` fields filled (``string.Template``;
+    unknown fields raise). Every user or data string in the text is literal (:func:`md_text`,
+    :func:`md_code`); a local folder or path appears as "an image folder" or a placeholder; the
+    usage line loads ``hf-hub:<repo_id>``, which works for every reader.
+
+    Args:
+        template: the Hub template block (:func:`find_model_card_template`).
+        model_name: ``<architecture>.<tag>`` (checked by ``push``: a name, no path).
+        repo_id: the Hub repo, ``<namespace>/<name>`` (checked by ``push``).
+        cfg: the model's pretrained cfg (``num_classes``, ``input_size``).
+        flavour: ``lcnn``, ``softplus`` or ``relu``.
+        metrics: one model's metrics (:func:`select_metrics`).
+        recipe: the training section (:func:`render_recipe`).
+        eval_command: the command that measured ``metrics``, quoted as code.
+        dataset: the training data (:func:`card_dataset`); default the tag's (``.fmnist``).
+        classes: the class names, in label order.
+    """
+    meta, body = _template_parts(template)
+    hub_dataset, described = card_dataset(dataset or tag_dataset(model_name) or "unknown")
+    data = ModelCardData(**{"library_name": "timm", "pipeline_tag": "image-classification", **meta})
+    if hub_dataset:
+        data.datasets = [hub_dataset]
     n = cfg.get("num_classes")
     if classes:
-        classes_line = f"Classes ({len(classes)}, in label order): {', '.join(map(str, classes))}."
+        classes_line = f"Classes ({len(classes)}, in label order): {', '.join(md_text(c) for c in classes)}."
     else:
-        classes_line = f"{n} classes." if n else ""
+        classes_line = f"{int(n)} classes." if isinstance(n, int) else ""
+    ours = described in _DATASET_NAMES.values() or described == LOCAL_DATASET
     values = dict(
-        model_id=repo_id.split("/")[-1], model_name=model_name, repo_id=repo_id,
-        architecture=model_name.split(".")[0], flavour_description=_FLAVOUR_DESCRIPTIONS.get(flavour, flavour),
-        dataset=dataset, dataset_description=_DATASET_NAMES.get(dataset, dataset), classes_line=classes_line,
-        input_size="×".join(str(s) for s in cfg.get("input_size", ())),
-        recipe=recipe or "Not recorded.", eval_command=eval_command or "not recorded",
+        model_id=md_text(repo_id.split("/")[-1]), model_name=model_name, repo_id=repo_id,
+        architecture=model_name.split(".")[0], flavour_description=md_text(_FLAVOUR_DESCRIPTIONS.get(flavour, flavour)),
+        dataset=hub_dataset or md_text(described), dataset_description=described if ours else md_text(described),
+        classes_line=classes_line, input_size="×".join(str(int(s)) for s in cfg.get("input_size", ())),
+        recipe=recipe or "Not recorded.",
+        eval_command=md_code(_without_local_path_words(eval_command)) if eval_command.strip() else "not recorded",
         metrics_table=metrics_table(metrics))
     try:
-        return Template(template).substitute(values)
+        text = Template(body).substitute(values)
     except (KeyError, ValueError) as e:
         raise UserError(f"the model card template has a field it cannot fill ({shown(str(e), 60)}): use ${{name}} "
                         f"fields from MODEL_CARD.md's template, and $$ for a literal $") from e
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
+
+
+def render_model_card(template: str, **fields: Any) -> str:
+    """The text of :func:`build_model_card` (``README.md``), with the same keyword arguments."""
+    return str(build_model_card(template, **fields))
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,6 +639,8 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
         if source.name == RunFolder.LAST and RunFolder.is_run(source.parent):  # a run's mid-training weights?
             run_state = RunFolder(source.parent).require_finished("lcnn-zoo push", allow_unfinished)
     template_text = find_model_card_template(template)
+    if dataset:
+        card_dataset(dataset)  # a name the card cannot show (a newline) fails before any model is built
     recipe = render_recipe(_read_text(recipe_path, "--recipe"), recipe_path) if recipe_path else ""
     metrics = None
     if metrics_path:
@@ -441,17 +662,24 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
         "num_classes": model.num_classes}
     if ship:
         bundle_dataset(model_name, model, info)  # the test data exists and has the model's classes
+    if repo_id is not None and not _hub_repo(repo_id):
+        raise UserError(f"--repo-id must be a Hub repo id '<namespace>/<name>' (letters, digits, '-', '_', '.'), "
+                        f"got {shown(repo_id)}")
     repo = repo_id or hub_id(arch, tag)
+    class_names = list(classes) or list(info.get("classes") or ())
+    if class_names and len(class_names) != model.num_classes:
+        raise UserError(f"{'--classes' if classes else 'the run'} names {len(class_names)} classes and the model has "
+                        f"{model.num_classes}: give one name per class, in label order")
     card = render_model_card(template_text, model_name=model_name, repo_id=repo,
                              cfg=cast(Dict[str, Any], model.pretrained_cfg), flavour=getattr(model, "flavour", "lcnn"),
                              metrics=metrics, recipe=recipe, eval_command=eval_command,
-                             dataset=dataset or info.get("dataset", ""),
-                             classes=list(classes) or info.get("classes") or ())
+                             dataset=dataset or (info["dataset"] if isinstance(info.get("dataset"), str) else ""),
+                             classes=class_names)
     if run_state is not None and not run_state.finished:  # --allow-unfinished: the card says so
         card = card.rstrip("\n") + (f"\n\n**Unfinished run.** These weights are from epoch {run_state.epoch} of "
                                     f"{run_state.epochs or '?'} of a run that was {run_state.status} when they were "
                                     f"pushed (`lcnn-zoo push --allow-unfinished`).\n")
-    folder = save_pretrained(model, out, model_card=card, overwrite=overwrite)
+    folder = save_pretrained(model, out, model_card=card, overwrite=overwrite, label_names=class_names)
     print(f"wrote {folder} ({', '.join(PUSH_FILES)})")
     if ship:
         accuracy = bundle(folder, model_name, model, metrics=metrics, eval_command=eval_command,

@@ -20,6 +20,27 @@ from typing import List, Optional
 USAGE = "usage: python -m lcnn_zoo.timm_script <timm script.py> [its arguments]"
 
 
+def _not_python(script: Path) -> str:
+    """Why ``script`` cannot run as Python ("" when it compiles): a binary behind a ``.py`` name (null
+    bytes), a shell script, text in another encoding. Compiled here, before anything is imported, so
+    that runpy's SyntaxError traceback never stands for the answer; errors the script raises when it
+    runs stay its own.
+
+    Args:
+        script: an existing file.
+    """
+    try:
+        compile(script.read_bytes(), str(script), "exec", dont_inherit=True)
+    except SyntaxError as e:  # null bytes, bad syntax, undecodable text
+        where = f" (line {e.lineno})" if e.lineno else ""
+        return f"{str(e.msg).splitlines()[0][:200] if e.msg else 'invalid syntax'}{where}"
+    except ValueError as e:  # null bytes, on Pythons before 3.12
+        return str(e).splitlines()[0][:200]
+    except OSError as e:  # unreadable
+        return f"it cannot be read ({e.strerror or e.__class__.__name__})"
+    return ""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -29,6 +50,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if script.suffix != ".py" or not script.is_file():
         print(f"error: {str(script)[:200]!r} is not a Python script (a timm script such as validate.py)\n{USAGE}",
               file=sys.stderr)
+        return 2
+    reason = _not_python(script)
+    if reason:
+        print(f"error: {str(script)[:200]!r} is not a Python script: {reason}", file=sys.stderr)
         return 2
     import lcnn_zoo  # noqa: F401  (registers the lcnn_* models in timm)
 

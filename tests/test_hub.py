@@ -122,3 +122,44 @@ def test_torch_hub_local():
     assert all(callable(getattr(hubconf, n, None)) for n in timm.list_models("lcnn_*"))
     model = torch.hub.load(repo_dir, "lcnn_resnet20", source="local", num_classes=4, pretrained_cfg="cifar10")
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4)
+
+
+# ---- issue 31, case 9: a damaged entry of the user's manifest, or a bad variable, never stops the import
+def test_a_damaged_published_entry_is_skipped_with_a_warning_and_import_never_fails(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    manifest = tmp_path / "published.json"
+    manifest.write_text('{"lcnn_resnet20.bad1": {"repo_id": "me/a", "num_classes": 3, "input_size": ["a", "b", "c"]},'
+                        ' "lcnn_resnet20.bad2": {"repo_id": "me/b", "num_classes": 3, "input_size": [3, 1e400, 28]},'
+                        ' "lcnn_resnet20.good": {"repo_id": "me/c", "num_classes": 3, "input_size": [1, 28, 28]}}')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LCNN_ZOO_PUBLISHED": str(manifest),
+           "LCNN_ZOO_HUB_PROBE_TIMEOUT": "abc", "LCNN_ZOO_FUSED": "maybe", "LCNN_ZOO_TRITON_ON_CPU": "yes please",
+           "LCNN_ZOO_MALLOC": "sytem", "LCNN_ZOO_HUB_NAMESPACE": "not a namespace"}
+    code = ("import timm, torch, lcnn_zoo\n"
+            "print(sorted(t for t in timm.list_pretrained('lcnn_resnet20.*') if 'fmnist' not in t))\n"
+            "m = timm.create_model('lcnn_resnet20.fmnist', pretrained=True).eval()\n"  # a shipped tag still loads
+            "print(m(torch.rand(1, 1, 28, 28)).shape)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["['lcnn_resnet20.good']", "torch.Size([1, 10])"]
+    assert "Traceback" not in done.stderr
+    for tag, value in (("bad1", "['a', 'b', 'c']"), ("bad2", "[3, inf, 28]")):
+        assert f"{manifest}: the entry for 'lcnn_resnet20.{tag}' has input_size = {value}, not [channels" in done.stderr
+    assert "$LCNN_ZOO_FUSED='maybe' is not 1 or 0" in done.stderr  # read at the first forward: default used
+
+
+def test_loading_or_rewriting_a_damaged_entry_names_the_file_and_the_field(tmp_path, monkeypatch):
+    manifest = tmp_path / "published.json"
+    manifest.write_text(json.dumps({"lcnn_resnet18.cifar10": {"repo_id": "me/x", "num_classes": True},
+                                    "lcnn_resnet18.cifar100": {"repo_id": "me/y"}}))
+    monkeypatch.setenv("LCNN_ZOO_PUBLISHED", str(manifest))
+    with pytest.warns(UserWarning, match="'lcnn_resnet18.cifar10' has num_classes = True, not an integer"):
+        assert hub.published_manifest() == {"lcnn_resnet18.cifar100": {"repo_id": "me/y"}}
+    with pytest.raises(PretrainedLoadError, match=f"{manifest}: the entry for 'lcnn_resnet18.cifar10' has num_classes"):
+        timm.create_model("lcnn_resnet18.cifar10", pretrained=True)  # that tag itself: named, not "never published"
+    with pytest.raises(PretrainedLoadError, match="fix or remove that entry"):
+        hub.read_manifest(manifest, strict=True)  # what push --upload and --bundle rewrite: never dropped silently
+    assert len(hub.bundled_manifest(strict=True)) == 4  # the package's own manifest fits the schema it checks

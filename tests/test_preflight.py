@@ -232,3 +232,18 @@ def test_torchruns_environment_is_checked_before_the_data_is_read(tmp_path, caps
         monkeypatch.setenv(name, value)
     fails_with(capsys, ["train"] + FAST + ["--output", str(tmp_path / "runs")], *fragments)
     assert files_under(tmp_path / "runs") == []
+
+
+@needs_fmnist
+@pytest.mark.parametrize("reg", ["lcnn", "lcnn_gradreg"])
+def test_the_lcnn_penalty_is_never_applied_twice(tmp_path, capsys, no_data_read, reg):
+    """issue 31, case 4: --reg lcnn puts the penalty in the loss and --model-kwargs lcnn_penalty attaches
+    an optimizer hook that adds it again; the pair is refused, each alone counts it once."""
+    argv = ["train"] + FAST + ["--output", str(tmp_path / "runs"), "--reg", reg]
+    fails_with(capsys, argv + ["--model-kwargs", "lcnn_penalty=1e-3"], f"--reg {reg} already adds the LCNN penalty",
+               "lcnn_penalty=0.001 would add it again")
+    assert files_under(tmp_path / "runs") == []
+    without_loss_penalty = "none" if reg == "lcnn" else "gradreg"
+    for once in ([], ["--reg", without_loss_penalty, "--model-kwargs", "lcnn_penalty=1e-3"],
+                 ["--model-kwargs", "lcnn_penalty=False"]):
+        train_plan(train_config(argv[1:] + once))  # the preflight passes

@@ -406,3 +406,121 @@ def test_push_of_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, c
     assert main(["push", str(stopped)] + out + ["--allow-unfinished"]) == 0
     card = (tmp_path / "hub" / "README.md").read_text()
     assert "These weights are from epoch 2 of 5 of a run that was unfinished" in card
+
+
+# ---- issue 31, cases 5 and 6: the card is huggingface_hub's ModelCard, its text literal, and it loads by hf-hub:
+HOSTILE_CLASSES = ["<img src=x onerror=alert(1)>", "new\nline: x", "back`tick`", "[link](http://e.x)"]
+
+
+def test_a_card_shows_data_strings_as_text_names_no_local_path_and_loads_by_its_hub_name(tmp_path, capsys):
+    """Class names, a local dataset and a command with backticks add no markup, no YAML key and no
+    path to the card; its usage line is the hf-hub: name, which loads with the class names."""
+    from huggingface_hub import ModelCard
+
+    ckpt = _ckpt(tmp_path / "w.safetensors", "lcnn_resnet20.fmnist", num_classes=4)
+    data = tmp_path / "secret_home" / "shoes"
+    out = tmp_path / "hub" / "lcnn_resnet20.shoes"
+    command = f"lcnn-zoo eval x --dataset folder:{data} --data-dir={data} --note `id` ```"
+    assert main(["push", str(ckpt), "--model", "lcnn_resnet20.shoes", "--output-dir", str(out),
+                 "--classes", ",".join(HOSTILE_CLASSES), "--dataset", f"folder:{data}",
+                 "--eval-command", command]) == 0
+    text = (out / "README.md").read_text()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.to_dict() == {"library_name": "timm", "license": "apache-2.0",
+                                   "pipeline_tag": "image-classification",
+                                   "tags": ["image-classification", "timm", "lcnn-zoo", "low-curvature"]}
+    assert "secret_home" not in text and str(tmp_path) not in text and "an image folder" in text
+    assert "<img" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert "new\\\\nline: x" in text and "\nline: x" not in text  # the newline is shown, never a new line
+    assert "back\\`tick\\`" in text and "\\[link\\](http://e.x)" in text
+    # the command is one code span it cannot close: a fence longer than its longest run of backticks
+    assert ("Measured with ```` lcnn-zoo eval x --dataset folder:<local path> --data-dir=<local path> --note `id` ``` "
+            "````." in text)
+    assert 'timm.create_model("hf-hub:lcnn-zoo/lcnn_resnet20.shoes", pretrained=True)' in text
+    assert 'create_model("lcnn_resnet20.shoes"' not in text
+    config = json.loads((out / "config.json").read_text())
+    assert config["label_names"] == HOSTILE_CLASSES and str(tmp_path) not in json.dumps(config)
+    repo = "someone/lcnn_resnet20.shoes"
+    populate(repo, out)
+    try:  # what a reader runs: the hf-hub: name, with the class names in the model's cfg
+        model = timm.create_model(f"hf-hub:{repo}", pretrained=True)
+        assert model.num_classes == 4 and model.pretrained_cfg["label_names"] == HOSTILE_CLASSES
+    finally:
+        remove(repo)
+
+
+@pytest.mark.parametrize("dataset,fragment", [
+    ("fmnist\nlicense: other", "--dataset 'fmnist\\nlicense: other' has control characters"),
+    ("hf:me/data\rlicense: other", "has control characters"),
+])
+def test_a_dataset_name_cannot_add_yaml_keys(tmp_path, capsys, dataset, fragment):
+    ckpt = tmp_path / "w.safetensors"
+    ckpt.write_bytes(b"")  # refused before the weights are read
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.fmnist", "--output-dir", str(tmp_path / "o"),
+                        "--dataset", dataset], fragment)
+    assert files_under(tmp_path / "o") == []
+
+
+def test_the_cards_yaml_is_serialised_by_huggingface_hub(tmp_path):
+    """Every dataset spelling gives a header huggingface_hub reads back as written: Hub datasets
+    by their id, local data never, and nothing of a name reaches another key."""
+    from huggingface_hub import ModelCard
+
+    from lcnn_zoo.publishing import build_model_card, find_model_card_template
+
+    template = find_model_card_template()
+    cfg = {"num_classes": 10, "input_size": (1, 28, 28)}
+    for dataset, datasets, words in [
+        ("fmnist", ["zalando-datasets/fashion_mnist"], "Fashion-MNIST"),
+        ("CIFAR10", ["uoft-cs/cifar10"], "CIFAR-10"),
+        ("hf:me/shoes", ["me/shoes"], "me/shoes"),
+        (f"hf:{tmp_path}", None, "an image folder"),
+        (f"folder:{tmp_path}/x: y", None, "an image folder"),
+        (str(tmp_path), None, "an image folder"),
+        ("footwear license: other", None, "footwear license: other"),
+    ]:
+        card = build_model_card(template, model_name="lcnn_resnet20.x", repo_id="me/lcnn_resnet20.x", cfg=cfg,
+                                flavour="lcnn", dataset=dataset)
+        again = ModelCard(str(card))
+        assert again.data.to_dict() == card.data.to_dict()
+        assert again.data.license == "apache-2.0" and again.data.datasets == datasets, dataset
+        assert f"trained on {words} with" in str(card) and str(tmp_path) not in str(card)
+    (tmp_path / "t.md").write_text("<!-- BEGIN HUB TEMPLATE -->\n---\nlicense: mit\ndatasets:\n- ${dataset}\n---\n"
+                                   "# ${model_id}\n<!-- END HUB TEMPLATE -->")
+    with pytest.raises(UserError, match="header has a \\$ field"):
+        build_model_card(find_model_card_template(tmp_path / "t.md"), model_name="lcnn_resnet20.x",
+                         repo_id="me/lcnn_resnet20.x", cfg=cfg, flavour="lcnn")
+
+
+def test_a_recipes_local_paths_and_a_metrics_files_strings_stay_out_of_the_card(tmp_path):
+    from lcnn_zoo.publishing import metrics_table, render_recipe
+
+    recipe = render_recipe(f"model: lcnn_resnet20\ndataset: folder:{tmp_path}/shoes\ndata-dir: {tmp_path}\n"
+                           f"output: {tmp_path}/runs\nepochs: 3  # ```\n", str(tmp_path / "shoes.yaml"))
+    assert str(tmp_path) not in recipe
+    assert recipe.startswith("Trained with `lcnn-zoo train --config shoes.yaml`:\n\n```yaml\n")
+    assert "dataset: folder:<local path>\ndata-dir: <local path>\noutput: <local path>\nepochs: 3\n```" in recipe
+    kept = render_recipe("model: lcnn_resnet20  # ```` ends a short fence\n", str(REPO / "configs" / "x.yaml"))
+    assert kept == ("Trained with `lcnn-zoo train --config configs/x.yaml`:\n\n"
+                    "`````yaml\nmodel: lcnn_resnet20  # ```` ends a short fence\n`````")
+    table = metrics_table({"accuracy": "<b>9</b>", "a|b": 1.5, "test_samples": "1\n# x"})
+    assert table.splitlines()[2:] == ["| clean accuracy (%), 1\\\\n# x test images | &lt;b&gt;9&lt;/b&gt; |",
+                                      "| a\\|b | 1.5 |"]
+
+
+def test_an_upload_is_not_recorded_over_a_damaged_manifest_entry(tmp_path, monkeypatch):
+    """The published manifest is rewritten only when every entry fits its schema: a damaged one is
+    named (import skips it with a warning), never dropped or kept as if it were sound."""
+    from lcnn_zoo.publishing import record_published
+
+    path = tmp_path / "published.json"
+    before = json.dumps({"lcnn_resnet20.a": {"repo_id": "me/a", "input_size": [3, 1e400, 28]}}).replace("Infinity", "1e400")
+    path.write_text(before)
+    monkeypatch.setenv("LCNN_ZOO_PUBLISHED", str(path))
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text('{"num_classes": 3, "pretrained_cfg": {"input_size": [1, 28, 28]}}')
+    with pytest.raises(hub.PretrainedLoadError, match="'lcnn_resnet20.a' has input_size = \\[3, inf, 28\\]"):
+        record_published("lcnn_resnet20.b", "me/b", folder)
+    assert path.read_text() == before

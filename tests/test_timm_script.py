@@ -56,6 +56,24 @@ def test_the_runner_refuses_what_is_not_a_script_in_one_line(tmp_path):
     assert run_script("--help", cwd=tmp_path).returncode == 0
 
 
+@pytest.mark.parametrize("make,reason", [
+    (lambda p: p.symlink_to(sys.executable), "null bytes"),  # a link to a binary (issue 31, case 14)
+    (lambda p: p.write_text("#!/bin/sh\nif [ -f x ]; then echo $HOME; fi\n"), "(line 2)"),  # a shell script
+    (lambda p: p.write_bytes(b"x = '\\xff'\nname = '\xff\xfe'\n"), "utf-8"),
+])
+def test_a_file_that_is_not_python_is_one_line_before_anything_runs(tmp_path, capsys, monkeypatch, make, reason):
+    from lcnn_zoo import timm_script
+
+    script = tmp_path / "x.py"
+    make(script)
+    monkeypatch.setattr(sys, "argv", ["x"])
+    assert timm_script.main([str(script), "--model", "lcnn_resnet20"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: {str(script)!r} is not a Python script: ") and reason in err
+    assert sys.argv == ["x"]  # nothing was run
+
+
 def _fmnist_folder(root: Path, n: int) -> Path:
     """The first n Fashion-MNIST test images as grey PNGs in class folders (timm's ImageFolder layout)."""
     ds = build_dataset("fmnist", train=False)

@@ -36,6 +36,8 @@ from typing import Any, Callable, Dict, Literal, Tuple, Union, cast
 
 import torch
 
+from ..environment import env
+
 __all__ = ["fused_enabled", "centered_softplus_fwd", "centered_softplus_bwd", "SERIES_BELOW", "kernel_path",
            "fused_status", "reset_fused_status", "cuda_launches"]
 
@@ -92,7 +94,7 @@ def reset_fused_status() -> None:
 
 def _why_not(x: torch.Tensor) -> str:
     """Why the fused kernels do not serve this tensor ("" when they do)."""
-    if os.environ.get("LCNN_ZOO_FUSED", "1") == "0":
+    if not env("LCNN_ZOO_FUSED"):
         return "LCNN_ZOO_FUSED=0"
     if x.dtype not in _DTYPES:
         return f"no kernel for {x.dtype}"
@@ -305,7 +307,7 @@ def _describe(exc: BaseException) -> str:
 
 
 # ---- the custom ops -------------------------------------------------------------------------------
-_FORCE_TRITON_ON_CPU = os.environ.get("LCNN_ZOO_TRITON_ON_CPU") == "1"  # tests: Triton under its interpreter
+_FORCE_TRITON_ON_CPU = bool(env("LCNN_ZOO_TRITON_ON_CPU"))  # tests: Triton under its interpreter
 
 
 def _use_triton(x: torch.Tensor) -> bool:
