@@ -29,6 +29,7 @@ from .geometry import (
 )
 from .layers.spectral_norm import deferred_convergence
 from .robustness import pgd_accuracy
+from .weight_checks import WeightsError, check_outputs, check_weights
 
 __all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plot_gradient_robustness",
            "run_eval", "write_report", "first_samples"]
@@ -124,6 +125,7 @@ def _from_checkpoint(path: Path, arch: Optional[str], input_size: Optional[Seque
 
 
 def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], where: Path) -> None:
+    check_weights(state, where, model)  # before load_state_dict, which would cast an integer tensor silently
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -158,22 +160,32 @@ def _geometry(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfi
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, device) -> float:
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int, device, name: Optional[str]) -> float:
     correct = 0
     for xb, yb in _batches(x, y, bs):
-        correct += int((model(xb.to(device)).argmax(1).cpu() == yb).sum())
+        logits = model(xb.to(device))
+        if not bool(torch.isfinite(logits).all()):  # the argmax of NaN logits is not an accuracy
+            raise WeightsError(f"{shown(name, 160) if name else 'the model'} computes logits that are not finite on "
+                               f"{int((~torch.isfinite(logits)).any(1).sum())} of {len(yb)} test images: it cannot "
+                               f"be measured; check its weights")
+        correct += int((logits.argmax(1).cpu() == yb).sum())
     return 100.0 * correct / max(len(y), 1)
 
 
 def evaluate_model(model: nn.Module, test_ds, train_ds, cfg: EvalConfig,
-                   device: Optional[torch.device] = None) -> Dict[str, Any]:
-    """All measurements for one model. Returns a JSON-able dict."""
+                   device: Optional[torch.device] = None, name: Optional[str] = None) -> Dict[str, Any]:
+    """All measurements for one model. Returns a JSON-able dict.
+
+    Args:
+        name: the model's name in the message that refuses it when its logits are not finite
+            (:class:`~lcnn_zoo.weight_checks.WeightsError`, raised during the accuracy, the first measurement).
+    """
     device = device or next(model.parameters()).device
     model.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
     steps = tqdm(total=5, desc="measuring", leave=False, disable=not cfg.progress)
     x_all, y_all = first_samples(test_ds, cfg.limit)
-    out: Dict[str, Any] = {"accuracy": _accuracy(model, x_all, y_all, cfg.batch_size, device),
+    out: Dict[str, Any] = {"accuracy": _accuracy(model, x_all, y_all, cfg.batch_size, device, name),
                            "test_samples": int(len(y_all))}
     steps.update()
     xg, yg = first_samples(test_ds, cfg.geom_samples)
@@ -286,7 +298,8 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
     """Evaluate each model in ``specs`` on ``dataset``; with ``output``, write eval.json, eval.md and
     the plot into that folder (:func:`write_report`; the caller chose it: a new folder of its own).
 
-    Every model is loaded and checked against the data (input size, number of classes) before any
+    Every model is loaded (its weights checked: :mod:`lcnn_zoo.weight_checks`) and checked against
+    the data (input size, number of classes, finite outputs on the first test images) before any
     measurement starts, so a mistake costs seconds, not a partial evaluation. A run that has not
     finished is measured only with ``allow_unfinished`` (its entry then says which epoch).
     """
@@ -314,12 +327,14 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
         if outputs is not None and outputs < classes:
             raise UserError(f"{shown(spec)} has {outputs} classes and {shown(dataset)} has {classes}: evaluate it on "
                             f"the data it was trained for")
+        x0, _ = first_samples(test_ds, min(cfg.batch_size, len(test_ds)))
+        check_outputs(model, x0.to(device), spec)
     results: Dict[str, Dict[str, Any]] = {}
     for name, model in models:
         test_ds, train_ds = datasets[input_size_of(model) or ()]
         if cfg.progress:
             print(f"evaluating {name} on {dataset} ...", flush=True)
-        results[name] = evaluate_model(model, test_ds, train_ds, cfg, device)
+        results[name] = evaluate_model(model, test_ds, train_ds, cfg, device, name=name)
         results[name]["dataset"] = dataset
         if getattr(model, "unfinished_run", None):  # --allow-unfinished: which epoch was measured
             results[name]["unfinished_run"] = getattr(model, "unfinished_run")

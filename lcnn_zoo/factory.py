@@ -21,6 +21,7 @@ from .checkpoint import RunFolder, load_state_dict, read_json
 from .conversion import lcnnify, set_input_size
 from .errors import UserError, shown
 from .hub import HUB_FILENAME, check_hub_spec
+from .weight_checks import check_weights
 
 __all__ = ["create_model", "is_lcnn", "is_zoo_architecture", "input_size_of", "split_spec", "load_initial",
            "state_dict_shapes"]
@@ -124,6 +125,7 @@ def load_initial(model: nn.Module, path: str | Path, keep: Sequence[str] = (), a
     unknown = sorted(set(state) - set(own))
     if unknown:
         raise UserError(f"{shown(Path(p))} does not fit {type(model).__name__}: unexpected keys {shown(unknown, 160)}")
+    check_weights(state, p, model)  # before load_state_dict, which would cast an integer tensor silently
     cfg = getattr(model, "pretrained_cfg", None) or {}
     adaptable = tuple(f"{m}." for m in (cfg.get("classifier"), cfg.get("first_conv")) if isinstance(m, str) and m)
     skipped = sorted(k for k, v in state.items() if own[k].shape != v.shape)

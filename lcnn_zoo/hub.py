@@ -34,6 +34,7 @@ from torch import nn
 
 from .environment import env
 from .errors import UserError, shown
+from .weight_checks import check_weights
 
 __all__ = ["NAMESPACE", "WEIGHTS_DIR", "REPO_CONFIGS", "hub_id", "tag_dataset", "bundled_manifest",
            "published_manifest", "published_manifest_path", "weights_location", "bundled_weights", "recipe_hint",
@@ -313,6 +314,23 @@ def check_hub_spec(spec: str) -> None:
         _check_fetchable(f"'{repo}'", repo, "config.json")
 
 
+def _checked_filter(inner: Optional[Callable[..., Any]], where: str) -> Callable[..., Any]:
+    """timm's ``pretrained_filter_fn`` (called with the state dict read from the file and the model,
+    before ``load_state_dict``), checking the weights after ``inner`` (if any) has filtered them: not
+    finite, a negative variance or integers where the model has floats (which the load would cast
+    silently) are refused naming the file and the tensor (:func:`lcnn_zoo.weight_checks.check_weights`)."""
+    def checked(state: Dict[str, Any], model: Optional[nn.Module] = None) -> Dict[str, Any]:
+        if inner is not None:
+            try:
+                state = inner(state, model)
+            except TypeError:  # timm's convention: a filter may take the state dict alone
+                state = inner(state)
+        check_weights(state, where, model)
+        return state
+
+    return checked
+
+
 def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str, pretrained: bool,
                **kwargs: Any) -> nn.Module:
     """``build_fn(model_cls, variant, pretrained, **kwargs)`` (timm's ``build_model_with_cfg``): shipped
@@ -346,6 +364,7 @@ def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str
             raise PretrainedLoadError(f"no pretrained weights have been published for {name}; train them with {how}")
         _check_fetchable(f"Pretrained weights for '{name}'", repo, cfg.get("hf_hub_filename") or HUB_FILENAME)
     weights = cfg.get("file") or cfg.get("hf_hub_id") or variant
+    kwargs["pretrained_filter_fn"] = _checked_filter(kwargs.get("pretrained_filter_fn"), str(weights))
     try:
         return build_fn(model_cls, variant, pretrained, **kwargs)
     except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, hf_errors.EntryNotFoundError,

@@ -36,7 +36,7 @@ from .checkpoint import (
 from .data import build_dataset
 from .errors import UserError, shown
 from .evaluation import first_samples
-from .factory import create_model, split_spec, state_dict_shapes
+from .factory import create_model, input_size_of, split_spec, state_dict_shapes
 from .hub import (
     HUB_FILENAME,
     bundled_manifest,
@@ -44,8 +44,9 @@ from .hub import (
     published_manifest_path,
     tag_dataset,
 )
-from .layers import converge_spectral_norms
+from .layers import converge_spectral_norms, frozen_state
 from .layers.spectral_norm import deferred_convergence
+from .weight_checks import check_outputs, check_weights
 from .writing import Transaction, check_name, check_writable_parent, file_lock
 
 __all__ = ["PUSH_FILES", "save_pretrained", "push_folder", "record_published", "bundle", "select_metrics",
@@ -600,11 +601,16 @@ def _load_for_push(weights: Path, arch: str, info: Dict[str, Any], ema: bool) ->
     try:
         with deferred_convergence():  # the checkpoint brings its singular vectors
             model = create_model(arch, input_size=size, num_classes=n_classes)
+            check_weights(state, weights, model)  # before load_state_dict, which would cast integers silently
             model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise UserError(f"checkpoint {shown(Path(weights))} does not match {arch}: {shown(str(e).splitlines()[0], 160)}") from e
     if ema:
         converge_spectral_norms(model, n_iter=50, tol=1e-6)  # averaged singular vectors are not singular vectors
+    built = input_size_of(model)
+    if built is not None:  # finite weights can still overflow: nothing is published that computes NaN
+        with frozen_state(model.eval()):  # a forward that changes no buffer: what is published is what was read
+            check_outputs(model, torch.rand(2, *built, generator=torch.Generator().manual_seed(0)), weights)
     return model.eval()
 
 

@@ -87,3 +87,24 @@ def run_folder(path, *, epoch: int = 1, epochs: int = 1, finished: bool = True, 
     if finished:
         folder.save_weights(model.state_dict())
     return path
+
+
+# Weights that are valid files but wrong in content (issue 31, cases 3, 8 and 10): the case, the
+# tensor it damages, and how. "i32" relabels a float tensor's bytes as int32 (what a hand-edited
+# safetensors header does): a load would cast those integers to float silently.
+DAMAGES = {
+    "nan": ("conv1.weight", lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))),
+    "inf": ("fc.weight", lambda t: t.index_fill(0, torch.tensor([1]), float("inf"))),
+    "i32": ("stages.0.0.conv1.weight", lambda t: t.contiguous().view(torch.int32)),
+    "gamma_raw": ("bn1.gamma_raw", lambda t: torch.full_like(t, float("nan"))),
+    "log_beta": ("act1.log_beta", lambda t: torch.full_like(t, float("nan"))),
+    "running_var": ("stages.1.0.bn2.running_var", lambda t: t.index_fill(0, torch.tensor([3]), -1.0)),
+}
+
+
+def damaged(state, case: str):
+    """A copy of ``state`` with one tensor damaged as :data:`DAMAGES` says; returns (state, tensor name)."""
+    name, how = DAMAGES[case]
+    out = dict(state)
+    out[name] = how(state[name].clone())
+    return out, name

@@ -8,7 +8,8 @@ import pytest
 import timm
 import torch
 from cli_helpers import fails_with, files_under, needs_fmnist
-from model_helpers import checkpoint
+from model_helpers import checkpoint, damaged
+from safetensors.torch import load_file, save_file
 
 from lcnn_zoo import hub
 from lcnn_zoo.cli import main
@@ -131,3 +132,73 @@ def test_eval_of_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, c
     results = run_eval([str(stopped)], "fmnist", allow_unfinished=True)
     assert results["stopped (unfinished: epoch 2 of 5)"]["unfinished_run"] == {"epoch": 2, "epochs": 5,
                                                                               "status": "unfinished"}
+
+
+# The softplus baseline: built in a moment (an LCNN's conversion takes seconds) and holding the same
+# kinds of tensors (BatchNorm statistics, log_beta, the logit scale); the check does not depend on the flavour.
+ARCH = "lcnn_resnet20_softplus"
+SHIPPED = hub.WEIGHTS_DIR / f"{ARCH}.fmnist.safetensors"
+
+
+def _as(form: str, state, folder):
+    """``state`` written as ``eval`` reads it: a .safetensors file, a training checkpoint, a run folder."""
+    folder.mkdir()
+    if form == "safetensors":
+        save_file(state, str(folder / "w.safetensors"))
+        return folder / "w.safetensors", "w.safetensors"
+    if form == "pth":
+        torch.save({"state_dict": state, "optimizer": {}, "epoch": 1, "arch": ARCH,
+                    "input_size": [1, 28, 28], "num_classes": 10}, folder / "last.pth")
+        return folder / "last.pth", "last.pth"
+    (folder / "args.json").write_text(json.dumps({"model": ARCH, "input_size": [1, 28, 28],
+                                                  "num_classes": 10}))
+    save_file(state, str(folder / "model.safetensors"))
+    return folder, "model.safetensors"
+
+
+# Every case of DAMAGES is checked in test_weight_checks.py; here each way eval reads weights meets one.
+@pytest.mark.parametrize("form,case", [("safetensors", "nan"), ("safetensors", "i32"), ("pth", "running_var"),
+                                       ("run", "log_beta")])
+def test_weights_wrong_in_content_are_refused_before_measuring(tmp_path, capsys, no_measuring, form, case):
+    """Issue 31, cases 3 and 10: valid files holding NaN/inf weights, a float tensor relabelled I32 (a
+    load would cast its bit patterns to float), a NaN γ or β, a negative running variance were measured
+    (accuracy 6.25 next to nan geometry) and the plot then failed, leaving the folder without its figure.
+    Now one line names the file and the tensor, before any measurement, and nothing is written."""
+    state, name = damaged(load_file(SHIPPED), case)
+    spec, file_name = _as(form, state, tmp_path / "in")
+    out = tmp_path / "ev"
+    fails_with(capsys, ["eval", str(spec), "--arch", ARCH, "--output", str(out)] + SMALL,
+               file_name, f"tensor '{name}'", "cannot be used")
+    assert files_under(out) == []
+
+
+@needs_fmnist
+def test_a_model_whose_outputs_are_not_finite_is_not_measured(tmp_path, capsys, no_measuring):
+    """Issue 31, case 3: finite weights can still overflow (here the logit scale): the first test batch
+    is run before any measurement and its non-finite logits refuse the model in one line."""
+    state = load_file(SHIPPED)
+    state["logit_scale"] = torch.tensor(torch.finfo(torch.float32).max)
+    save_file(state, str(tmp_path / "big.safetensors"))
+    out = tmp_path / "ev"
+    fails_with(capsys, ["eval", str(tmp_path / "big.safetensors"), "--arch", ARCH, "--output", str(out)]
+               + SMALL, "big.safetensors", "outputs that are not finite")
+    assert files_under(out) == []
+
+
+def test_evaluate_model_refuses_logits_that_are_not_finite():
+    """Issue 31, case 3, through the API: the accuracy (the first measurement) refuses NaN logits
+    instead of reporting the argmax of NaN as an accuracy."""
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from lcnn_zoo.config import EvalConfig
+    from lcnn_zoo.evaluation import evaluate_model
+    from lcnn_zoo.weight_checks import WeightsError
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    ds = TensorDataset(torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,)))
+    cfg = EvalConfig(limit=8, geom_samples=2, pgd_samples=2, noise_samples=2, hvp_iters=1, pgd_steps=1, progress=False)
+    with pytest.raises(WeightsError, match="the model computes logits that are not finite on 8 of 8 test images"):
+        evaluate_model(model, ds, ds, cfg)

@@ -67,3 +67,19 @@ def test_an_initial_checkpoint_of_part_of_the_model_is_refused_unless_allowed(tm
     save_file(timm.create_model("lcnn_resnet20", num_classes=3).state_dict(), tmp_path / "three.safetensors")
     load_initial(model, tmp_path / "three.safetensors")
     assert "re-initialised" in capsys.readouterr().err
+
+
+def test_an_initial_checkpoint_wrong_in_content_is_refused(tmp_path):
+    """Issue 31, case 10, for --initial-checkpoint: a float tensor relabelled I32 was cast silently."""
+    from model_helpers import damaged
+    from safetensors.torch import load_file
+
+    from lcnn_zoo import hub
+
+    model = create_model("lcnn_resnet20_softplus", input_size=(1, 28, 28), num_classes=10)
+    state, name = damaged(load_file(str(hub.WEIGHTS_DIR / "lcnn_resnet20_softplus.fmnist.safetensors")), "i32")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match=f"w.safetensors: tensor '{name}' is stored as int32 where the model has float32"):
+        load_initial(model, tmp_path / "w.safetensors")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded

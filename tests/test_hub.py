@@ -6,11 +6,13 @@ import pytest
 import timm
 import torch
 from hf_cache import populate, publish, remove, unpublish
-from model_helpers import same_outputs
+from model_helpers import damaged, same_outputs
+from safetensors.torch import load_file, save_file
 
 from lcnn_zoo import hub
 from lcnn_zoo.factory import create_model
 from lcnn_zoo.hub import PretrainedLoadError, hub_id
+from lcnn_zoo.weight_checks import WeightsError
 
 
 def test_shipped_weights_without_checksum_are_refused(weights):
@@ -79,6 +81,27 @@ def test_unreachable_hub_fails_fast(monkeypatch):
 def test_unpublished_architecture():
     with pytest.raises(PretrainedLoadError, match="no pretrained weights have been published for lcnn_resnet50"):
         timm.create_model("lcnn_resnet50", pretrained=True)
+
+
+@pytest.mark.parametrize("source,case", [("local-dir", "i32"), ("file", "log_beta")])
+def test_weights_wrong_in_content_are_refused_when_timm_loads_them(tmp_path, source, case):
+    """Issue 31, case 10, on timm's own loading path (tags, hf-hub:, local-dir:, a file overlay): the
+    state dict is checked before timm's load_state_dict, which would cast an I32 tensor silently.
+    (The non-LCNN flavours build in a moment; every LCNN tensor is checked in test_weight_checks.py.)"""
+    folder = tmp_path / "repo"
+    if source == "local-dir":
+        model = timm.create_model("lcnn_resnet20_relu", num_classes=10)
+        timm.models.save_for_hf(model, str(folder), safe_serialization=True)
+        state, name = damaged(model.state_dict(), case)
+        save_file(state, str(folder / "model.safetensors"))
+        spec, kwargs = f"local-dir:{folder}", {}
+    else:
+        state, name = damaged(load_file(str(hub.WEIGHTS_DIR / "lcnn_resnet20_softplus.fmnist.safetensors")), case)
+        folder.mkdir()
+        save_file(state, str(folder / "model.safetensors"))
+        spec, kwargs = "lcnn_resnet20_softplus.fmnist", {"pretrained_cfg_overlay": {"file": str(folder / "model.safetensors")}}
+    with pytest.raises(WeightsError, match=f"tensor '{name}'"):
+        timm.create_model(spec, pretrained=True, **kwargs)
 
 
 def test_corrupt_file(published, tmp_path):

@@ -14,9 +14,9 @@ import timm
 import torch
 from cli_helpers import fails_with, files_under, needs_fmnist
 from hf_cache import populate, publish, remove, unpublish
-from model_helpers import checkpoint, same_outputs, trained
+from model_helpers import checkpoint, damaged, same_outputs, trained
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lcnn_zoo import hub
 from lcnn_zoo.cli import main
@@ -524,3 +524,19 @@ def test_an_upload_is_not_recorded_over_a_damaged_manifest_entry(tmp_path, monke
     with pytest.raises(hub.PretrainedLoadError, match="'lcnn_resnet20.a' has input_size = \\[3, inf, 28\\]"):
         record_published("lcnn_resnet20.b", "me/b", folder)
     assert path.read_text() == before
+
+
+@pytest.mark.parametrize("case", ["nan", "i32", "overflow"])
+def test_weights_wrong_in_content_are_not_published(tmp_path, capsys, case):
+    """Issue 31, case 10: push published what it was given; weights that are not finite, integers where
+    the model has floats, or finite weights whose outputs overflow are refused before any file is written."""
+    state = load_file(str(hub.WEIGHTS_DIR / "lcnn_resnet20_softplus.fmnist.safetensors"))
+    if case == "overflow":
+        state["logit_scale"], name = torch.tensor(torch.finfo(torch.float32).max), "outputs that are not finite"
+    else:
+        state, name = damaged(state, case)
+        name = f"tensor '{name}'"
+    save_file(state, str(tmp_path / "w.safetensors"))
+    fails_with(capsys, ["push", str(tmp_path / "w.safetensors"), "--model", "lcnn_resnet20_softplus.fmnist",
+                        "--output-dir", str(tmp_path / "o")], "w.safetensors", name)
+    assert files_under(tmp_path / "o") == []

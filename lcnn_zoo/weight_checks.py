@@ -1,0 +1,129 @@
+"""Weights checked before use: every path that loads weights to measure or publish them goes through
+:func:`check_weights` (a state dict, before it is loaded) and :func:`check_outputs` (the model's
+first outputs), and the analyses refuse a model through :func:`weight_problem`.
+
+A safetensors or ``.pth`` file can be valid as a file and wrong in content: NaN or infinite weights,
+a float tensor relabelled as integers (``I32`` in the safetensors header: ``load_state_dict`` would
+cast the integers to float silently, a model of garbage), a negative BatchNorm variance, a NaN β
+(``log_beta``) or γ (``gamma_raw``). Measured, such a model gives an "accuracy" of the argmax of NaN
+logits next to NaN geometry, and the plot fails after the work; the checks here refuse it first, in
+one line naming the file and the tensor.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .errors import UserError, shown
+
+__all__ = ["WeightsError", "weight_problem", "check_weights", "check_outputs", "meta_tensor"]
+
+Where = Union[str, "os.PathLike[str]"]
+
+# What a tensor of these names is, for the message (the LCNN's own parameters, paper §3.4).
+_ROLES = {"log_beta": "β of a centered softplus, as log β", "gamma_raw": "γ of a Lipschitz BatchNorm, before softplus",
+          "running_var": "a BatchNorm running variance"}
+
+
+class WeightsError(UserError):
+    """Weights that cannot be used as they are (not finite, of the wrong dtype, a negative variance);
+    the message names the file and the tensor."""
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """The kind a load may convert within: a float16 checkpoint loads into a float32 model (the same
+    numbers, rounded), but integers loaded into a float tensor are new numbers (a float weight
+    relabelled ``I32`` would be its bit patterns read as integers)."""
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def _role(name: str) -> str:
+    role = _ROLES.get(name.rsplit(".", 1)[-1])
+    return f" ({role})" if role else ""
+
+
+def weight_problem(tensors: Iterable[Tuple[str, torch.Tensor]],
+                   expected: Optional[Mapping[str, torch.Tensor]] = None) -> Optional[str]:
+    """The first reason why ``tensors`` cannot be used as weights, as a phrase naming the tensor, or None.
+
+    Checked, in this order for each tensor: its dtype is of the kind ``expected[name]`` has (floating,
+    integer, bool, complex; precision may differ); a floating tensor is finite; a ``running_var``
+    is ≥ 0 (a BatchNorm divides by its square root).
+
+    Args:
+        tensors: (name, tensor) pairs: a state dict's ``items()``, or a model's named parameters and buffers.
+        expected: the tensors the weights are for (``model.state_dict()``): the dtypes they must have.
+            Names absent from it are not compared (a loader reports unexpected keys itself).
+    """
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):  # a loader names what is not a tensor itself
+            continue
+        want = expected.get(name) if expected is not None else None
+        if isinstance(want, torch.Tensor) and _kind(t.dtype) != _kind(want.dtype):
+            return (f"tensor {shown(name)} is stored as {str(t.dtype).removeprefix('torch.')} where the model has "
+                    f"{str(want.dtype).removeprefix('torch.')} (it would be cast, not read)")
+        if not (t.is_floating_point() or t.is_complex()) or t.is_meta or t.numel() == 0:
+            continue
+        finite = torch.isfinite(t.detach())
+        if not bool(finite.all()):
+            bad = t.detach()[~finite]
+            what = "nan" if bool(bad.isnan().any()) else "inf"
+            return f"tensor {shown(name)}{_role(name)} holds {what} ({int(bad.numel())} of {t.numel()} values)"
+        if name.rsplit(".", 1)[-1] == "running_var" and bool((t.detach() < 0).any()):
+            return (f"tensor {shown(name)}{_role(name)} holds a negative value ({float(t.detach().min()):.3g}); "
+                    f"a variance is >= 0")
+    return None
+
+
+def _where(where: Where) -> str:
+    return shown(Path(where)) if isinstance(where, os.PathLike) else shown(where, 160)
+
+
+def check_weights(state: Mapping[str, torch.Tensor], where: Where, model: Optional[nn.Module] = None) -> None:
+    """Refuse a state dict that cannot be used as weights, before it is loaded (see :func:`weight_problem`).
+
+    Args:
+        state: the tensors read from the file.
+        where: the file (or the model name) for the message.
+        model: the model they will be loaded into: its tensors' dtypes are the expected ones.
+
+    Raises:
+        WeightsError: one line naming ``where`` and the tensor.
+    """
+    problem = weight_problem(state.items(), model.state_dict() if model is not None else None)
+    if problem is not None:
+        raise WeightsError(f"{_where(where)}: {problem}: these weights cannot be used (damaged, or not written by "
+                           f"training); restore or retrain them")
+
+
+@torch.no_grad()
+def check_outputs(model: nn.Module, x: torch.Tensor, where: Where) -> None:
+    """Refuse a model whose outputs on ``x`` (its first batch) are not finite: weights that pass
+    :func:`check_weights` can still overflow, and the argmax of NaN logits is not an accuracy.
+
+    Raises:
+        WeightsError: one line naming ``where``.
+    """
+    out = model(x)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    for o in outs:
+        if isinstance(o, torch.Tensor) and o.is_floating_point() and not bool(torch.isfinite(o).all()):
+            raise WeightsError(f"{_where(where)} computes outputs that are not finite "
+                               f"({int((~torch.isfinite(o)).sum())} of {o.numel()} on its first {x.shape[0]} "
+                               f"inputs): it cannot be measured or published; check its weights")
+
+
+def meta_tensor(model: nn.Module) -> Optional[str]:
+    """The name of a parameter or buffer of ``model`` on the meta device (shapes without values), or None."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            return name
+    return None
