@@ -52,6 +52,7 @@ from .coverage import (
 )
 from .folding import stale_spectral_norms
 from .layers import CenteredSoftplus, FrozenCenteredSoftplus, LipschitzBatchNorm2d, Scale, eval_mode, spectral_norm_of
+from .weight_checks import meta_tensor, weight_problem
 
 __all__ = ["HessianBound", "hessian_bound", "BoundCheck", "verify_bounds"]
 
@@ -233,16 +234,42 @@ def _is_affine(fn, x: torch.Tensor) -> bool:
     return bool(torch.allclose(lhs, rhs, rtol=1e-4, atol=1e-5 * float(lhs.abs().max().clamp_min(1.0))))
 
 
+def _analysable(model: nn.Module, input_size: Optional[Sequence[int]], what: str) -> Sequence[int]:
+    """The input size to analyse ``model`` at; refuses, in one sentence each, a model the analysis
+    cannot give a number for: no input size, weights on the meta device, weights that are not finite
+    (a NaN β makes every bound NaN) or a negative BatchNorm variance."""
+    report = getattr(model, "lcnn_report", None)
+    size = input_size or getattr(report, "input_size", None)
+    if size is None and report is None:  # "pass input_size" would be the wrong fix: the bound needs an LCNN
+        raise ValueError(f"{what}: {type(model).__name__} is not an LCNN (no lcnn_report): convert it with "
+                         f"lcnn_zoo.lcnnify(model, input_size=(C, H, W)), or pass input_size=(C, H, W) to bound it as "
+                         f"it is (operations the analysis does not cover, e.g. ReLU, make the bound infinite)")
+    if size is None:
+        raise ValueError(f"{what}: the model's input size is unknown: pass input_size=(C, H, W)")
+    meta = meta_tensor(model)
+    if meta is not None:
+        raise ValueError(f"{what}: the model is on the meta device ({meta} has a shape but no values): load its "
+                         f"weights first (model.to_empty(device='cpu'), then load_state_dict)")
+    problem = weight_problem([*model.named_parameters(), *model.named_buffers()])
+    if problem is not None:
+        raise ValueError(f"{what}: {problem}: the bound is undefined for these weights")
+    return size
+
+
 def hessian_bound(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> HessianBound:
     """A bound on ‖∇²ₓ f_k(x)‖₂ for every logit k and every x, for ``model`` in eval mode (see the
     module docstring; a number that holds for the current weights, BatchNorm statistics and β).
 
     Args:
         input_size: (C, H, W) (default: ``model.lcnn_report.input_size``).
+
+    Raises:
+        ValueError: the bound has no value for this model: it is not an LCNN and no ``input_size`` is
+            given; it is on the meta device; a parameter or buffer is not finite (a NaN ``log_beta``
+            or ``gamma_raw``…) or a BatchNorm's ``running_var`` is negative. The message names the
+            tensor. (A finite model always gets a number: ``inf`` when an operation is not covered.)
     """
-    size = input_size or getattr(getattr(model, "lcnn_report", None), "input_size", None)
-    if size is None:
-        raise ValueError("hessian_bound: pass input_size=(C, H, W)")
+    size = _analysable(model, input_size, "hessian_bound")
     stale = stale_spectral_norms(model)  # before the traced run below, whose eval forward re-converges them
     with eval_mode(model):
         gm = torch.fx.GraphModule(model, LeafTracer().trace(model))
@@ -306,10 +333,11 @@ def verify_bounds(model: nn.Module, input_size: Optional[Sequence[int]] = None, 
 
     Returns:
         one :class:`BoundCheck` per map, the output first.
+
+    Raises:
+        ValueError: as :func:`hessian_bound`.
     """
-    size = input_size or getattr(getattr(model, "lcnn_report", None), "input_size", None)
-    if size is None:
-        raise ValueError("verify_bounds: pass input_size=(C, H, W)")
+    size = _analysable(model, input_size, "verify_bounds")
     with eval_mode(model):
         gm = torch.fx.GraphModule(model, LeafTracer().trace(model))
         p = next((t for t in model.parameters() if t.is_floating_point()), None)

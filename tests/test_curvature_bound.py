@@ -149,3 +149,36 @@ def test_verify_bounds_reaches_the_true_norms_and_catches_a_wrong_claim(monkeypa
     monkeypatch.setattr(curvature_bound, "_conv_norm", lambda m: 0.5)
     wrong = verify_bounds(model, iterations=40)
     assert not wrong[1].ok and wrong[1].claimed == pytest.approx(0.5 * (1 + 1e-6), rel=1e-6)
+
+
+@pytest.mark.parametrize("name,value", [("stem.2.log_beta", float("nan")), ("block.1.gamma_raw", float("nan")),
+                                        ("stem.1.running_var", -1.0), ("head.bias", float("inf"))])
+def test_weights_the_bound_is_undefined_for_are_named(name, value):
+    """Issue 31, case 8: a NaN log_beta gave value=nan (or an error from deep in the comparison of the
+    traced graph) without a word; now a ValueError names the tensor, for both analyses."""
+    model = _convert(_Net(), (2, 4, 4))
+    with torch.no_grad():
+        tensor = dict([*model.named_parameters(), *model.named_buffers()])[name]
+        tensor.view(-1)[0] = value
+    for analysis in (hessian_bound, verify_bounds):
+        with pytest.raises(ValueError, match=f"{analysis.__name__}: tensor '{name}'.*the bound is undefined"):
+            analysis(model)
+
+
+def test_a_model_on_the_meta_device_is_refused_in_one_sentence():
+    """Issue 31, case 17: torch's "Tensor.item() cannot be called on meta tensors" before."""
+    model = _convert(_Net(), (2, 4, 4)).to("meta")
+    for analysis in (hessian_bound, verify_bounds):
+        with pytest.raises(ValueError, match=f"{analysis.__name__}: the model is on the meta device"):
+            analysis(model)
+
+
+def test_a_model_that_is_not_an_lcnn_is_told_so_not_to_pass_input_size():
+    """Issue 31, case 17: "pass input_size" was the wrong fix for a plain model; with input_size it
+    gets a bound (infinite where an operation is not covered), as before."""
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softplus())
+    with pytest.raises(ValueError, match="hessian_bound: Sequential is not an LCNN.*lcnnify") as err:
+        hessian_bound(plain)
+    assert "\n" not in str(err.value)
+    bound = hessian_bound(plain, input_size=(1, 5, 5))
+    assert bound.value == float("inf") and bound.uncovered
