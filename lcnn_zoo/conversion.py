@@ -534,6 +534,10 @@ def _check_convertible(model: nn.Module, input_size: Optional[Sequence[int]], st
         raise ValueError(f"lcnnify: gates must be 'keep' or 'remove', got {gates!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"lcnnify expects an nn.Module, got {type(model).__name__}")
+    scripted = next((n or "the model" for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:  # compiled code: its layers cannot be replaced nor hooked
+        raise TypeError(f"lcnnify: {scripted} is a TorchScript module (torch.jit.script or trace): convert the "
+                        f"original nn.Module, then script the folded model (lcnn_zoo.fold) if you need TorchScript")
     done = next((n for n, m in model.named_modules()
                  if isinstance(m, LipschitzBatchNorm2d) or spectral_norm_of(m) is not None), None)
     if done is not None or getattr(model, "lcnn_report", None) is not None:

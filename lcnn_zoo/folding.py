@@ -20,6 +20,7 @@ from .layers import (
     spectral_norm_modules,
     spectral_norm_of,
 )
+from .weight_checks import meta_tensor
 
 __all__ = ["fold", "stale_spectral_norms"]
 
@@ -156,10 +157,17 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
 
     Args:
         inplace: modify ``model`` itself instead of a deep copy.
+
+    Raises:
+        ValueError: the model has no LCNN layers, or is on the meta device (no weights to fold).
     """
     if not any(spectral_norm_of(m) is not None or isinstance(m, (LipschitzBatchNorm2d, CenteredSoftplus))
                for m in model.modules()):
         raise ValueError("fold: the model has no LCNN layers to fold (is it folded already?)")
+    meta = meta_tensor(model)
+    if meta is not None:  # folding computes with the weights: σ, the BatchNorm scales, the self-check
+        raise ValueError(f"fold: the model is on the meta device ({meta} has a shape but no values): load its "
+                         f"weights first (model.to_empty(device='cpu'), then load_state_dict)")
     stale = stale_spectral_norms(model)
     if stale:
         worst = max(stale, key=lambda t: t[1])

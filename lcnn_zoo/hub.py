@@ -360,8 +360,10 @@ def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str
     elif not local and not cfg.get("file"):
         repo = cfg.get("hf_hub_id")
         if not repo:
-            how = recipe_hint(variant, tag) if tag else "pass a checkpoint with pretrained_cfg_overlay=dict(file=...)"
-            raise PretrainedLoadError(f"no pretrained weights have been published for {name}; train them with {how}")
+            how = (f"train them with {recipe_hint(variant, tag)}" if tag else
+                   f"train them with `lcnn-zoo train --model {variant} --dataset <your data>` (see docs/training.md), "
+                   f"or load your own with pretrained_cfg_overlay=dict(file='/path/to/model.safetensors')")
+            raise PretrainedLoadError(f"no pretrained weights have been published for {name}; {how}")
         _check_fetchable(f"Pretrained weights for '{name}'", repo, cfg.get("hf_hub_filename") or HUB_FILENAME)
     weights = cfg.get("file") or cfg.get("hf_hub_id") or variant
     kwargs["pretrained_filter_fn"] = _checked_filter(kwargs.get("pretrained_filter_fn"), str(weights))

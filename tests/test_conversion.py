@@ -387,3 +387,13 @@ def test_an_lcnn_keeps_its_class_and_pickles_through_state_dict_or_folded():
     again = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)  # our own bytes, just written
     x = torch.rand(2, 1, 12, 12)
     assert torch.equal(again(x), folded(x))
+
+
+def test_a_torchscript_model_is_refused_in_one_sentence():
+    """Issue 31, case 17: torch's "register_forward_pre_hook is not supported on ScriptModules" before."""
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+    with pytest.raises(TypeError, match="lcnnify: the model is a TorchScript module.*convert the original"):
+        lcnnify(scripted, input_size=(1, 8, 8))
+    inside = nn.Sequential(torch.jit.script(nn.Conv2d(1, 4, 3)), nn.ReLU())
+    with pytest.raises(TypeError, match="lcnnify: 0 is a TorchScript module"):
+        lcnnify(inside, input_size=(1, 8, 8))

@@ -111,3 +111,11 @@ def test_fold_of_a_model_with_a_conv_no_forward_reaches():
         folded = fold(model)
     aux = copy.deepcopy(folded.aux).double()
     assert dense_norm(aux, torch.zeros(1, 4, 8, 8, dtype=torch.float64)) == pytest.approx(1.0, abs=2e-3)
+
+
+def test_a_model_on_the_meta_device_is_refused_in_one_sentence():
+    """Issue 31, case 17: torch's "Tensor.item() cannot be called on meta tensors" before."""
+    model = quiet_lcnnify(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU()),
+                          input_size=(1, 6, 6)).to("meta")
+    with pytest.raises(ValueError, match="fold: the model is on the meta device .*load its weights first"):
+        fold(model)

@@ -83,6 +83,17 @@ def test_unpublished_architecture():
         timm.create_model("lcnn_resnet50", pretrained=True)
 
 
+@pytest.mark.parametrize("arch", ["lcnn_resnet50", "lcnn_wide_resnet50_2"])
+def test_an_architecture_without_weights_says_what_to_do_in_one_sentence(arch):
+    """Issue 31, case 17: the sentence read "train them with pass a checkpoint with …"."""
+    with pytest.raises(PretrainedLoadError) as err:
+        timm.create_model(arch, pretrained=True)
+    msg = str(err.value)
+    assert "with pass" not in msg and "\n" not in msg
+    assert f"train them with `lcnn-zoo train --model {arch} --dataset <your data>`" in msg
+    assert "pretrained_cfg_overlay=dict(file=" in msg
+
+
 @pytest.mark.parametrize("source,case", [("local-dir", "i32"), ("file", "log_beta")])
 def test_weights_wrong_in_content_are_refused_when_timm_loads_them(tmp_path, source, case):
     """Issue 31, case 10, on timm's own loading path (tags, hf-hub:, local-dir:, a file overlay): the

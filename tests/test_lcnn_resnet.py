@@ -141,3 +141,16 @@ def test_a_grey_tag_with_timms_in_chans_3_keeps_its_function_and_says_its_input(
         torch.testing.assert_close(rgb(x.expand(-1, 3, -1, -1)), grey(x), rtol=1e-4, atol=1e-4)
     if tag.startswith("lcnn_resnet20."):  # the adapted stem's vectors are singular vectors of its weight
         assert rgb.conv1.parametrizations.weight[0].residual(rgb.conv1.parametrizations.weight.original) < 1e-3
+
+
+def test_img_size_may_be_one_number_as_in_timm():
+    """Issue 31, case 17: img_size=64 gave "TypeError: Value after * must be an iterable"; it means 64 x 64."""
+    x = torch.rand(2, 1, 16, 16)
+    outs = []
+    for size in (16, (16, 16)):
+        torch.manual_seed(0)
+        model = timm.create_model("lcnn_resnet20.fmnist", pretrained=True, img_size=size).eval()
+        assert model.lcnn_report.input_size == (1, 16, 16)
+        with torch.no_grad():
+            outs.append(model(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

@@ -66,12 +66,14 @@ def _act_layer(flavour: str):
     return nn.ReLU  # the LCNN's ReLUs are converted by lcnnify
 
 
-def _finalize(model: nn.Module, flavour: str, in_chans: int, img_size: Sequence[int], beta_init: float,
+def _finalize(model: nn.Module, flavour: str, in_chans: int, img_size: Union[int, Sequence[int]], beta_init: float,
               gamma_init: float, device=None, dtype=None) -> None:
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     if flavour == "lcnn":
-        lcnnify(model, input_size=(in_chans, *img_size), bn_affine=False, beta_init=beta_init,
+        # timm's convention: img_size=64 means 64 x 64 (create_model(..., img_size=64))
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        lcnnify(model, input_size=(in_chans, *size), bn_affine=False, beta_init=beta_init,
                 gamma_init=gamma_init, strict=True)
 
 
