@@ -90,3 +90,20 @@ def test_the_other_bash_blocks_run_as_written(tmp_path):
     assert {"args.json", "last.pth", "model.safetensors", "model_best.safetensors", "summary.json",
             "summary.csv"} <= names, names
     assert (tmp_path / "runs" / "first-eval" / "eval.json").is_file()
+
+
+def test_the_tests_the_docs_cite_exist():
+    """docs/*.md cite tests as ``test_file.py::test_name`` (a following ``::test_name`` is in the same
+    file): a renamed or removed test must not leave a claim the suite no longer checks."""
+    missing, checked = [], 0
+    for doc in sorted((REPO / "docs").glob("*.md")):
+        current = None
+        for cell in re.findall(r"`([^`\n]*test_\w+[^`\n]*)`", doc.read_text(encoding="utf-8")):
+            m = re.match(r"(test_\w+\.py)?::(test_\w+)", cell)
+            if not m:
+                continue
+            current = m.group(1) or current
+            path, checked = REPO / "tests" / (current or ""), checked + 1
+            if current is None or not path.is_file() or f"def {m.group(2)}(" not in path.read_text(encoding="utf-8"):
+                missing.append(f"{doc.name}: {current}::{m.group(2)}")
+    assert missing == [] and checked > 50
