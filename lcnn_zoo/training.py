@@ -52,6 +52,7 @@ from .layers import (CONVERGENCE_TOL, LipschitzBatchNorm2d, converge_spectral_no
 from .preflight import DistEnv, TrainPlan, train_plan
 from .penalty import param_groups
 from .steps import Regulariser, make_regulariser
+from .weight_checks import check_weights
 
 __all__ = ["train", "TrainingRun", "TrainData", "build_run", "train_one_epoch", "evaluate", "resume",
            "RECALIBRATE_BELOW_STEPS", "batches_seen_by_batchnorm"]
@@ -277,6 +278,11 @@ def resume(run: TrainingRun, ckpt: Dict[str, Any], path: str | os.PathLike) -> i
                                   f"({shown((str(e) or type(e).__name__).splitlines()[0], 160)}): restore the file, or "
                                   f"train again in a new folder (leave out --resume)") from e
 
+    # A run stops when its loss stops being finite (train_one_epoch), so a checkpoint holding NaN is a
+    # damaged file: refused here, before load_state_dict (which would also cast a relabelled dtype).
+    check_weights(ckpt["state_dict"], Path(path), run.core)
+    if run.ema is not None and ckpt.get("state_dict_ema") is not None:
+        check_weights(ckpt["state_dict_ema"], Path(path), run.ema.module)
     with exact_vectors():  # the run's own tracking state, as the uninterrupted run would have it
         restore("state_dict", lambda: run.core.load_state_dict(ckpt["state_dict"]))
     restore("optimizer", lambda: run.optimizer.load_state_dict(ckpt["optimizer"]))

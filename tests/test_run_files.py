@@ -113,3 +113,16 @@ def test_a_damaged_last_pth_says_what_happened_and_what_to_do(tmp_path, capsys, 
     for command in (_resume, _eval_checkpoint):
         err = fails_with(capsys, command(run), *fragments)
         assert "miniz" not in err and "PytorchStreamReader" not in err and "KeyError" not in err, err
+
+
+@needs_fmnist
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_holding_weights_that_are_not_finite_is_not_resumed(tmp_path, capsys, value):
+    """A run stops when its loss stops being finite, so NaN or inf in last.pth is damage: resuming
+    would train on from it. Refused in one line naming the file and the tensor."""
+    run = run_folder(tmp_path / "exp", argv=FAST_LCNN_RUN)
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    name = next(k for k, t in ckpt["state_dict"].items() if t.is_floating_point() and t.dim() == 4)
+    ckpt["state_dict"][name].view(-1)[0] = value
+    torch.save(ckpt, run / "last.pth")
+    fails_with(capsys, _resume(run), "last.pth", f"tensor '{name}'", "these weights cannot be used")
