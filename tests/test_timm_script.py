@@ -107,6 +107,8 @@ def test_validate_py_calls_on_a_grey_image_folder_give_the_tags_own_predictions(
             correct, n = correct + int((pred == y).sum()), n + len(y)
     assert n == 200 and agree == n
     assert correct / n > 0.8  # the shipped tags are ~91 % on Fashion-MNIST's test set
+    # inference.py labels the predictions with the cfg's names: the 3-channel model keeps them
+    assert model.pretrained_cfg["label_names"] and model.pretrained_cfg["label_names"] == grey.pretrained_cfg["label_names"]
 
 
 def test_onnx_export_py_calls_export_the_lcnns_eval_function(tmp_path):
@@ -145,3 +147,26 @@ def test_train_py_calls_with_the_penalty_as_a_model_kwarg_step_as_loss_plus_pena
             opt.zero_grad()
     for (k, a), b in zip(attached.state_dict().items(), plain.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("tag", ["lcnn_resnet20.fmnist", "lcnn_resnet20.cifar10", "lcnn_resnet18.cifar100"])
+def test_inference_py_labels_its_predictions_with_the_tags_class_names(tag):
+    """inference.py (issue 32, item 6): a pretrained_cfg without ``label_names`` made timm log "Cannot
+    deduce ImageNet subset" and write no label column. It maps indices to names as here; the names
+    are the dataset's own, in label order (the 3-channel model of validate.py's test keeps them)."""
+    from timm.data import CustomDatasetInfo, DatasetInfoLabelMapper
+    from timm.models import get_pretrained_cfg
+    from torchvision.datasets import FashionMNIST
+
+    cfg = get_pretrained_cfg(tag)  # what create_model puts in model.pretrained_cfg
+    names = cfg.label_names
+    assert names is not None and len(names) == cfg.num_classes
+    to_label = DatasetInfoLabelMapper(CustomDatasetInfo(label_names=names), label_type="description")
+    first, last = {"lcnn_resnet20.fmnist": (FashionMNIST.classes[0], FashionMNIST.classes[9]),
+                   "lcnn_resnet20.cifar10": ("airplane", "truck"),
+                   "lcnn_resnet18.cifar100": ("apple", "worm")}[tag]
+    assert (to_label(0), to_label(cfg.num_classes - 1)) == (first, last)
+    if tag.endswith("fmnist"):
+        assert list(names) == FashionMNIST.classes
+    if tag.endswith("cifar100"):
+        assert list(names) == sorted(names) and len(set(names)) == 100  # CIFAR-100's fine labels are alphabetical

@@ -450,7 +450,23 @@ def _has_weights(cfg: Dict[str, Any]) -> bool:
     return bool(cfg.get("file") or cfg.get("hf_hub_id"))
 
 
-_CIFAR = {"cifar10": dict(num_classes=10), "cifar100": dict(num_classes=100)}
+# The class names in label order, as timm's save_for_hf keeps them (``pretrained_cfg["label_names"]``):
+# inference.py labels its predictions with them, and ``model.pretrained_cfg`` says what each output is.
+# The datasets' own orders: torchvision's FashionMNIST.classes, CIFAR-10's batches.meta, CIFAR-100's
+# fine labels (alphabetical).
+_FMNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")
+_CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_CIFAR100_LABELS = tuple("""
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can
+    castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+    elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster
+    man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck
+    pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
+    skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger
+    tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split())
+_CIFAR = {"cifar10": dict(num_classes=10, label_names=_CIFAR10_LABELS),
+          "cifar100": dict(num_classes=100, label_names=_CIFAR100_LABELS)}
 _EXTRA_TAGS = extra_tags()
 
 
@@ -464,7 +480,8 @@ def _family(name: str, datasets: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[st
 
 # A variant's default tag is one with weights where any has (lcnn_resnet20 → .fmnist, 1×28×28), else CIFAR-10's.
 _RESNET20_DATA = {**{k: dict(v, pool_size=(8, 8)) for k, v in _CIFAR.items()},
-                  "fmnist": dict(num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7))}
+                  "fmnist": dict(num_classes=10, input_size=(1, 28, 28), pool_size=(7, 7),
+                                label_names=_FMNIST_LABELS)}
 _WRN_DATA = {k: dict(v, pool_size=(8, 8)) for k, v in _CIFAR.items()}
 _IN1K: Dict[str, Any] = dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
                              notes="architecture only: no weights and no recipe")
