@@ -218,4 +218,8 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
     if not torch.isfinite(out).all() or err > rtol * scale:
         raise RuntimeError(f"fold: folded outputs deviate from the LCNN by {float(err):.3g} "
                            f"(> {rtol} x {float(scale):.3g}); please report this model")
+    if getattr(type(folded), "builds_folded", False):
+        # A zoo architecture builds its folded form with folded=True: timm's save_for_hf writes the
+        # model's _model_args into config.json, so the folded weights load back by that name.
+        setattr(folded, "_model_args", {**getattr(folded, "_model_args", {}), "folded": True})  # (a plain attribute)
     return folded

@@ -29,7 +29,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
 from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
-from timm.models import resolve_pretrained_cfg
+from timm.models import load_pretrained, resolve_pretrained_cfg
 from torch import nn
 
 from .environment import env
@@ -331,14 +331,37 @@ def _checked_filter(inner: Optional[Callable[..., Any]], where: str) -> Callable
     return checked
 
 
+def _load_after(build_fn: Callable[..., nn.Module], before_loading: Callable[[nn.Module], nn.Module]
+                ) -> Callable[..., nn.Module]:
+    """``build_fn`` that builds without weights, applies ``before_loading``, then loads the weights
+    with timm's ``load_pretrained`` (the same file resolution, filter and strictness as a build)."""
+    def build(model_cls: type, variant: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+        filter_fn = kwargs.pop("pretrained_filter_fn", None)
+        model = before_loading(build_fn(model_cls, variant, False, **kwargs))
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        first = model.get_submodule(cfg["first_conv"]) if cfg.get("first_conv") else None
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=kwargs.get("num_classes", cfg.get("num_classes", 1000)),
+                        in_chans=getattr(first, "in_channels", kwargs.get("in_chans", 3)), filter_fn=filter_fn)
+        return model
+    return build
+
+
 def safe_build(build_fn: Callable[..., nn.Module], model_cls: type, variant: str, pretrained: bool,
-               **kwargs: Any) -> nn.Module:
+               before_loading: Optional[Callable[[nn.Module], nn.Module]] = None, **kwargs: Any) -> nn.Module:
     """``build_fn(model_cls, variant, pretrained, **kwargs)`` (timm's ``build_model_with_cfg``): shipped
     weights checked against their checksum, tags without weights refused at once with the command
     that trains them, and every loading failure turned into a :class:`PretrainedLoadError` that
-    names the weights and the fix."""
+    names the weights and the fix.
+
+    Args:
+        before_loading: with ``pretrained``, the model is built without weights, passed through this
+            (``lcnn_zoo.fold`` for folded weights: they fit the folded model's layers, not the
+            LCNN's), and the weights are then loaded into what it returns by timm's ``load_pretrained``.
+    """
     if not pretrained:
         return build_fn(model_cls, variant, pretrained, **kwargs)
+    if before_loading is not None:
+        build_fn = _load_after(build_fn, before_loading)
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
                                  pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay")).to_dict()
     tag = cfg.get("tag") or ""

@@ -8,7 +8,7 @@ All tensors are elementwise (any shape); β is dimensionless.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.fx
@@ -232,6 +232,10 @@ class CenteredSoftplus(nn.Module):
         return f"beta={self.beta.item():.4g}, learnable={isinstance(self.log_beta, nn.Parameter)}"
 
 
+def _beta_from_buffer(module: "FrozenCenteredSoftplus", incompatible_keys: Any) -> None:
+    module._set_beta(float(module.frozen_beta.item()))
+
+
 class FrozenCenteredSoftplus(nn.Module):
     """Inference-only centered softplus with a constant β: ``F.softplus(x, β) − log(2)/β``.
 
@@ -242,11 +246,22 @@ class FrozenCenteredSoftplus(nn.Module):
 
     def __init__(self, beta: float) -> None:
         super().__init__()
+        self.threshold = _FROZEN_THRESHOLD
+        # β is a constant of the forward (a Python float: TorchScript and the exporters take it as one)
+        # and a buffer of the state dict, so that a folded model's saved weights hold it: loading them
+        # into another folded model of the architecture (timm's save_for_hf / local-dir:) sets the float.
+        self.frozen_beta: torch.Tensor
+        self.register_buffer("frozen_beta", torch.zeros(()))
+        self._set_beta(float(beta))
+        self.register_load_state_dict_post_hook(_beta_from_buffer)  # (a module-level function: pickles)
+
+    @torch.jit.unused
+    def _set_beta(self, beta: float) -> None:
         if not (math.isfinite(beta) and beta > 0.0):
             raise ValueError(f"FrozenCenteredSoftplus: beta must be finite and positive, got {beta}")
-        self.beta = float(beta)
-        self.shift = math.log(2.0) / self.beta
-        self.threshold = _FROZEN_THRESHOLD
+        self.beta = beta
+        self.shift = math.log(2.0) / beta
+        self.frozen_beta.fill_(beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.softplus(x, beta=self.beta, threshold=self.threshold) - self.shift

@@ -45,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..conversion import lcnnify
 from ..folding import fold
-from ..hub import extra_tags, recipe_hint, safe_build, weights_location
+from ..hub import PretrainedLoadError, extra_tags, recipe_hint, safe_build, weights_location
 from ..layers import CONVERGENCE_TOL, CenteredSoftplus, converge_spectral_norms, frozen_state
 from ..layers.spectral_norm import deferred_convergence
 from ..penalty import LCNNPenalty, attach_penalty
@@ -116,6 +116,10 @@ class _ScaledHead:
         global_pool: SelectAdaptivePool2d
         fc: nn.Module
         logit_scale: torch.Tensor
+
+    # Its entry points take folded=True (the model lcnn_zoo.fold makes), so a folded model saved by
+    # timm's save_for_hf is rebuilt by its architecture name (fold records folded=True in _model_args).
+    builds_folded = True
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -503,19 +507,33 @@ def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool, model_ar
     penalty = kwargs.pop("lcnn_penalty", None)  # λ (or True): the LCNN penalty at every optimizer step
     if penalty is not None and not isinstance(penalty, (bool, int, float)):
         raise ValueError(f"lcnn_penalty must be a number (λβ = λγ) or True, got {type(penalty).__name__}")
+    # folded=True: the deployable form (lcnn_zoo.fold), as timm's exportable=True builds it. A folded
+    # model saved with timm's save_for_hf records folded=True in its model_args (fold sets it), so its
+    # config.json rebuilds the folded architecture, and its weights (folded: they no longer fit the
+    # LCNN's layers) are loaded after folding.
+    folded = bool(kwargs.pop("folded", False)) or is_exportable()
+    weights_folded = pretrained and bool((kwargs.get("pretrained_model_args") or {}).get("folded"))
+    if weights_folded and not folded:
+        raise PretrainedLoadError(f"these {variant} weights are folded (saved from lcnn_zoo.fold): build the "
+                                  f"folded architecture (folded=True) to load them")
     # With pretrained weights the checkpoint brings converged singular vectors: converging the
     # random initial weights' norms first would be thrown away.
-    with deferred_convergence() if pretrained else nullcontext():
-        model = safe_build(build_model_with_cfg, model_cls, variant, pretrained, **dict(model_args, **kwargs))
+    with deferred_convergence() if pretrained and not weights_folded else nullcontext():
+        model = safe_build(build_model_with_cfg, model_cls, variant, pretrained, **dict(model_args, **kwargs),
+                           before_loading=_fold_now if weights_folded else None)
     if penalty is not None and penalty is not False:
         attach_penalty(model, LCNNPenalty() if penalty is True else LCNNPenalty(float(penalty), float(penalty)))
     _cfg_for_built_channels(model)
-    if is_exportable() and getattr(model, "lcnn_report", None) is not None:
+    if folded and not weights_folded and getattr(model, "lcnn_report", None) is not None:
         # timm's create_model(..., exportable=True), which its onnx_export.py passes: the deployable form,
         # the same eval-mode function in plain layers (an unfolded LCNN refuses export, pointing to fold)
-        converge_spectral_norms(model, tol=CONVERGENCE_TOL)  # what the first eval forward would do
-        model = fold(model, inplace=True)
+        model = _fold_now(model)
     return model
+
+
+def _fold_now(model: nn.Module) -> nn.Module:
+    converge_spectral_norms(model, tol=CONVERGENCE_TOL)  # what the first eval forward would do
+    return fold(model, inplace=True)
 
 
 def _cfg_for_built_channels(model: nn.Module) -> None:
