@@ -12,6 +12,7 @@ is then that of the batch loss.
 """
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union
@@ -94,6 +95,10 @@ class LCNNPenalty:
 
 # ---- the penalty at every optimizer step, for loops that only compute the task loss ------------
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, LCNNPenalty]" = weakref.WeakKeyDictionary()
+# Models whose attached penalty has said, once, that an optimizer step applied it (timm's train.py
+# logs nothing about model keywords; a user must be able to see that the penalty is on, and its λ).
+_ANNOUNCED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_logger = logging.getLogger(__name__)
 _STEP_HOOK = None
 
 
@@ -165,6 +170,11 @@ def _add_penalty_gradients(optimizer: torch.optim.Optimizer, args, kwargs) -> No
                     p.grad = g.to(p.dtype)
                 else:
                     p.grad.add_(g)
+        if model not in _ANNOUNCED:
+            _ANNOUNCED.add(model)
+            _logger.info("LCNN penalty (lcnn_zoo.attach_penalty) applied at this and every optimizer step: "
+                         "λβ %g, λγ %g on the %d β/γ parameters of %s the optimizer holds",
+                         penalty.lambda_beta, penalty.lambda_gamma, len(params), type(model).__name__)
 
 
 #: what the ``torch._foreach_*`` ops take (and return: a tuple)

@@ -154,3 +154,21 @@ def test_img_size_may_be_one_number_as_in_timm():
         with torch.no_grad():
             outs.append(model(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_weights_that_do_not_fit_say_why_in_one_sentence():
+    """Issue 32, item 8: a 3-channel checkpoint (timm's train.py builds with 3) loaded by the bare
+    name lcnn_resnet20 (1 channel, its tag's) gave torch's size mismatch for the stem; another
+    architecture's weights gave the spectral norm hook's "The size of tensor a (64) must match ..."."""
+    small = dict(img_size=(8, 8))
+    rgb = timm.create_model("lcnn_resnet20", in_chans=3, **small).state_dict()
+    with pytest.raises(RuntimeError, match="these weights take 3-channel input and this lcnn_resnet20 was built "
+                                           "for 1: build it with in_chans=3"):
+        timm.create_model("lcnn_resnet20", **small).load_state_dict(rgb)
+    timm.create_model("lcnn_resnet20", in_chans=3, **small).load_state_dict(rgb)  # as the message says
+    with pytest.raises(RuntimeError, match=r"these weights are for another architecture than lcnn_resnet18: \d+ of "
+                                           r"their \d+ tensors have no place in it \(e.g. 'stages"):
+        timm.create_model("lcnn_resnet18", in_chans=3, **small).load_state_dict(rgb)
+    with pytest.raises(RuntimeError, match=r"for lcnn_resnet20 at other sizes: 'fc.bias' is \[10\] in them and \[4\] "
+                                           r"here \(3 tensors differ: another num_classes or width\?\)"):
+        timm.create_model("lcnn_resnet20", in_chans=3, num_classes=4, **small).load_state_dict(rgb)

@@ -215,3 +215,21 @@ def test_attach_penalty_is_removable_and_refuses_a_net_without_beta_or_gamma():
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="has no learnable β or γ"):
         timm.create_model("lcnn_resnet20_relu", img_size=(8, 8), lcnn_penalty=1e-3)
+
+
+def test_an_attached_penalty_says_once_that_it_is_applied_and_with_which_lambdas(caplog):
+    """Issue 32, item 9: timm's train.py with --model-kwargs lcnn_penalty=… logged nothing about it.
+    The first optimizer step that applies the penalty logs one line (INFO, which timm's scripts show)
+    with λβ, λγ and how many parameters it reaches; later steps add nothing."""
+    import logging
+
+    attached, _ = _penalised_pair(lam=0.02)
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([1, 2])
+    with caplog.at_level(logging.INFO, logger="lcnn_zoo"):
+        _steps(attached, torch.optim.SGD(attached.parameters(), lr=0.1), [(x, y)] * 3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lcnn_zoo.penalty"]
+    from lcnn_zoo.penalty import curvature_parameters
+
+    n = sum(len(ps) for ps in curvature_parameters(attached).values())
+    assert lines == [f"LCNN penalty (lcnn_zoo.attach_penalty) applied at this and every optimizer step: "
+                     f"λβ 0.02, λγ 0.02 on the {n} β/γ parameters of CifarResNet the optimizer holds"]
