@@ -107,3 +107,49 @@ def test_the_tests_the_docs_cite_exist():
             if current is None or not path.is_file() or f"def {m.group(2)}(" not in path.read_text(encoding="utf-8"):
                 missing.append(f"{doc.name}: {current}::{m.group(2)}")
     assert missing == [] and checked > 50
+
+
+def _doc_command_lines():
+    """Every ``lcnn-zoo`` command of docs/*.md's bash blocks, as argv after ``lcnn-zoo``: continuation
+    lines joined, comments dropped, a ``common=(…)`` array expanded where ``"${common[@]}"`` uses it;
+    lines that abbreviate with ``…`` are left out."""
+    for doc in sorted((REPO / "docs").glob("*.md")):
+        arrays = {}
+        for block in re.findall(r"^```bash\n(.*?)^```", doc.read_text(encoding="utf-8"), re.S | re.M):
+            text = re.sub(r"\\\n\s*", " ", block)
+            for name, body in re.findall(r"^(\w+)=\((.*?)\)", text, re.S | re.M):
+                arrays[name] = shlex.split(body.replace("\n", " "))
+            for line in text.splitlines():
+                line = line.split(" #")[0].strip()
+                if "…" in line or "lcnn_zoo " not in line + " " and not line.startswith("lcnn-zoo "):
+                    continue
+                words = []
+                for w in shlex.split(line):
+                    m = re.fullmatch(r"\$\{(\w+)\[@\]\}", w)
+                    words.extend(arrays[m.group(1)] if m else [w])
+                start = words.index("lcnn-zoo") if "lcnn-zoo" in words else words.index("lcnn_zoo")
+                yield doc.name, words[start + 1:]
+
+
+def test_every_lcnn_zoo_command_in_docs_parses():
+    """Each documented ``lcnn-zoo`` line's options are accepted as written (the commands that train
+    for minutes run in CI's slow step or by hand; a renamed or removed option must not outlive its docs)."""
+    from lcnn_zoo.cli import build_parser
+    from lcnn_zoo.options import train_config
+
+    seen = 0
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the docs' relative paths (configs/…) are the repository's
+    try:
+        for doc, argv in _doc_command_lines():
+            seen += 1
+            try:
+                if argv[0] == "train":
+                    train_config(argv[1:])
+                else:
+                    build_parser().parse_args(argv)
+            except SystemExit as e:
+                raise AssertionError(f"{doc}: lcnn-zoo {shlex.join(argv)} is refused (exit {e.code})") from e
+    finally:
+        os.chdir(cwd)
+    assert seen >= 8
