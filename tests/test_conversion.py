@@ -397,3 +397,19 @@ def test_a_torchscript_model_is_refused_in_one_sentence():
     inside = nn.Sequential(torch.jit.script(nn.Conv2d(1, 4, 3)), nn.ReLU())
     with pytest.raises(TypeError, match="lcnnify: 0 is a TorchScript module"):
         lcnnify(inside, input_size=(1, 8, 8))
+
+
+def test_the_report_opens_with_its_verdict_and_lists_each_kind_of_finding_once():
+    """Issue 32, item 4: a transformer's report was 42-62 lines, one per uncovered operation with
+    repeated names, and no sentence said that the bound does not apply. Now the verdict comes first
+    and each kind of finding is one line naming a few of its places."""
+    blocks = [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU()) for _ in range(6)]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), *blocks, nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LCNNConversionWarning)
+        lcnnify(model, input_size=(3, 8, 8))
+    lines = str(model.lcnn_report).splitlines()
+    assert lines[1].startswith("  verdict: the curvature bound does NOT apply to this model: 6 operation(s) in 6 place(s)")
+    group_norm = [line for line in lines if "(GroupNorm)" in line]
+    assert len(group_norm) == 1 and group_norm[0].startswith("  not covered: 1.1, 2.1, 3.1 and 3 more (GroupNorm)")
+    assert len(lines) <= 4
