@@ -133,6 +133,19 @@ def _warn_unreached_convs(folded: nn.Module) -> None:
 
 
 @torch.no_grad()
+def _example_input(model: nn.Module) -> torch.Tensor:
+    """Two random inputs of the model's input size (lcnnify's, else its first convolution's), for fold's self-check."""
+    size = getattr(getattr(model, "lcnn_report", None), "input_size", None)
+    if size is None:
+        shapes = [sn.input_shape for _, sn in spectral_norm_modules(model) if sn.layer_type == "conv2d" and sn.input_shape]
+        if not shapes:
+            raise ValueError("fold: pass example_input (the model's input size is unknown)")
+        size = shapes[0]
+    p = next(model.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return torch.rand(2, *size, generator=gen).to(device=p.device, dtype=p.dtype)
+
+
 def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inplace: bool = False,
          rtol: float = 1e-5) -> nn.Module:
     """Turn a (trained) LCNN into plain torch modules with identical eval-mode outputs.
@@ -178,16 +191,7 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
     folded = model if inplace else copy.deepcopy(model)
     folded.eval()
     if example_input is None:
-        size = getattr(getattr(model, "lcnn_report", None), "input_size", None)
-        if size is None:
-            shapes = [sn.input_shape for _, sn in spectral_norm_modules(folded)
-                      if sn.layer_type == "conv2d" and sn.input_shape]
-            if not shapes:
-                raise ValueError("fold: pass example_input (the model's input size is unknown)")
-            size = shapes[0]
-        p = next(folded.parameters())
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        example_input = torch.rand(2, *size, generator=gen).to(device=p.device, dtype=p.dtype)
+        example_input = _example_input(folded)
     reference = folded(example_input)
 
     _warn_unreached_convs(folded)

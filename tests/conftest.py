@@ -77,6 +77,7 @@ def published(tmp_path_factory):
 # the slowest on the EPYC (`--durations` in CI's output), run in CI's separate `-m slow` step
 # instead: "file::test" marks every parametrisation, "file::test[id]" one of them.
 SLOW_TESTS = (
+    "test_training.py::test_a_compiled_training_epoch_is_the_eager_epoch",
     "test_training.py::test_an_uncovered_lcnnify_model_needs_allow_uncovered_to_train",
     "test_evaluation.py::test_eval_of_a_run_that_has_not_finished_is_refused_unless_asked",
     "test_run_files.py::test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_one_line",

@@ -448,3 +448,27 @@ def test_the_resume_hint_after_an_interrupt_can_be_pasted_whatever_the_path_hold
     hint = capsys.readouterr().err.strip().splitlines()[-1]
     pasted = shlex.split(hint.split("continue with the same command and ", 1)[1])
     assert pasted == ["--output", str(output), "--experiment", "exp", "--resume", "auto"], hint
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_compiled_training_epoch_is_the_eager_epoch(tmp_path, mode):
+    """`--compile` (timm's --torchcompile) and `--torchcompile-mode reduce-overhead` (inductor's CUDA
+    graphs on a GPU; on the CPU the same compiled code): an epoch of LCNN + FD GradReg steps gives the
+    weights the eager epoch gives. The step reads nothing on the host, which CUDA-graph capture needs
+    (test_a_training_step_reads_nothing_on_the_host)."""
+    torch.manual_seed(0)
+    data = training.TrainData(
+        lcnn_zoo.data.TensorImageDataset(torch.randint(0, 255, (16, 1, 12, 12), dtype=torch.uint8), torch.arange(16) % 4),
+        lcnn_zoo.data.TensorImageDataset(torch.zeros(4, 1, 12, 12, dtype=torch.uint8), torch.arange(4) % 4),
+        (1, 12, 12), 4, ["a", "b", "c", "d"])
+    states = []
+    for compiled in (False, True):
+        argv = ["--model", "lcnn_resnet20", "--batch-size", "8", "--epochs", "1", "--reg", "lcnn_gradreg",
+                "--gradreg", "fd", "--seed", "1", "--no-progress", "--output", str(tmp_path / str(compiled))]
+        cfg = parse_args(argv + (["--compile", "--torchcompile-mode", mode] if compiled else []))
+        torch.manual_seed(1)  # the same initial weights (train() seeds before it builds the run)
+        run = training.build_run(cfg, data, torch.device("cpu"))
+        training.train_one_epoch(run, 0)
+        states.append(run.core.state_dict())
+    for (k, a), b in zip(states[0].items(), states[1].values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=5e-5, msg=lambda m, k=k: f"{k}: {m}")
