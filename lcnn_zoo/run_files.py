@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import pickle
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,8 @@ from .config import TrainConfig, check_value
 from .errors import UserError, shown
 
 __all__ = ["CheckpointError", "SummaryFile", "CheckpointFile", "read_json", "read_args", "read_summary",
-           "read_checkpoint", "check_args", "check_summary", "check_checkpoint", "load_torch_file"]
+           "read_checkpoint", "check_args", "check_summary", "check_checkpoint", "load_torch_file", "not_regular",
+           "require_regular"]
 
 
 class CheckpointError(UserError):
@@ -245,15 +247,47 @@ def check_checkpoint(data: Any, path: Path) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(path: str | os.PathLike) -> Optional[str]:
+    """What ``path`` is when it exists but is not a regular file (``"a named pipe (FIFO)"``, ``"a
+    character device"``, ``"a folder"``, ``"a broken symbolic link"``, …), else None (a regular file,
+    or nothing there). Only looked at (``stat``): a FIFO is never opened, which would wait for a writer."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if os.path.islink(path) else None
+    except OSError as e:
+        return f"unreadable ({e.strerror or type(e).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "not a file")
+
+
+def require_regular(path: str | os.PathLike, what: str) -> None:
+    """:class:`CheckpointError` when ``path`` exists but is not a regular file (see :func:`not_regular`):
+    ``"<what> <path> is not a regular file (a named pipe (FIFO))"``, not "no such file"."""
+    kind = not_regular(path)
+    if kind is not None:
+        raise CheckpointError(f"{what} {shown(Path(path))} is not a regular file ({kind}): pass a file")
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """JSON from ``path``; a missing or unreadable file raises :class:`CheckpointError` naming it."""
+    """JSON from ``path``; a missing, unreadable or invalid file (truncated, not UTF-8, nested too
+    deep for the parser) raises :class:`CheckpointError` naming it. A path that is not a regular
+    file (a FIFO, a device) is refused without being opened."""
     path = Path(path)
+    require_regular(path, what)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise CheckpointError(f"{what} not found: {path}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupted?): {e}; delete or restore it") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else shown(str(e), 120)
+        raise CheckpointError(f"{shown(path)} is not valid JSON (truncated or corrupted?): {reason}; delete or "
+                              f"restore it") from e
 
 
 _DAMAGED_REMEDY = ("restore it from a copy, or train again (without --resume a run starts in a new folder; "
@@ -304,6 +338,7 @@ def read_summary(path: Path) -> Dict[str, Any]:
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """A training checkpoint, checked (:func:`check_checkpoint`)."""
+    require_regular(path, "checkpoint")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {shown(path)}")
     return check_checkpoint(load_torch_file(path), path)

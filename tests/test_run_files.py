@@ -126,3 +126,33 @@ def test_a_checkpoint_holding_weights_that_are_not_finite_is_not_resumed(tmp_pat
     ckpt["state_dict"][name].view(-1)[0] = value
     torch.save(ckpt, run / "last.pth")
     fails_with(capsys, _resume(run), "last.pth", f"tensor '{name}'", "these weights cannot be used")
+
+
+@pytest.mark.parametrize("name", ["summary.json", "args.json"])
+def test_json_nested_too_deeply_for_the_parser_is_one_line(tmp_path, capsys, no_data_read, name):
+    """Hostile pass of issue 31, R10: a summary.json (or args.json) nested 50,000 levels deep was a
+    `RecursionError` traceback from every reader of run files (eval, resume, push)."""
+    run = tmp_path / "exp"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"model": "lcnn_resnet20"}))
+    (run / name).write_text('{"a":' * 50_000 + "1" + "}" * 50_000)
+    err = fails_with(capsys, _eval(run), f"{name} is not valid JSON", "nested too deeply")
+    assert "RecursionError" not in err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_a_run_file_that_is_a_fifo_or_a_device_is_named_and_never_opened(tmp_path):
+    """Hostile pass of issue 31, I16b: a run file that exists but is not a regular file is said to be
+    one (a FIFO is only looked at: opening it would wait for a writer forever)."""
+    import os
+
+    from lcnn_zoo.run_files import CheckpointError, read_checkpoint, read_json
+
+    fifo = tmp_path / "summary.json"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match=r"summary.json is not a regular file \(a named pipe \(FIFO\)\)"):
+        read_json(fifo, "run summary")
+    device = tmp_path / "last.pth"
+    device.symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match=r"last.pth is not a regular file \(a character device\)"):
+        read_checkpoint(device)
