@@ -33,7 +33,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from .errors import UserError, shown
-from .run_files import CheckpointError, load_torch_file, read_args, read_checkpoint, read_json, read_summary
+from .run_files import (CheckpointError, load_torch_file, read_args, read_checkpoint, read_json, read_summary,
+                        require_regular)
 from .writing import atomic_write, file_lock, is_temporary, lock_holder, write_json, write_text
 
 __all__ = ["atomic_write", "write_text", "write_json", "read_json", "load_state_dict", "rng_state", "set_rng_state",
@@ -52,6 +53,7 @@ def load_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> Dict[s
     """A state dict from ``.safetensors`` or a training checkpoint (``torch.load(weights_only=True)``;
     nothing is unpickled). Training checkpoints hold it under ``state_dict`` (``state_dict_ema``)."""
     path = Path(path)
+    require_regular(path, "checkpoint")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":

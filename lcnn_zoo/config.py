@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .errors import UserError, shown
+from .writing import not_regular
 
 __all__ = ["TrainConfig", "EvalConfig", "REGS", "SCHEDULERS", "RESUME_MAY_CHANGE", "load_yaml", "check_value",
            "resume_conflicts", "PAPER_EPS", "NOISE_NORMS", "SEED_MAX"]
@@ -245,6 +246,9 @@ class TrainConfig:
         if self.decay_milestones != sorted(set(self.decay_milestones)):
             raise UserError(f"--decay-milestones must be increasing epochs, got {shown(self.decay_milestones)}")
         if self.resume not in ("", "auto") and not Path(self.resume).is_file():
+            kind = not_regular(self.resume)
+            if kind is not None:
+                raise UserError(f"--resume {shown(Path(self.resume))} is not a regular file ({kind}): pass a run's last.pth")
             raise UserError(f"--resume {shown(self.resume)}: no such checkpoint (use 'auto' for <run>/last.pth)")
         if self.initial_checkpoint and not Path(self.initial_checkpoint).exists():
             raise UserError(f"--initial-checkpoint {shown(self.initial_checkpoint)}: no such file or folder")
@@ -388,6 +392,9 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
     import yaml
 
     path = Path(path)
+    kind = not_regular(path)
+    if kind is not None:  # a FIFO is never opened (it would wait for a writer), a device never read
+        raise UserError(f"config file {shown(Path(path))} is not a regular file ({kind}): pass a YAML file")
     if not path.is_file():
         raise UserError(f"config file not found: {shown(Path(path))}")
     try:

@@ -27,7 +27,7 @@ from .checkpoint import RunFolder
 from .config import TrainConfig, resume_conflicts
 from .data import DataInfo, describe_dataset
 from .errors import UserError, shown
-from .writing import check_name, new_folder
+from .writing import check_name, new_folder, not_regular
 
 __all__ = ["TrainPlan", "DistEnv", "train_plan", "output_folder", "new_output_folder", "check_device",
            "check_model_options", "check_memory", "distributed_env"]
@@ -258,6 +258,10 @@ def _resume_point(cfg: TrainConfig, info: DataInfo) -> Tuple[RunFolder, bool, Op
     folder, new = RunFolder(Path(cfg.output) / cfg.run_name), False
     if cfg.resume == "auto":
         source = folder.file(RunFolder.LAST)
+        kind = not_regular(source)
+        if kind is not None:  # never opened: a FIFO would wait for a writer
+            raise UserError(f"--resume auto: {shown(source)} is not a regular file ({kind}): restore the run's "
+                            f"{RunFolder.LAST}, or leave out --resume to train again in a new folder")
         if not source.is_file():
             # Nothing to resume: a new run there, if the folder is absent, empty, or a run stopped
             # before its first checkpoint (only the run's own files); never a folder of other files,

@@ -47,7 +47,7 @@ from .hub import (
 from .layers import converge_spectral_norms, frozen_state
 from .layers.spectral_norm import deferred_convergence
 from .weight_checks import check_outputs, check_weights
-from .writing import Transaction, check_name, check_writable_parent, file_lock
+from .writing import Transaction, check_name, check_writable_parent, file_lock, not_regular
 
 __all__ = ["PUSH_FILES", "save_pretrained", "push_folder", "record_published", "bundle", "select_metrics",
            "metrics_table", "render_recipe", "render_model_card", "build_model_card", "find_model_card_template",
@@ -575,6 +575,9 @@ def _run_info(checkpoint: Path) -> Dict[str, Any]:
 
 def _read_text(path: str, option: str) -> str:
     p = Path(path)
+    kind = not_regular(p)
+    if kind is not None:  # a FIFO is never opened (it would wait for a writer), a device never read
+        raise UserError(f"{option} {shown(Path(path))} is not a regular file ({kind}): pass a text file")
     if not p.is_file():
         raise UserError(f"{option} {shown(path)}: no such file")
     try:

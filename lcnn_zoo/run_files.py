@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import pickle
-import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from .config import TrainConfig, check_value
 from .errors import UserError, shown
+from .writing import not_regular
 
 __all__ = ["CheckpointError", "SummaryFile", "CheckpointFile", "read_json", "read_args", "read_summary",
            "read_checkpoint", "check_args", "check_summary", "check_checkpoint", "load_torch_file", "not_regular",
@@ -247,25 +247,6 @@ def check_checkpoint(data: Any, path: Path) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
-
-
-def not_regular(path: str | os.PathLike) -> Optional[str]:
-    """What ``path`` is when it exists but is not a regular file (``"a named pipe (FIFO)"``, ``"a
-    character device"``, ``"a folder"``, ``"a broken symbolic link"``, …), else None (a regular file,
-    or nothing there). Only looked at (``stat``): a FIFO is never opened, which would wait for a writer."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "a broken symbolic link" if os.path.islink(path) else None
-    except OSError as e:
-        return f"unreadable ({e.strerror or type(e).__name__})"
-    if stat.S_ISREG(mode):
-        return None
-    return next((kind for test, kind in _KINDS if test(mode)), "not a file")
-
-
 def require_regular(path: str | os.PathLike, what: str) -> None:
     """:class:`CheckpointError` when ``path`` exists but is not a regular file (see :func:`not_regular`):
     ``"<what> <path> is not a regular file (a named pipe (FIFO))"``, not "no such file"."""

@@ -25,13 +25,14 @@ import json
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import UserError, shown
 
 __all__ = ["atomic_write", "write_text", "write_json", "new_folder", "check_name", "check_writable_parent",
-           "file_lock", "lock_holder", "Transaction", "TMP_MARK", "is_temporary", "EXISTING_POLICIES"]
+           "file_lock", "lock_holder", "Transaction", "TMP_MARK", "is_temporary", "EXISTING_POLICIES", "not_regular"]
 
 TMP_MARK = ".tmp-lcnn-"  # temporary files are named .<name>.tmp-lcnn-<pid>-<random>: ours to clean up
 EXISTING_POLICIES = ("suffix", "refuse")
@@ -139,6 +140,25 @@ def check_writable_parent(parent: str | os.PathLike, option: str) -> Path:
         raise UserError(f"{option} {shown(p)}: {shown(probe)} is not writable (read-only file system or no "
                         f"permission)")
     return p
+
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def not_regular(path: str | os.PathLike) -> Optional[str]:
+    """What ``path`` is when it exists but is not a regular file (``"a named pipe (FIFO)"``, ``"a
+    character device"``, ``"a folder"``, ``"a broken symbolic link"``, …), else None (a regular file,
+    or nothing there). Only looked at (``stat``): a FIFO is never opened, which would wait for a writer."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if os.path.islink(path) else None
+    except OSError as e:
+        return f"unreadable ({e.strerror or type(e).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), "not a file")
 
 
 def _is_empty_dir(path: Path) -> bool:

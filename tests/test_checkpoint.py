@@ -124,3 +124,27 @@ def test_a_runs_state_comes_from_its_own_files(tmp_path):
     with pytest.raises(UserError, match="pass --allow-unfinished"):
         stopped.require_finished("lcnn-zoo push")
     assert stopped.require_finished("lcnn-zoo push", allow_unfinished=True).epoch == 2
+
+
+@needs_fmnist
+@pytest.mark.parametrize("kind,fragment", [("fifo", "a named pipe (FIFO)"), ("device", "a character device")])
+def test_a_last_pth_that_is_not_a_regular_file_is_said_so_and_never_opened(tmp_path, capsys, monkeypatch, kind,
+                                                                            fragment):
+    """Hostile pass of issue 31, I16b: a last.pth that is a FIFO (or a link to /dev/zero) was "a finished
+    run but no last.pth" under --resume auto and "no such checkpoint" under --resume PATH."""
+    run = tmp_path / "exp"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps({"model": "lcnn_resnet20"}))
+    last = run / "last.pth"
+    os.mkfifo(last) if kind == "fifo" else last.symlink_to("/dev/zero")
+
+    def read(*a, **k):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(training, "_datasets", read)
+    common = ["train"] + FAST_LCNN_RUN + ["--epochs", "2", "--output", str(tmp_path), "--experiment"]
+    fails_with(capsys, common + ["exp", "--resume", "auto"], "last.pth is not a regular file", fragment,
+               "leave out --resume")
+    fails_with(capsys, common + ["other", "--resume", str(last)], "last.pth is not a regular file", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+    assert sorted(p.name for p in run.iterdir()) == ["args.json", "last.pth"]

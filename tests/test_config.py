@@ -17,3 +17,15 @@ def test_options_are_validated_before_any_work(tmp_path, capsys, yaml_text, argv
     cfg.write_text(yaml_text)
     fails_with(capsys, ["train", "--config", str(cfg), "--output", str(tmp_path / "runs")] + argv, fragment)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("kind,fragment", [("fifo", "a named pipe (FIFO)"), ("device", "a character device")])
+def test_a_config_that_is_a_fifo_or_a_device_is_said_so_not_opened(tmp_path, capsys, kind, fragment):
+    """Hostile pass of issue 31, P9: `--config` a FIFO or /dev/zero said "config file not found"."""
+    import os
+
+    cfg = tmp_path / "c.yaml"
+    os.mkfifo(cfg) if kind == "fifo" else cfg.symlink_to("/dev/zero")
+    fails_with(capsys, ["train", "--config", str(cfg), "--output", str(tmp_path / "runs")],
+               "c.yaml is not a regular file", fragment)
+    assert not (tmp_path / "runs").exists()

@@ -540,3 +540,14 @@ def test_weights_wrong_in_content_are_not_published(tmp_path, capsys, case):
     fails_with(capsys, ["push", str(tmp_path / "w.safetensors"), "--model", "lcnn_resnet20_softplus.fmnist",
                         "--output-dir", str(tmp_path / "o")], "w.safetensors", name)
     assert files_under(tmp_path / "o") == []
+
+
+@pytest.mark.parametrize("kind,fragment", [("fifo", "a named pipe (FIFO)"), ("device", "a character device")])
+def test_a_recipe_that_is_a_fifo_or_a_device_is_said_so_not_opened(tmp_path, capsys, kind, fragment):
+    """Hostile pass of issue 31, P9: `push --recipe` a FIFO or /dev/zero said "no such file"."""
+    recipe = tmp_path / "r.yaml"
+    os.mkfifo(recipe) if kind == "fifo" else recipe.symlink_to("/dev/zero")
+    ckpt = _ckpt(tmp_path / "w.safetensors", "lcnn_resnet20.cifar10")
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(tmp_path / "o"),
+                        "--recipe", str(recipe)], "r.yaml is not a regular file", fragment)
+    assert files_under(tmp_path / "o") == []
