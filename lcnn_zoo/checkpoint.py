@@ -158,11 +158,13 @@ class RunFolder:
 
     def unfinished_start(self) -> bool:
         """Whether the folder holds only the files a run writes before its first checkpoint
-        (``args.json``, its lock, temporaries, at most ``model_best.safetensors``): a run stopped
-        before its first epoch ended, which ``--resume auto`` starts again in place. A summary, a CSV
-        or final weights mean the run got further (or finished): its files are never trained over."""
+        (``args.json``, its lock, temporaries): a run stopped before its first epoch ended, which
+        ``--resume auto`` starts again in place. Anything a run writes after its first epoch — best
+        or final weights, a summary, a CSV — means the run got further (or finished; a finished run
+        may have been reduced to its ``model_best.safetensors``, which says nothing of its epoch): its
+        files are never trained over."""
         names = [p.name for p in self.path.iterdir()]
-        early = {self.ARGS, self.BEST, self.LOCK}
+        early = {self.ARGS, self.LOCK}
         return all(n in early or is_temporary(n, self._OURS) for n in names)
 
     def state(self) -> "RunState":

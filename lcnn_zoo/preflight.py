@@ -287,11 +287,14 @@ def _refuse_a_run_without_checkpoint(cfg: TrainConfig, folder: RunFolder) -> Non
     final weights) but has no ``last.pth`` (deleted to save space, say): nothing to continue from,
     and starting again there would replace the run's weights and summary. Refused, saying what to do."""
     names = {p.name for p in folder.path.iterdir()}
-    if not names & {RunFolder.SUMMARY, RunFolder.CSV, RunFolder.WEIGHTS}:
+    if not names & {RunFolder.SUMMARY, RunFolder.CSV, RunFolder.WEIGHTS, RunFolder.BEST}:
         return  # other files: new_folder refuses the folder, naming them
-    finished = RunFolder.WEIGHTS in names or (RunFolder.SUMMARY in names
-                                              and folder.summary().get("finished", True))
-    what = "a finished run" if finished else "a run stopped after its first epochs"
+    if RunFolder.WEIGHTS in names or (RunFolder.SUMMARY in names and folder.summary().get("finished", True)):
+        what = "a finished run"
+    elif RunFolder.SUMMARY in names or RunFolder.CSV in names:
+        what = "a run stopped after its first epochs"
+    else:  # only the best weights: a finished run reduced to them, or one stopped after an epoch (nothing says which)
+        what = f"a run that got past its first epoch (its {RunFolder.BEST}; finished or not)"
     fresh = shown(Path(cfg.run_name + "-N"))
     raise UserError(f"--resume auto: {shown(folder.path)} holds {what} but no {RunFolder.LAST} to continue from; "
                     f"it is not trained again over its own files. Restore {RunFolder.LAST} to train it on, or leave "

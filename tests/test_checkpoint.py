@@ -95,15 +95,38 @@ def test_a_run_whose_last_pth_is_gone_is_never_trained_again_over_its_files(tmp_
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+@needs_fmnist
+def test_a_finished_run_kept_to_its_best_weights_is_never_trained_again_over_them(tmp_path, capsys, monkeypatch):
+    """Hostile pass of issue 31, I01b: a finished run reduced to args.json and model_best.safetensors
+    (its best weights kept, the rest deleted) was taken for a run stopped before its first checkpoint:
+    `--resume auto` trained it again in place and replaced model_best.safetensors. Refused before any
+    data is read; nothing in the folder changes."""
+    run = run_folder(tmp_path / "exp", epoch=1, epochs=1, argv=FAST_LCNN_RUN)
+    for name in ("last.pth", "model.safetensors", "summary.json", "summary.csv"):
+        (run / name).unlink()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def read(*a, **k):
+        raise AssertionError("the data was read: the run would be trained again")
+
+    monkeypatch.setattr(training, "_datasets", read)
+    fails_with(capsys, ["train"] + FAST_LCNN_RUN + ["--epochs", "2", "--output", str(tmp_path), "--experiment", "exp",
+                        "--resume", "auto"],
+               "holds a run that got past its first epoch (its model_best.safetensors", "no last.pth to continue from",
+               "Restore last.pth", "leave out --resume to train again in a new folder")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
 def test_only_a_run_stopped_before_its_first_checkpoint_is_started_again_in_place(tmp_path):
     run = RunFolder(tmp_path / "exp")
     run.path.mkdir()
     run.write_args({"model": "lcnn_resnet20"})
     (run.path / ".lock").write_text("")
     (run.path / ".last.pth.tmp-lcnn-12345-ab12").write_bytes(b"half a checkpoint")
-    run.save_weights({"w": torch.zeros(1)}, RunFolder.BEST)  # killed between the best weights and the checkpoint
     assert run.unfinished_start()
-    for name in (RunFolder.SUMMARY, RunFolder.CSV, RunFolder.WEIGHTS, "notes.txt"):
+    # best weights are written after an epoch: a finished run reduced to them says nothing of its epoch
+    for name in (RunFolder.BEST, RunFolder.SUMMARY, RunFolder.CSV, RunFolder.WEIGHTS, "notes.txt"):
         (run.path / name).write_text("{}")
         assert not run.unfinished_start(), name
         (run.path / name).unlink()
