@@ -135,6 +135,17 @@ class RunFolder:
     def is_run(cls, path: str | os.PathLike) -> bool:
         return (Path(path) / cls.ARGS).is_file()
 
+    @classmethod
+    def holding(cls, file: str | os.PathLike) -> Optional["RunFolder"]:
+        """The run folder ``file`` lies in (its folder, or the folder of the file a link points to),
+        or None: any file of a run (``last.pth``, ``model_best.safetensors``, ``model.safetensors``,
+        a copy put there) carries the run's state, which push, eval and ``--initial-checkpoint`` check."""
+        path = Path(file)
+        for parent in (path.parent, path.resolve().parent):
+            if cls.is_run(parent):
+                return cls(parent)
+        return None
+
     # ---- reading (every file through its schema: lcnn_zoo.run_files) ---------------------------
     def args(self) -> Dict[str, Any]:
         """``args.json``, checked against the options of ``lcnn-zoo train``."""
@@ -194,7 +205,7 @@ class RunFolder:
         if not state.finished and not allow_unfinished:
             raise UserError(f"{shown(self.path)} is {state.describe()}: `{command}` would use mid-training weights; "
                             f"wait until it finishes, or pass --allow-unfinished to use them (the epoch is recorded "
-                            f"in what {command.split()[-1]} writes)")
+                            f"in what {command.split()[min(1, len(command.split()) - 1)]} writes)")
         return state
 
     # ---- writing ---------------------------------------------------------------------------

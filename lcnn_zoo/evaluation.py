@@ -62,8 +62,9 @@ def load_model(spec: str, *, arch: Optional[str] = None, input_size: Optional[Se
         if not path.is_file():
             raise UserError(f"checkpoint not found: {shown(Path(path))}")
         state = None
-        if path.name == RunFolder.LAST and RunFolder.is_run(path.parent):  # a run's mid-training weights?
-            state = RunFolder(path.parent).require_finished("lcnn-zoo eval", allow_unfinished)
+        holder = RunFolder.holding(path)  # any file of a run (model_best too) is as finished as its run
+        if holder is not None:
+            state = holder.require_finished("lcnn-zoo eval", allow_unfinished)
         name, model = path.stem, _from_checkpoint(path, arch, input_size)
         name = _mark_unfinished(name, model, state)
     elif path.is_file():

@@ -645,8 +645,9 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
         weights = RunFolder(source).file(RunFolder.LAST) if latest else RunFolder(source).weights()
     else:
         weights = source
-        if source.name == RunFolder.LAST and RunFolder.is_run(source.parent):  # a run's mid-training weights?
-            run_state = RunFolder(source.parent).require_finished("lcnn-zoo push", allow_unfinished)
+        holder = RunFolder.holding(source)  # any file of a run (model_best too) is as finished as its run
+        if holder is not None:
+            run_state = holder.require_finished("lcnn-zoo push", allow_unfinished)
     template_text = find_model_card_template(template)
     if dataset:
         card_dataset(dataset)  # a name the card cannot show (a newline) fails before any model is built
@@ -685,9 +686,14 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
                              dataset=dataset or (info["dataset"] if isinstance(info.get("dataset"), str) else ""),
                              classes=class_names)
     if run_state is not None and not run_state.finished:  # --allow-unfinished: the card says so
-        card = card.rstrip("\n") + (f"\n\n**Unfinished run.** These weights are from epoch {run_state.epoch} of "
-                                    f"{run_state.epochs or '?'} of a run that was {run_state.status} when they were "
-                                    f"pushed (`lcnn-zoo push --allow-unfinished`).\n")
+        if weights.name == RunFolder.LAST:
+            note = (f"These weights are from epoch {run_state.epoch} of {run_state.epochs or '?'} of a run that was "
+                    f"{run_state.status}")
+        else:  # another of its files (its best weights): written at some epoch up to the run's last
+            note = (f"These weights ({md_text(weights.name)}) are from a run that was {run_state.status} at epoch "
+                    f"{run_state.epoch} of {run_state.epochs or '?'}")
+        card = card.rstrip("\n") + (f"\n\n**Unfinished run.** {note} when they were pushed "
+                                    f"(`lcnn-zoo push --allow-unfinished`).\n")
     folder = save_pretrained(model, out, model_card=card, overwrite=overwrite, label_names=class_names)
     print(f"wrote {folder} ({', '.join(PUSH_FILES)})")
     if ship:

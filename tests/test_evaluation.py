@@ -202,3 +202,25 @@ def test_evaluate_model_refuses_logits_that_are_not_finite():
     cfg = EvalConfig(limit=8, geom_samples=2, pgd_samples=2, noise_samples=2, hvp_iters=1, pgd_steps=1, progress=False)
     with pytest.raises(WeightsError, match="the model computes logits that are not finite on 8 of 8 test images"):
         evaluate_model(model, ds, ds, cfg)
+
+
+def test_eval_of_any_file_of_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, capsys, monkeypatch):
+    """Hostile pass of issue 31, I02d: `eval <run>/model_best.safetensors --arch …` of a run still
+    training measured it as "model_best", eval.json silent; only the folder and its last.pth were refused."""
+    from model_helpers import run_folder
+
+    from lcnn_zoo.checkpoint import RunFolder
+    from lcnn_zoo.evaluation import run_eval
+
+    done = run_folder(tmp_path / "done", epoch=2, epochs=2)
+    stopped = run_folder(tmp_path / "stopped", epoch=2, epochs=5, finished=False)
+    monkeypatch.setattr("lcnn_zoo.evaluation.evaluate_model", lambda *a, **k: {"accuracy": 0.0})
+    arch = ["--arch", "lcnn_resnet20"]
+    with RunFolder(done).lock():
+        fails_with(capsys, ["eval", str(done / "model_best.safetensors"), "--output", str(tmp_path / "ev")] + arch
+                   + SMALL, "is still training", "pass --allow-unfinished")
+    fails_with(capsys, ["eval", str(stopped / "model_best.safetensors"), "--output", str(tmp_path / "ev")] + arch
+               + SMALL, "is unfinished at epoch 2 of 5", "pass --allow-unfinished")
+    assert not (tmp_path / "ev").exists()
+    results = run_eval([str(stopped / "model_best.safetensors")], "fmnist", arch="lcnn_resnet20", allow_unfinished=True)
+    assert results["model_best (unfinished: epoch 2 of 5)"]["unfinished_run"]["status"] == "unfinished"

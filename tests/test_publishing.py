@@ -551,3 +551,27 @@ def test_a_recipe_that_is_a_fifo_or_a_device_is_said_so_not_opened(tmp_path, cap
     fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(tmp_path / "o"),
                         "--recipe", str(recipe)], "r.yaml is not a regular file", fragment)
     assert files_under(tmp_path / "o") == []
+
+
+def test_push_of_any_file_of_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, capsys):
+    """Hostile pass of issue 31, I02b: `push <run>/model_best.safetensors` (or model.safetensors, or a
+    link to either) of a run still training or stopped published mid-training weights, the card silent:
+    only `push <run>` and `push <run>/last.pth` were refused. Every file of a run now carries its state."""
+    from model_helpers import run_folder
+
+    from lcnn_zoo.checkpoint import RunFolder
+
+    done = run_folder(tmp_path / "done", epoch=2, epochs=2)
+    stopped = run_folder(tmp_path / "stopped", epoch=2, epochs=5, finished=False)
+    (tmp_path / "link.safetensors").symlink_to(stopped / "model_best.safetensors")
+    out = ["--model", "lcnn_resnet20.mine", "--output-dir", str(tmp_path / "hub")]
+    with RunFolder(done).lock():
+        for name in ("model_best.safetensors", "model.safetensors"):
+            fails_with(capsys, ["push", str(done / name)] + out, "is still training at epoch 2 of 2",
+                       "pass --allow-unfinished")
+    for path in (stopped / "model_best.safetensors", tmp_path / "link.safetensors"):
+        fails_with(capsys, ["push", str(path)] + out, "is unfinished at epoch 2 of 5", "pass --allow-unfinished")
+    assert files_under(tmp_path / "hub") == []
+    assert main(["push", str(stopped / "model_best.safetensors")] + out + ["--allow-unfinished"]) == 0
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "are from a run that was unfinished at epoch 2 of 5" in card
