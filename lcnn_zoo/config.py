@@ -54,6 +54,8 @@ class TrainConfig:
                                        "stem of another shape is re-initialised", "model", "str")
     allow_partial: bool = _opt(False, "let --initial-checkpoint cover only part of the model (the rest stays as "
                                       "initialised; timm's strict=False)", "model", "bool")
+    allow_unfinished: bool = _opt(False, "let --initial-checkpoint be (a file of) a run that is still training or "
+                                         "stopped (its epoch is recorded in args.json)", "model", "bool")
     lcnnify: bool = _opt(False, "convert a non-lcnn timm model with lcnnify first", "model", "bool")
     allow_uncovered: bool = _opt(False, "with --lcnnify: train a model whose curvature bound does not apply (the "
                                         "lcnnify report names what is not covered)", "model", "bool")

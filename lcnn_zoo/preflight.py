@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .checkpoint import RunFolder
+from .checkpoint import RunFolder, RunState
 from .config import TrainConfig, resume_conflicts
 from .data import DataInfo, describe_dataset
 from .errors import UserError, shown
@@ -59,6 +59,7 @@ class TrainPlan:
     resume_from: Optional[Path] = None
     checkpoint: Optional[Dict[str, Any]] = None
     dist: DistEnv = DistEnv()
+    initial_state: Optional[RunState] = None  # the state of the run --initial-checkpoint comes from, if any
 
     def claim(self) -> RunFolder:
         """Create a new run's folder (atomically: never one that another command took meanwhile —
@@ -323,6 +324,19 @@ def _check_resumable(cfg: TrainConfig, info: DataInfo, source: Path, ckpt: Dict[
                         f"{info.num_classes}")
 
 
+def initial_checkpoint_state(cfg: TrainConfig) -> Optional[RunState]:
+    """The state of the run ``--initial-checkpoint`` comes from (the run folder itself, or any file
+    in one, ``model_best.safetensors`` too), None when it is no run's. A run still training or
+    stopped is refused unless ``--allow-unfinished``, as for push and eval: its weights are mid-training."""
+    if not cfg.initial_checkpoint:
+        return None
+    path = Path(cfg.initial_checkpoint)
+    folder = (RunFolder(path) if RunFolder.is_run(path) else None) if path.is_dir() else RunFolder.holding(path)
+    if folder is None:
+        return None
+    return folder.require_finished("lcnn-zoo train --initial-checkpoint", cfg.allow_unfinished)
+
+
 def train_plan(cfg: TrainConfig) -> TrainPlan:
     """Check everything ``cfg`` will use (see the module docstring); nothing is read or written but
     metadata (the dataset's file listing and headers, a checkpoint to resume)."""
@@ -338,8 +352,9 @@ def train_plan(cfg: TrainConfig) -> TrainPlan:
         (info.channels, *info.size) if info.channels and info.size else None)
     check_memory(cfg, size, device)
     check_model_options(cfg.model, cfg.num_classes or info.num_classes, size, cfg.model_kwargs)
+    initial_state = initial_checkpoint_state(cfg)
     folder, new, source, ckpt = _resume_point(cfg, info)
-    return TrainPlan(cfg, device, info, folder, new, source, ckpt, dist_env)
+    return TrainPlan(cfg, device, info, folder, new, source, ckpt, dist_env, initial_state)
 
 
 def output_folder(output: str | os.PathLike, existing: str = "suffix") -> Path:

@@ -684,6 +684,11 @@ def _train_in(run: TrainingRun, plan: TrainPlan, folder: RunFolder) -> Dict[str,
         args = cfg.to_dict()
         if start:
             args["resumed_at_epoch"] = start
+        initial = plan.initial_state
+        if initial is not None and not initial.finished:  # --allow-unfinished: which epoch it started from
+            args["initial_checkpoint_run"] = {"epoch": initial.epoch, "epochs": initial.epochs, "status": initial.status}
+            print(f"--initial-checkpoint {cfg.initial_checkpoint}: from a run {initial.describe()} "
+                  f"(--allow-unfinished; recorded in args.json)", file=sys.stderr)
         folder.write_args(args)
         print(startup_summary(run, folder, start), file=sys.stderr, flush=True)
     t0 = time.time()

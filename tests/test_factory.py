@@ -3,6 +3,7 @@ state dict says about its model, and initial checkpoints loaded into a new run's
 import pytest
 import timm
 import torch
+from cli_helpers import FAST_LCNN_RUN, fails_with, files_under, needs_fmnist
 from safetensors.torch import save_file
 
 import lcnn_zoo  # noqa: F401  (registers the models)
@@ -83,3 +84,35 @@ def test_an_initial_checkpoint_wrong_in_content_is_refused(tmp_path):
     with pytest.raises(UserError, match=f"w.safetensors: tensor '{name}' is stored as int32 where the model has float32"):
         load_initial(model, tmp_path / "w.safetensors")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded
+
+
+@needs_fmnist
+def test_an_initial_checkpoint_from_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """Hostile pass of issue 31, T8: `train --initial-checkpoint <run still training>` (or any file of
+    it) silently started from its mid-training weights. Now the run-state rule of push and eval: refused
+    before any data is read unless --allow-unfinished, whose run then records the epoch in args.json."""
+    from model_helpers import run_folder
+
+    from lcnn_zoo import training
+    from lcnn_zoo.checkpoint import RunFolder
+    from lcnn_zoo.options import train_config
+    from lcnn_zoo.preflight import train_plan
+
+    def read(*a, **k):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(training, "_datasets", read)
+    done = run_folder(tmp_path / "done", epoch=2, epochs=2)
+    stopped = run_folder(tmp_path / "stopped", epoch=2, epochs=5, finished=False)
+    argv = FAST_LCNN_RUN + ["--epochs", "1", "--output", str(tmp_path / "runs"), "--initial-checkpoint"]
+    with RunFolder(done).lock():
+        fails_with(capsys, ["train"] + argv + [str(done / "model_best.safetensors")], "is still training at epoch 2",
+                   "pass --allow-unfinished")
+    for source in (stopped, stopped / "model_best.safetensors", stopped / "last.pth"):
+        fails_with(capsys, ["train"] + argv + [str(source)], "is unfinished at epoch 2 of 5",
+                   "`lcnn-zoo train --initial-checkpoint` would use mid-training weights", "pass --allow-unfinished")
+    assert files_under(tmp_path / "runs") == []
+    assert train_plan(train_config(argv + [str(done)])).initial_state.finished
+    plan = train_plan(train_config(argv + [str(stopped), "--allow-unfinished"]))
+    assert (plan.initial_state.epoch, plan.initial_state.epochs, plan.initial_state.status) == (2, 5, "unfinished")
