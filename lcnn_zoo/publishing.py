@@ -69,6 +69,9 @@ def _previous_push_of(folder: Path, architecture: str) -> bool:
 
 def check_output_dir(out: Path, architecture: str, overwrite: bool) -> None:
     """The push folder rule (see :func:`save_pretrained`), checked before anything is built or written."""
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"--output-dir {shown(Path(out))} is a dangling symbolic link (to "
+                        f"{shown(Path(os.readlink(out)))}, which does not exist): remove it, or choose another folder")
     if os.path.lexists(out) and not out.is_dir():
         raise UserError(f"--output-dir {shown(Path(out))} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

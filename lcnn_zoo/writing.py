@@ -46,16 +46,18 @@ def _umask_mode(base: int) -> int:
 
 
 def _os_error(e: OSError, path: Path, doing: str) -> UserError:
-    """A user-fixable OSError as one line (full disk, read-only, permissions, a file in the way)."""
+    """Any OSError of a write as one line naming ``path`` (full disk, read-only, permissions, a file
+    in the way, a folder that cannot be created there, a name too long, …): the reason in words for
+    the usual ones, the system's own (``strerror``) for the rest — never a traceback."""
     reasons: Dict[Optional[int], str] = {
         errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
         errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
         errno.EPERM: "operation not permitted", errno.ENOTDIR: "a path component is a file, not a folder",
         errno.EISDIR: "it is a folder", errno.ELOOP: "it is a symbolic link (not followed)",
-        errno.EEXIST: "it exists already"}
-    reason = reasons.get(e.errno)
-    if reason is None:
-        raise e
+        errno.EEXIST: "it exists already",
+        errno.ENOENT: "no such file or folder (nothing can be created there)",
+        errno.ENAMETOOLONG: "the name is too long for the file system"}
+    reason = reasons.get(e.errno) or (e.strerror or type(e).__name__).lower()
     return UserError(f"{reason} while {doing} {shown(path)}: the previous version of every file is intact")
 
 
@@ -127,19 +129,48 @@ def check_name(name: str, option: str) -> str:
 
 
 def check_writable_parent(parent: str | os.PathLike, option: str) -> Path:
-    """``parent`` exists or can be created, is a folder, and is writable — checked without creating it."""
+    """``parent`` exists or can be created, is a folder, and is writable — checked without creating
+    it: in its nearest existing folder a probe folder is really created and removed at once (``os.access``
+    alone passes where ``mkdir`` fails: /proc for root, a full inode table, …), and the names still to
+    be created are checked against the file system's name length."""
     p = Path(parent)
     probe = p
-    while not probe.exists():
-        if probe.is_symlink():  # a dangling link
+    missing: List[str] = []
+    while not os.path.exists(probe):  # (os.path's: False, not an OSError, for a name too long)
+        if os.path.islink(probe):  # a dangling link
             raise UserError(f"{option} {shown(p)}: {shown(probe)} is a broken symbolic link")
+        missing.append(probe.name)
         probe = probe.parent
-    if not probe.is_dir():
+    if not os.path.isdir(probe):
         raise UserError(f"{option} {shown(p)}: {shown(probe)} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{option} {shown(p)}: {shown(probe)} is not writable (read-only file system or no "
                         f"permission)")
+    try:
+        longest = os.pathconf(probe, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    for name in missing:
+        if len(os.fsencode(name)) > longest:
+            raise UserError(f"{option} {shown(p)}: the name {shown(name, 40)} is longer than the file system's "
+                            f"{longest} bytes")
+    _probe_folder(probe, p, option)
     return p
+
+
+def _probe_folder(where: Path, asked: Path, option: str) -> None:
+    """Create and remove a folder in ``where``: a folder that cannot be created there (ENOENT under
+    /proc, EROFS, ENOSPC, EMLINK, …) is found before any work, in one line."""
+    tmp = where / f".lcnn-zoo-probe{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.mkdir(tmp)
+    except OSError as e:
+        raise UserError(f"{option} {shown(asked)}: a folder cannot be created in {shown(where)} "
+                        f"({(e.strerror or type(e).__name__).lower()})") from e
+    try:
+        os.rmdir(tmp)
+    except OSError:
+        pass  # (an empty probe folder, named as a temporary: harmless)
 
 
 _KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),

@@ -575,3 +575,13 @@ def test_push_of_any_file_of_a_run_that_has_not_finished_is_refused_unless_asked
     assert main(["push", str(stopped / "model_best.safetensors")] + out + ["--allow-unfinished"]) == 0
     card = (tmp_path / "hub" / "README.md").read_text()
     assert "are from a run that was unfinished at epoch 2 of 5" in card
+
+
+def test_an_output_dir_that_is_a_dangling_link_is_said_so(tmp_path, capsys):
+    """Hostile pass of issue 31, P3: `push --output-dir <dangling symlink>` said "is a file, not a folder"."""
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    ckpt = _ckpt(tmp_path / "w.safetensors", "lcnn_resnet20.cifar10")
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(link)],
+               "is a dangling symbolic link", "gone")
+    assert link.is_symlink() and not (tmp_path / "gone").exists()

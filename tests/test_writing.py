@@ -91,3 +91,82 @@ def test_a_transaction_restores_what_it_replaced(tmp_path, monkeypatch):
         Transaction().add(tmp_path / "a", b"new a").add(tmp_path / "b", b"new b").add(tmp_path / "manifest", "m").commit()
     assert (tmp_path / "a").read_bytes() == b"old a" and not (tmp_path / "b").exists()
     assert not (tmp_path / "manifest").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize("code", ["ENOENT", "ENAMETOOLONG", "EMLINK", "EIO"])
+def test_every_os_error_of_a_write_is_one_line_naming_the_path(tmp_path, monkeypatch, code):
+    """Hostile pass of issue 31, P4/T2/V5: _os_error re-raised any errno outside its table (ENOENT
+    under /proc, ENAMETOOLONG, EMLINK, …): a traceback. Every OSError is now one UserError line."""
+    import errno
+
+    import lcnn_zoo.writing as writing
+
+    number = getattr(errno, code)
+
+    def refuse(*a, **k):
+        raise OSError(number, os.strerror(number))
+
+    real_mkdir = os.mkdir
+    monkeypatch.setattr(writing.os, "mkdir", refuse)
+    with pytest.raises(UserError, match=f"while creating the folder .*{tmp_path.name}"):
+        writing._mkdirs(tmp_path / "a" / "b")
+    monkeypatch.setattr(writing.os, "mkdir", real_mkdir)
+    monkeypatch.setattr(writing.os, "replace", refuse)
+    with pytest.raises(UserError, match=f"while writing .*{tmp_path.name}/f.txt"):
+        write_text(tmp_path / "f.txt", "x")
+    assert not (tmp_path / "f.txt").exists()
+
+
+def test_a_parent_where_no_folder_can_be_created_is_found_before_any_work(tmp_path, monkeypatch):
+    """`os.access` says yes where `mkdir` fails (root under /proc): the preflight creates and removes a
+    probe folder in the nearest existing folder, and checks the length of the names still to create."""
+    import errno
+
+    import lcnn_zoo.writing as writing
+    from lcnn_zoo.writing import check_writable_parent
+
+    real = os.mkdir
+
+    def no_such(path, *a, **k):
+        if str(path).startswith(str(tmp_path / "proc")):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real(path, *a, **k)
+
+    (tmp_path / "proc").mkdir()
+    monkeypatch.setattr(writing.os, "mkdir", no_such)
+    with pytest.raises(UserError, match=r"--output .*proc/x/y: a folder cannot be created in .*proc \(no such file"):
+        check_writable_parent(tmp_path / "proc" / "x" / "y", "--output")
+    with pytest.raises(UserError, match="is longer than the file system's"):
+        check_writable_parent(tmp_path / ("n" * 300) / "y", "--output")
+    assert check_writable_parent(tmp_path / "ok" / "y", "--output") == tmp_path / "ok" / "y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proc"]  # the probes are gone, nothing created
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_under_proc_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """The hostile pass's reproductions (P4, T2, V5), as root: `train --output /proc/x`, `eval --output
+    /proc/evx`, `push --output-dir /proc/hostile` and LCNN_ZOO_CACHE=/proc/nope were FileNotFoundError
+    tracebacks (push's and eval's after the model was loaded). One line, before any data or model."""
+    from cli_helpers import FAST_LCNN_RUN, fails_with, needs_fmnist
+    from model_helpers import checkpoint
+
+    from lcnn_zoo import training
+
+    def read(*a, **k):
+        raise AssertionError("work started before the output folder was checked")
+
+    monkeypatch.setattr(training, "_datasets", read)
+    monkeypatch.setattr("lcnn_zoo.evaluation.build_dataset", read)
+    monkeypatch.setattr("lcnn_zoo.evaluation.load_model", read)
+    monkeypatch.setattr("lcnn_zoo.publishing._load_for_push", read)
+    fails_with(capsys, ["eval", "lcnn_resnet20.fmnist", "--output", "/proc/evx"], "/proc")
+    ckpt = checkpoint(tmp_path)
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", "/proc/hostile"],
+               "/proc")
+    if not needs_fmnist.args[0]:  # the Fashion-MNIST files are there
+        fails_with(capsys, ["train"] + FAST_LCNN_RUN + ["--epochs", "1", "--output", "/proc/x"], "/proc")
+        monkeypatch.setenv("LCNN_ZOO_CACHE", "/proc/nope")
+        fails_with(capsys, ["train"] + FAST_LCNN_RUN + ["--epochs", "1", "--output", str(tmp_path / "runs")],
+                   "the data cache ($LCNN_ZOO_CACHE)", "/proc")
+        assert not (tmp_path / "runs").exists()
+    assert not os.path.exists("/proc/x") and not os.path.exists("/proc/evx")
