@@ -67,8 +67,11 @@ def load_state_dict(path: str | os.PathLike, *, use_ema: bool = False) -> Dict[s
     ckpt = load_torch_file(path)
     if isinstance(ckpt, dict) and ("state_dict" in ckpt or "state_dict_ema" in ckpt):
         key = "state_dict_ema" if use_ema else "state_dict"
+        if use_ema and ckpt.get(key) is None and "state_dict" in ckpt:  # (saved as None without --model-ema)
+            raise CheckpointError(f"{shown(path)} holds no EMA weights: the run was trained without --model-ema; "
+                                  f"leave out --ema")
         if ckpt.get(key) is None:
-            raise CheckpointError(f"{path} has no '{key}' entry (keys: {sorted(ckpt)})")
+            raise CheckpointError(f"{shown(path)} has no '{key}' entry (keys: {shown(sorted(map(str, ckpt)), 200)})")
         ckpt = ckpt[key]
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise CheckpointError(f"{path} does not contain a state dict of tensors")

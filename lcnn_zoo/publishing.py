@@ -661,8 +661,10 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
         metrics = _read_metrics(metrics_path, names)
     out = Path(output_dir) if output_dir else Path("hub") / f"{arch}.{tag}"
     check_output_dir(out, arch, overwrite)
-    if ship and model_name in bundled_manifest() and not replace_shipped:
-        old = bundled_manifest()[model_name]
+    # the bundle rewrites the whole manifest: a damaged entry (another tag's too) is named now, before any file
+    shipped = bundled_manifest(strict=True) if ship else {}
+    if ship and model_name in shipped and not replace_shipped:
+        old = shipped[model_name]
         raise UserError(f"{model_name} is already shipped (accuracy {old.get('accuracy_first1000')}% on the first "
                         f"{BUNDLE_EVAL_IMAGES} test images): pass --replace-shipped to replace it")
     if upload:

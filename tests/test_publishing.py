@@ -585,3 +585,30 @@ def test_an_output_dir_that_is_a_dangling_link_is_said_so(tmp_path, capsys):
     fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(link)],
                "is a dangling symbolic link", "gone")
     assert link.is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_a_bundle_over_a_manifest_with_a_damaged_entry_writes_nothing(tmp_path, capsys, weights):
+    """Hostile pass of issue 31, M5: `push --bundle` while *another* tag's manifest entry was damaged
+    wrote the repo folder, then failed (exit 2) at the manifest: the manifest is now checked first."""
+    path = weights / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["lcnn_resnet20.hb"] = {**manifest["lcnn_resnet20.fmnist"], "num_classes": True}
+    path.write_text(json.dumps(manifest))
+    before = {p.name: p.read_bytes() for p in weights.iterdir()}
+    ckpt = _ckpt(tmp_path / "w.safetensors")
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.fmnist_new", "--output-dir", str(tmp_path / "o"),
+                        "--bundle"], "manifest.json", "'lcnn_resnet20.hb'", "num_classes")
+    assert files_under(tmp_path / "o") == []
+    assert {p.name: p.read_bytes() for p in weights.iterdir()} == before
+
+
+def test_ema_of_a_run_trained_without_ema_says_so(tmp_path, capsys):
+    """Hostile pass of issue 31, P6: `push <run> --ema` of a run trained without --model-ema said
+    "has no 'state_dict_ema' entry (keys: [..., 'state_dict_ema'])", contradicting itself."""
+    from model_helpers import run_folder
+
+    run = run_folder(tmp_path / "run", epoch=1, epochs=1)
+    err = fails_with(capsys, ["push", str(run), "--model", "lcnn_resnet20.mine", "--output-dir", str(tmp_path / "o"),
+                              "--ema"], "the run was trained without --model-ema", "leave out --ema")
+    assert "keys:" not in err
+    assert files_under(tmp_path / "o") == []
