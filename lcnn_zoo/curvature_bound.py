@@ -52,6 +52,7 @@ from .coverage import (
 )
 from .folding import stale_spectral_norms
 from .layers import CenteredSoftplus, FrozenCenteredSoftplus, LipschitzBatchNorm2d, Scale, eval_mode, spectral_norm_of
+from .errors import shown
 from .weight_checks import meta_tensor, weight_problem
 
 __all__ = ["HessianBound", "hessian_bound", "BoundCheck", "verify_bounds"]
@@ -246,14 +247,31 @@ def _analysable(model: nn.Module, input_size: Optional[Sequence[int]], what: str
                          f"it is (operations the analysis does not cover, e.g. ReLU, make the bound infinite)")
     if size is None:
         raise ValueError(f"{what}: the model's input size is unknown: pass input_size=(C, H, W)")
+    if input_size is not None:
+        size = _input_size(input_size, what)
     meta = meta_tensor(model)
     if meta is not None:
         raise ValueError(f"{what}: the model is on the meta device ({meta} has a shape but no values): load its "
                          f"weights first (model.to_empty(device='cpu'), then load_state_dict)")
+    low = next(((n, t.dtype) for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if t.dtype in (torch.float16, torch.bfloat16)), None)
+    if low is not None:  # eigh, the power iterations and the 1e-8 convergence need float32 at least
+        raise ValueError(f"{what}: the model is in half precision ({shown(low[0])} is "
+                         f"{str(low[1]).removeprefix('torch.')}): the bound is computed in float32 or float64: "
+                         f"call model.float() first")
     problem = weight_problem([*model.named_parameters(), *model.named_buffers()])
     if problem is not None:
         raise ValueError(f"{what}: {problem}: the bound is undefined for these weights")
     return size
+
+
+def _input_size(size: Any, what: str) -> Tuple[int, ...]:
+    """``size`` as a tuple of positive ints, or a ValueError naming input_size."""
+    ok = (isinstance(size, (tuple, list, torch.Size)) and len(size) > 0
+          and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size))
+    if not ok:
+        raise ValueError(f"{what}: input_size must be (C, H, W), a sequence of positive ints; got {shown(size)}")
+    return tuple(int(s) for s in size)
 
 
 def hessian_bound(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> HessianBound:
@@ -286,6 +304,9 @@ def hessian_bound(model: nn.Module, input_size: Optional[Sequence[int]] = None) 
     c = max((v[1] for v in finals), default=math.inf)
     if interp.uncovered:  # a node the bounds do not follow may reach the output by a path they miss
         b = c = math.inf
+    if math.isnan(b) or math.isnan(c):  # finite weights that still give no number: never a silent nan
+        raise ValueError(f"hessian_bound: the bound is not a number (value={c}, lipschitz={b}) for these weights: "
+                         f"check their spectral-norm singular vectors and BatchNorm statistics")
     return HessianBound(c, b, interp.uncovered, stale)
 
 
@@ -337,6 +358,9 @@ def verify_bounds(model: nn.Module, input_size: Optional[Sequence[int]] = None, 
     Raises:
         ValueError: as :func:`hessian_bound`.
     """
+    for arg, value in (("points", points), ("iterations", iterations)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # 0 measures nothing: a false pass
+            raise ValueError(f"verify_bounds: {arg} must be an int >= 1, got {shown(value)}")
     size = _analysable(model, input_size, "verify_bounds")
     with eval_mode(model):
         gm = torch.fx.GraphModule(model, LeafTracer().trace(model))

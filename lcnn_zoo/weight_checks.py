@@ -56,14 +56,17 @@ def weight_problem(tensors: Iterable[Tuple[str, torch.Tensor]],
 
     Checked, in this order for each tensor: its dtype is of the kind ``expected[name]`` has (floating,
     integer, bool, complex; precision may differ); a floating tensor is finite; a ``running_var``
-    is ≥ 0 (a BatchNorm divides by its square root).
+    is ≥ 0 (a BatchNorm divides by its square root); β = exp(``log_beta``) is finite and > 0; a
+    spectral norm's singular vector (``weight_u``/``weight_v``) is not all zeros (unless its weight is).
 
     Args:
         tensors: (name, tensor) pairs: a state dict's ``items()``, or a model's named parameters and buffers.
         expected: the tensors the weights are for (``model.state_dict()``): the dtypes they must have.
             Names absent from it are not compared (a loader reports unexpected keys itself).
     """
-    for name, t in tensors:
+    pairs = list(tensors)
+    by_name = dict(pairs)
+    for name, t in pairs:
         if not isinstance(t, torch.Tensor):  # a loader names what is not a tensor itself
             continue
         want = expected.get(name) if expected is not None else None
@@ -77,9 +80,35 @@ def weight_problem(tensors: Iterable[Tuple[str, torch.Tensor]],
             bad = t.detach()[~finite]
             what = "nan" if bool(bad.isnan().any()) else "inf"
             return f"tensor {shown(name)}{_role(name)} holds {what} ({int(bad.numel())} of {t.numel()} values)"
-        if name.rsplit(".", 1)[-1] == "running_var" and bool((t.detach() < 0).any()):
+        last = name.rsplit(".", 1)[-1]
+        if last == "running_var" and bool((t.detach() < 0).any()):
             return (f"tensor {shown(name)}{_role(name)} holds a negative value ({float(t.detach().min()):.3g}); "
                     f"a variance is >= 0")
+        if last == "log_beta":  # finite log β can still overflow: exp(100) is inf and exp(-200) is 0 in float32
+            beta = t.detach().exp()
+            bad = ~(torch.isfinite(beta) & (beta > 0))
+            if bool(bad.any()):
+                return (f"tensor {shown(name)}{_role(name)} holds {float(t.detach()[bad].flatten()[0]):.4g}: "
+                        f"β = exp(log_beta) is not a finite positive number in {str(t.dtype).removeprefix('torch.')}")
+        vector = _singular_vector_weight(name)
+        if vector is not None and not t.is_complex() and float(t.detach().double().norm()) == 0.0:
+            weight = by_name.get(vector)
+            if not (isinstance(weight, torch.Tensor) and not weight.is_meta and not bool(weight.detach().any())):
+                return (f"tensor {shown(name)} (a spectral norm's singular vector) is all zeros: σ would read as "
+                        f"converged at a wrong value")
+    return None
+
+
+def _singular_vector_weight(name: str) -> Optional[str]:
+    """The weight a spectral norm's singular vector ``name`` belongs to (in a state dict: ``<layer>.weight_u``;
+    in a model: ``<layer>.parametrizations.weight.0._u``), or None when ``name`` is not one. A zero
+    vector has residual 0 and is taken as converged: σ = 0 (clamped), outputs off by 1e12."""
+    for suffix in ("weight_u", "weight_v"):
+        if name == suffix or name.endswith("." + suffix):
+            return name[: -len(suffix)] + "weight"
+    for suffix in (".parametrizations.weight.0._u", ".parametrizations.weight.0._v"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".parametrizations.weight.original"
     return None
 
 

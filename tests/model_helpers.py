@@ -99,6 +99,12 @@ DAMAGES = {
     "gamma_raw": ("bn1.gamma_raw", lambda t: torch.full_like(t, float("nan"))),
     "log_beta": ("act1.log_beta", lambda t: torch.full_like(t, float("nan"))),
     "running_var": ("stages.1.0.bn2.running_var", lambda t: t.index_fill(0, torch.tensor([3]), -1.0)),
+    # finite log β whose β is not a finite positive number in float32 (hostile pass, I08b)
+    "beta_overflow": ("act1.log_beta", lambda t: torch.full_like(t, 100.0)),
+    "beta_underflow": ("stages.0.0.act1.log_beta", lambda t: torch.full_like(t, -200.0)),
+    # zeroed spectral-norm singular vectors: residual 0, read as converged (hostile pass, W2)
+    "u_zero": ("fc.weight_u", torch.zeros_like),
+    "v_zero": ("stages.0.0.conv1.weight_v", torch.zeros_like),
 }
 
 

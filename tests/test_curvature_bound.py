@@ -152,7 +152,8 @@ def test_verify_bounds_reaches_the_true_norms_and_catches_a_wrong_claim(monkeypa
 
 
 @pytest.mark.parametrize("name,value", [("stem.2.log_beta", float("nan")), ("block.1.gamma_raw", float("nan")),
-                                        ("stem.1.running_var", -1.0), ("head.bias", float("inf"))])
+                                        ("stem.1.running_var", -1.0), ("head.bias", float("inf")),
+                                        ("stem.2.log_beta", 800.0), ("block.2.log_beta", -800.0)])
 def test_weights_the_bound_is_undefined_for_are_named(name, value):
     """Issue 31, case 8: a NaN log_beta gave value=nan (or an error from deep in the comparison of the
     traced graph) without a word; now a ValueError names the tensor, for both analyses."""
@@ -182,3 +183,53 @@ def test_a_model_that_is_not_an_lcnn_is_told_so_not_to_pass_input_size():
     assert "\n" not in str(err.value)
     bound = hessian_bound(plain, input_size=(1, 5, 5))
     assert bound.value == float("inf") and bound.uncovered
+
+
+def test_a_log_beta_whose_beta_overflows_is_named():
+    """Hostile pass, I08b: a finite log_beta of 800 (or -800) in float64 makes β inf (or 0): torch's
+    "atol must be greater than or equal to zero, but got -nan" before; now a ValueError naming it."""
+    model = _convert(_Net(), (2, 4, 4))
+    with torch.no_grad():
+        model.stem[2].log_beta.fill_(800.0)
+    with pytest.raises(ValueError, match=r"tensor 'stem.2.log_beta'.*β = exp\(log_beta\) is not a finite positive"):
+        hessian_bound(model)
+
+
+def test_zeroed_singular_vectors_are_refused_and_a_nan_bound_is_never_returned(monkeypatch):
+    """Hostile pass, W2: zeroed u/v read as converged (residual 0) and the bound was value=nan without
+    a word; now the vector is named, and a bound that still comes out NaN is an error."""
+    model = _convert(_Net(), (2, 4, 4))
+    name = "stem.0.parametrizations.weight.0._v"
+    with torch.no_grad():
+        dict(model.named_buffers())[name].zero_()
+    for analysis in (hessian_bound, verify_bounds):
+        with pytest.raises(ValueError, match=f"{analysis.__name__}: tensor '{name}'.*all zeros"):
+            analysis(model)
+    model = _convert(_Net(), (2, 4, 4))
+    monkeypatch.setattr(curvature_bound, "_conv_norm", lambda m: float("nan"))
+    with pytest.raises(ValueError, match="hessian_bound: the bound is not a number"):
+        hessian_bound(model)
+
+
+@pytest.mark.parametrize("kw", [dict(points=0), dict(points=-1), dict(iterations=0)])
+def test_verify_bounds_refuses_to_measure_nothing(kw):
+    """Hostile pass, A3: points=0 (or iterations=0) measured nothing and every check read as a pass."""
+    model = _convert(_Tiny(), (2, 4, 4))
+    with pytest.raises(ValueError, match=f"verify_bounds: {next(iter(kw))} must be an int >= 1"):
+        verify_bounds(model, **kw)
+
+
+@pytest.mark.parametrize("size", [(1, -1, 28), "abc", (2, 4.0, 4), ()])
+def test_a_bad_input_size_is_named(size):
+    """Hostile pass, A2: torch's "negative dimension" / "rand(): argument 'size' failed to unpack" before."""
+    model = _convert(_Tiny(), (2, 4, 4))
+    for analysis in (hessian_bound, verify_bounds):
+        with pytest.raises(ValueError, match=f"{analysis.__name__}: input_size must be"):
+            analysis(model, input_size=size)
+
+
+def test_a_half_precision_model_is_told_to_call_float():
+    """Hostile pass, A4: "linalg_eigh_cpu not implemented for 'Half'" before."""
+    model = _convert(_Tiny(), (2, 4, 4)).half()
+    with pytest.raises(ValueError, match=r"hessian_bound: the model is in half precision.*model.float\(\)"):
+        hessian_bound(model)
