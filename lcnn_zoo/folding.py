@@ -20,7 +20,7 @@ from .layers import (
     spectral_norm_modules,
     spectral_norm_of,
 )
-from .weight_checks import meta_tensor
+from .weight_checks import meta_tensor, weight_problem
 
 __all__ = ["fold", "stale_spectral_norms"]
 
@@ -172,8 +172,12 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
         inplace: modify ``model`` itself instead of a deep copy.
 
     Raises:
-        ValueError: the model has no LCNN layers, or is on the meta device (no weights to fold).
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: the model has no LCNN layers, is on the meta device (no weights to fold), or has weights
+            :func:`~lcnn_zoo.weight_checks.weight_problem` refuses (the message names the tensor).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold expects an nn.Module, got {type(model).__name__}")
     if not any(spectral_norm_of(m) is not None or isinstance(m, (LipschitzBatchNorm2d, CenteredSoftplus))
                for m in model.modules()):
         raise ValueError("fold: the model has no LCNN layers to fold (is it folded already?)")
@@ -181,6 +185,9 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
     if meta is not None:  # folding computes with the weights: σ, the BatchNorm scales, the self-check
         raise ValueError(f"fold: the model is on the meta device ({meta} has a shape but no values): load its "
                          f"weights first (model.to_empty(device='cpu'), then load_state_dict)")
+    problem = weight_problem([*model.named_parameters(), *model.named_buffers()])
+    if problem is not None:  # else the self-check below fails and blames the package ("please report")
+        raise ValueError(f"fold: {problem}: these weights cannot be folded")
     stale = stale_spectral_norms(model)
     if stale:
         worst = max(stale, key=lambda t: t[1])

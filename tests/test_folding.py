@@ -121,6 +121,24 @@ def test_a_model_on_the_meta_device_is_refused_in_one_sentence():
         fold(model)
 
 
+def test_fold_of_something_that_is_not_a_module_is_a_type_error():
+    """Hostile pass, A1: AttributeError: 'str' object has no attribute 'modules' before."""
+    with pytest.raises(TypeError, match="fold expects an nn.Module, got str"):
+        fold("x")
+
+
+def test_fold_names_zeroed_singular_vectors_instead_of_blaming_the_package():
+    """Hostile pass, W2: zeroed u/v made the self-check fail with "please report this model"."""
+    model = quiet_lcnnify(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU()),
+                          input_size=(1, 6, 6)).eval()
+    name = "0.parametrizations.weight.0._u"
+    with torch.no_grad():
+        dict(model.named_buffers())[name].zero_()
+        dict(model.named_buffers())[name[:-1] + "v"].zero_()
+    with pytest.raises(ValueError, match=f"fold: tensor '{name}'.*all zeros"):
+        fold(model)
+
+
 def test_a_folded_zoo_model_round_trips_through_timms_save_format(tmp_path):
     """Issue 32, item 7: save_for_hf(fold(model)) wrote ``architecture: lcnn_resnet20`` with weights no
     model accepted (and β, a constant of the folded activation, was not in them). fold records
