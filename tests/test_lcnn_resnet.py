@@ -143,6 +143,15 @@ def test_a_grey_tag_with_timms_in_chans_3_keeps_its_function_and_says_its_input(
         assert rgb.conv1.parametrizations.weight[0].residual(rgb.conv1.parametrizations.weight.original) < 1e-3
 
 
+@pytest.mark.parametrize("img_size,error", [("64", TypeError), (64.0, TypeError), ((32, 32, 3), TypeError),
+                                            (True, TypeError), (0, ValueError), ((32, -1), ValueError)])
+def test_an_img_size_that_is_not_an_int_or_a_pair_of_ints_is_one_sentence(img_size, error):
+    """Hostile pass, I17c: img_size='64' gave "'<=' not supported between instances of 'str' and 'int'"."""
+    with pytest.raises(error, match="img_size must be") as e:
+        timm.create_model("lcnn_resnet20_softplus", img_size=img_size)
+    assert "\n" not in str(e.value)
+
+
 def test_img_size_may_be_one_number_as_in_timm():
     """Issue 31, case 17: img_size=64 gave "TypeError: Value after * must be an iterable"; it means 64 x 64."""
     x = torch.rand(2, 1, 16, 16)

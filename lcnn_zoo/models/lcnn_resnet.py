@@ -560,6 +560,7 @@ def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool, model_ar
     # model saved with timm's save_for_hf records folded=True in its model_args (fold sets it), so its
     # config.json rebuilds the folded architecture, and its weights (folded: they no longer fit the
     # LCNN's layers) are loaded after folding.
+    _check_img_size(kwargs.get("img_size"))
     folded = bool(kwargs.pop("folded", False)) or is_exportable()
     weights_folded = pretrained and bool((kwargs.get("pretrained_model_args") or {}).get("folded"))
     if weights_folded and not folded:
@@ -578,6 +579,19 @@ def _create(model_cls: Type[nn.Module], variant: str, pretrained: bool, model_ar
         # the same eval-mode function in plain layers (an unfolded LCNN refuses export, pointing to fold)
         model = _fold_now(model)
     return model
+
+
+def _check_img_size(img_size: Any) -> None:
+    """timm's ``img_size``: an int (square) or a pair of ints (H, W), all > 0; None leaves the default.
+    (A string reached timm's own check as "'<=' not supported between 'str' and 'int'".)"""
+    if img_size is None:
+        return
+    sizes = list(img_size) if isinstance(img_size, (tuple, list)) else [img_size]
+    if (isinstance(img_size, (tuple, list)) and len(sizes) != 2) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+        raise TypeError(f"img_size must be an int or a pair of ints (H, W), got {shown(img_size)}")
+    if any(s <= 0 for s in sizes):
+        raise ValueError(f"img_size must be positive, got {shown(img_size)}")
 
 
 def _fold_now(model: nn.Module) -> nn.Module:
