@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from . import register_models
-from .config import EvalConfig
+from .config import THREADS_MAX, EvalConfig
 from .errors import UserError, one_line
 from .options import HelpFormatter, Parser, add_field, train_config
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train a standard and an LCNN+GradReg model on Fashion-MNIST and compare",
                        formatter_class=HelpFormatter)
     p.add_argument("--output", default="runs/quickstart", help="folder for the two runs and the comparison")
-    p.add_argument("--threads", type=_non_negative, default=0, help="torch threads (0: leave)")
+    p.add_argument("--threads", type=_threads, default=0, help="torch threads (0: leave)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("train", help="train a model (all options: lcnn-zoo train --help)", add_help=False)
     p = sub.add_parser("eval", help="the paper's measurements for one or more models, side by side",
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "measure the model as initialised")
     p.add_argument("--allow-unfinished", action="store_true", help="measure a run that is still training or "
                                                                    "stopped (its last.pth; the epoch is recorded)")
-    p.add_argument("--threads", type=_non_negative, default=0, help="torch threads (0: leave)")
+    p.add_argument("--threads", type=_threads, default=0, help="torch threads (0: leave)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     for f in dataclasses.fields(EvalConfig):
@@ -168,6 +168,14 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _threads(text: str) -> int:
+    value = _non_negative(text)
+    if value > THREADS_MAX:  # (see THREADS_MAX: thread stacks exhaust memory, then a segmentation fault)
+        raise argparse.ArgumentTypeError(f"must be <= {THREADS_MAX} (more threads than cores only oversubscribe "
+                                         f"them), got {value}")
     return value
 
 

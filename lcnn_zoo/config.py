@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -17,7 +18,7 @@ from .errors import UserError, shown
 from .writing import not_regular
 
 __all__ = ["TrainConfig", "EvalConfig", "REGS", "SCHEDULERS", "RESUME_MAY_CHANGE", "load_yaml", "check_value",
-           "resume_conflicts", "PAPER_EPS", "NOISE_NORMS", "SEED_MAX"]
+           "resume_conflicts", "PAPER_EPS", "NOISE_NORMS", "SEED_MAX", "THREADS_MAX"]
 
 REGS = ("none", "lcnn", "gradreg", "lcnn_gradreg")
 SCHEDULERS = ("multistep", "cosine", "step", "poly", "tanh", "none")
@@ -28,6 +29,10 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "eval_every", "no_progress", "log_inter
                                "grad_checkpointing"})
 #: the largest --seed: training seeds NumPy too, whose np.random.seed takes 32 bits (torch takes 64)
 SEED_MAX = 2**32 - 1
+# torch.set_num_threads(100000) does not fail: the first parallel op starts the threads, their stacks
+# exhaust memory (a MemoryError while reading the data, then a segmentation fault). More threads than
+# 4 × the cores only oversubscribe them; 1024 still leaves room on a small machine.
+THREADS_MAX = max(1024, 4 * (os.cpu_count() or 1))
 PAPER_EPS = (0.05, 0.1, 0.15, 0.2)
 NOISE_NORMS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
@@ -204,7 +209,7 @@ class TrainConfig:
                                             choices=("default", "reduce-overhead", "max-autotune",
                                                      "max-autotune-no-cudagraphs"))
     device: Optional[str] = _opt(None, "cpu | cuda (default: cuda if available)", "runtime", "str", optional=True)
-    threads: int = _opt(0, "torch.set_num_threads (0: leave)", "runtime", "int", minimum=0)
+    threads: int = _opt(0, "torch.set_num_threads (0: leave)", "runtime", "int", minimum=0, maximum=THREADS_MAX)
     seed: int = _opt(42, "random seed", "runtime", "int", minimum=0, maximum=SEED_MAX)
     output: str = _opt("runs", "parent folder of run folders", "runtime", "str")
     experiment: str = _opt("", "run folder name, not a path (default: <model>-<dataset>-<reg>)", "runtime", "str")

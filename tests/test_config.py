@@ -29,3 +29,14 @@ def test_a_config_that_is_a_fifo_or_a_device_is_said_so_not_opened(tmp_path, cap
     fails_with(capsys, ["train", "--config", str(cfg), "--output", str(tmp_path / "runs")],
                "c.yaml is not a regular file", fragment)
     assert not (tmp_path / "runs").exists()
+
+
+def test_threads_has_an_upper_bound(capsys, tmp_path):
+    """Hostile pass, T6: --threads 100000 gave a MemoryError while reading the data, then a segfault."""
+    from lcnn_zoo.config import THREADS_MAX
+
+    fails_with(capsys, ["train", "--threads", str(THREADS_MAX + 1), "--output", str(tmp_path / "runs")],
+               "--threads must be <=")
+    for command in (["eval", "lcnn_resnet20.fmnist"], ["quickstart"]):
+        fails_with(capsys, [*command, "--threads", "100000", "--output", str(tmp_path / "out")], "--threads: must be <=")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
