@@ -46,6 +46,22 @@ def _opt(default: Any, help: str, group: str, kind: str, **extra: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+# Keywords of timm.create_model that are not the model's own: what they do, train does through its
+# options, which check the weights and record them in args.json (checkpoint_path would load a file
+# unchecked and unrecorded, and into the meta-device model preflight.check_model_options builds).
+NOT_MODEL_KWARGS = {
+    "checkpoint_path": "is not a model keyword (it loads weights inside timm, unchecked and unrecorded): use "
+                       "--initial-checkpoint",
+    "pretrained": "is not a model keyword: use --pretrained",
+    "pretrained_cfg": "is not a model keyword (it chooses other weights and preprocessing): name the tag "
+                      "(--model <architecture>.<tag>) or use --initial-checkpoint",
+    "pretrained_cfg_overlay": "is not a model keyword (it chooses other weights and preprocessing): name the tag "
+                              "(--model <architecture>.<tag>) or use --initial-checkpoint",
+    "features_only": "is not a model keyword for training: it builds a feature extractor without a classifier, "
+                     "which train cannot fit to labels",
+}
+
+
 @dataclass
 class TrainConfig:
     """Every option of ``lcnn-zoo train`` (see docs/training.md)."""
@@ -236,8 +252,11 @@ class TrainConfig:
         for f in self.options():
             setattr(self, f.name, check_value(f, getattr(self, f.name), source))
         self.dataset = _timm_dataset(self.dataset, self.data_dir)
-        reserved = sorted(set(self.model_kwargs) & {"num_classes", "in_chans", "pretrained", "pretrained_cfg_overlay",
-                                                    "drop_path_rate", "global_pool", "img_size"})
+        for key in self.model_kwargs:
+            if key in NOT_MODEL_KWARGS:
+                raise UserError(f"--model-kwargs {key} {NOT_MODEL_KWARGS[key]}")
+        reserved = sorted(set(self.model_kwargs) & {"num_classes", "in_chans", "drop_path_rate", "global_pool",
+                                                    "img_size"})
         if reserved:
             raise UserError(f"--model-kwargs: set {reserved} with their own options (--num-classes, "
                             f"--input-size, --pretrained, --drop-path, --gp)")

@@ -32,6 +32,12 @@ def no_data_read(monkeypatch):
     (["--opt", "foo"], "--opt 'foo' is not one of timm's optimizers"),
     (["--model-kwargs", "foo=1"], "unexpected keyword argument 'foo'"),
     (["--model-kwargs", "logit_scale=0"], "logit_scale must be a finite positive number"),
+    # hostile pass, T1: timm.create_model's own keywords (checkpoint_path crashed on meta tensors)
+    (["--model-kwargs", "checkpoint_path=/tmp/w.safetensors"], "checkpoint_path is not a model keyword"),
+    (["--model-kwargs", "pretrained=True"], "pretrained is not a model keyword: use --pretrained"),
+    (["--model-kwargs", "pretrained_cfg=x"], "pretrained_cfg is not a model keyword"),
+    (["--model-kwargs", "pretrained_cfg_overlay={}"], "pretrained_cfg_overlay is not a model keyword"),
+    (["--model-kwargs", "features_only=True"], "features_only is not a model keyword for training"),
     (["--model", "lcnn_resnet2O"], "unknown model 'lcnn_resnet2O'"),
     (["--mixup", "0.2", "--batch-size", "63"], "need an even --batch-size"),
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
