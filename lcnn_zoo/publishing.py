@@ -428,11 +428,13 @@ def _is_local_path(text: str) -> bool:
 
 def _hub_repo(name: str) -> bool:
     """Whether ``name`` is a Hub repo id ``<namespace>/<name>`` (and not a path here)."""
+    return name.count("/") == 1 and not _is_local_path(name) and _valid_repo_id(name)
+
+
+def _valid_repo_id(name: str) -> bool:
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if name.count("/") != 1 or _is_local_path(name):
-        return False
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -451,7 +453,8 @@ def card_dataset(dataset: str, option: str = "--dataset") -> Tuple[Optional[str]
         option: what to name in the error.
 
     Raises:
-        UserError: a name with control characters (a newline would start new lines of the card).
+        UserError: a name with control characters (a newline would start new lines of the card); an
+            ``hf:`` name that is neither a Hub id nor a local folder.
     """
     name = dataset.strip()
     key = name.lower()
@@ -464,7 +467,13 @@ def card_dataset(dataset: str, option: str = "--dataset") -> Tuple[Optional[str]
                         f"on one line")
     if key.startswith("hf:"):
         name = name[3:]
-        return (name, name) if _hub_repo(name) else (None, LOCAL_DATASET)
+        if _is_local_path(name):
+            return None, LOCAL_DATASET
+        if _hub_repo(name) or ("/" not in name and _valid_repo_id(name)):  # <owner>/<name>, or a canonical name
+            return name, name
+        # (was "an image folder": a typo such as "hf:my org/data" dropped the name and said something false)
+        raise UserError(f"{option} {shown(dataset)}: {shown(name)} is not a Hub dataset id (<owner>/<name> of "
+                        f"letters, digits, '-', '_' and '.') nor a local folder")
     if _hub_repo(name):
         return name, name
     if "/" in name or _is_local_path(name):

@@ -452,6 +452,9 @@ def test_a_card_shows_data_strings_as_text_names_no_local_path_and_loads_by_its_
 @pytest.mark.parametrize("dataset,fragment", [
     ("fmnist\nlicense: other", "--dataset 'fmnist\\nlicense: other' has control characters"),
     ("hf:me/data\rlicense: other", "has control characters"),
+    # hostile pass, I05c: an invalid Hub id became "an image folder" on the card
+    ('hf:evil/x"]}license: other', "is not a Hub dataset id"),
+    ("hf:my org/data", "'my org/data' is not a Hub dataset id"),
 ])
 def test_a_dataset_name_cannot_add_yaml_keys(tmp_path, capsys, dataset, fragment):
     ckpt = tmp_path / "w.safetensors"
