@@ -184,6 +184,12 @@ def test_a_run_is_bundled_against_its_own_classes(tmp_path, weights, capsys):
     (lambda t: None, ["--recipe", "{t}/missing.yaml"], "--recipe"),
     (lambda t: (t / "bin.yaml").write_bytes(b"\xff\xfe\x00binary"), ["--recipe", "{t}/bin.yaml"], "not a UTF-8 text"),
     (lambda t: (t / "m.json").write_text("[1, 2]"), ["--metrics", "{t}/m.json"], "holds a list"),
+    # hostile pass, P5: a NaN accuracy (eval.json of weights whose gradients overflowed) reached the card as "nan"
+    (lambda t: (t / "m.json").write_text('{"results": {"lcnn_resnet20.cifar10": {"accuracy": NaN}}}'),
+     ["--metrics", "{t}/m.json"], "'accuracy' is nan, not a finite number"),
+    (lambda t: (t / "m.json").write_text('{"results": {"lcnn_resnet20.cifar10": {"accuracy": 9.0, '
+                                         '"pgd_l2": {"0.1": Infinity}}}}'),
+     ["--metrics", "{t}/m.json"], "'pgd_l2.0.1' is inf"),
     (lambda t: None, ["--upload"], "--upload"),
 ])
 def test_push_inputs_are_checked_before_anything_is_written(tmp_path, capsys, monkeypatch, setup, extra, fragment):
