@@ -30,6 +30,7 @@ from .geometry import (
 from .layers.spectral_norm import deferred_convergence
 from .robustness import pgd_accuracy
 from .weight_checks import WeightsError, check_outputs, check_weights
+from .writing import non_finite
 
 __all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plot_gradient_robustness",
            "run_eval", "write_report", "first_samples"]
@@ -328,8 +329,8 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
         if outputs is not None and outputs < classes:
             raise UserError(f"{shown(spec)} has {outputs} classes and {shown(dataset)} has {classes}: evaluate it on "
                             f"the data it was trained for")
-        x0, _ = first_samples(test_ds, min(cfg.batch_size, len(test_ds)))
-        check_outputs(model, x0.to(device), spec)
+        x0, y0 = first_samples(test_ds, min(cfg.batch_size, len(test_ds)))
+        check_outputs(model, x0.to(device), spec, y0.to(device))
     results: Dict[str, Dict[str, Any]] = {}
     for name, model in models:
         test_ds, train_ds = datasets[input_size_of(model) or ()]
@@ -345,8 +346,18 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
 
 
 def write_report(results: Dict[str, Dict[str, Any]], folder: Path, *, cfg: EvalConfig, command: str = "") -> Path:
-    """eval.json, eval.md and gradient_robustness.png in ``folder`` (each written atomically)."""
-    write_json(folder / "eval.json", {"command": command, "config": dict(cfg.__dict__), "results": results})
+    """eval.json, eval.md and gradient_robustness.png in ``folder`` (each written atomically).
+
+    Raises:
+        UserError: a result is NaN or infinite (named; nothing is written): eval.json would hold the
+            bare ``NaN``/``Infinity`` tokens, which are not JSON, and ``push --metrics`` would publish them.
+    """
+    bad = non_finite(results)
+    if bad is not None:
+        raise UserError(f"the measurement {shown(bad[0], 120)} is {bad[1]}, not a finite number: nothing was written "
+                        f"(eval.json holds finite numbers only); check the model's weights")
+    write_json(folder / "eval.json", {"command": command, "config": dict(cfg.__dict__), "results": results},
+               allow_nan=False)
     write_text(folder / "eval.md", markdown_report(results, command))
     plot_gradient_robustness(results, folder / "gradient_robustness.png")
     return folder

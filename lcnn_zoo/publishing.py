@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import math
 import os
 import re
 import tempfile
@@ -48,7 +47,7 @@ from .hub import (
 from .layers import converge_spectral_norms, frozen_state
 from .layers.spectral_norm import deferred_convergence
 from .weight_checks import check_outputs, check_weights
-from .writing import Transaction, check_name, check_writable_parent, file_lock, not_regular
+from .writing import Transaction, check_name, check_writable_parent, file_lock, non_finite, not_regular
 
 __all__ = ["PUSH_FILES", "save_pretrained", "push_folder", "record_published", "bundle", "select_metrics",
            "metrics_table", "render_recipe", "render_model_card", "build_model_card", "find_model_card_template",
@@ -607,24 +606,11 @@ def _read_metrics(path: str, names: Sequence[str]) -> Dict[str, Any]:
     metrics = select_metrics(data, names)
     if not isinstance(metrics, dict):
         raise UserError(f"--metrics {shown(path)}: the model's entry is a {type(metrics).__name__}, not a mapping")
-    bad = _non_finite(metrics)
+    bad = non_finite(metrics)
     if bad is not None:  # a NaN accuracy would be published as "nan" (eval of weights whose gradients overflow)
         raise UserError(f"--metrics {shown(path)}: {shown(bad[0])} is {bad[1]}, not a finite number: measure the "
                         f"model again (or leave out --metrics)")
     return metrics
-
-
-def _non_finite(value: Any, key: str = "") -> Optional[Tuple[str, float]]:
-    """(the dotted key, the value) of the first number in ``value`` (nested mappings and lists) that
-    is NaN or infinite, or None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return key, value
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for k, v in items:
-        found = _non_finite(v, f"{key}.{k}" if key else str(k))
-        if found is not None:
-            return found
-    return None
 
 
 def _load_for_push(weights: Path, arch: str, info: Dict[str, Any], ema: bool) -> nn.Module:

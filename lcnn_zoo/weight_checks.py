@@ -133,21 +133,36 @@ def check_weights(state: Mapping[str, torch.Tensor], where: Where, model: Option
                            f"training); restore or retrain them")
 
 
-@torch.no_grad()
-def check_outputs(model: nn.Module, x: torch.Tensor, where: Where) -> None:
+def check_outputs(model: nn.Module, x: torch.Tensor, where: Where, y: Optional[torch.Tensor] = None) -> None:
     """Refuse a model whose outputs on ``x`` (its first batch) are not finite: weights that pass
     :func:`check_weights` can still overflow, and the argmax of NaN logits is not an accuracy.
+    With the labels ``y``, also the cross-entropy loss and its gradient in ``x`` (what the
+    measurements differentiate): finite logits of 1e30 (a huge ``logit_scale``) give an infinite
+    gradient, measured as "inf ± nan" and an empty plot.
 
     Raises:
         WeightsError: one line naming ``where``.
     """
-    out = model(x)
+    xg = x.detach().clone().requires_grad_(y is not None)
+    with torch.set_grad_enabled(y is not None):
+        out = model(xg)
     outs = out if isinstance(out, (tuple, list)) else [out]
     for o in outs:
         if isinstance(o, torch.Tensor) and o.is_floating_point() and not bool(torch.isfinite(o).all()):
             raise WeightsError(f"{_where(where)} computes outputs that are not finite "
                                f"({int((~torch.isfinite(o)).sum())} of {o.numel()} on its first {x.shape[0]} "
                                f"inputs): it cannot be measured or published; check its weights")
+    logits = outs[0] if outs and isinstance(outs[0], torch.Tensor) else None
+    if y is None or logits is None or not logits.requires_grad:
+        return
+    loss = nn.functional.cross_entropy(logits, y.to(logits.device), reduction="sum")
+    (grad,) = torch.autograd.grad(loss, xg)
+    norms = grad.flatten(1).norm(dim=1) if grad.dim() > 1 else grad.norm()  # what is measured: ‖∇ₓℓ‖ per input
+    for what, t in (("loss", loss), ("input gradient", grad), ("input-gradient norm", norms)):
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise WeightsError(f"{_where(where)} has a {what} that is not finite on its first {x.shape[0]} inputs "
+                               f"(its outputs are finite; a huge logit_scale or weights?): it cannot be measured; "
+                               f"check its weights")
 
 
 def meta_tensor(model: nn.Module) -> Optional[str]:

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
@@ -115,8 +116,23 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+def write_json(path: str | os.PathLike, data: Any, *, allow_nan: bool = True) -> Path:
+    """``data`` as indented JSON. ``allow_nan=False``: a NaN or infinite number is a ValueError, not
+    the bare ``NaN``/``Infinity`` tokens that are not JSON (check first with :func:`non_finite`)."""
+    return write_text(path, json.dumps(data, indent=2, default=str, allow_nan=allow_nan) + "\n")
+
+
+def non_finite(value: Any, key: str = "") -> Optional[Tuple[str, float]]:
+    """(the dotted key, the value) of the first number in ``value`` (nested mappings and lists) that
+    is NaN or infinite, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = non_finite(v, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def check_name(name: str, option: str) -> str:

@@ -185,6 +185,37 @@ def test_a_model_whose_outputs_are_not_finite_is_not_measured(tmp_path, capsys, 
     assert files_under(out) == []
 
 
+@needs_fmnist
+def test_a_model_whose_loss_gradients_are_not_finite_is_not_measured(tmp_path, capsys, no_measuring):
+    """Hostile pass, W1: logit_scale = 1e30 keeps the logits finite (~1e31) but ‖∇ₓℓ‖ overflows: eval
+    exited 0 with "inf ± nan", an empty plot and an eval.json of bare NaN/Infinity. Now the first test
+    batch's loss and input gradient are checked before any measurement."""
+    state = load_file(SHIPPED)
+    state["logit_scale"] = torch.tensor(1e30)
+    save_file(state, str(tmp_path / "huge.safetensors"))
+    out = tmp_path / "ev"
+    fails_with(capsys, ["eval", str(tmp_path / "huge.safetensors"), "--arch", ARCH, "--output", str(out)]
+               + SMALL, "huge.safetensors", "input-gradient norm that is not finite")
+    assert files_under(out) == []
+
+
+def test_results_that_are_not_finite_are_not_written_as_invalid_json(tmp_path):
+    """Hostile pass, W1: eval.json held the bare tokens NaN and Infinity (not JSON); a non-finite result
+    is now a one-line error naming it, and nothing is written."""
+    from lcnn_zoo.config import EvalConfig
+    from lcnn_zoo.errors import UserError
+    from lcnn_zoo.evaluation import write_report
+
+    results = {"m": {"accuracy": 10.0, "grad_norm_mean": float("inf"), "pgd_l2": {"0.1": float("nan")}}}
+    with pytest.raises(UserError, match="the measurement 'm.grad_norm_mean' is inf"):
+        write_report(results, tmp_path, cfg=EvalConfig())
+    assert files_under(tmp_path) == []
+    from lcnn_zoo.writing import write_json
+
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "x.json", results, allow_nan=False)
+
+
 def test_evaluate_model_refuses_logits_that_are_not_finite():
     """Issue 31, case 3, through the API: the accuracy (the first measurement) refuses NaN logits
     instead of reporting the argmax of NaN as an accuracy."""
