@@ -29,7 +29,7 @@ from .geometry import (
 )
 from .layers.spectral_norm import deferred_convergence
 from .robustness import pgd_accuracy
-from .weight_checks import WeightsError, check_outputs, check_weights
+from .weight_checks import WeightsError, check_outputs, check_weights, load_mismatch
 from .writing import non_finite
 
 __all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plot_gradient_robustness",
@@ -131,8 +131,9 @@ def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], where: Path) -
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{where} does not match the model architecture: {str(e).splitlines()[0]} "
-                        f"(pass --arch and --input-size if it was trained for another)") from e
+        raise UserError(f"{where} does not match the model architecture ({type(model).__name__}): "
+                        f"{load_mismatch(e)}: these weights are for another architecture (pass --arch and "
+                        f"--input-size if it was trained for another)") from e
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,15 +12,16 @@ one line naming the file and the tensor.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Tuple, Union
+from typing import Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .errors import UserError, shown
 
-__all__ = ["WeightsError", "weight_problem", "check_weights", "check_outputs", "meta_tensor"]
+__all__ = ["WeightsError", "weight_problem", "check_weights", "check_outputs", "meta_tensor", "load_mismatch"]
 
 Where = Union[str, "os.PathLike[str]"]
 
@@ -171,3 +172,29 @@ def meta_tensor(model: nn.Module) -> Optional[str]:
         if t.is_meta:
             return name
     return None
+
+
+_QUOTED = re.compile(r'"([^"]+)"')  # the keys in torch's message: "fc.weight", "fc.bias".
+
+
+def _keys(keys: List[str], limit: int = 3) -> str:
+    shown_keys = ", ".join(shown(k, 60) for k in keys[:limit])
+    return shown_keys + (f" … ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_mismatch(error: RuntimeError) -> str:
+    """What torch's ``load_state_dict`` error says, as one bounded phrase: the first missing and
+    unexpected keys and size mismatches (its first line, "Error(s) in loading state_dict for
+    CifarResNet:", names none of them)."""
+    lines = [ln.strip() for ln in str(error).splitlines()[1:] if ln.strip()]
+    parts = []
+    for ln in lines:
+        for label, what in (("Missing key(s)", "missing keys"), ("Unexpected key(s)", "unexpected keys")):
+            if ln.startswith(label):
+                parts.append(f"{what} {_keys(_QUOTED.findall(ln))}")
+    sizes = [ln for ln in lines if ln.startswith("size mismatch for")]
+    if sizes:
+        parts.append(shown(sizes[0], 200).strip("'\"") + (f" (and {len(sizes) - 1} more)" if len(sizes) > 1 else ""))
+    if not parts:  # another message: its first lines, bounded
+        return shown(" ".join(str(error).split()), 240).strip("'\"")
+    return "; ".join(parts)

@@ -172,6 +172,22 @@ def test_weights_wrong_in_content_are_refused_before_measuring(tmp_path, capsys,
     assert files_under(out) == []
 
 
+@pytest.mark.parametrize("edit,fragments", [
+    (lambda st: st.pop("fc.bias"), ["missing keys 'fc.bias'"]),
+    (lambda st: st.update(evil=torch.zeros(1)), ["unexpected keys 'evil'"]),
+])
+def test_weights_of_another_architecture_name_their_keys(tmp_path, capsys, no_measuring, edit, fragments):
+    """Hostile pass, W6: the message stopped at torch's first line, "Error(s) in loading state_dict for
+    CifarResNet:", without a key; now it names the first missing and unexpected keys."""
+    state = load_file(SHIPPED)
+    edit(state)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    out = tmp_path / "ev"
+    fails_with(capsys, ["eval", str(tmp_path / "w.safetensors"), "--arch", ARCH, "--output", str(out)] + SMALL,
+               "w.safetensors", "weights are for another architecture", *fragments)
+    assert files_under(out) == []
+
+
 @needs_fmnist
 def test_a_model_whose_outputs_are_not_finite_is_not_measured(tmp_path, capsys, no_measuring):
     """Issue 31, case 3: finite weights can still overflow (here the logit scale): the first test batch

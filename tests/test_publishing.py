@@ -201,6 +201,16 @@ def test_push_inputs_are_checked_before_anything_is_written(tmp_path, capsys, mo
     assert files_under(tmp_path / "o") == []
 
 
+def test_push_of_weights_with_a_missing_key_names_it(tmp_path, capsys):
+    """Hostile pass, W6: the message stopped at "Error(s) in loading state_dict for CifarResNet:"."""
+    state = timm.create_model("lcnn_resnet20_softplus.fmnist", pretrained=True).state_dict()
+    del state["fc.bias"]
+    save_file(state, str(tmp_path / "w.safetensors"))
+    fails_with(capsys, ["push", str(tmp_path / "w.safetensors"), "--model", "lcnn_resnet20_softplus.x",
+                        "--output-dir", str(tmp_path / "o")], "missing keys 'fc.bias'", "for another architecture")
+    assert files_under(tmp_path / "o") == []
+
+
 def test_a_published_manifest_entry_of_the_wrong_type_is_named(tmp_path, monkeypatch):
     path = tmp_path / "published.json"
     path.write_text(json.dumps({"lcnn_resnet18.cifar10": "lcnn-zoo/lcnn_resnet18.cifar10"}))
