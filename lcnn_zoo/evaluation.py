@@ -28,6 +28,7 @@ from .geometry import (
     relative_discrepancy,
 )
 from .layers.spectral_norm import deferred_convergence
+from .preflight import check_dataset_memory
 from .robustness import pgd_accuracy
 from .weight_checks import WeightsError, check_outputs, check_weights, load_mismatch
 from .writing import non_finite
@@ -315,6 +316,7 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
     for spec, (name, model) in zip(specs, models):
         size = input_size_of(model) or ()
         if size not in datasets:
+            check_dataset_memory(dataset, size)  # (the size read from the weights): before the data is resized
             kw: Dict[str, Any] = dict(image_size=tuple(size[1:]), channels=size[0]) if size else {}
             test_ds = build_dataset(dataset, train=False, data_dir=data_dir, download=download, **kw)
             train_ds = build_dataset(dataset, train=True, data_dir=data_dir, download=download,

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,7 +30,7 @@ from .errors import UserError, shown
 from .writing import check_name, new_folder, not_regular
 
 __all__ = ["TrainPlan", "DistEnv", "train_plan", "output_folder", "new_output_folder", "check_device",
-           "check_model_options", "check_memory", "distributed_env"]
+           "check_model_options", "check_memory", "check_dataset_memory", "check_eval_memory", "distributed_env"]
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,59 @@ def check_memory(cfg: TrainConfig, size: Optional[Tuple[int, ...]], device: torc
     have, where = _memory_of(device)
     if have is None:
         return
-    per_image = math.prod(size) * 4  # float32
     eval_batch = cfg.validation_batch_size or max(cfg.batch_size, 256)  # (as training._loader is given)
     for batch, option in ((cfg.batch_size, "--batch-size"), (eval_batch, "--validation-batch-size")):
-        if batch * per_image > have:
-            raise UserError(f"--input-size {' '.join(map(str, size))}: one batch of {batch} images ({option}) needs "
-                            f"at least {_gib(batch * per_image)} ({_gib(per_image)} per float32 image) and {where} has "
-                            f"{_gib(have)}: choose a smaller --input-size or {option}")
+        _check_batch(size, batch, option, have, where)
+    check_dataset_memory(cfg.dataset, size)
+
+
+def _check_batch(size: Sequence[int], batch: int, option: str, have: int, where: str) -> None:
+    per_image = math.prod(size) * 4  # float32
+    if batch * per_image > have:
+        raise UserError(f"--input-size {' '.join(map(str, size))}: one batch of {batch} images ({option}) needs "
+                        f"at least {_gib(batch * per_image)} ({_gib(per_image)} per float32 image) and {where} has "
+                        f"{_gib(have)}: choose a smaller --input-size or {option}")
+
+
+# The datasets build_dataset holds in memory: (C, H, W) as stored, training and test images.
+_IN_MEMORY_SPLITS = {"fmnist": ((1, 28, 28), 60000, 10000), "fashion-mnist": ((1, 28, 28), 60000, 10000),
+                     "fashion_mnist": ((1, 28, 28), 60000, 10000), "cifar10": ((3, 32, 32), 50000, 10000),
+                     "cifar100": ((3, 32, 32), 50000, 10000)}
+
+
+def check_dataset_memory(dataset: str, size: Optional[Sequence[int]]) -> None:
+    """Refuse an input size at which an in-memory dataset (Fashion-MNIST, CIFAR) cannot be resized:
+    :func:`~lcnn_zoo.data.build_dataset` resizes each split whole, and torchvision's resize of uint8
+    images computes in float32, before ``--train-subset``/``--test-subset`` pick from it (training and
+    eval build both splits). Counted: the float32 resize of the larger split, a lower bound. Without
+    it ``--input-size 1 3000 3000`` passed the one-batch check (2.3 GB) and failed allocating 2 TB
+    after the data was read. Image folders and Hub datasets are resized image by image: not counted."""
+    entry = _IN_MEMORY_SPLITS.get(dataset.lower())
+    if not size or entry is None:
+        return
+    stored, n_train, n_test = entry
+    if tuple(size[1:]) == stored[1:]:
+        return  # not resized: kept as stored (uint8)
+    have, where = _memory_of(torch.device("cpu"))
+    if have is None:
+        return
+    n = max(n_train, n_test)
+    need = n * math.prod(size) * 4
+    if need > have:
+        raise UserError(f"--input-size {' '.join(map(str, size))}: {dataset} is resized in memory, a whole split at "
+                        f"once: its {n} training images need at least {_gib(need)} in float32 and {where} has "
+                        f"{_gib(have)} (--train-subset is taken after the resize): choose a smaller --input-size")
+
+
+def check_eval_memory(dataset: str, size: Optional[Sequence[int]], batch_size: int, device: torch.device) -> None:
+    """:func:`check_memory` for ``lcnn-zoo eval``: one batch (``--batch-size``) on ``device`` and the
+    resized in-memory dataset (:func:`check_dataset_memory`), before any model or data is loaded."""
+    if not size:
+        return
+    have, where = _memory_of(device)
+    if have is not None:
+        _check_batch(size, batch_size, "--batch-size", have, where)
+    check_dataset_memory(dataset, size)
 
 
 def check_device(name: Optional[str]) -> torch.device:

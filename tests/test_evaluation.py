@@ -188,6 +188,26 @@ def test_weights_of_another_architecture_name_their_keys(tmp_path, capsys, no_me
     assert files_under(out) == []
 
 
+@pytest.mark.parametrize("size,batch,fragment", [
+    (["1", "30000", "30000"], "128", "one batch of 128 images (--batch-size) needs at least"),
+    (["1", "3000", "3000"], "1", "fmnist is resized in memory, a whole split at once"),
+])
+def test_an_input_size_that_cannot_fit_is_refused_before_any_model_or_data(tmp_path, capsys, monkeypatch, size, batch,
+                                                                           fragment):
+    """Hostile pass, E5: eval --input-size 1 30000 30000 had no memory preflight: a traceback from
+    lcnnify's forward pass (57.6 GB); at 1×3000×3000 the whole test and training splits were resized."""
+    def nothing(*a, **k):
+        raise AssertionError("a model or the data was loaded before the memory check")
+
+    monkeypatch.setattr("lcnn_zoo.evaluation.load_model", nothing)
+    monkeypatch.setattr("lcnn_zoo.evaluation.build_dataset", nothing)
+    monkeypatch.setattr("lcnn_zoo.preflight._memory_of", lambda device: (16 << 30, "this machine"))
+    out = tmp_path / "ev"
+    fails_with(capsys, ["eval", "lcnn_resnet20.fmnist", "--input-size", *size, "--batch-size", batch,
+                        "--output", str(out)] + SMALL, f"--input-size {' '.join(size)}: {fragment}")
+    assert files_under(out) == []
+
+
 @needs_fmnist
 def test_a_model_whose_outputs_are_not_finite_is_not_measured(tmp_path, capsys, no_measuring):
     """Issue 31, case 3: finite weights can still overflow (here the logit scale): the first test batch

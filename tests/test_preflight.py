@@ -204,10 +204,24 @@ def test_sizes_and_seeds_that_cannot_run_are_refused_before_the_data_is_read(tmp
     assert files_under(tmp_path / "runs") == []
 
 
+@needs_fmnist
+def test_an_input_size_whose_resized_dataset_cannot_fit_is_refused_before_the_data_is_read(tmp_path, capsys,
+                                                                                         no_data_read, monkeypatch):
+    """Hostile pass, I12d: 1×3000×3000 passed the one-batch check (64 images: 2.3 GB), then resizing
+    the whole training split (60,000 images, in float32: 2 TB) failed after the data was read;
+    --train-subset did not help, being taken after the resize."""
+    monkeypatch.setattr("lcnn_zoo.preflight._memory_of", lambda device: (16 << 30, "this machine"))
+    fails_with(capsys, ["train"] + FAST + ["--output", str(tmp_path / "runs"), "--input-size", "1", "3000", "3000"],
+               "--input-size 1 3000 3000: fmnist is resized in memory", "60000 training images need at least 2.0 TiB",
+               "this machine has 16.0 GiB")
+    assert files_under(tmp_path / "runs") == []
+
+
 def test_the_memory_check_is_a_lower_bound_that_passes_what_runs(monkeypatch):
     from lcnn_zoo.preflight import check_memory
 
-    cfg = train_config(FAST + ["--input-size", "3", "224", "224", "--batch-size", "256"])
+    # an image folder (resized image by image: Fashion-MNIST at 3×224×224 is 36 GB once resized, see below)
+    cfg = train_config(FAST + ["--input-size", "3", "224", "224", "--batch-size", "256", "--dataset", "folder:/shoes"])
     check_memory(cfg, (3, 224, 224), torch.device("cpu"))  # ImageNet's usual batch: 154 MB of inputs
     monkeypatch.setattr("os.sysconf", lambda name: {"SC_PHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}[name])
     with pytest.raises(UserError, match="this machine has 3.9 MiB"):
