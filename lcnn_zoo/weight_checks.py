@@ -161,8 +161,8 @@ def check_outputs(model: nn.Module, x: torch.Tensor, where: Where, y: Optional[t
     norms = grad.flatten(1).norm(dim=1) if grad.dim() > 1 else grad.norm()  # what is measured: ‖∇ₓℓ‖ per input
     for what, t in (("loss", loss), ("input gradient", grad), ("input-gradient norm", norms)):
         if not bool(torch.isfinite(t.detach()).all()):
-            raise WeightsError(f"{_where(where)} has a {what} that is not finite on its first {x.shape[0]} inputs "
-                               f"(its outputs are finite; a huge logit_scale or weights?): it cannot be measured; "
+            raise WeightsError(f"{_where(where)}: its {what} is not finite on its first {x.shape[0]} inputs "
+                               f"(its outputs are finite: a huge logit_scale?): it cannot be measured; "
                                f"check its weights")
 
 

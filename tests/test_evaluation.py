@@ -231,7 +231,7 @@ def test_a_model_whose_loss_gradients_are_not_finite_is_not_measured(tmp_path, c
     save_file(state, str(tmp_path / "huge.safetensors"))
     out = tmp_path / "ev"
     fails_with(capsys, ["eval", str(tmp_path / "huge.safetensors"), "--arch", ARCH, "--output", str(out)]
-               + SMALL, "huge.safetensors", "input-gradient norm that is not finite")
+               + SMALL, "huge.safetensors", "its input-gradient norm is not finite")
     assert files_under(out) == []
 
 
