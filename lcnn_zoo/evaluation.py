@@ -132,9 +132,11 @@ def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], where: Path) -
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"{where} does not match the model architecture ({type(model).__name__}): "
-                        f"{load_mismatch(e)}: these weights are for another architecture (pass --arch and "
-                        f"--input-size if it was trained for another)") from e
+        reason = load_mismatch(e)
+        if "another architecture" not in reason:
+            reason += ": these weights are for another architecture"
+        raise UserError(f"{where} does not match the model architecture ({type(model).__name__}): {reason} "
+                        f"(pass --arch and --input-size if it was trained for another)") from e
 
 
 # --------------------------------------------------------------------------------------------

@@ -623,8 +623,10 @@ def _load_for_push(weights: Path, arch: str, info: Dict[str, Any], ema: bool) ->
             check_weights(state, weights, model)  # before load_state_dict, which would cast integers silently
             model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise UserError(f"checkpoint {shown(Path(weights))} does not match {arch}: {load_mismatch(e)}: these weights "
-                        f"are for another architecture") from e
+        reason = load_mismatch(e)
+        if "another architecture" not in reason:
+            reason += ": these weights are for another architecture"
+        raise UserError(f"checkpoint {shown(Path(weights))} does not match {arch}: {reason}") from e
     if ema:
         converge_spectral_norms(model, n_iter=50, tol=1e-6)  # averaged singular vectors are not singular vectors
     built = input_size_of(model)

@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .errors import UserError, shown
 
-__all__ = ["WeightsError", "weight_problem", "check_weights", "check_outputs", "meta_tensor", "load_mismatch"]
+__all__ = ["WeightsError", "weight_problem", "check_weights", "check_outputs", "meta_tensor", "state_mismatch", "load_mismatch"]
 
 Where = Union[str, "os.PathLike[str]"]
 
@@ -182,10 +182,48 @@ def _keys(keys: List[str], limit: int = 3) -> str:
     return shown_keys + (f" … ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def _comparable(key: str) -> bool:
+    # Keys the zoo's load hooks reconcile themselves: singular vectors of another input size (recomputed),
+    # a missing logit scale (the built one kept), an adapted stem's gain.
+    return not (key.endswith(("._u", "._v", ".weight_gain")) or key.rsplit(".", 1)[-1] == "logit_scale")
+
+
+def state_mismatch(model: nn.Module, state_dict: Mapping[str, Any]) -> Optional[str]:
+    """Why ``state_dict`` does not fit ``model``, in a phrase, or None when its tensors do fit (the
+    failure was something else): another architecture (other tensor names), another number of input
+    channels (the stem), or the same architecture at other sizes (the first tensor that differs).
+    The zoo's models raise it from ``load_state_dict``, so timm's ``checkpoint_path=`` says it too."""
+    own = {k: v for k, v in model.state_dict().items() if _comparable(k)}
+    theirs = {k: v for k, v in state_dict.items() if _comparable(k)}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") or type(model).__name__
+    unexpected, missing = sorted(set(theirs) - set(own)), sorted(set(own) - set(theirs))
+    if unexpected or missing:
+        parts = ([f"missing keys {_keys(missing)}"] if missing else []) + (
+            [f"unexpected keys {_keys(unexpected)}"] if unexpected else [])
+        return (f"these weights are for another architecture than {arch} ({len(theirs)} tensors for its {len(own)}): "
+                + "; ".join(parts))
+    shape = {k: tuple(getattr(theirs[k], "shape", ())) for k in own}
+    stem = cfg.get("first_conv") or "conv1"
+    for key in (f"{stem}.weight", f"{stem}.parametrizations.weight.original"):
+        if key in own and len(shape[key]) == 4 and shape[key][1] != own[key].shape[1]:
+            return (f"these weights take {shape[key][1]}-channel input and this {arch} was built for "
+                    f"{own[key].shape[1]}: build it with in_chans={shape[key][1]}")
+    other = [k for k in own if shape[k] != tuple(own[k].shape)]
+    if other:
+        k = other[0]
+        return (f"these weights are for {arch} at other sizes: {shown(k)} is {list(shape[k])} in them and "
+                f"{list(own[k].shape)} here ({len(other)} tensors differ: another num_classes or width?)")
+    return None
+
+
 def load_mismatch(error: RuntimeError) -> str:
     """What torch's ``load_state_dict`` error says, as one bounded phrase: the first missing and
     unexpected keys and size mismatches (its first line, "Error(s) in loading state_dict for
     CifarResNet:", names none of them)."""
+    first, _, reason = (str(error).splitlines() or [""])[0].partition(": ")
+    if first.startswith("Error(s) in loading state_dict for") and reason.strip():  # state_mismatch's sentence
+        return reason if len(reason) <= 400 else reason[:399] + "…"  # built from bounded parts; bounded again
     lines = [ln.strip() for ln in str(error).splitlines()[1:] if ln.strip()]
     parts = []
     for ln in lines:

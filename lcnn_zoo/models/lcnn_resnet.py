@@ -50,6 +50,7 @@ from ..hub import PretrainedLoadError, extra_tags, recipe_hint, safe_build, weig
 from ..layers import CONVERGENCE_TOL, CenteredSoftplus, converge_spectral_norms, frozen_state
 from ..layers.spectral_norm import deferred_convergence
 from ..penalty import LCNNPenalty, attach_penalty
+from ..weight_checks import state_mismatch
 
 if TYPE_CHECKING:
     from timm.layers import SelectAdaptivePool2d
@@ -129,7 +130,7 @@ class _ScaledHead:
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
         except RuntimeError as e:
-            reason = checkpoint_mismatch(cast(nn.Module, self), state_dict)
+            reason = state_mismatch(cast(nn.Module, self), state_dict)
             if reason is None:
                 raise
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: {reason}") from e
@@ -139,42 +140,6 @@ class _ScaledHead:
         if self.drop_rate:
             x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x) * self.logit_scale
-
-
-def _comparable(key: str) -> bool:
-    # Keys the zoo's load hooks reconcile themselves: singular vectors of another input size (recomputed),
-    # a missing logit scale (the built one kept), an adapted stem's gain.
-    return not (key.endswith(("._u", "._v", ".weight_gain")) or key.rsplit(".", 1)[-1] == "logit_scale")
-
-
-def checkpoint_mismatch(model: nn.Module, state_dict: Mapping[str, Any]) -> Optional[str]:
-    """Why ``state_dict`` does not fit ``model``, in a phrase, or None when its tensors do fit (the
-    failure was something else): another architecture (other tensor names), another number of input
-    channels (the stem), or the same architecture at other sizes (the first tensor that differs)."""
-    own = {k: v for k, v in model.state_dict().items() if _comparable(k)}
-    theirs = {k: v for k, v in state_dict.items() if _comparable(k)}
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    arch = cfg.get("architecture") or type(model).__name__
-    unexpected, missing = sorted(set(theirs) - set(own)), sorted(set(own) - set(theirs))
-    if unexpected or missing:
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} of their {len(theirs)} tensors have no place in it (e.g. {shown(unexpected[0])})")
-        if missing:
-            parts.append(f"{len(missing)} of its {len(own)} are not in them (e.g. {shown(missing[0])})")
-        return f"these weights are for another architecture than {arch}: " + ", and ".join(parts)
-    shape = {k: tuple(getattr(theirs[k], "shape", ())) for k in own}
-    stem = cfg.get("first_conv") or "conv1"
-    for key in (f"{stem}.weight", f"{stem}.parametrizations.weight.original"):
-        if key in own and len(shape[key]) == 4 and shape[key][1] != own[key].shape[1]:
-            return (f"these weights take {shape[key][1]}-channel input and this {arch} was built for "
-                    f"{own[key].shape[1]}: build it with in_chans={shape[key][1]}")
-    other = [k for k in own if shape[k] != tuple(own[k].shape)]
-    if other:
-        k = other[0]
-        return (f"these weights are for {arch} at other sizes: {shown(k)} is {list(shape[k])} in them and "
-                f"{list(own[k].shape)} here ({len(other)} tensors differ: another num_classes or width?)")
-    return None
 
 
 def _kaiming_convs(model: nn.Module) -> None:
