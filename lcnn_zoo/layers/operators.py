@@ -11,7 +11,6 @@ from typing import Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
-import torch.nn.grad
 from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same_arg
 from torch import nn
@@ -130,7 +129,10 @@ class Conv2dOperator:
         if sym is None:
             v = F.pad(v, self._padding())
             sym = (0, 0)
-        return torch.nn.grad.conv2d_weight(v, weight.shape, u, self.stride, sym, self.dilation, self.groups)
+        # convolution_backward itself, as torch.nn.grad.conv2d_weight calls it, with the weight in place of
+        # the stand-in that helper builds for its shape (two more ops per call: new_empty and expand)
+        return torch.ops.aten.convolution_backward(u, v, weight, None, self.stride, sym, self.dilation, False, [0, 0],
+                                                   self.groups, (False, True, False))[1]
 
     def norm_bound(self, weight: torch.Tensor) -> torch.Tensor:
         """An upper bound on ‖A_W‖₂ that holds at every input size (0-dim; for a convolution whose
