@@ -15,7 +15,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
+from . import fused, prepared
 
 __all__ = ["CenteredSoftplus", "FrozenCenteredSoftplus", "centered_softplus", "DEFAULT_BETA_INIT"]
 
@@ -226,7 +226,9 @@ class CenteredSoftplus(nn.Module):
 
     @torch.jit.unused
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        return centered_softplus(x, self.log_beta.exp())
+        # β as the model's pre-forward computed it for all activations at once, if it did
+        beta = prepared.take(self, (self.log_beta,), False)
+        return centered_softplus(x, beta if beta is not None else self.log_beta.exp())
 
     def extra_repr(self) -> str:
         return f"beta={self.beta.item():.4g}, learnable={isinstance(self.log_beta, nn.Parameter)}"

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import prepared
+
 __all__ = ["LipschitzBatchNorm2d", "LipschitzBatchNormAct2d", "sync_batchnorm", "DEFAULT_GAMMA_INIT"]
 
 DEFAULT_GAMMA_INIT = 10.0  # the reference code's initial γ
@@ -144,12 +146,21 @@ class LipschitzBatchNorm2d(nn.Module):
         # *before* this batch updates it (in eval mode there is no update); the gradient still reaches γ
         # (and w, b) through the folded weight.
         record = self.training and self.update_stats
-        if record:  # the scale of this step: the running variance before this batch updates it
-            with torch.no_grad():
-                self.scale_var.copy_(self.running_var)
-        weight, bias = self._scaled_affine(self.scale_var if self.training else self.running_var)
+        # The clip weight the model's pre-forward computed for all BatchNorms at once, if any; it also
+        # made the scale-variance copy of a recording forward.
+        ready = prepared.take(self, (self.gamma_raw, self.scale_var), record) if self.training else None
+        if ready is not None:
+            weight, bias = ready, None
+        else:
+            if record:  # the scale of this step: the running variance before this batch updates it
+                with torch.no_grad():
+                    self.scale_var.copy_(self.running_var)
+            weight, bias = self._scaled_affine(self.scale_var if self.training else self.running_var)
         momentum = 0.0 if self.momentum is None else self.momentum
         if record:
+            # Counted here, not in the pre-forward: _record_momentum tells this increment from other
+            # writes by the counter's version, which a foreach increment does not move under a
+            # dispatch mode (so the step would read the counter on the host).
             self.num_batches_tracked.add_(1)
             if not torch.compiler.is_compiling():
                 momentum = self._record_momentum()

@@ -21,10 +21,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..linalg import lanczos
+from . import prepared
 from .operators import OPERATORS, Conv2dOperator, LinearOperator, conv_padding
 
 __all__ = ["SpectralNorm", "LinearOperator", "Conv2dOperator", "spectral_norm", "remove_spectral_norm",
-           "spectral_norm_modules", "spectral_norm_of", "conv_padding", "deferred_convergence", "exact_vectors",
+           "spectral_norm_modules", "spectral_norm_of", "divide_by_sigma_backward", "conv_padding", "deferred_convergence", "exact_vectors",
            "CONVERGENCE_TOL",
            "MAX_INIT_ITERATIONS"]
 
@@ -57,8 +58,21 @@ class _DivideBySigma(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, sigma, grad_sigma = ctx.saved_tensors
-        coef = (grad * weight).sum() / sigma
-        return torch.addcmul(grad, grad_sigma, coef, value=-1.0).div_(sigma), None, None
+        return divide_by_sigma_backward(grad, weight, sigma, grad_sigma), None, None
+
+
+def divide_by_sigma_backward(grad: torch.Tensor, weight: torch.Tensor, sigma: torch.Tensor,
+                             grad_sigma: torch.Tensor) -> torch.Tensor:
+    """The gradient of W ↦ W / σ(W) at ``grad``: (g − ⟨g, W⟩/σ · ∂σ/∂W) / σ, in differentiable ops.
+
+    Args:
+        grad: the gradient of the normalised weight.
+        weight: W.
+        sigma: σ(W) (0-dim).
+        grad_sigma: ∂σ/∂W, W's shape.
+    """
+    coef = (grad * weight).sum() / sigma
+    return torch.addcmul(grad, grad_sigma, coef, value=-1.0).div_(sigma)
 
 
 class SpectralNorm(nn.Module):
@@ -385,6 +399,11 @@ class SpectralNorm(nn.Module):
             # would carry every σ computation into the graph.
             raise RuntimeError(EXPORT_MESSAGE)
         self._check_ready()
+        if self.training:  # the value the model's pre-forward computed for all layers at once, if any
+            record = self.n_power_iterations > 0 and not self.frozen
+            ready = prepared.take(self, (weight, self._u, self._v), record)
+            if ready is not None:
+                return self._with_gain(ready)
         device = weight.device.type
         if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
             # Under autocast the operator's convolutions would run in bf16/fp16 and σ be off by
