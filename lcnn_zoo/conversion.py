@@ -45,6 +45,7 @@ from .layers import (
     spectral_norm,
     spectral_norm_of,
 )
+from .layers import preforward
 from .layers.spectral_norm import CONVERGENCE_TOL, MAX_INIT_ITERATIONS, drop_hooks
 
 __all__ = ["lcnnify", "set_input_size", "average_residual", "detach_lcnn_state", "ConversionReport",
@@ -476,6 +477,7 @@ def _attach_state(model: LCNNModel, report: ConversionReport) -> None:
     model._lcnn_input_size = report.input_size
     model._lcnn_size_warned = False
     model.register_forward_pre_hook(_input_size_hook)
+    preforward.install(model)  # after the input-size hook: a lazily-shaped layer is prepared from its 2nd call
     _hook_stem(model, report.input_size)
 
 
@@ -697,6 +699,7 @@ def detach_lcnn_state(model: nn.Module) -> None:
     """Remove what lcnnify attached to the model itself: the report, the input-size hook and the
     ``reset_classifier`` wrapper (what :func:`lcnn_zoo.fold` does once the layers are plain)."""
     drop_hooks(model._forward_pre_hooks, _input_size_hook)  # fold works on a deep copy: no handle
+    preforward.uninstall(model)
     _unhook_stem(model)
     for attr in ("lcnn_report", "_lcnn_input_size", "_lcnn_size_warned", "_lcnn_stem_checked"):
         if attr in model.__dict__:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .layers import CenteredSoftplus, LipschitzBatchNorm2d, frozen_state
+from .layers.preforward import prepared_penalty_terms
 
 __all__ = ["LCNNPenalty", "attach_penalty", "PenaltyHandle", "GradRegOutput", "gradreg_exact", "gradreg_fd_backward", "param_groups",
            "curvature_parameters"]
@@ -86,6 +87,10 @@ class LCNNPenalty:
         acts, bns = _curvature_layers(model)
         if not acts and not bns:
             return _zero(model)
+        ready = prepared_penalty_terms(acts, bns)
+        if ready is not None:  # the sums the model's pre-forward computed with β and the γ-clips
+            sum_beta, sum_log_gamma = ready
+            return torch.add(sum_beta * self.lambda_beta, sum_log_gamma, alpha=self.lambda_gamma)
         log_betas, gamma_raws = [a.log_beta for a in acts], [b.gamma_raw for b in bns]
         return _PenaltyFn.apply(self.lambda_beta, self.lambda_gamma, len(log_betas), *log_betas, *gamma_raws)
 

@@ -48,6 +48,7 @@ from ..errors import shown
 from ..folding import fold
 from ..hub import PretrainedLoadError, extra_tags, recipe_hint, safe_build, weights_location
 from ..layers import CONVERGENCE_TOL, CenteredSoftplus, converge_spectral_norms, frozen_state
+from ..layers.preforward import checkpoint_contexts
 from ..layers.spectral_norm import deferred_convergence
 from ..penalty import LCNNPenalty, attach_penalty
 from ..weight_checks import state_mismatch
@@ -102,10 +103,11 @@ def _logit_scale_if_missing(module: nn.Module, state_dict: Dict[str, Any], prefi
 
 @torch.jit.ignore
 def _checkpointed(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``stage(x)`` under gradient checkpointing, its recompute in :func:`~lcnn_zoo.layers.frozen_state`:
-    no power iteration, no BatchNorm statistics recorded a second time, so the recompute computes
-    exactly the function of the forward it replays."""
-    return checkpoint(stage, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), frozen_state(stage)))
+    """``stage(x)`` under gradient checkpointing, its recompute in :func:`~lcnn_zoo.layers.frozen_state`
+    with the values the model's pre-forward prepared for the forward: no power iteration, no BatchNorm
+    statistics recorded a second time, so the recompute computes exactly the function of the forward it
+    replays (and saves the same tensors)."""
+    return checkpoint(stage, x, use_reentrant=False, context_fn=lambda: checkpoint_contexts(stage))
 
 
 class _ScaledHead:

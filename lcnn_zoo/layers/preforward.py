@@ -1,0 +1,402 @@
+"""One model-level pre-forward for the LCNN's parameter work (paper §3: spectral norm, γ-BatchNorm,
+centered softplus β, and the penalty's terms).
+
+Called alone, each LCNN layer computes its parameter-dependent value at every training forward: a
+spectral norm its power step and W/σ, a γ-Lipschitz BatchNorm its γ-clip, a centered softplus
+β = exp(log β). Each is a chain of tiny ops (~17, ~16 and ~5 forward and backward), and a ResNet-18
+has sixty such layers, so the parameter work dispatched several times the ops of the net itself.
+Those values depend on the parameters and buffers only, not on the input, so they can be computed
+for all layers together before the forward: :func:`prepare` does that with ``torch._foreach_*`` ops
+over all layers and three autograd Functions whose forward and backward each make a constant number
+of ops (the power step's convolutions, one per layer and direction, cannot be batched). The layers
+take the prepared values (:mod:`.prepared`) and compute their own only when none is there (a layer
+called alone, an eval forward, a compiled graph).
+
+:func:`install` registers :func:`prepare` as a forward pre-hook on the model root (``lcnnify`` does,
+so every zoo LCNN has it) and a forward hook (``always_call``) that drops the values after the
+forward; the hooks are module-level functions, so deep copies (timm's ModelEmaV3) keep them. The
+values are the same functions of the same parameters, computed with the same formulas: the forward,
+the loss and the gradients agree with the per-layer path to float rounding, the singular vectors and
+BatchNorm statistics advance once per recording forward as before, and the saved state is unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import prepared
+from .activation import CenteredSoftplus
+from .batchnorm import LipschitzBatchNorm2d
+from .spectral_norm import SpectralNorm, divide_by_sigma_backward, spectral_norm_modules
+from .state import frozen_state
+
+__all__ = ["install", "uninstall", "prepare", "release", "checkpoint_contexts", "prepared_penalty_terms"]
+
+_EPS = 1e-12  # as spectral_norm's: the smallest σ
+
+#: what the ``torch._foreach_*`` ops take and return
+_Tensors = Union[Tuple[torch.Tensor, ...], List[torch.Tensor]]
+
+
+# ---- the hooks ----------------------------------------------------------------------------------
+def install(model: nn.Module) -> nn.Module:
+    """Register the pre-forward on ``model`` (its root): :func:`prepare` before each forward, and the
+    values dropped after it (also when it raises). Idempotent. Returns ``model``.
+
+    Args:
+        model: an LCNN (its layers may be anywhere below the root).
+    """
+    if _pre_forward_hook not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_pre_forward_hook)
+        model.register_forward_hook(_post_forward_hook, always_call=True)
+    return model
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove the hooks :func:`install` registered (by identity: a deep copy has no handles)."""
+    from .spectral_norm import drop_hooks
+
+    drop_hooks(model._forward_pre_hooks, _pre_forward_hook)
+    for key in [k for k, h in model._forward_hooks.items() if h is _post_forward_hook]:
+        del model._forward_hooks[key]
+        model._forward_hooks_always_called.pop(key, None)
+
+
+def _pre_forward_hook(model: nn.Module, args: Tuple[Any, ...]) -> None:
+    if _runs_layers_own_code(args):
+        return
+    prepare(model)
+
+
+def _post_forward_hook(model: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+    if not torch.compiler.is_compiling():
+        release(model)
+
+
+def _runs_layers_own_code(args: Tuple[Any, ...]) -> bool:
+    """Where the layers compute their own values: compiled graphs (the power step would enter the
+    graph twice), exports (the layers refuse them with a message), TorchScript tracing, torch.func
+    transforms, and FX tracing (a Proxy is no tensor)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor):
+        return True
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+#: the layers each root prepared values for, so that its forward hook drops exactly those
+_FRAMES: "weakref.WeakKeyDictionary[nn.Module, List[nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def prepare(model: nn.Module) -> int:
+    """Compute, for all of ``model``'s LCNN layers in training mode at once, what each computes at a
+    training forward, and leave it for the forward that follows. Returns the number of layers prepared.
+
+    * spectral norms (one power step per recording forward, on zero-padded convolutions and linear
+      layers; others compute their own): the step on the singular-vector buffers, σ = ‖A_W v‖ and W/σ,
+      with the gradient of :class:`~.spectral_norm.SpectralNorm`'s own Function;
+    * γ-Lipschitz BatchNorms without affine parameters: the scale-variance copy of a recording forward
+      and the γ-clip weight;
+    * centered softplus: β = exp(log β);
+    * the penalty's Σβ and Σ log γ (:func:`prepared_penalty_terms`), from the same Function as β and γ.
+
+    Layers in :func:`~.state.frozen_state` are prepared without their state update, as they compute.
+    The values are dropped by :func:`release` (the root's forward hook).
+
+    Args:
+        model: the model root.
+    """
+    release(model)
+    done: List[nn.Module] = []
+    with _autocast_off(model):
+        _prepare_spectral_norms(model, done)
+        _prepare_curvature(model, done)
+    if done:
+        _FRAMES[model] = done
+    return len(done)
+
+
+def release(model: nn.Module) -> None:
+    """Drop the values :func:`prepare` left for ``model``'s layers."""
+    prepared.drop(_FRAMES.pop(model, ()))
+
+
+@contextlib.contextmanager
+def _autocast_off(model: nn.Module) -> Iterator[None]:
+    # σ and the clips are computed in the parameters' precision, as the layers compute them (a bf16
+    # operator product would make σ off by its rounding).
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+def checkpoint_contexts(module: nn.Module) -> Tuple[ContextManager[Any], ContextManager[Any]]:
+    """``context_fn`` contexts for ``torch.utils.checkpoint`` of a part of an LCNN: the forward keeps
+    the part's prepared values, and the recompute runs in :func:`~.state.frozen_state` with those values
+    back, so it computes (and saves for backward) exactly what the forward did.
+
+    Args:
+        module: the checkpointed part.
+    """
+    kept: List[Tuple[Tuple[nn.Module, prepared.Prepared], ...]] = []
+    layers = [m for m in module.modules() if isinstance(m, (SpectralNorm, LipschitzBatchNorm2d, CenteredSoftplus))]
+
+    @contextlib.contextmanager
+    def forward() -> Iterator[None]:
+        kept.append(prepared.snapshot(layers))
+        yield
+
+    @contextlib.contextmanager
+    def recompute() -> Iterator[None]:
+        entries = kept[-1] if kept else ()
+        prepared.restore(entries)
+        try:
+            with frozen_state(module):
+                yield
+        finally:
+            prepared.drop([m for m, _ in entries])
+
+    return forward(), recompute()
+
+
+# ---- spectral norms --------------------------------------------------------------------------------
+def _batched(sn: SpectralNorm) -> bool:
+    """Whether the pre-forward prepares this spectral norm: training mode, one power step, vectors and
+    padding known, and a σ gradient in closed form (reflect/replicate/circular padding have none)."""
+    return (sn.training and sn.n_power_iterations == 1 and sn._v is not None and sn._u is not None
+            and sn.op.padding is not None and sn.op.sigma_gradient is not None)
+
+
+def _normalize_(xs: _Tensors) -> _Tensors:
+    """x / max(‖x‖, eps) for every x, in place (three ops for the whole list)."""
+    norms = torch._foreach_norm(xs)
+    torch._foreach_clamp_min_(norms, _EPS)
+    torch._foreach_div_(xs, norms)
+    return xs
+
+
+def _prepare_spectral_norms(model: nn.Module, done: List[nn.Module]) -> None:
+    sns: List[SpectralNorm] = []
+    weights: List[torch.Tensor] = []
+    for layer, sn in spectral_norm_modules(model):
+        chain: Any = layer.parametrizations.weight  # (a ParametrizationList)
+        if len(chain) == 1 and _batched(sn) and not chain.original.is_meta:
+            sns.append(sn)
+            weights.append(chain.original)
+    if not sns:
+        return
+    records = [not sn.frozen for sn in sns]
+    with torch.no_grad():
+        # The power step (SpectralNorm._training_normalized, for all layers): v ← Aᵀu/‖Aᵀu‖ on the
+        # recording layers, then σ = ‖Av‖ and u = Av/σ; frozen layers use their v as it is.
+        moving = [i for i, r in enumerate(records) if r]
+        if moving:
+            steps = [sns[i].adjoint(sns[i]._u, weights[i]) for i in moving]
+            torch._foreach_copy_([sns[i]._v for i in moving], _normalize_(steps))
+        images = [sn.operator(sn._v, w) for sn, w in zip(sns, weights)]
+        sigmas = torch._foreach_norm(images)
+        torch._foreach_clamp_min_(sigmas, _EPS)
+        us = torch._foreach_div(images, sigmas)
+        if moving:
+            torch._foreach_copy_([sns[i]._u for i in moving], [us[i] for i in moving])
+        grads = [sn.op.sigma_gradient(u, sn._v, w) for sn, u, w in zip(sns, us, weights)]
+    normalized = _DivideAllBySigma.apply(len(sns), *sigmas, *grads, *weights)
+    for sn, w, value, record in zip(sns, weights, normalized, records):
+        prepared.put(sn, value, (w, sn._u, sn._v), record)
+        done.append(sn)
+
+
+class _DivideAllBySigma(torch.autograd.Function):
+    """Wᵢ ↦ Wᵢ/σᵢ for all layers, σᵢ linear in Wᵢ with gradient Gᵢ (σ = uᵀA_W v, u and v constants):
+    :class:`~.spectral_norm.SpectralNorm`'s Function for a list of layers, in foreach ops.
+
+    Backward: gᵢ ↦ (gᵢ − ⟨gᵢ, Wᵢ⟩/σᵢ · Gᵢ)/σᵢ. ⟨g, W⟩ = ‖g∘W‖₁ − 2‖min(g∘W, 0)‖₁ (foreach has norms but
+    no sums), as exact as a sum. Under ``create_graph`` it is the per-layer formula in differentiable ops."""
+
+    @staticmethod
+    def forward(ctx, n: int, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:  # type: ignore[override]
+        sigmas, weights = tensors[:n], tensors[2 * n:]
+        ctx.n = n
+        ctx.save_for_backward(*tensors)
+        return tuple(torch._foreach_div(weights, sigmas))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        n = ctx.n
+        saved = ctx.saved_tensors
+        sigmas, grad_sigmas, weights = saved[:n], saved[n:2 * n], saved[2 * n:]
+        if torch.is_grad_enabled():  # create_graph: differentiable, layer by layer
+            out = [divide_by_sigma_backward(g, w, s, gs)
+                   for g, w, s, gs in zip(grads, weights, sigmas, grad_sigmas)]
+        else:
+            # (1-norms accumulated in float64: foreach's float32 1-norm drifts by ~1e-4 over millions of
+            # entries, and the difference below cancels)
+            products = torch._foreach_mul(grads, weights)
+            dots = torch._foreach_norm(products, 1, dtype=torch.float64)
+            torch._foreach_clamp_max_(products, 0.0)
+            dots = torch._foreach_add(dots, torch._foreach_norm(products, 1, dtype=torch.float64), alpha=-2.0)
+            torch._foreach_div_(dots, sigmas)
+            out = torch._foreach_addcmul(grads, grad_sigmas, dots, value=-1.0)
+            torch._foreach_div_(out, sigmas)
+        return (None,) + (None,) * (2 * n) + tuple(out)
+
+
+# ---- β, γ-clips and the penalty's terms -----------------------------------------------------------
+_COUNTS: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}  # (device, channel counts) -> a tensor of them
+
+
+def _counts_tensor(counts: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    key = (str(device), counts)
+    t = _COUNTS.get(key)
+    if t is None:
+        if len(_COUNTS) > 64:  # a process that builds many different models
+            _COUNTS.clear()
+        t = _COUNTS[key] = torch.tensor(counts, dtype=torch.long, device=device)
+    return t
+
+
+def _prepare_curvature(model: nn.Module, done: List[nn.Module]) -> None:
+    acts = [m for m in model.modules() if isinstance(m, CenteredSoftplus)]
+    every_bn = [m for m in model.modules() if isinstance(m, LipschitzBatchNorm2d)]
+    # γ-BNs with affine parameters scale them by a clip of another form: they compute their own.
+    bns = [bn for bn in every_bn if bn.training and bn.weight is None]
+    if not model.training or not (acts or bns):
+        return
+    tensors = [a.log_beta for a in acts] + [bn.gamma_raw for bn in bns] + [bn.scale_var for bn in bns]
+    if len({t.device for t in tensors}) != 1 or len({t.dtype for t in tensors}) != 1:
+        return  # (stacked below: one device and dtype)
+    device = tensors[0].device
+    records = [bn.update_stats for bn in bns]
+    with torch.no_grad():
+        recording = [bn for bn, r in zip(bns, records) if r]
+        if recording:  # what a recording forward does first (LipschitzBatchNorm2d.forward)
+            torch._foreach_copy_([bn.scale_var for bn in recording], [bn.running_var for bn in recording])
+        if bns:  # 1/‖BN‖₂ = sqrt(min var + eps) (the variance is ≥ 0: its min is its smallest |entry|)
+            inv_norms = torch._foreach_norm([bn.scale_var for bn in bns], float("-inf"))
+            torch._foreach_add_(inv_norms, [bn.eps for bn in bns])
+            inv_norm = torch.stack(torch._foreach_sqrt_(inv_norms))
+        else:
+            inv_norm = torch.zeros(0, device=device, dtype=tensors[0].dtype)
+    counts = tuple(bn.num_features for bn in bns)
+    flag = [False]  # set by the Function's backward: its graph is spent
+    outs = _Curvature.apply(len(acts), _counts_tensor(counts, device) if bns else None, sum(counts), inv_norm,
+                            flag, *[a.log_beta for a in acts], *[bn.gamma_raw for bn in bns])
+    betas, flat, sum_beta, sum_log_gamma = outs[:len(acts)], outs[len(acts)], outs[-2], outs[-1]
+    for act, beta in zip(acts, betas):
+        prepared.put(act, beta, (act.log_beta,), False)
+        done.append(act)
+    for bn, weight, record in zip(bns, flat.split(counts) if bns else (), records):
+        prepared.put(bn, weight, (bn.gamma_raw, bn.scale_var), record)
+        done.append(bn)
+    if len(bns) == len(every_bn):
+        first = acts[0] if acts else bns[0]
+        params = [a.log_beta for a in acts] + [bn.gamma_raw for bn in bns]
+        _PENALTY[first] = _PenaltyTerms(acts, bns, params, sum_beta, sum_log_gamma, flag)
+
+
+class _Curvature(torch.autograd.Function):
+    """β, the γ-clips and the penalty's two sums for all layers, in a constant number of ops.
+
+    Inputs: the log β of A activations, the γ_raw of L γ-BNs (γ = 1 + softplus(γ_raw)) and their
+    1/‖BN‖₂ = sqrt(min var + eps) (L,). Outputs: β₁ … β_A; the clip weights of all BNs in one flat
+    vector (ΣC,), entry s_l = min(1, γ_l/‖BN_l‖₂) repeated over BN l's channels (the value of
+    ``LipschitzBatchNorm2d._ChannelScale``); Σβ; Σ log γ.
+
+    Backward: ∂/∂log βᵢ = βᵢ·(gᵢ + g_Σβ); ∂/∂γ_raw_l = sigmoid(γ_raw_l)·(Σ_c g_flat,l,c · [s_l < 1]/‖BN_l‖₂
+    + g_Σlogγ/γ_l), with differentiable ops (a create_graph backward records them)."""
+
+    @staticmethod
+    def forward(ctx, n_beta: int, counts: Optional[torch.Tensor], total: int,  # type: ignore[override]
+                inv_norm: torch.Tensor, flag: List[bool], *params: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        log_betas, raws = params[:n_beta], params[n_beta:]
+        betas: _Tensors = torch._foreach_exp(log_betas) if log_betas else ()
+        sum_beta = torch.stack(betas).sum() if betas else inv_norm.new_zeros(())
+        if raws:
+            raw = torch.stack(raws)
+            softplus = F.softplus(raw)
+            unclipped = torch.addcmul(inv_norm, softplus, inv_norm)  # γ/‖BN‖₂
+            flat = unclipped.clamp_max(1.0).repeat_interleave(counts, output_size=total)
+            sum_log_gamma = torch.log1p(softplus).sum()
+        else:
+            raw = softplus = unclipped = inv_norm
+            flat, sum_log_gamma = inv_norm.new_zeros(0), inv_norm.new_zeros(())
+        ctx.n_beta, ctx.n_raw, ctx.counts, ctx.flag = n_beta, len(raws), counts, flag
+        # log β rather than β: a saved output is re-wrapped (one detach) at each save and unpack, while a
+        # saved input is not; backward recomputes β in one foreach op
+        ctx.save_for_backward(*log_betas, raw, softplus, inv_norm, unclipped)
+        return (*betas, flat, sum_beta, sum_log_gamma)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        ctx.flag[0] = True
+        n_beta, n_raw = ctx.n_beta, ctx.n_raw
+        saved = ctx.saved_tensors
+        log_betas, (raw, softplus, inv_norm, unclipped) = saved[:n_beta], saved[n_beta:]
+        g_betas, g_flat, g_sum_beta, g_sum_log_gamma = grads[:n_beta], grads[n_beta], grads[-2], grads[-1]
+        needs = ctx.needs_input_grad[5:]
+        beta_grads: List[Optional[torch.Tensor]] = [None] * n_beta
+        if n_beta and any(needs[:n_beta]):
+            # (a list of the 0-dim g_Σβ: the overload for one tensor would read it on the host)
+            g = torch._foreach_mul(torch._foreach_add(g_betas, [g_sum_beta] * n_beta), torch._foreach_exp(log_betas))
+            beta_grads = [gi if need else None for gi, need in zip(g, needs[:n_beta])]
+        raw_grads: List[Optional[torch.Tensor]] = [None] * n_raw
+        if n_raw and any(needs[n_beta:]):
+            sig = torch.sigmoid(raw)
+            per_layer = torch.segment_reduce(g_flat, "sum", lengths=ctx.counts)
+            clip = torch.where(unclipped < 1.0, per_layer * inv_norm, 0.0)
+            g_raw = sig * torch.addcdiv(clip, g_sum_log_gamma, softplus + 1.0)
+            raw_grads = [gi if need else None for gi, need in zip(g_raw.unbind(), needs[n_beta:])]
+        return (None, None, None, None, None, *beta_grads, *raw_grads)
+
+
+class _PenaltyTerms:
+    """The penalty's Σβ and Σ log γ from the last pre-forward, with what they are valid for."""
+
+    __slots__ = ("layer_ids", "params", "versions", "sum_beta", "sum_log_gamma", "spent", "grad_enabled")
+
+    def __init__(self, acts: Sequence[nn.Module], bns: Sequence[nn.Module], params: Sequence[torch.Tensor],
+                 sum_beta: torch.Tensor, sum_log_gamma: torch.Tensor, spent: List[bool]) -> None:
+        # ids, not the modules: the entry is a weak dictionary's value and must not keep its key alive
+        self.layer_ids = tuple(id(m) for m in (*acts, *bns))
+        self.params = tuple(weakref.ref(p) for p in params)
+        self.versions = tuple(p._version for p in params)
+        self.sum_beta, self.sum_log_gamma, self.spent = sum_beta, sum_log_gamma, spent
+        self.grad_enabled = torch.is_grad_enabled()
+
+
+_PENALTY: "weakref.WeakKeyDictionary[nn.Module, _PenaltyTerms]" = weakref.WeakKeyDictionary()
+
+
+def prepared_penalty_terms(acts: Sequence[CenteredSoftplus], bns: Sequence[LipschitzBatchNorm2d]
+                           ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(Σβ, Σ log γ) over exactly these layers as the last pre-forward computed them, or None when they
+    are not those of the current parameters or their graph was already backpropagated through (the
+    penalty then computes its own). A penalty taken from them shares the pre-forward's Function, so
+    its gradient costs no op per layer.
+
+    Args:
+        acts: every centered softplus of the model, in module order.
+        bns: every γ-Lipschitz BatchNorm of the model, in module order.
+    """
+    if not _PENALTY or torch.compiler.is_compiling() or not (acts or bns):
+        return None
+    terms = _PENALTY.get(acts[0] if acts else bns[0])
+    if terms is None or terms.spent[0] or terms.grad_enabled != torch.is_grad_enabled():
+        return None
+    if terms.layer_ids != tuple(id(m) for m in (*acts, *bns)):
+        return None
+    params = [a.log_beta for a in acts] + [bn.gamma_raw for bn in bns]
+    for p, ref, version in zip(params, terms.params, terms.versions):
+        if ref() is not p or p._version != version:
+            return None
+    return terms.sum_beta, terms.sum_log_gamma
