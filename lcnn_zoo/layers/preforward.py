@@ -189,7 +189,8 @@ def _prepare_spectral_norms(model: nn.Module, done: List[nn.Module]) -> None:
     sns: List[SpectralNorm] = []
     weights: List[torch.Tensor] = []
     for layer, sn in spectral_norm_modules(model):
-        chain: Any = layer.parametrizations.weight  # (a ParametrizationList)
+        parametrizations: Any = layer.parametrizations  # (torch's stubs type a submodule as Tensor | Module)
+        chain = parametrizations.weight  # a ParametrizationList
         if len(chain) == 1 and _batched(sn) and not chain.original.is_meta:
             sns.append(sn)
             weights.append(chain.original)
@@ -224,19 +225,19 @@ class _DivideAllBySigma(torch.autograd.Function):
     no sums), as exact as a sum. Under ``create_graph`` it is the per-layer formula in differentiable ops."""
 
     @staticmethod
-    def forward(ctx, n: int, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx, n: int, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         sigmas, weights = tensors[:n], tensors[2 * n:]
         ctx.n = n
         ctx.save_for_backward(*tensors)
         return tuple(torch._foreach_div(weights, sigmas))
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, *grads: torch.Tensor):
         n = ctx.n
         saved = ctx.saved_tensors
         sigmas, grad_sigmas, weights = saved[:n], saved[n:2 * n], saved[2 * n:]
         if torch.is_grad_enabled():  # create_graph: differentiable, layer by layer
-            out = [divide_by_sigma_backward(g, w, s, gs)
+            out: _Tensors = [divide_by_sigma_backward(g, w, s, gs)
                    for g, w, s, gs in zip(grads, weights, sigmas, grad_sigmas)]
         else:
             # (1-norms accumulated in float64: foreach's float32 1-norm drifts by ~1e-4 over millions of
@@ -284,7 +285,8 @@ def _prepare_curvature(model: nn.Module, done: List[nn.Module]) -> None:
         if bns:  # 1/‖BN‖₂ = sqrt(min var + eps) (the variance is ≥ 0: its min is its smallest |entry|)
             inv_norms = torch._foreach_norm([bn.scale_var for bn in bns], float("-inf"))
             torch._foreach_add_(inv_norms, [bn.eps for bn in bns])
-            inv_norm = torch.stack(torch._foreach_sqrt_(inv_norms))
+            torch._foreach_sqrt_(inv_norms)
+            inv_norm = torch.stack(inv_norms)
         else:
             inv_norm = torch.zeros(0, device=device, dtype=tensors[0].dtype)
     counts = tuple(bn.num_features for bn in bns)
@@ -316,7 +318,7 @@ class _Curvature(torch.autograd.Function):
     + g_Σlogγ/γ_l), with differentiable ops (a create_graph backward records them)."""
 
     @staticmethod
-    def forward(ctx, n_beta: int, counts: Optional[torch.Tensor], total: int,  # type: ignore[override]
+    def forward(ctx, n_beta: int, counts: Optional[torch.Tensor], total: int,
                 inv_norm: torch.Tensor, flag: List[bool], *params: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         log_betas, raws = params[:n_beta], params[n_beta:]
         betas: _Tensors = torch._foreach_exp(log_betas) if log_betas else ()
@@ -325,6 +327,7 @@ class _Curvature(torch.autograd.Function):
             raw = torch.stack(raws)
             softplus = F.softplus(raw)
             unclipped = torch.addcmul(inv_norm, softplus, inv_norm)  # γ/‖BN‖₂
+            assert counts is not None  # (given with the γ_raw)
             flat = unclipped.clamp_max(1.0).repeat_interleave(counts, output_size=total)
             sum_log_gamma = torch.log1p(softplus).sum()
         else:
@@ -337,7 +340,7 @@ class _Curvature(torch.autograd.Function):
         return (*betas, flat, sum_beta, sum_log_gamma)
 
     @staticmethod
-    def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, *grads: torch.Tensor):
         ctx.flag[0] = True
         n_beta, n_raw = ctx.n_beta, ctx.n_raw
         saved = ctx.saved_tensors
