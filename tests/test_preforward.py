@@ -232,7 +232,7 @@ def test_the_guarantee_still_checks_itself_after_batched_training():
     bound = hessian_bound(model)
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64)
     for k in range(3):
-        h = torch.autograd.functional.hessian(lambda t: model(t).reshape(-1)[k], x).reshape(x.numel(), -1)
+        h = torch.autograd.functional.hessian(lambda t, k=k: model(t).reshape(-1)[k], x).reshape(x.numel(), -1)
         assert float(torch.linalg.matrix_norm(h, 2)) <= bound.value
 
 

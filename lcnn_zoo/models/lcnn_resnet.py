@@ -26,7 +26,6 @@ the factor restores trainable margins without changing any logit's normalised cu
 """
 # No `from __future__ import annotations` here: torch.fx copies forward()'s annotations into the code
 # it generates, and TorchScript (timm's fx + torchscript test) cannot read them as strings.
-import contextlib
 import math
 from contextlib import nullcontext
 from functools import partial
@@ -47,7 +46,7 @@ from ..conversion import lcnnify
 from ..errors import shown
 from ..folding import fold
 from ..hub import PretrainedLoadError, extra_tags, recipe_hint, safe_build, weights_location
-from ..layers import CONVERGENCE_TOL, CenteredSoftplus, converge_spectral_norms, frozen_state
+from ..layers import CONVERGENCE_TOL, CenteredSoftplus, converge_spectral_norms
 from ..layers.preforward import checkpoint_contexts
 from ..layers.spectral_norm import deferred_convergence
 from ..penalty import LCNNPenalty, attach_penalty
