@@ -32,7 +32,7 @@ from torch import nn
 from . import prepared
 from .activation import CenteredSoftplus
 from .batchnorm import LipschitzBatchNorm2d
-from .spectral_norm import SpectralNorm, divide_by_sigma_backward, spectral_norm_modules
+from .spectral_norm import SpectralNorm, divide_by_sigma_backward, drop_hooks, spectral_norm_modules
 from .state import frozen_state
 
 __all__ = ["install", "uninstall", "prepare", "release", "checkpoint_contexts", "prepared_penalty_terms"]
@@ -59,8 +59,6 @@ def install(model: nn.Module) -> nn.Module:
 
 def uninstall(model: nn.Module) -> None:
     """Remove the hooks :func:`install` registered (by identity: a deep copy has no handles)."""
-    from .spectral_norm import drop_hooks
-
     drop_hooks(model._forward_pre_hooks, _pre_forward_hook)
     for key in [k for k, h in model._forward_hooks.items() if h is _post_forward_hook]:
         del model._forward_hooks[key]
@@ -68,7 +66,7 @@ def uninstall(model: nn.Module) -> None:
 
 
 def _pre_forward_hook(model: nn.Module, args: Tuple[Any, ...]) -> None:
-    if _runs_layers_own_code(args):
+    if not model.training or _runs_layers_own_code(args):  # (eval: each layer re-converges its own σ)
         return
     prepare(model)
 
@@ -253,11 +251,12 @@ class _DivideAllBySigma(torch.autograd.Function):
 
 
 # ---- β, γ-clips and the penalty's terms -----------------------------------------------------------
-_COUNTS: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}  # (device, channel counts) -> a tensor of them
+# (device, inference mode, channel counts) -> a tensor of them (an inference tensor only for inference mode)
+_COUNTS: Dict[Tuple[str, bool, Tuple[int, ...]], torch.Tensor] = {}
 
 
 def _counts_tensor(counts: Tuple[int, ...], device: torch.device) -> torch.Tensor:
-    key = (str(device), counts)
+    key = (str(device), torch.is_inference_mode_enabled(), counts)
     t = _COUNTS.get(key)
     if t is None:
         if len(_COUNTS) > 64:  # a process that builds many different models
