@@ -82,16 +82,22 @@ def test_a_run_whose_last_pth_is_gone_is_never_trained_again_over_its_files(tmp_
     place, replacing model.safetensors, model_best.safetensors and summary.json."""
     run = run_folder(tmp_path / "exp", epoch=1, epochs=1 if finished else 3, finished=finished, argv=FAST_LCNN_RUN)
     (run / "last.pth").unlink()
+    _resume_auto_is_refused_and_changes_nothing(
+        run, capsys, monkeypatch, "holds a finished run" if finished else "holds a run stopped after its first epochs",
+        "no last.pth to continue from", "Restore last.pth", "leave out --resume")
+
+
+def _resume_auto_is_refused_and_changes_nothing(run, capsys, monkeypatch, *fragments):
+    """`train --resume auto` into ``run`` fails with ``fragments`` before any data is read, and every
+    file of the folder is as it was."""
     before = {p.name: p.read_bytes() for p in run.iterdir()}
 
     def read(*a, **k):
         raise AssertionError("the data was read: the run would be trained again")
 
     monkeypatch.setattr(training, "_datasets", read)
-    fails_with(capsys, ["train"] + FAST_LCNN_RUN + ["--epochs", "2", "--output", str(tmp_path), "--experiment", "exp",
-                        "--resume", "auto"],
-               "holds a finished run" if finished else "holds a run stopped after its first epochs",
-               "no last.pth to continue from", "Restore last.pth", "leave out --resume")
+    fails_with(capsys, ["train"] + FAST_LCNN_RUN + ["--epochs", "2", "--output", str(run.parent), "--experiment",
+                        run.name, "--resume", "auto"], *fragments)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
@@ -104,17 +110,9 @@ def test_a_finished_run_kept_to_its_best_weights_is_never_trained_again_over_the
     run = run_folder(tmp_path / "exp", epoch=1, epochs=1, argv=FAST_LCNN_RUN)
     for name in ("last.pth", "model.safetensors", "summary.json", "summary.csv"):
         (run / name).unlink()
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
-
-    def read(*a, **k):
-        raise AssertionError("the data was read: the run would be trained again")
-
-    monkeypatch.setattr(training, "_datasets", read)
-    fails_with(capsys, ["train"] + FAST_LCNN_RUN + ["--epochs", "2", "--output", str(tmp_path), "--experiment", "exp",
-                        "--resume", "auto"],
-               "holds a run that got past its first epoch (its model_best.safetensors", "no last.pth to continue from",
-               "Restore last.pth", "leave out --resume to train again in a new folder")
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    _resume_auto_is_refused_and_changes_nothing(
+        run, capsys, monkeypatch, "holds a run that got past its first epoch (its model_best.safetensors",
+        "no last.pth to continue from", "Restore last.pth", "leave out --resume to train again in a new folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
 
 
