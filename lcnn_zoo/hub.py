@@ -130,13 +130,17 @@ def _manifest_file(path: Path) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str
     """(the entries that fit the schema, {name: problem} for those that do not) of a manifest file."""
     if not path.is_file():
         return {}, {}
+    # The package's own manifests are restored by reinstalling; the user's (uploads recorded by push)
+    # is theirs: fixing it, or moving it away (its tags are then not found), is enough.
+    fix = ("reinstall lcnn-zoo" if path.resolve().parent == WEIGHTS_DIR.resolve() else
+           "it is your record of your own uploads ($LCNN_ZOO_PUBLISHED): fix it, or move it away")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise PretrainedLoadError(f"{path} is not valid JSON (truncated or corrupted?): {shown(str(e), 120)}; "
-                                  f"restore it (reinstall lcnn-zoo for the package's own)") from e
+                                  f"{fix}") from e
     if not isinstance(data, dict):
-        raise PretrainedLoadError(f"{path} is not a weights manifest (expected a mapping of tag: entry)")
+        raise PretrainedLoadError(f"{path} is not a weights manifest (expected a mapping of tag: entry); {fix}")
     good: Dict[str, Dict[str, Any]] = {}
     bad: Dict[str, str] = {}
     for name, entry in data.items():

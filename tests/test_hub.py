@@ -22,8 +22,20 @@ def test_shipped_weights_without_checksum_are_refused(weights):
     with pytest.raises(hub.PretrainedLoadError, match="no checksum"):
         timm.create_model("lcnn_resnet20.fmnist", pretrained=True)
     (weights / "manifest.json").write_text('{"lcnn_resnet20.fmnist": {"sha2')  # truncated
-    with pytest.raises(hub.PretrainedLoadError, match="manifest.json is not valid JSON"):
+    with pytest.raises(hub.PretrainedLoadError, match="manifest.json is not valid JSON.*; reinstall lcnn-zoo"):
         timm.create_model("lcnn_resnet20.fmnist", pretrained=True)
+
+
+@pytest.mark.parametrize("text", ['{"lcnn_resnet20.x": {"repo', "[1, 2]"])
+def test_a_damaged_user_manifest_says_it_is_the_users_and_what_to_do(tmp_path, monkeypatch, text):
+    """Hostile pass of issue 31, M1: the message said "reinstall lcnn-zoo", which does not touch the
+    user's own record of uploads ($LCNN_ZOO_PUBLISHED); fixing it or moving it away is what helps."""
+    path = tmp_path / "published.json"
+    path.write_text(text)
+    monkeypatch.setenv("LCNN_ZOO_PUBLISHED", str(path))
+    with pytest.raises(hub.PretrainedLoadError, match=r"published.json is not .*; it is your record of your own "
+                                                      r"uploads \(\$LCNN_ZOO_PUBLISHED\): fix it, or move it away"):
+        hub.published_manifest()
 
 
 def test_pretrained_from_offline_cache_and_hf_hub_name(published):
