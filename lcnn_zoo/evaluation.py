@@ -30,7 +30,7 @@ from .geometry import (
 from .layers.spectral_norm import deferred_convergence
 from .preflight import check_dataset_memory
 from .robustness import pgd_accuracy
-from .weight_checks import WeightsError, check_outputs, check_weights, load_mismatch
+from .weight_checks import WeightsError, check_outputs, check_weights, load_mismatch, state_mismatch
 from .writing import non_finite
 
 __all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plot_gradient_robustness",
@@ -132,7 +132,7 @@ def _load_state(model: nn.Module, state: Dict[str, torch.Tensor], where: Path) -
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        reason = load_mismatch(e)
+        reason = state_mismatch(model, state) or load_mismatch(e)  # tensors compared, else torch's words
         if "another architecture" not in reason:
             reason += ": these weights are for another architecture"
         raise UserError(f"{where} does not match the model architecture ({type(model).__name__}): {reason} "

@@ -46,7 +46,7 @@ from .hub import (
 )
 from .layers import converge_spectral_norms, frozen_state
 from .layers.spectral_norm import deferred_convergence
-from .weight_checks import check_outputs, check_weights, load_mismatch
+from .weight_checks import check_outputs, check_weights, load_mismatch, state_mismatch
 from .writing import Transaction, check_name, check_writable_parent, file_lock, non_finite, not_regular
 
 __all__ = ["PUSH_FILES", "save_pretrained", "push_folder", "record_published", "bundle", "select_metrics",
@@ -623,7 +623,7 @@ def _load_for_push(weights: Path, arch: str, info: Dict[str, Any], ema: bool) ->
             check_weights(state, weights, model)  # before load_state_dict, which would cast integers silently
             model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        reason = load_mismatch(e)
+        reason = state_mismatch(model, state) or load_mismatch(e)  # tensors compared, else torch's words
         if "another architecture" not in reason:
             reason += ": these weights are for another architecture"
         raise UserError(f"checkpoint {shown(Path(weights))} does not match {arch}: {reason}") from e

@@ -221,9 +221,6 @@ def load_mismatch(error: RuntimeError) -> str:
     """What torch's ``load_state_dict`` error says, as one bounded phrase: the first missing and
     unexpected keys and size mismatches (its first line, "Error(s) in loading state_dict for
     CifarResNet:", names none of them)."""
-    first, _, reason = (str(error).splitlines() or [""])[0].partition(": ")
-    if first.startswith("Error(s) in loading state_dict for") and reason.strip():  # state_mismatch's sentence
-        return reason if len(reason) <= 400 else reason[:399] + "…"  # built from bounded parts; bounded again
     lines = [ln.strip() for ln in str(error).splitlines()[1:] if ln.strip()]
     parts = []
     for ln in lines:
