@@ -49,7 +49,7 @@ def main() -> None:
     # the input yet), below the 1e-6 stabilisers of the curvature formula. Default: the untrained
     # softplus ResNet-18 (same architecture and cost, ordinary gradient scale); or a trained model.
     if "." in args.model:
-        from lcnn_zoo.data import build_dataset
+        from lcnn_zoo.commands.data import build_dataset
         from lcnn_zoo.hub import tag_dataset
 
         model = timm.create_model(args.model, pretrained=True).eval()

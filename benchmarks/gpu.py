@@ -162,8 +162,8 @@ def step_table(results: Dict[str, dict]) -> str:
 
 def throughput(device: torch.device, data_dir: str, epochs: int, subset: int, batch: int, out: Path) -> Dict[str, float]:
     """Section 2: images/s of `lcnn-zoo train` and of a plain timm loop on the same net and batch."""
-    from lcnn_zoo.cli import train_config
-    from lcnn_zoo.training import train
+    from lcnn_zoo.commands.cli import train_config
+    from lcnn_zoo.commands.training import train
 
     res = {}
     for model in ("lcnn_resnet18_relu", "lcnn_resnet18"):
@@ -192,8 +192,8 @@ def throughput(device: torch.device, data_dir: str, epochs: int, subset: int, ba
 
 def real_run(device: torch.device, fmnist_dir: str, epochs: int, subset: int, out: Path) -> Dict[str, object]:
     """Section 3: a short real training run of a CIFAR-style LCNN ResNet-18 + GradReg on Fashion-MNIST."""
-    from lcnn_zoo.cli import train_config
-    from lcnn_zoo.training import train
+    from lcnn_zoo.commands.cli import train_config
+    from lcnn_zoo.commands.training import train
 
     cfg = train_config(["--model", "lcnn_resnet18", "--dataset", "fmnist", "--data-dir", fmnist_dir, "--input-size",
                         "1", "28", "28", "--epochs", str(epochs), "--train-subset", str(subset), "--batch-size", "128",

@@ -3,7 +3,7 @@
     python -m benchmarks.train_step [--threads 2] [--rounds 10] [--batch 64] [--compile] [--json out.json]
 
 Variants (forward + loss + backward + SGD step), interleaved in one process (glibc malloc set as the
-``lcnn-zoo`` command sets it: :func:`lcnn_zoo.cli.keep_freed_memory`), medians, as ratios to
+``lcnn-zoo`` command sets it: :func:`lcnn_zoo.commands.cli.keep_freed_memory`), medians, as ratios to
 timm's own resnet18 with the CIFAR stem (``timm_relu``: the fastest plain net a user would otherwise
 train) and to the zoo's ReLU net; peak memory measured per variant in a fresh subprocess (VmHWM above
 the RSS before the steps). ``lcnn_gradreg_fd_f25`` is FD GradReg on a quarter of each batch.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import lcnn_zoo
 from benchmarks.timing import dump, interleaved, machine, report
-from lcnn_zoo.cli import keep_freed_memory
+from lcnn_zoo.commands.cli import keep_freed_memory
 
 VARIANTS = ["timm_relu", "relu", "softplus", "lcnn", "gradreg_exact", "gradreg_fd", "lcnn_gradreg_exact",
             "lcnn_gradreg_fd", "lcnn_gradreg_fd_f25"]
@@ -89,7 +89,7 @@ def peak_memory_mb(variant: str, batch: int, threads: int, repeats: int = 3) -> 
     parent never reports growth.)
     """
     code = (f"import torch; torch.set_num_threads({threads});"
-            "from lcnn_zoo.cli import keep_freed_memory; keep_freed_memory();"
+            "from lcnn_zoo.commands.cli import keep_freed_memory; keep_freed_memory();"
             f"from benchmarks.train_step import make_step, _vm_kib; s = make_step({variant!r}, {batch});"
             "import gc; gc.collect(); r0 = _vm_kib('VmRSS'); s(); s(); print((_vm_kib('VmHWM') - r0) / 1024)")
     runs = []

@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 
 python - "$OUT" <<'PY'
 import sys, warnings, torch, timm, lcnn_zoo
-from lcnn_zoo.data import build_dataset
+from lcnn_zoo.commands.data import build_dataset
 from lcnn_zoo.layers import recalibrate_batchnorm
 torch.manual_seed(0)
 test, train = build_dataset("fmnist", train=False), build_dataset("fmnist", train=True)

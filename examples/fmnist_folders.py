@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lcnn_zoo.data import build_dataset
+from lcnn_zoo.commands.data import build_dataset
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lcnn_zoo.data import build_dataset
+from lcnn_zoo.commands.data import build_dataset
 
 CLASSES = {5: "sandal", 7: "sneaker", 9: "ankle_boot"}
 

@@ -11,7 +11,7 @@
   with a recipe: ``pretrained=True`` says at once how to train it.
 * Loading goes through timm (``build_model_with_cfg`` → huggingface_hub); only safetensors are read.
 
-Publishing (repo folders, cards, uploads, bundling) is :mod:`lcnn_zoo.publishing`.
+Publishing (repo folders, cards, uploads, bundling) is :mod:`lcnn_zoo.commands.publishing`.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lcnn_zoo.cli import main
-from lcnn_zoo.data import FMNIST_SYSTEM_DIR
+from lcnn_zoo.commands.cli import main
+from lcnn_zoo.commands.data import FMNIST_SYSTEM_DIR
 
 needs_fmnist = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 

@@ -59,7 +59,7 @@ def published(tmp_path_factory):
     from model_helpers import trained
 
     from lcnn_zoo.hub import hub_id
-    from lcnn_zoo.publishing import save_pretrained
+    from lcnn_zoo.commands.publishing import save_pretrained
 
     model = trained()
     folder = save_pretrained(model, tmp_path_factory.mktemp("pub") / "lcnn_resnet20.cifar10", model_card="# test\n")

@@ -51,7 +51,7 @@ def dense_norm(fn, x: torch.Tensor) -> float:
 def _fmnist_model() -> nn.Module:
     """An lcnn_resnet20 for Fashion-MNIST, as ``lcnn-zoo train`` builds it (built once: an LCNN's
     construction converges its spectral norms, seconds on a busy 2-core machine)."""
-    from lcnn_zoo.factory import create_model
+    from lcnn_zoo.commands.factory import create_model
 
     return create_model("lcnn_resnet20", input_size=(1, 28, 28), num_classes=10)
 
@@ -59,10 +59,10 @@ def _fmnist_model() -> nn.Module:
 def run_folder(path, *, epoch: int = 1, epochs: int = 1, finished: bool = True, argv=()):
     """A run folder as ``lcnn-zoo train`` leaves it after ``epoch`` of ``epochs`` epochs of an
     lcnn_resnet20 on Fashion-MNIST (``finished``: with its summary saying so and its final weights),
-    written through :class:`~lcnn_zoo.checkpoint.RunFolder` without training (untrained weights): for
+    written through :class:`~lcnn_zoo.commands.checkpoint.RunFolder` without training (untrained weights): for
     tests of what reads run folders. ``argv``: more ``lcnn-zoo train`` options for its recipe."""
-    from lcnn_zoo.checkpoint import RunFolder, rng_state
-    from lcnn_zoo.options import train_config
+    from lcnn_zoo.commands.checkpoint import RunFolder, rng_state
+    from lcnn_zoo.commands.options import train_config
 
     cfg = train_config(["--dataset", "fmnist", "--model", "lcnn_resnet20", "--reg", "lcnn", "--epochs", str(epochs),
                         "--output", str(path.parent), "--experiment", path.name, *argv])

@@ -10,7 +10,7 @@ from model_helpers import damaged, same_outputs
 from safetensors.torch import load_file, save_file
 
 from lcnn_zoo import hub
-from lcnn_zoo.factory import create_model
+from lcnn_zoo.commands.factory import create_model
 from lcnn_zoo.hub import PretrainedLoadError, hub_id
 from lcnn_zoo.weight_checks import WeightsError
 

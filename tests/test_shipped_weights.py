@@ -8,7 +8,7 @@ import torch
 from cli_helpers import needs_fmnist
 
 import lcnn_zoo  # noqa: F401
-from lcnn_zoo.data import build_dataset
+from lcnn_zoo.commands.data import build_dataset
 from lcnn_zoo.hub import WEIGHTS_DIR, bundled_manifest
 
 MANIFEST = bundled_manifest()
