@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import lcnn_zoo
+
 from benchmarks.timing import dump, interleaved, machine, report
 from benchmarks.train_step import _model
 

@@ -15,8 +15,9 @@ import timm
 import torch
 
 import lcnn_zoo
-from benchmarks.timing import dump, machine
 from lcnn_zoo.layers import spectral_norm_modules
+
+from benchmarks.timing import dump, machine
 
 # The module, not the `spectral_norm()` function that `lcnn_zoo.layers` exports under the same name.
 SN = importlib.import_module("lcnn_zoo.layers.spectral_norm")

@@ -14,8 +14,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import dump, machine
 from lcnn_zoo import curvature_stats
+
+from benchmarks.timing import dump, machine
 
 
 def reference_power(model, x, y, n_iter=10):

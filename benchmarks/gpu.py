@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import lcnn_zoo  # noqa: F401  (registers lcnn_*)
-from benchmarks.timing import machine
 from lcnn_zoo.penalty import LCNNPenalty, gradreg_exact, gradreg_fd_backward, param_groups
+
+from benchmarks.timing import machine
 
 
 def _sync(device: torch.device) -> None:

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import lcnn_zoo  # noqa: F401
-from benchmarks.gpu import timm_cifar_resnet18
 from lcnn_zoo.layers import SpectralNorm
 from lcnn_zoo.penalty import LCNNPenalty, param_groups
+
+from benchmarks.gpu import timm_cifar_resnet18
 
 
 def stepper(model, x, y, pen):

@@ -17,6 +17,7 @@ import torch
 from torch.nn.utils import parametrize
 
 import lcnn_zoo
+
 from benchmarks.timing import dump, interleaved, machine, report
 
 

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lcnn_zoo
-from benchmarks.train_step import _model
 from lcnn_zoo.layers import fused
+
+from benchmarks.train_step import _model
 
 __all__ = ["count_step", "count_step_ops", "phase_counts"]
 

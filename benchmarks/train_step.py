@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import lcnn_zoo
-from benchmarks.timing import dump, interleaved, machine, report
 from lcnn_zoo.commands.cli import keep_freed_memory
+
+from benchmarks.timing import dump, interleaved, machine, report
 
 VARIANTS = ["timm_relu", "relu", "softplus", "lcnn", "gradreg_exact", "gradreg_fd", "lcnn_gradreg_exact",
             "lcnn_gradreg_fd", "lcnn_gradreg_fd_f25"]

@@ -42,10 +42,10 @@ from .layers import (
     Scale,
     conv_padding,
     eval_mode,
+    preforward,
     spectral_norm,
     spectral_norm_of,
 )
-from .layers import preforward
 from .layers.spectral_norm import CONVERGENCE_TOL, MAX_INIT_ITERATIONS, drop_hooks
 
 __all__ = ["lcnnify", "set_input_size", "average_residual", "detach_lcnn_state", "ConversionReport",

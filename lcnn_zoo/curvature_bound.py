@@ -35,24 +35,24 @@ from torch import nn
 
 from .coverage import (
     CAT_OPS,
+    DROPOUT_OPS,
     MEASURED_OPS,
     SCALE_OPS,
     SHAPE_OPS,
     SUM_OPS,
-    DROPOUT_OPS,
     LeafTracer,
     active_dropout,
-    mutated_argument,
-    leaf_problem,
     graph_order,
+    leaf_problem,
     leaves,
     measure_norm,
+    mutated_argument,
     op_name,
     same_function,
 )
+from .errors import shown
 from .folding import stale_spectral_norms
 from .layers import CenteredSoftplus, FrozenCenteredSoftplus, LipschitzBatchNorm2d, Scale, eval_mode, spectral_norm_of
-from .errors import shown
 from .weight_checks import meta_tensor, weight_problem
 
 __all__ = ["HessianBound", "hessian_bound", "BoundCheck", "verify_bounds"]

@@ -55,11 +55,11 @@ def weights(tmp_path, monkeypatch):
 def published(tmp_path_factory):
     """A trained lcnn_resnet20 written as a Hub folder and put in the offline HF cache (and in the
     published manifest, as ``lcnn-zoo push --upload`` records it); yields (model, folder, repo id)."""
+    from lcnn_zoo.commands.publishing import save_pretrained
+    from lcnn_zoo.hub import hub_id
+
     from hf_cache import populate, publish, remove, unpublish
     from model_helpers import trained
-
-    from lcnn_zoo.hub import hub_id
-    from lcnn_zoo.commands.publishing import save_pretrained
 
     model = trained()
     folder = save_pretrained(model, tmp_path_factory.mktemp("pub") / "lcnn_resnet20.cifar10", model_card="# test\n")

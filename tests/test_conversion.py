@@ -6,7 +6,6 @@ import pytest
 import timm
 import torch
 import torchvision
-from model_helpers import dense_norm
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 from torch.autograd.functional import jacobian
@@ -28,6 +27,8 @@ from lcnn_zoo import (
 )
 from lcnn_zoo.conversion import ACTIVATION_TYPES, average_residual
 from lcnn_zoo.layers import spectral_norm_modules, spectral_norm_of
+
+from model_helpers import dense_norm
 
 
 def quiet_lcnnify(model, **kw):

@@ -33,7 +33,6 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from model_helpers import dense_norm
 from torch import nn
 
 from lcnn_zoo import (
@@ -47,6 +46,8 @@ from lcnn_zoo import (
     verify_bounds,
 )
 from lcnn_zoo.layers import spectral_norm_modules
+
+from model_helpers import dense_norm
 
 
 def quiet_lcnnify(model, **kw):

@@ -83,9 +83,9 @@ def test_fold_of_a_model_with_a_conv_no_forward_reaches():
     although input_size was given. It folds now: the outputs are the LCNN's, and the unreached
     conv, whose σ is undefined (no input size), is baked with a bound at every input size, so it is
     1-Lipschitz at any size it may later be run at (checked by dense SVD at several sizes)."""
-    from model_helpers import dense_norm
-
     from lcnn_zoo.layers import spectral_norm_of
+
+    from model_helpers import dense_norm
 
     torch.manual_seed(0)
     model = quiet_lcnnify(_WithUnusedAux(), input_size=(3, 8, 8)).eval()

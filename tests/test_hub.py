@@ -5,14 +5,15 @@ import time
 import pytest
 import timm
 import torch
-from hf_cache import populate, publish, remove, unpublish
-from model_helpers import damaged, same_outputs
 from safetensors.torch import load_file, save_file
 
 from lcnn_zoo import hub
 from lcnn_zoo.commands.factory import create_model
 from lcnn_zoo.hub import PretrainedLoadError, hub_id
 from lcnn_zoo.weight_checks import WeightsError
+
+from hf_cache import populate, publish, remove, unpublish
+from model_helpers import damaged, same_outputs
 
 
 def test_shipped_weights_without_checksum_are_refused(weights):

@@ -5,10 +5,11 @@ import time
 import pytest
 import timm
 import torch
-from model_helpers import same_outputs
 
 import lcnn_zoo
 from lcnn_zoo.hub import PretrainedLoadError
+
+from model_helpers import same_outputs
 
 FAMILIES = ["resnet18", "resnet34", "resnet20", "resnet56", "wide_resnet16_8", "wide_resnet28_10"]
 
@@ -65,7 +66,7 @@ def test_models_build_and_cfg(name):
         assert "ReLU" in kinds and "CenteredSoftplus" not in kinds
     elif arch.endswith("_softplus"):
         betas = [m.beta.item() for m in model.modules() if isinstance(m, lcnn_zoo.CenteredSoftplus)]
-        assert betas and all(b == pytest.approx(1e3) for b in betas) and not list(model.parameters())[0] is None
+        assert betas and all(b == pytest.approx(1e3) for b in betas) and list(model.parameters())[0] is not None
         assert "BatchNorm2d" in kinds
     else:
         assert "LipschitzBatchNorm2d" in kinds and "BatchNorm2d" not in kinds and model.lcnn_report.ok

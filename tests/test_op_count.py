@@ -4,8 +4,9 @@ so that a change that brings back per-element passes or per-layer autograd chain
 import torch
 from torch import nn
 
-from benchmarks.op_count import _Count
 from lcnn_zoo import CenteredSoftplus, LCNNPenalty, LipschitzBatchNorm2d, spectral_norm
+
+from benchmarks.op_count import _Count
 
 
 def step_ops(module: nn.Module, x: torch.Tensor) -> int:

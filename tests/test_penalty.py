@@ -6,8 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcnn_zoo import (CenteredSoftplus, LCNNPenalty, LipschitzBatchNorm2d, gradreg_exact, gradreg_fd_backward,
-                      lcnnify, param_groups)
+from lcnn_zoo import (
+    CenteredSoftplus,
+    LCNNPenalty,
+    LipschitzBatchNorm2d,
+    gradreg_exact,
+    gradreg_fd_backward,
+    lcnnify,
+    param_groups,
+)
 
 
 def small_lcnn(dtype=torch.float64):

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import lcnn_zoo
-from benchmarks.op_count import count_step
 from lcnn_zoo import LCNNPenalty, attach_penalty, gradreg_fd_backward, hessian_bound, lcnnify, verify_bounds
 from lcnn_zoo.conversion import LCNNConversionWarning
 from lcnn_zoo.layers import CenteredSoftplus, LipschitzBatchNorm2d, SpectralNorm, exact_vectors, preforward, prepared
+
+from benchmarks.op_count import count_step
 
 
 def _per_layer_twin(model: nn.Module) -> nn.Module:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from cli_helpers import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[1]

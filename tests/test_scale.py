@@ -3,10 +3,11 @@ constant is |scale| (dense Jacobian), and (branch + shortcut) · ½ of two 1-Lip
 1-Lipschitz."""
 import pytest
 import torch
-from model_helpers import dense_norm
 from torch import nn
 
 from lcnn_zoo.layers import Scale
+
+from model_helpers import dense_norm
 
 
 def test_the_lipschitz_constant_is_the_factor():

@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_helpers import needs_fmnist
 
 import lcnn_zoo  # noqa: F401
 from lcnn_zoo.commands.data import build_dataset
 from lcnn_zoo.hub import WEIGHTS_DIR, bundled_manifest
+
+from cli_helpers import needs_fmnist
 
 MANIFEST = bundled_manifest()
 

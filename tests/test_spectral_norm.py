@@ -5,7 +5,6 @@ import warnings
 import pytest
 import timm
 import torch
-from model_helpers import dense_norm
 from timm.layers import Conv2dSame
 from torch import nn
 from torch.autograd.functional import jacobian
@@ -19,6 +18,8 @@ from lcnn_zoo import (
     spectral_norm,
 )
 from lcnn_zoo.layers import spectral_norm_modules
+
+from model_helpers import dense_norm
 
 
 def operator_norm(module, shape):

@@ -3,7 +3,6 @@
 what it promises (modes restored on error, nothing recorded, σ from a dense SVD, plain averages)."""
 import pytest
 import torch
-from model_helpers import dense_norm
 from torch import nn
 
 from lcnn_zoo.layers import (
@@ -15,6 +14,8 @@ from lcnn_zoo.layers import (
     spectral_norm,
     spectral_norm_modules,
 )
+
+from model_helpers import dense_norm
 
 
 def _net():

@@ -4,7 +4,6 @@ BatchNorm variances >= 0, β and γ finite; a model whose outputs are not finite
 import pytest
 import timm
 import torch
-from model_helpers import DAMAGES, damaged
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -12,6 +11,8 @@ from torch import nn
 from lcnn_zoo import hub
 from lcnn_zoo.errors import UserError
 from lcnn_zoo.weight_checks import WeightsError, check_outputs, check_weights, meta_tensor, weight_problem
+
+from model_helpers import DAMAGES, damaged
 
 SHIPPED = hub.WEIGHTS_DIR / "lcnn_resnet20.fmnist.safetensors"
 

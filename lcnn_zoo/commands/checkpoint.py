@@ -33,8 +33,15 @@ import torch
 from safetensors.torch import load_file, save
 
 from ..errors import UserError, shown
-from .run_files import (CheckpointError, load_torch_file, read_args, read_checkpoint, read_json, read_summary,
-                        require_regular)
+from .run_files import (
+    CheckpointError,
+    load_torch_file,
+    read_args,
+    read_checkpoint,
+    read_json,
+    read_summary,
+    require_regular,
+)
 from .writing import atomic_write, file_lock, is_temporary, lock_holder, write_json, write_text
 
 __all__ = ["atomic_write", "write_text", "write_json", "read_json", "load_state_dict", "rng_state", "set_rng_state",

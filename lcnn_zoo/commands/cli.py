@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from .. import register_models
-from .config import THREADS_MAX, EvalConfig
 from ..errors import UserError, one_line
+from .config import THREADS_MAX, EvalConfig
 from .options import HelpFormatter, Parser, add_field, train_config
 
 __all__ = ["main", "train_config", "build_parser"]

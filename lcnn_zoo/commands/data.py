@@ -135,8 +135,7 @@ def auto_augment(config: str, image_size: Tuple[int, int]) -> Callable:
     """timm's augmentation policy for a config string, as timm's transform factory builds it
     (``rand-…`` RandAugment, ``augmix-…`` AugMix, else AutoAugment: ``original``, ``v0``, …;
     fill 0 for the zoo's unnormalised inputs). Raises ValueError for a string timm does not parse."""
-    from timm.data.auto_augment import (augment_and_mix_transform, auto_augment_transform,
-                                        rand_augment_transform)
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
     hparams = dict(translate_const=int(min(image_size) * 0.45), img_mean=(0, 0, 0))
     try:
         if config.startswith("rand"):

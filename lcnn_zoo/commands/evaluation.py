@@ -16,11 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import RunFolder, RunState, atomic_write, load_state_dict, write_json, write_text
-from .config import EvalConfig
-from .data import build_dataset, num_classes_of
 from ..errors import UserError, shown
-from .factory import create_model, input_size_of, split_spec, state_dict_shapes
 from ..geometry import (
     CurvatureStats,
     curvature_stats,
@@ -28,9 +24,13 @@ from ..geometry import (
     relative_discrepancy,
 )
 from ..layers.spectral_norm import deferred_convergence
-from .preflight import check_dataset_memory
 from ..robustness import pgd_accuracy
 from ..weight_checks import WeightsError, check_outputs, check_weights, load_mismatch, state_mismatch
+from .checkpoint import RunFolder, RunState, atomic_write, load_state_dict, write_json, write_text
+from .config import EvalConfig
+from .data import build_dataset, num_classes_of
+from .factory import create_model, input_size_of, split_spec, state_dict_shapes
+from .preflight import check_dataset_memory
 from .writing import non_finite
 
 __all__ = ["EvalConfig", "load_model", "evaluate_model", "markdown_report", "plot_gradient_robustness",

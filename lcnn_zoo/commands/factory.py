@@ -17,11 +17,11 @@ import torch
 from timm.models import parse_model_name, split_model_name_tag
 from torch import nn
 
-from .checkpoint import RunFolder, load_state_dict, read_json
 from ..conversion import lcnnify, set_input_size
 from ..errors import UserError, shown
 from ..hub import HUB_FILENAME, check_hub_spec
 from ..weight_checks import check_weights
+from .checkpoint import RunFolder, load_state_dict, read_json
 
 __all__ = ["create_model", "is_lcnn", "is_zoo_architecture", "input_size_of", "split_spec", "load_initial",
            "state_dict_shapes"]

@@ -12,8 +12,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Dict, List, cast
 
-from .config import TrainConfig, check_value, load_yaml
 from ..errors import UserError, shown
+from .config import TrainConfig, check_value, load_yaml
 
 __all__ = ["Parser", "HelpFormatter", "add_field", "fields_parser", "train_config"]
 

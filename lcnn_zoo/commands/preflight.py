@@ -23,10 +23,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import UserError, shown
 from .checkpoint import RunFolder, RunState
 from .config import TrainConfig, resume_conflicts
 from .data import DataInfo, describe_dataset
-from ..errors import UserError, shown
 from .writing import check_name, new_folder, not_regular
 
 __all__ = ["TrainPlan", "DistEnv", "train_plan", "output_folder", "new_output_folder", "check_device",
@@ -220,8 +220,8 @@ def check_model_options(model: str, num_classes: Optional[int], input_size: Opti
     model name or keyword, or a value the model refuses, fails here in one line."""
     import timm
 
-    from .factory import is_zoo_architecture, split_spec
     from ..layers.spectral_norm import deferred_convergence
+    from .factory import is_zoo_architecture, split_spec
 
     arch, _ = split_spec(model)
     if arch.startswith(("hf-hub:", "local-dir:")):

@@ -27,16 +27,7 @@ from timm.models import save_for_hf
 from torch import nn
 
 from .. import hub
-from .checkpoint import (
-    RunFolder,
-    load_state_dict,
-    read_json,
-    write_json,
-)
-from .data import build_dataset
 from ..errors import UserError, shown
-from .evaluation import first_samples
-from .factory import create_model, input_size_of, split_spec, state_dict_shapes
 from ..hub import (
     HUB_FILENAME,
     bundled_manifest,
@@ -47,6 +38,15 @@ from ..hub import (
 from ..layers import converge_spectral_norms, frozen_state
 from ..layers.spectral_norm import deferred_convergence
 from ..weight_checks import check_outputs, check_weights, load_mismatch, state_mismatch
+from .checkpoint import (
+    RunFolder,
+    load_state_dict,
+    read_json,
+    write_json,
+)
+from .data import build_dataset
+from .evaluation import first_samples
+from .factory import create_model, input_size_of, split_spec, state_dict_shapes
 from .writing import Transaction, check_name, check_writable_parent, file_lock, non_finite, not_regular
 
 __all__ = ["PUSH_FILES", "save_pretrained", "push_folder", "record_published", "bundle", "select_metrics",

@@ -24,10 +24,10 @@ from typing import List, Tuple
 import torch
 
 from .checkpoint import write_json
-from .options import train_config
 from .config import EvalConfig
 from .data import build_dataset
 from .evaluation import markdown_report, run_eval, write_report
+from .options import train_config
 from .preflight import new_output_folder, output_folder
 from .training import train
 

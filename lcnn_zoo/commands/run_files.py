@@ -29,12 +29,12 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Type
 
 import torch
 
-from .config import TrainConfig, check_value
 from ..errors import UserError, shown
+from .config import TrainConfig, check_value
 from .writing import not_regular
 
 __all__ = ["CheckpointError", "SummaryFile", "CheckpointFile", "read_json", "read_args", "read_summary",

@@ -13,8 +13,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .config import TrainConfig
 from ..penalty import LCNNPenalty, gradreg_exact, gradreg_fd_backward
+from .config import TrainConfig
 
 __all__ = ["StepOutput", "Regulariser", "ExactGradRegStep", "FDGradRegStep", "make_regulariser"]
 

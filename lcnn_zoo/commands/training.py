@@ -42,17 +42,23 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from tqdm import tqdm
 
+from ..errors import Interrupted, UserError, shown
+from ..layers import (
+    CONVERGENCE_TOL,
+    LipschitzBatchNorm2d,
+    converge_spectral_norms,
+    exact_vectors,
+    recalibrate_batchnorm,
+    sync_batchnorm,
+)
+from ..penalty import param_groups
+from ..weight_checks import check_weights
 from .checkpoint import CheckpointError, RunFolder, rng_state, set_rng_state
 from .config import TrainConfig
 from .data import BatchAugment, build_dataset, num_classes_of, subset
-from ..errors import Interrupted, UserError, shown
 from .factory import create_model, is_lcnn, load_initial
-from ..layers import (CONVERGENCE_TOL, LipschitzBatchNorm2d, converge_spectral_norms, exact_vectors,
-                     recalibrate_batchnorm, sync_batchnorm)
 from .preflight import DistEnv, TrainPlan, train_plan
-from ..penalty import param_groups
 from .steps import Regulariser, make_regulariser
-from ..weight_checks import check_weights
 
 __all__ = ["train", "TrainingRun", "TrainData", "build_run", "train_one_epoch", "evaluate", "resume",
            "RECALIBRATE_BELOW_STEPS", "batches_seen_by_batchnorm"]

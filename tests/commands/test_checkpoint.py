@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import FAST_LCNN_RUN, fails_with, needs_fmnist
-from model_helpers import run_folder
 
 from lcnn_zoo.commands import training
 from lcnn_zoo.commands.checkpoint import RunFolder
-from lcnn_zoo.errors import UserError
 from lcnn_zoo.commands.options import train_config
 from lcnn_zoo.commands.training import train
+from lcnn_zoo.errors import UserError
+
+from cli_helpers import FAST_LCNN_RUN, fails_with, needs_fmnist
+from model_helpers import run_folder
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import fails_with, needs_fmnist
 from PIL import Image
 
 from lcnn_zoo.commands.cli import keep_freed_memory
 from lcnn_zoo.errors import MAX_MESSAGE, one_line
+
+from cli_helpers import fails_with, needs_fmnist
 
 REPO = Path(__file__).resolve().parents[2]
 

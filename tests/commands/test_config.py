@@ -1,5 +1,6 @@
 """lcnn_zoo.commands.config: every option is validated before any work, in one line naming the option."""
 import pytest
+
 from cli_helpers import fails_with
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import fails_with, needs_fmnist
 from PIL import Image
 
 from lcnn_zoo.commands.data import FMNIST_SYSTEM_DIR, build_dataset, read_image
 from lcnn_zoo.errors import UserError
+
+from cli_helpers import fails_with, needs_fmnist
 
 
 def _write_idx(folder: Path, n: int, seed: int) -> None:

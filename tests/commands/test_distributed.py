@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from cli_helpers import FAST_LCNN_RUN, needs_fmnist
 
 from lcnn_zoo import LipschitzBatchNorm2d
 from lcnn_zoo.layers import sync_batchnorm
+
+from cli_helpers import FAST_LCNN_RUN, needs_fmnist
 
 REPO = Path(__file__).resolve().parents[2]
 

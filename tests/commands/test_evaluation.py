@@ -7,14 +7,15 @@ import time
 import pytest
 import timm
 import torch
-from cli_helpers import fails_with, files_under, needs_fmnist
-from model_helpers import checkpoint, damaged
 from safetensors.torch import load_file, save_file
 
 from lcnn_zoo import hub
 from lcnn_zoo.commands.cli import main
 from lcnn_zoo.commands.options import train_config
 from lcnn_zoo.commands.training import train
+
+from cli_helpers import fails_with, files_under, needs_fmnist
+from model_helpers import checkpoint, damaged
 
 SMALL = ["--limit", "64", "--geom-samples", "4", "--pgd-samples", "8", "--noise-samples", "4", "--hvp-iters", "2",
          "--pgd-steps", "1", "--no-progress"]
@@ -114,10 +115,10 @@ def test_eval_checks_classes_and_reads_the_input_size_from_the_weights(tmp_path,
 def test_eval_of_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, capsys, monkeypatch):
     """Issue 31, case 2: `eval` of a run folder still training measured its mid-run last.pth under the
     run's name. Now refused; with --allow-unfinished the name and the results say which epoch."""
-    from model_helpers import run_folder
-
     from lcnn_zoo.commands.checkpoint import RunFolder
     from lcnn_zoo.commands.evaluation import run_eval
+
+    from model_helpers import run_folder
 
     done = run_folder(tmp_path / "done", epoch=2, epochs=2)
     stopped = run_folder(tmp_path / "stopped", epoch=2, epochs=5, finished=False)
@@ -239,8 +240,8 @@ def test_results_that_are_not_finite_are_not_written_as_invalid_json(tmp_path):
     """Hostile pass, W1: eval.json held the bare tokens NaN and Infinity (not JSON); a non-finite result
     is now a one-line error naming it, and nothing is written."""
     from lcnn_zoo.commands.config import EvalConfig
-    from lcnn_zoo.errors import UserError
     from lcnn_zoo.commands.evaluation import write_report
+    from lcnn_zoo.errors import UserError
 
     results = {"m": {"accuracy": 10.0, "grad_norm_mean": float("inf"), "pgd_l2": {"0.1": float("nan")}}}
     with pytest.raises(UserError, match="the measurement 'm.grad_norm_mean' is inf"):
@@ -274,10 +275,10 @@ def test_evaluate_model_refuses_logits_that_are_not_finite():
 def test_eval_of_any_file_of_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, capsys, monkeypatch):
     """Hostile pass of issue 31, I02d: `eval <run>/model_best.safetensors --arch …` of a run still
     training measured it as "model_best", eval.json silent; only the folder and its last.pth were refused."""
-    from model_helpers import run_folder
-
     from lcnn_zoo.commands.checkpoint import RunFolder
     from lcnn_zoo.commands.evaluation import run_eval
+
+    from model_helpers import run_folder
 
     done = run_folder(tmp_path / "done", epoch=2, epochs=2)
     stopped = run_folder(tmp_path / "stopped", epoch=2, epochs=5, finished=False)

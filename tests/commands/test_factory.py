@@ -3,13 +3,21 @@ state dict says about its model, and initial checkpoints loaded into a new run's
 import pytest
 import timm
 import torch
-from cli_helpers import FAST_LCNN_RUN, fails_with, files_under, needs_fmnist
 from safetensors.torch import save_file
 
 import lcnn_zoo  # noqa: F401  (registers the models)
+from lcnn_zoo.commands.factory import (
+    create_model,
+    input_size_of,
+    is_lcnn,
+    is_zoo_architecture,
+    load_initial,
+    split_spec,
+    state_dict_shapes,
+)
 from lcnn_zoo.errors import UserError
-from lcnn_zoo.commands.factory import (create_model, input_size_of, is_lcnn, is_zoo_architecture, load_initial, split_spec,
-                              state_dict_shapes)
+
+from cli_helpers import FAST_LCNN_RUN, fails_with, files_under, needs_fmnist
 
 
 def test_names_split_into_architecture_and_tag():
@@ -72,10 +80,11 @@ def test_an_initial_checkpoint_of_part_of_the_model_is_refused_unless_allowed(tm
 
 def test_an_initial_checkpoint_wrong_in_content_is_refused(tmp_path):
     """Issue 31, case 10, for --initial-checkpoint: a float tensor relabelled I32 was cast silently."""
-    from model_helpers import damaged
     from safetensors.torch import load_file
 
     from lcnn_zoo import hub
+
+    from model_helpers import damaged
 
     model = create_model("lcnn_resnet20_softplus", input_size=(1, 28, 28), num_classes=10)
     state, name = damaged(load_file(str(hub.WEIGHTS_DIR / "lcnn_resnet20_softplus.fmnist.safetensors")), "i32")
@@ -92,12 +101,12 @@ def test_an_initial_checkpoint_from_a_run_that_has_not_finished_is_refused_unles
     """Hostile pass of issue 31, T8: `train --initial-checkpoint <run still training>` (or any file of
     it) silently started from its mid-training weights. Now the run-state rule of push and eval: refused
     before any data is read unless --allow-unfinished, whose run then records the epoch in args.json."""
-    from model_helpers import run_folder
-
     from lcnn_zoo.commands import training
     from lcnn_zoo.commands.checkpoint import RunFolder
     from lcnn_zoo.commands.options import train_config
     from lcnn_zoo.commands.preflight import train_plan
+
+    from model_helpers import run_folder
 
     def read(*a, **k):
         raise AssertionError("the data was read")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from lcnn_zoo.errors import UserError
 from lcnn_zoo.commands.options import train_config as parse_args
+from lcnn_zoo.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from cli_helpers import fails_with, files_under, needs_fmnist
 from safetensors.torch import save_file
 
 from lcnn_zoo.commands import training
-from lcnn_zoo.errors import UserError
 from lcnn_zoo.commands.options import train_config
 from lcnn_zoo.commands.preflight import train_plan
 from lcnn_zoo.commands.training import train
+from lcnn_zoo.errors import UserError
+
+from cli_helpers import fails_with, files_under, needs_fmnist
 
 FAST = ["--dataset", "fmnist", "--train-subset", "128", "--test-subset", "64", "--batch-size", "64", "--epochs", "1",
         "--lr", "0.05", "--sched", "cosine", "--aug-pad", "2", "--no-progress", "--seed", "3"]

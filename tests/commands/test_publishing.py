@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 import timm
 import torch
-from cli_helpers import fails_with, files_under, needs_fmnist
-from hf_cache import populate, publish, remove, unpublish
-from model_helpers import checkpoint, damaged, same_outputs, trained
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lcnn_zoo import hub
 from lcnn_zoo.commands.cli import main
 from lcnn_zoo.commands.data import build_dataset
+from lcnn_zoo.commands.publishing import save_pretrained
 from lcnn_zoo.errors import UserError
 from lcnn_zoo.hub import hub_id
-from lcnn_zoo.commands.publishing import save_pretrained
+
+from cli_helpers import fails_with, files_under, needs_fmnist
+from hf_cache import populate, publish, remove, unpublish
+from model_helpers import checkpoint, damaged, same_outputs, trained
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -406,9 +407,9 @@ def test_push_of_a_run_that_has_not_finished_is_refused_unless_asked(tmp_path, c
     """Issue 31, case 2: `push` of a run still training published its mid-training last.pth, and the
     card said nothing. Now refused (its lock held, or its summary saying finished: false), the folder
     not written; with --allow-unfinished its last.pth is pushed and the card says from which epoch."""
-    from model_helpers import run_folder
-
     from lcnn_zoo.commands.checkpoint import RunFolder
+
+    from model_helpers import run_folder
 
     done = run_folder(tmp_path / "done", epoch=2, epochs=2)
     stopped = run_folder(tmp_path / "stopped", epoch=2, epochs=5, finished=False)
@@ -576,9 +577,9 @@ def test_push_of_any_file_of_a_run_that_has_not_finished_is_refused_unless_asked
     """Hostile pass of issue 31, I02b: `push <run>/model_best.safetensors` (or model.safetensors, or a
     link to either) of a run still training or stopped published mid-training weights, the card silent:
     only `push <run>` and `push <run>/last.pth` were refused. Every file of a run now carries its state."""
-    from model_helpers import run_folder
-
     from lcnn_zoo.commands.checkpoint import RunFolder
+
+    from model_helpers import run_folder
 
     done = run_folder(tmp_path / "done", epoch=2, epochs=2)
     stopped = run_folder(tmp_path / "stopped", epoch=2, epochs=5, finished=False)

@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
-from cli_helpers import needs_fmnist
 
 from lcnn_zoo.commands.quickstart import claims
+
+from cli_helpers import needs_fmnist
 
 
 @pytest.mark.slow

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from cli_helpers import FAST_LCNN_RUN, fails_with, needs_fmnist
-from model_helpers import run_folder
 
 from lcnn_zoo.commands import training
+
+from cli_helpers import FAST_LCNN_RUN, fails_with, needs_fmnist
+from model_helpers import run_folder
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import lcnn_zoo  # noqa: F401  (registers the models)
 from lcnn_zoo.commands.config import TrainConfig
-from lcnn_zoo.layers import CenteredSoftplus, LipschitzBatchNorm2d
 from lcnn_zoo.commands.steps import ExactGradRegStep, FDGradRegStep, Regulariser, make_regulariser
+from lcnn_zoo.layers import CenteredSoftplus, LipschitzBatchNorm2d
 
 
 def _model():

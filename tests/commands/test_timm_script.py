@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from cli_helpers import needs_fmnist
 from PIL import Image
 
 import lcnn_zoo
 from lcnn_zoo.commands.data import build_dataset
 from lcnn_zoo.commands.factory import is_lcnn
+
+from cli_helpers import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,11 +9,12 @@ import shlex
 import pytest
 import torch
 
-from cli_helpers import fails_with
-from lcnn_zoo.commands.options import train_config
 from lcnn_zoo.commands.config import TrainConfig
-from lcnn_zoo.errors import UserError
+from lcnn_zoo.commands.options import train_config
 from lcnn_zoo.commands.train_flags import ALIASES, NO_OPS, REFUSED
+from lcnn_zoo.errors import UserError
+
+from cli_helpers import fails_with
 
 TIMM_TRAIN_FLAGS = """
 -c --config --data-dir --dataset --train-split --val-split --train-num-samples --val-num-samples

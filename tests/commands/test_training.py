@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from cli_helpers import needs_fmnist
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -25,10 +24,12 @@ from lcnn_zoo.commands.data import (
     DataNotFoundError,
     build_dataset,
 )
-from lcnn_zoo.errors import UserError
 from lcnn_zoo.commands.options import train_config
 from lcnn_zoo.commands.options import train_config as parse_args
 from lcnn_zoo.commands.training import train
+from lcnn_zoo.errors import UserError
+
+from cli_helpers import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[2]
 

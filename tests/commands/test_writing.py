@@ -5,8 +5,8 @@ import os
 import pytest
 
 from lcnn_zoo.commands.checkpoint import RunFolder
-from lcnn_zoo.errors import UserError
 from lcnn_zoo.commands.writing import Transaction, atomic_write, check_name, file_lock, new_folder, write_text
+from lcnn_zoo.errors import UserError
 
 
 def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
@@ -147,10 +147,10 @@ def test_an_output_under_proc_is_one_line_before_any_work(tmp_path, capsys, monk
     """The hostile pass's reproductions (P4, T2, V5), as root: `train --output /proc/x`, `eval --output
     /proc/evx`, `push --output-dir /proc/hostile` and LCNN_ZOO_CACHE=/proc/nope were FileNotFoundError
     tracebacks (push's and eval's after the model was loaded). One line, before any data or model."""
+    from lcnn_zoo.commands import training
+
     from cli_helpers import FAST_LCNN_RUN, fails_with, needs_fmnist
     from model_helpers import checkpoint
-
-    from lcnn_zoo.commands import training
 
     def read(*a, **k):
         raise AssertionError("work started before the output folder was checked")
