@@ -19,15 +19,16 @@ LCNN_ZOO_CACHE             ~/.cache/  the data cache and the default place of th
 LCNN_ZOO_PUBLISHED         $CACHE/    the user's published manifest (``push --upload`` records uploads)
                            published.json
 LCNN_ZOO_HUB_NAMESPACE     lcnn-zoo   the Hub namespace of ``<namespace>/<model>.<tag>`` repos
-LCNN_ZOO_HUB_PROBE_TIMEOUT 3          seconds the Hub probe waits before a load or upload fails fast
 LCNN_ZOO_FUSED             1          0: the activations' plain formulas instead of the fused kernels
 LCNN_ZOO_TRITON_ON_CPU     0          1: route CPU tensors to the Triton kernels (tests, with TRITON_INTERPRET=1)
 LCNN_ZOO_MALLOC            tuned      ``system``: the ``lcnn-zoo`` command leaves glibc's malloc settings alone
 ========================== ========== ========================================================
+
+How long a Hub request may wait is huggingface_hub's own setting (``HF_HUB_ETAG_TIMEOUT``, seconds),
+as is its offline mode (``HF_HUB_OFFLINE``): the package asks the Hub only through huggingface_hub.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class Variable:
     """One environment variable the package reads.
 
     Args:
-        name: the variable, e.g. ``LCNN_ZOO_HUB_PROBE_TIMEOUT``.
+        name: the variable, e.g. ``LCNN_ZOO_FUSED``.
         default: a function returning the default (computed when read: ``LCNN_ZOO_PUBLISHED``'s
             default follows ``LCNN_ZOO_CACHE``, and ``Path.home()`` is not looked up at import).
         parse: text → value; raises ``ValueError`` whose message says what the value should be.
@@ -62,16 +63,6 @@ class Variable:
     parse: Callable[[str], Any]
     meaning: str
     refuse: bool = False
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= 600):
-        raise ValueError("a number of seconds in (0, 600]")
-    return value
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -123,7 +114,6 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
              "the user's published manifest"),
     Variable("LCNN_ZOO_HUB_NAMESPACE", lambda: "lcnn-zoo", _namespace, "the Hub namespace of pushed repos",
              refuse=True),
-    Variable("LCNN_ZOO_HUB_PROBE_TIMEOUT", lambda: 3.0, _seconds, "the Hub probe's timeout"),
     Variable("LCNN_ZOO_FUSED", lambda: True, _flag, "the fused activation kernels"),
     Variable("LCNN_ZOO_TRITON_ON_CPU", lambda: False, _flag, "Triton kernels for CPU tensors (tests)"),
     Variable("LCNN_ZOO_MALLOC", lambda: "tuned", _choice("tuned", "system"), "the lcnn-zoo command's malloc settings"),

@@ -6,10 +6,14 @@
   ``weights/published.json`` and the user's own (``$LCNN_ZOO_PUBLISHED``, default
   ``~/.cache/lcnn_zoo/published.json``), which ``lcnn-zoo push --upload`` updates. Each Hub repo is
   ``<namespace>/<model>.<tag>`` (namespace ``$LCNN_ZOO_HUB_NAMESPACE``, default ``lcnn-zoo``).
-* A tag has a download location in its timm cfg only if one of these holds weights for it, so
-  ``timm.list_pretrained("lcnn*")`` lists exactly what loads. Every other tag is an architecture
-  with a recipe: ``pretrained=True`` says at once how to train it.
+* The registry is static: the timm cfgs built at ``import lcnn_zoo`` come from the package's own
+  manifests only (:func:`package_tags`, :func:`weights_location` with ``user=False``), so
+  ``timm.list_pretrained("lcnn*")`` lists what the installed package loads, and importing reads
+  nothing under the user's home. The user's own uploads (:func:`user_uploads`) are resolved when a
+  model is built: ``pretrained=True`` on one of their tags finds it then.
 * Loading goes through timm (``build_model_with_cfg`` → huggingface_hub); only safetensors are read.
+  Whether the Hub answers is asked through huggingface_hub too (its request, its timeout
+  ``$HF_HUB_ETAG_TIMEOUT`` and its offline mode ``HF_HUB_OFFLINE``).
 
 Publishing (repo folders, cards, uploads, bundling) is :mod:`lcnn_zoo.commands.publishing`.
 """
@@ -19,15 +23,13 @@ import hashlib
 import json
 import math
 import re
-import socket
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
-from urllib.parse import urlparse
 
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import errors as hf_errors
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 from safetensors import SafetensorError
 from timm.models import load_pretrained, resolve_pretrained_cfg
 from torch import nn
@@ -36,10 +38,11 @@ from .environment import env
 from .errors import UserError, shown
 from .weight_checks import check_weights
 
-__all__ = ["NAMESPACE", "WEIGHTS_DIR", "REPO_CONFIGS", "hub_id", "tag_dataset", "bundled_manifest",
+__all__ = ["NAMESPACE", "WEIGHTS_DIR", "REPO_CONFIGS", "hub_id", "tag_dataset", "bundled_manifest",  # noqa: F822
            "published_manifest", "published_manifest_path", "weights_location", "bundled_weights", "recipe_hint",
-           "check_hub_spec", "safe_build", "PretrainedLoadError", "HUB_FILENAME", "bundled_file", "extra_tags", "read_manifest",
-           "hub_unreachable_reason", "entry_problem"]
+           "check_hub_spec", "safe_build", "PretrainedLoadError", "HUB_FILENAME", "bundled_file", "package_tags",
+           "read_manifest", "hub_unreachable_reason", "entry_problem", "user_uploads", "user_upload"]
+# (NAMESPACE is served by the module's __getattr__, below)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # present in a clone (the recipes)
@@ -99,7 +102,8 @@ _ENTRY_FIELDS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "file": (lambda v: isinstance(v, str) and Path(v).name == v and v.endswith(".safetensors"),
              "a .safetensors file name in the weights folder"),
     "num_classes": (lambda v: _count(v, _MAX_CLASSES), f"an integer from 1 to {_MAX_CLASSES:,}"),
-    "input_size": (lambda v: isinstance(v, list) and (v == [] or (len(v) == 3 and all(_count(s, _MAX_SIDE) for s in v))),
+    "input_size": (lambda v: isinstance(v, list) and (v == [] or (len(v) == 3
+                                                                  and all(_count(s, _MAX_SIDE) for s in v))),
                    f"[channels, height, width], integers from 1 to {_MAX_SIDE:,} (or [] when unknown)"),
     "accuracy_first1000": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
                            "a finite number"),
@@ -172,9 +176,10 @@ def read_manifest(path: Path, *, strict: bool = False) -> Dict[str, Dict[str, An
     return good
 
 
-def _refuse_damaged_entry(name: str) -> None:
+def _refuse_damaged_entry(name: str, user: bool = True) -> None:
     """Loading ``name`` itself: a damaged entry for it is named, not taken for "never published"."""
-    for path in (WEIGHTS_DIR / "manifest.json", WEIGHTS_DIR / "published.json", published_manifest_path()):
+    paths = [WEIGHTS_DIR / "manifest.json", WEIGHTS_DIR / "published.json"]
+    for path in paths + ([published_manifest_path()] if user else []):
         problem = _manifest_file(path)[1].get(name)
         if problem is not None:
             raise PretrainedLoadError(f"{path}: {problem}: fix or remove that entry")
@@ -193,23 +198,60 @@ def bundled_file(name: str, entry: Optional[Dict[str, Any]] = None) -> Path:
     return WEIGHTS_DIR / ((entry or {}).get("file") or f"{name}.safetensors")
 
 
-def extra_tags() -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """Tags that a bundle or upload added beyond the zoo's own (``lcnn-zoo push --model
-    lcnn_resnet20.fm3``): architecture → tag → the ``num_classes`` and ``input_size`` their entry
-    records, so timm's registry lists them and ``pretrained=True`` builds them right. Both
-    manifests are read once."""
-    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+def package_tags() -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Tags that a bundle added to the package beyond the zoo's own (``lcnn-zoo push --model
+    lcnn_resnet20.fm3 --bundle``), or that the package's ``weights/published.json`` lists: architecture
+    → tag → the ``num_classes`` and ``input_size`` their entry records, so timm's registry lists them
+    and ``pretrained=True`` builds them right. Read once, at import, from the package's files only
+    (the user's uploads: :func:`user_uploads`, at build time).
+
+    Returns:
+        ``{architecture: {tag: {"num_classes": int, "input_size": (C, H, W)}}}``; empty, with a
+        warning, when a package manifest is damaged (``import lcnn_zoo`` never fails on it).
+    """
     try:
-        entries = {**published_manifest(), **bundled_manifest()}
+        entries = {**read_manifest(WEIGHTS_DIR / "published.json"), **bundled_manifest()}
     except PretrainedLoadError as e:
         warnings.warn(str(e), stacklevel=2)
-        return out
+        return {}
+    return _shapes_by_architecture(entries)
+
+
+def _shapes_by_architecture(entries: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for name, entry in entries.items():  # each checked by read_manifest: integers in range
         arch, _, tag = name.partition(".")
         n, size = entry.get("num_classes"), entry.get("input_size")
         if tag and n is not None and size:
             out.setdefault(arch, {})[tag] = {"num_classes": n, "input_size": tuple(size)}
     return out
+
+
+def user_uploads() -> Dict[str, Dict[str, Any]]:
+    """The user's own uploads (``lcnn-zoo push --upload`` records them in ``$LCNN_ZOO_PUBLISHED``):
+    ``<model>.<tag>`` → its manifest entry. Read when called (a damaged entry is skipped with a
+    warning naming the file and the field, see :func:`read_manifest`): the static registry does not
+    list them, ``timm.create_model("<model>.<tag>", pretrained=True)`` resolves them at build time.
+
+    Raises:
+        PretrainedLoadError: the file is not a JSON mapping (naming it and what to do).
+    """
+    return read_manifest(published_manifest_path())
+
+
+def user_upload(model: str, tag: str) -> Optional[Dict[str, Any]]:
+    """The ``num_classes`` and ``input_size`` the user's manifest records for an upload of ``model.tag``
+    that the static registry does not know (a new tag), else None.
+
+    Args:
+        model: the architecture, e.g. ``lcnn_resnet20``.
+        tag: the tag, e.g. ``fm3``.
+
+    Returns:
+        ``{"num_classes": int, "input_size": (C, H, W)}``, or None when the user has no such upload.
+    """
+    _refuse_damaged_entry(f"{model}.{tag}")
+    return _shapes_by_architecture(user_uploads()).get(model, {}).get(tag)
 
 
 def published_manifest_path() -> Path:
@@ -222,27 +264,37 @@ def published_manifest() -> Dict[str, Dict[str, Any]]:
     return {**read_manifest(WEIGHTS_DIR / "published.json"), **read_manifest(published_manifest_path())}
 
 
-def weights_location(model: str, tag: str, *, strict: bool = True) -> Dict[str, Any]:
-    """The timm cfg keys that say where ``model.tag``'s weights are: ``file`` for shipped weights,
-    ``hf_hub_id`` for published ones, nothing for a recipe-only tag. With ``strict=False`` (building
-    the registry at import) a corrupt manifest warns instead of raising and a damaged entry is
-    skipped (:func:`read_manifest` warns); loading raises, naming the file and the entry's field."""
+def weights_location(model: str, tag: str, *, strict: bool = True, user: bool = True) -> Dict[str, Any]:
+    """The timm cfg keys that say where ``model.tag``'s weights are.
+
+    Args:
+        model: the architecture, e.g. ``lcnn_resnet20``.
+        tag: the tag, e.g. ``fmnist``.
+        strict: a damaged manifest or entry raises, naming the file and the entry's field (loading);
+            with ``strict=False`` (building the registry at import) it warns and is skipped.
+        user: whether the user's own uploads count (at build time); the registry built at import
+            passes ``False``: it is static, made of the package's files.
+
+    Returns:
+        ``{"file": path}`` for shipped weights, ``{"hf_hub_id": …, "hf_hub_filename": …}`` for
+        published ones, ``{}`` for a recipe-only tag.
+    """
     name = f"{model}.{tag}"
     if not strict:
         try:
-            return _weights_location(name)
+            return _weights_location(name, user)
         except PretrainedLoadError as e:
             warnings.warn(str(e), stacklevel=2)
             return {}
-    _refuse_damaged_entry(name)
-    return _weights_location(name)
+    _refuse_damaged_entry(name, user)
+    return _weights_location(name, user)
 
 
-def _weights_location(name: str) -> Dict[str, Any]:
+def _weights_location(name: str, user: bool) -> Dict[str, Any]:
     entry = bundled_manifest().get(name)
     if entry is not None and bundled_file(name, entry).is_file():
         return {"file": str(bundled_file(name, entry))}
-    entry = published_manifest().get(name)
+    entry = (published_manifest() if user else read_manifest(WEIGHTS_DIR / "published.json")).get(name)
     if entry and entry.get("repo_id"):
         return {"hf_hub_id": entry["repo_id"], "hf_hub_filename": HUB_FILENAME}
     return {}
@@ -256,7 +308,8 @@ def bundled_weights(model: str, tag: str) -> Optional[Path]:
         return None
     expected = bundled_manifest().get(f"{model}.{tag}", {}).get("sha256")
     if not expected:
-        raise PretrainedLoadError(f"The weights shipped for '{model}.{tag}' ({path}) have no checksum in manifest.json: "
+        raise PretrainedLoadError(f"The weights shipped for '{model}.{tag}' ({path}) have no checksum in "
+                                  f"manifest.json: "
                                   f"they are not trusted; reinstall lcnn-zoo or re-bundle them with `lcnn-zoo push "
                                   f"--bundle`.")
     if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
@@ -274,7 +327,8 @@ def recipe_hint(model: str, tag: str) -> str:
     for suffix in ("_softplus", "_relu"):
         if base.endswith(suffix):
             base, flavour = base[: -len(suffix)], suffix[1:]
-    variant = {"lcnn": "lcnn_gradreg" if gradreg else "lcnn", "softplus": "gradreg" if gradreg else "standard"}.get(flavour)
+    variant = {"lcnn": "lcnn_gradreg" if gradreg else "lcnn",
+               "softplus": "gradreg" if gradreg else "standard"}.get(flavour)
     config = f"configs/{dataset}_{base}_{variant}.yaml"
     if variant and (REPO_CONFIGS / Path(config).name).is_file():
         return f"`lcnn-zoo train --config {config} --download` (one command, see docs/training.md)"
@@ -282,15 +336,32 @@ def recipe_hint(model: str, tag: str) -> str:
     return f"`lcnn-zoo train --model {model} --dataset {dataset} --reg {reg} --download` (see docs/training.md)"
 
 
-def hub_unreachable_reason() -> Optional[str]:
-    """None if the Hub endpoint accepts a TCP connection within the probe timeout, else the reason."""
-    url = urlparse(hf_constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+def hub_unreachable_reason(repo_id: Optional[str] = None, filename: str = "config.json",
+                           token: Optional[str] = None) -> Optional[str]:
+    """Why the Hub cannot be asked for a file now, or None when it answers: huggingface_hub's own
+    metadata request (``HEAD``), with its timeout (``$HF_HUB_ETAG_TIMEOUT``, 10 s by default) and
+    its offline mode, so a load or an upload fails in seconds rather than after retries.
+
+    Args:
+        repo_id: the repo a load will fetch from; None asks the endpoint's API (an upload's check).
+        filename: the file of ``repo_id`` the load will fetch.
+        token: sent with the request (a private repo answers 401 without it: still an answer).
+
+    Returns:
+        None when the endpoint answered, whatever the status (a missing repo or file is the load's
+        own error to report); otherwise a reason naming the endpoint.
+    """
+    if hf_constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = hf_constants.ENDPOINT
+    url = hf_hub_url(repo_id, filename, endpoint=endpoint) if repo_id else f"{endpoint}/api/whoami-v2"
     try:
-        with socket.create_connection((host, port), timeout=env("LCNN_ZOO_HUB_PROBE_TIMEOUT")):
-            return None
-    except OSError as e:
-        return f"{host}:{port} is unreachable ({e.__class__.__name__}: {e})"
+        get_hf_file_metadata(url, token=token, timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
+    except hf_errors.HfHubHTTPError:  # an HTTP status: the Hub answered
+        return None
+    except Exception as e:  # whatever the transport raises (refused, timed out, a proxy's error): no answer
+        return f"the Hub at {endpoint} is unreachable ({e.__class__.__name__}: {shown(str(e), 160)})"
+    return None
 
 
 def _unreachable(what: str, repo: str, reason: str) -> PretrainedLoadError:
@@ -306,7 +377,7 @@ def _check_fetchable(what: str, repo: str, filename: str) -> None:
         return
     if hf_constants.HF_HUB_OFFLINE:
         raise _unreachable(what, repo, "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache")
-    reason = hub_unreachable_reason()
+    reason = hub_unreachable_reason(repo, filename)
     if reason is not None:
         raise _unreachable(what, repo, reason)
 

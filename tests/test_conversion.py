@@ -377,7 +377,7 @@ def test_an_lcnn_keeps_its_class_and_pickles_through_state_dict_or_folded():
     import io
     import pickle
 
-    from lcnn_zoo.models.lcnn_resnet import CifarResNet
+    from lcnn_zoo.models import CifarResNet
     model = timm.create_model("lcnn_resnet20", img_size=(12, 12)).eval()
     assert type(model) is CifarResNet
     with pytest.raises(RuntimeError, match="^Serialization of parametrized modules is only supported through state_dict"):

@@ -21,9 +21,6 @@ def _fresh_warnings(monkeypatch):
 
 
 @pytest.mark.parametrize("name,value,default", [
-    ("LCNN_ZOO_HUB_PROBE_TIMEOUT", "abc", 3.0),
-    ("LCNN_ZOO_HUB_PROBE_TIMEOUT", "-1", 3.0),
-    ("LCNN_ZOO_HUB_PROBE_TIMEOUT", "inf", 3.0),
     ("LCNN_ZOO_FUSED", "maybe", True),
     ("LCNN_ZOO_TRITON_ON_CPU", "2", False),
     ("LCNN_ZOO_MALLOC", "sytem", "tuned"),
@@ -38,7 +35,6 @@ def test_a_bad_value_warns_naming_the_variable_and_the_default_used(monkeypatch,
 
 
 @pytest.mark.parametrize("name,value,expected", [
-    ("LCNN_ZOO_HUB_PROBE_TIMEOUT", "0.5", 0.5),
     ("LCNN_ZOO_FUSED", "0", False),
     ("LCNN_ZOO_FUSED", "off", False),
     ("LCNN_ZOO_TRITON_ON_CPU", "1", True),

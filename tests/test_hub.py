@@ -172,6 +172,7 @@ def test_torch_hub_local():
 
 
 # ---- issue 31, case 9: a damaged entry of the user's manifest, or a bad variable, never stops the import
+# ---- issue 33, item 3: the registry is static: the import does not read the user's manifest at all
 def test_a_damaged_published_entry_is_skipped_with_a_warning_and_import_never_fails(tmp_path):
     import os
     import subprocess
@@ -183,19 +184,74 @@ def test_a_damaged_published_entry_is_skipped_with_a_warning_and_import_never_fa
                         ' "lcnn_resnet20.bad2": {"repo_id": "me/b", "num_classes": 3, "input_size": [3, 1e400, 28]},'
                         ' "lcnn_resnet20.good": {"repo_id": "me/c", "num_classes": 3, "input_size": [1, 28, 28]}}')
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "LCNN_ZOO_PUBLISHED": str(manifest),
-           "LCNN_ZOO_HUB_PROBE_TIMEOUT": "abc", "LCNN_ZOO_FUSED": "maybe", "LCNN_ZOO_TRITON_ON_CPU": "yes please",
+           "LCNN_ZOO_FUSED": "maybe", "LCNN_ZOO_TRITON_ON_CPU": "yes please",
            "LCNN_ZOO_MALLOC": "sytem", "LCNN_ZOO_HUB_NAMESPACE": "not a namespace"}
     code = ("import timm, torch, lcnn_zoo\n"
             "print(sorted(t for t in timm.list_pretrained('lcnn_resnet20.*') if 'fmnist' not in t))\n"
             "m = timm.create_model('lcnn_resnet20.fmnist', pretrained=True).eval()\n"  # a shipped tag still loads
-            "print(m(torch.rand(1, 1, 28, 28)).shape)\n")
+            "print(m(torch.rand(1, 1, 28, 28)).shape)\n"
+            "print('--- uploads', flush=True)\n"
+            "from lcnn_zoo import hub\n"
+            "print(sorted(hub.user_uploads()))\n")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.splitlines() == ["['lcnn_resnet20.good']", "torch.Size([1, 10])"]
+    # the registry lists what the package holds; the user's uploads are listed by hub.user_uploads()
+    assert done.stdout.splitlines() == ["[]", "torch.Size([1, 10])", "--- uploads", "['lcnn_resnet20.good']"]
     assert "Traceback" not in done.stderr
     for tag, value in (("bad1", "['a', 'b', 'c']"), ("bad2", "[3, inf, 28]")):
         assert f"{manifest}: the entry for 'lcnn_resnet20.{tag}' has input_size = {value}, not [channels" in done.stderr
     assert "$LCNN_ZOO_FUSED='maybe' is not 1 or 0" in done.stderr  # read at the first forward: default used
+
+
+def test_import_reads_nothing_under_the_users_home(tmp_path):
+    """Issue 33: ``import lcnn_zoo`` (and timm's registry it fills) opens no file under the home folder,
+    where the user's manifest lives (here unreadable JSON, which an import that read it would warn about)."""
+    import json as json_
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    home = tmp_path / "home"
+    (home / ".cache" / "lcnn_zoo").mkdir(parents=True)
+    (home / ".cache" / "lcnn_zoo" / "published.json").write_text("{not json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LCNN_ZOO_")}
+    env.update(HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    code = ("import sys\n"
+            "seen = []\n"
+            "sys.addaudithook(lambda event, args: seen.append(str(args[0])) if event in ('open', 'os.listdir',"
+            " 'os.scandir') and args and isinstance(args[0], (str, bytes)) else None)\n"
+            "import timm, lcnn_zoo\n"
+            "timm.list_pretrained('lcnn*')\n"
+            f"print(__import__('json').dumps([p for p in seen if p.startswith({str(home)!r})]))\n")
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json_.loads(done.stdout.splitlines()[-1]) == []
+
+
+def test_a_users_upload_of_a_new_tag_is_resolved_when_it_is_built(published, monkeypatch):
+    """Issue 33: a tag the registry does not know, which the user uploaded (push --upload records its
+    classes and input size), loads by name: resolved at build time, not listed by the static registry."""
+    model, folder, _ = published
+    repo = hub_id("lcnn_resnet20", "mine")
+    populate(repo, folder)
+    path = hub.published_manifest_path()
+    before = path.read_text() if path.is_file() else None
+    data = json.loads(before) if before else {}
+    data["lcnn_resnet20.mine"] = {"repo_id": repo, "num_classes": 10, "input_size": [3, 32, 32]}
+    path.write_text(json.dumps(data))
+    try:
+        assert "lcnn_resnet20.mine" not in timm.list_pretrained("lcnn*")
+        assert "lcnn_resnet20.mine" in hub.user_uploads()
+        loaded = timm.create_model("lcnn_resnet20.mine", pretrained=True)
+        assert loaded.pretrained_cfg["tag"] == "mine" and loaded.pretrained_cfg["hf_hub_id"] == repo
+        same_outputs(model, loaded)
+        with pytest.raises(RuntimeError, match="Invalid pretrained tag"):  # a tag nobody uploaded: timm's own error
+            timm.create_model("lcnn_resnet20.nobodys", pretrained=True)
+    finally:
+        path.write_text(before) if before is not None else path.unlink()
+        remove(repo)
 
 
 def test_loading_or_rewriting_a_damaged_entry_names_the_file_and_the_field(tmp_path, monkeypatch):

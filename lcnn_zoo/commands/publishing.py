@@ -116,13 +116,13 @@ def save_pretrained(model: nn.Module, output_dir: str | os.PathLike, *, model_ca
 
 
 def check_upload_possible(token: Optional[str] = None) -> str:
-    """A token, and a Hub that answers (the loading side's 3 s probe), or a one-line :class:`UserError`."""
+    """A token, and a Hub that answers (huggingface_hub's request and timeout), or a one-line :class:`UserError`."""
     token = token or get_token()
     if not token:
         raise UserError("No Hugging Face token: run `hf auth login` or set HF_TOKEN to push")
     if hf_constants.HF_HUB_OFFLINE:
         raise UserError("--upload: HF_HUB_OFFLINE is set; unset it to upload")
-    reason = hub.hub_unreachable_reason()
+    reason = hub.hub_unreachable_reason(token=token)
     if reason is not None:
         raise UserError(f"--upload: the Hugging Face Hub cannot be reached ({reason}); the folder is written, upload "
                         f"it later with `hf upload`")
@@ -143,7 +143,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: Optional[str]
 
 def record_published(tag: str, repo_id: str, folder: Path) -> Path:
     """Add ``tag`` → ``repo_id`` to the user's published manifest, so ``pretrained=True`` on the tag
-    finds the upload (``weights_location`` reads it at import)."""
+    finds the upload (resolved when the model is built: :func:`lcnn_zoo.hub.user_upload`)."""
     path = published_manifest_path()
     digest = hashlib.sha256((folder / HUB_FILENAME).read_bytes()).hexdigest()
     config = read_json(folder / "config.json", "model config (config.json)")
