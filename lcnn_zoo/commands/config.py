@@ -302,9 +302,10 @@ class TrainConfig:
 def _timm_dataset(name: str, data_dir: Optional[str]) -> str:
     """timm train.py's --dataset spellings as lcnn-zoo's: ``torch/cifar10`` (torchvision's), ``hfds/<name>``
     (a Hugging Face dataset) and ``""`` with --data-dir (an image folder)."""
-    from .train_flags import TORCH_DATASETS
-    if name in TORCH_DATASETS:
-        return TORCH_DATASETS[name]
+    if name.startswith("torch/"):
+        from .data import TORCH_DATASETS  # (torch and torchvision: imported only for these names)
+
+        return TORCH_DATASETS.get(name, name)
     if name.startswith("hfds/"):
         return "hf:" + name[len("hfds/"):]
     if name == "":

@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Sized, Tuple, cast
@@ -30,13 +30,13 @@ from torchvision.datasets.utils import check_integrity
 from ..errors import UserError, shown
 from .writing import atomic_write
 
-__all__ = ["TensorImageDataset", "subset", "BatchAugment", "build_dataset", "describe_dataset", "DataInfo", "DataNotFoundError",
-           "DATASETS", "FMNIST_SYSTEM_DIR", "read_image", "folder_classes"]
+__all__ = ["TensorImageDataset", "subset", "BatchAugment", "build_dataset", "describe_dataset", "DataInfo",
+           "DataNotFoundError", "DataSource", "SOURCES", "DATASETS", "TORCH_DATASETS", "dataset_source",
+           "FMNIST_SYSTEM_DIR", "read_image", "folder_classes"]
 
 FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 _FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte")
-DATASETS = ("cifar10", "cifar100", "fmnist", "folder:<path>", "hf:<name>")
 
 
 class DataNotFoundError(UserError, FileNotFoundError):
@@ -69,6 +69,7 @@ class TensorImageDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (of names in ``classes``)."""
         return len(self.classes)
 
     def to_size(self, channels: Optional[int], size: Optional[Tuple[int, int]]) -> "TensorImageDataset":
@@ -108,6 +109,7 @@ class BatchAugment:
         self.reprob, self.remode, self.recount = reprob, remode, recount
 
     def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The augmented batch (``x`` itself is not modified)."""
         b, _, h, w = x.shape
         if self.pad:
             p = self.pad
@@ -116,7 +118,8 @@ class BatchAugment:
             dx = torch.randint(0, 2 * p + 1, (b,), generator=generator)
             rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)  # (B, H)
             cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)  # (B, W)
-            x = xp[torch.arange(b, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+            x = xp[torch.arange(b, device=x.device)[:, None, None, None],
+                   torch.arange(x.shape[1], device=x.device)[None, :, None, None],
                    rows[:, None, :, None], cols[:, None, None, :]]
         for prob, dim in ((self.hflip, -1), (self.vflip, -2)):
             if prob > 0:
@@ -185,6 +188,21 @@ def fmnist_files(root: Optional[str]) -> Optional[List[Path]]:
     return None
 
 
+def _idx_count(path: Path) -> int:
+    """The image count in an idx images file's header (its first 8 bytes: magic 2051, count), raw or
+    gzip-compressed; a header that cannot be read is the error loading it would raise."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(8)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise UserError(f"{shown(Path(path))} is truncated or corrupted ({e}): restore it (Debian: apt-get "
+                        f"install --reinstall dataset-fashion-mnist)") from e
+    if len(head) < 8 or int.from_bytes(head[:4], "big") != 2051:
+        raise UserError(f"the Fashion-MNIST files in {shown(Path(path.parent))} are damaged ({path.name} does not "
+                        f"start as an idx images file): restore them")
+    return int.from_bytes(head[4:], "big")
+
+
 def _fmnist(root: Optional[str], train: bool, download: bool) -> TensorImageDataset:
     """Fashion-MNIST through torchvision's reader, from Debian's idx files when present.
 
@@ -242,27 +260,45 @@ _CIFAR_BINARY: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _cifar_binary(name: str, folder: Path, train: bool) -> TensorImageDataset:
-    """CIFAR's binary version: each record is the label byte(s) then 3,072 pixel bytes (CIFAR-100:
-    coarse then fine label). Only ``numpy.frombuffer`` touches the bytes; sizes and labels are checked."""
+def _cifar_names(name: str, folder: Path) -> List[str]:
+    """The class names of CIFAR's binary version (its names file), as many as the dataset has classes."""
     spec = _CIFAR_BINARY[name]
-    record = spec["label_bytes"] + 3072
     names_file = folder / spec["names"]
     if not names_file.is_file():
         raise DataNotFoundError(f"{shown(Path(folder))} lacks {spec['names']} (the class names)")
     classes = [ln.strip() for ln in names_file.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     if len(classes) != spec["classes"]:
-        raise UserError(f"{shown(Path(names_file))} lists {len(classes)} class names, {name.upper()} has {spec['classes']}")
-    chunks = []
+        raise UserError(f"{shown(Path(names_file))} lists {len(classes)} class names, {name.upper()} has "
+                        f"{spec['classes']}")
+    return classes
+
+
+def _binary_batches(name: str, folder: Path, train: bool) -> List[Tuple[Path, int]]:
+    """The binary batches of a split with their record counts, from the files' sizes alone: each
+    must exist and hold whole records (the label byte(s) then 3,072 pixel bytes)."""
+    spec = _CIFAR_BINARY[name]
+    record = spec["label_bytes"] + 3072
+    batches = []
     for fname in spec["train" if train else "test"]:
         path = folder / fname
         if not path.is_file():
             raise DataNotFoundError(f"{shown(Path(path))} not found ({name.upper()} binary version)")
-        raw = np.fromfile(path, dtype=np.uint8)
-        if raw.size == 0 or raw.size % record:
-            raise UserError(f"{shown(Path(path))} is not a {name.upper()} binary batch (size {raw.size} is not a "
+        size = path.stat().st_size
+        if size == 0 or size % record:
+            raise UserError(f"{shown(Path(path))} is not a {name.upper()} binary batch (size {size} is not a "
                             f"multiple of {record} bytes): truncated or another file")
-        chunks.append(raw.reshape(-1, record))
+        batches.append((path, size // record))
+    return batches
+
+
+def _cifar_binary(name: str, folder: Path, train: bool) -> TensorImageDataset:
+    """CIFAR's binary version: each record is the label byte(s) then 3,072 pixel bytes (CIFAR-100:
+    coarse then fine label). Only ``numpy.frombuffer`` touches the bytes; sizes and labels are checked."""
+    spec = _CIFAR_BINARY[name]
+    record = spec["label_bytes"] + 3072
+    classes = _cifar_names(name, folder)
+    chunks = [np.fromfile(path, dtype=np.uint8, count=n * record).reshape(n, record)
+              for path, n in _binary_batches(name, folder, train)]
     data = np.concatenate(chunks)
     labels = torch.from_numpy(data[:, spec["label_bytes"] - 1].astype(np.int64))
     if int(labels.max()) >= spec["classes"]:
@@ -367,7 +403,8 @@ def _check_links(split: Path, classes: List[str]) -> None:
                 if _inside(here, target):
                     raise UserError(f"{shown(Path(full))} links back to a folder above it: its images would be read "
                                     f"again and again; remove the link")
-                other = next((o for o, r in reals.items() if o != c and (_inside(target, r) or _inside(r, target))), None)
+                other = next((o for o, r in reals.items()
+                              if o != c and (_inside(target, r) or _inside(r, target))), None)
                 if other is not None:
                     raise UserError(f"{shown(Path(full))} (class {shown(c)}) links into the folder of class "
                                     f"{shown(other)}: its images would get both labels; remove the link")
@@ -426,19 +463,26 @@ def _folder(path: str, train: bool, image_size: Optional[Tuple[int, int]], chann
         split = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
         if split is None:
             if not eval_on_train:
-                raise UserError(f"image folder {shown(Path(root))} has no val/ (or test/) split to evaluate on: add one, "
-                                f"or pass --eval-on-train to evaluate on the training images")
+                raise UserError(f"image folder {shown(Path(root))} has no val/ (or test/) split to evaluate on: add "
+                                f"one, or pass --eval-on-train to evaluate on the training images")
             split = train_dir
     tf = transforms.Resize(tuple(image_size), antialias=True) if image_size is not None else None
     return _Folder(split, classes or found, tf, resized=image_size is not None,
                    loader=partial(read_image, channels=channels or 3))
 
 
-def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels: int) -> Dataset:
+def _require_datasets(name: str) -> None:
+    """``hf:`` datasets need the optional ``datasets`` package: without it, one line saying how to get it."""
     try:
-        import datasets as hfds
+        import datasets  # noqa: F401
     except ImportError as e:
         raise DataNotFoundError(f"hf:{name} needs the 'datasets' package: pip install datasets") from e
+
+
+def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels: int) -> Dataset:
+    _require_datasets(name)
+    import datasets as hfds
+
     split = "train" if train else "test"
     try:
         ds = hfds.load_dataset(name, split=split)
@@ -464,72 +508,248 @@ def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels:
     return _Wrapped()
 
 
-_IN_MEMORY = ("cifar10", "cifar100", "fmnist", "fashion-mnist", "fashion_mnist")
-
-
-def _check_data_dir(key: str, data_dir: Optional[str]) -> None:
-    """An explicit ``--data-dir`` of a CIFAR / Fashion-MNIST dataset must be a folder."""
-    if key in _IN_MEMORY and data_dir is not None and not Path(data_dir).is_dir():
-        raise DataNotFoundError(f"--data-dir {shown(Path(data_dir))} does not exist or is not a folder")
-
-
 @dataclass
 class DataInfo:
     """What a dataset is, read from its metadata alone (no images loaded): ``classes`` (names, or
     None where only the count is known), ``num_classes``, ``channels`` and ``size`` = (H, W) as
-    stored (None: per image, converted on loading)."""
+    stored (None: per image, converted on loading), ``images`` = (training, test) image counts
+    (None where only loading counts them) and whether it is held ``in_memory`` (resized whole when
+    loaded). ``name`` is the dataset as given and ``source`` its entry of :data:`SOURCES`, which
+    :meth:`build` loads it with."""
 
     num_classes: Optional[int]
     classes: Optional[List[str]] = None
     channels: Optional[int] = None
     size: Optional[Tuple[int, int]] = None
+    images: Optional[Tuple[int, int]] = None
+    in_memory: bool = False
+    name: str = ""
+    source: Optional["DataSource"] = field(default=None, repr=False, compare=False)
+
+    def build(self, *, train: bool, **options: Any) -> Dataset:
+        """The ``train`` or test split of the dataset described: :meth:`DataSource.build` of its entry,
+        with :func:`build_dataset`'s options."""
+        if self.source is None:
+            raise ValueError("this DataInfo was not made by describe_dataset: it names no source to build from")
+        return self.source.build(_entry(self.name)[1], train=train, **options)
+
+
+class DataSource:
+    """One entry of the dataset table (:data:`SOURCES`): what a dataset is, from its metadata alone
+    (:meth:`describe`), and how it is loaded (:meth:`build`), side by side so the two halves agree.
+
+    ``name`` is the dataset as typed (``cifar10``) or, for a family of datasets named by a prefix, its
+    pattern (``folder:<path>``); ``aliases`` are other spellings; ``timm_name`` is its name in timm
+    train.py's ``--dataset`` (``torch/cifar10``); ``title``, ``hub_id``: how a model card names it and
+    the Hub's copy of it; ``folder_splits``: it has sub-folder splits (``--train-split``/``--val-split``).
+    """
+
+    name: str = ""
+    aliases: Tuple[str, ...] = ()
+    timm_name: Optional[str] = None
+    title: Optional[str] = None
+    hub_id: Optional[str] = None
+    folder_splits = False
+
+    @property
+    def prefix(self) -> Optional[str]:
+        """The prefix that names this family of datasets (``folder:``), None for a single dataset."""
+        return self.name.split("<", 1)[0] if "<" in self.name else None
+
+    def describe(self, arg: str, *, data_dir: Optional[str] = None, download: bool = False,
+                 splits: Tuple[Optional[str], Optional[str]] = (None, None)) -> DataInfo:
+        """What :meth:`build` would load (see :func:`describe_dataset`); ``arg`` is the text after the prefix."""
+        raise NotImplementedError
+
+    def build(self, arg: str, *, train: bool, data_dir: Optional[str] = None, download: bool = False,
+              image_size: Optional[Tuple[int, int]] = None, channels: Optional[int] = None,
+              classes: Optional[List[str]] = None, eval_on_train: bool = False, split: Optional[str] = None) -> Dataset:
+        """The ``train`` or test split (see :func:`build_dataset`); ``arg`` is the text after the prefix."""
+        raise NotImplementedError
+
+
+class _InMemory(DataSource):
+    """A dataset held in memory as uint8 (N, C, H, W) and resized whole when loaded: ``stored`` is
+    its (C, H, W) on disk, ``official`` the official files' (training, test) image counts."""
+
+    num_classes: int
+    stored: Tuple[int, int, int]
+    official: Tuple[int, int]
+
+    def _info(self, classes: Optional[List[str]], images: Tuple[int, int]) -> DataInfo:
+        c, h, w = self.stored
+        return DataInfo(self.num_classes, classes, c, (h, w), images, in_memory=True)
+
+    @staticmethod
+    def _check_data_dir(data_dir: Optional[str]) -> None:
+        """An explicit ``--data-dir`` must be a folder (never replaced by another copy of the data)."""
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise DataNotFoundError(f"--data-dir {shown(Path(data_dir))} does not exist or is not a folder")
+
+    def _load(self, data_dir: Optional[str], train: bool, download: bool) -> TensorImageDataset:
+        raise NotImplementedError
+
+    def build(self, arg: str, *, train: bool, data_dir: Optional[str] = None, download: bool = False,
+              image_size: Optional[Tuple[int, int]] = None, channels: Optional[int] = None,
+              **_: Any) -> Dataset:
+        """The split, converted to ``channels`` and resized to ``image_size`` (:meth:`TensorImageDataset.to_size`)."""
+        self._check_data_dir(data_dir)
+        return self._load(data_dir, train, download).to_size(channels, image_size)
+
+
+class _Cifar(_InMemory):
+    """CIFAR-10 / CIFAR-100 (see :func:`_cifar`): the binary version's class names and image counts are
+    read from its names file and its batches' sizes; the python version is torchvision's official
+    download, checked against its checksums when loaded (only the counts are known before)."""
+
+    stored = (3, 32, 32)
+    official = (50000, 10000)
+
+    def __init__(self, name: str, title: str) -> None:
+        self.name, self.title, self.num_classes = name, title, _CIFAR_BINARY[name]["classes"]
+        self.timm_name, self.hub_id = f"torch/{name}", f"uoft-cs/{name}"
+
+    def describe(self, arg: str, *, data_dir: Optional[str] = None, download: bool = False,
+                 **_: Any) -> DataInfo:
+        """The binary version's names and counts, or the official ones; the not-found error otherwise."""
+        self._check_data_dir(data_dir)
+        dest = Path(data_dir) if data_dir else _cache_dir() / self.name
+        base = CIFAR10 if self.name == "cifar10" else CIFAR100
+        binary = dest / _CIFAR_BINARY[self.name]["folder"]
+        if binary.is_dir():
+            counts = [sum(n for _, n in _binary_batches(self.name, binary, train)) for train in (True, False)]
+            return self._info(_cifar_names(self.name, binary), (counts[0], counts[1]))
+        if not download and not (dest / base.base_folder).is_dir():
+            raise DataNotFoundError(f"{self.name.upper()} not found in {shown(Path(dest))}: add --download to fetch it "
+                                    f"with torchvision, or pass --data-dir pointing at the folder that contains "
+                                    f"'{base.base_folder}' or '{_CIFAR_BINARY[self.name]['folder']}'")
+        return self._info(None, self.official)
+
+    def _load(self, data_dir: Optional[str], train: bool, download: bool) -> TensorImageDataset:
+        return _cifar(self.name, data_dir, train, download)
+
+
+class _FashionMNIST(_InMemory):
+    """Fashion-MNIST (see :func:`_fmnist`): its image counts are read from the idx files' headers."""
+
+    name = "fmnist"
+    aliases = ("fashion-mnist", "fashion_mnist")
+    timm_name = "torch/fashion_mnist"
+    title = "Fashion-MNIST"
+    hub_id = "zalando-datasets/fashion_mnist"
+    num_classes = len(FashionMNIST.classes)
+    stored = (1, 28, 28)
+    official = (60000, 10000)
+
+    def describe(self, arg: str, *, data_dir: Optional[str] = None, download: bool = False,
+                 **_: Any) -> DataInfo:
+        """The idx files' counts (the official ones for a download); the not-found error, or the cache
+        that cannot be written, otherwise."""
+        self._check_data_dir(data_dir)
+        found = fmnist_files(data_dir)
+        classes = list(FashionMNIST.classes)
+        if found is None:
+            if not download:
+                _fmnist(data_dir, True, False)  # raises the not-found error
+            return self._info(classes, self.official)
+        if not (_cache_dir() / "fashion-mnist" / _source_key(found)).is_dir():
+            from .writing import check_writable_parent
+
+            check_writable_parent(_cache_dir(), "the data cache ($LCNN_ZOO_CACHE)")
+        return self._info(classes, (_idx_count(found[0]), _idx_count(found[2])))
+
+    def _load(self, data_dir: Optional[str], train: bool, download: bool) -> TensorImageDataset:
+        return _fmnist(data_dir, train, download)
+
+
+class _ImageFolder(DataSource):
+    """``folder:<path>``: an image folder (see :func:`_folder`); images are read one by one, converted
+    and resized as they load, so only the class names are known before."""
+
+    name = "folder:<path>"
+    folder_splits = True
+
+    def describe(self, arg: str, *, splits: Tuple[Optional[str], Optional[str]] = (None, None),
+                 **_: Any) -> DataInfo:
+        """The training split's class names; the splits asked for must exist."""
+        classes = folder_classes(arg, splits[0])
+        if splits[1] is not None:
+            _split_dir(Path(arg), splits[1])
+        return DataInfo(len(classes), classes)
+
+    def build(self, arg: str, *, train: bool, image_size: Optional[Tuple[int, int]] = None,
+              channels: Optional[int] = None, classes: Optional[List[str]] = None, eval_on_train: bool = False,
+              split: Optional[str] = None, **_: Any) -> Dataset:
+        """The split's images, numbered by ``classes`` (the training split's by default)."""
+        return _folder(arg, train, image_size, channels, classes, eval_on_train, split)
+
+
+class _HuggingFace(DataSource):
+    """``hf:<name>``: a Hugging Face dataset (see :func:`_hf`); nothing is known of it before it is loaded."""
+
+    name = "hf:<name>"
+
+    def describe(self, arg: str, **_: Any) -> DataInfo:
+        """Nothing but the optional package it needs (reading the Hub is loading it)."""
+        _require_datasets(arg)
+        return DataInfo(None)
+
+    def build(self, arg: str, *, train: bool, image_size: Optional[Tuple[int, int]] = None,
+              channels: Optional[int] = None, **_: Any) -> Dataset:
+        """The ``train`` or ``test`` split, converted to ``channels`` (default 3) and resized to ``image_size``."""
+        return _hf(arg, train, image_size, channels or 3)
+
+
+#: The datasets lcnn-zoo reads, by name (or pattern): each entry describes and builds its dataset.
+SOURCES: Dict[str, DataSource] = {s.name: s for s in (
+    _Cifar("cifar10", "CIFAR-10"),
+    _Cifar("cifar100", "CIFAR-100"),
+    _FashionMNIST(),
+    _ImageFolder(),
+    _HuggingFace(),
+)}
+DATASETS = tuple(SOURCES)
+#: timm train.py's ``--dataset torch/<name>`` → lcnn-zoo's dataset name
+TORCH_DATASETS: Dict[str, str] = {s.timm_name: s.name for s in SOURCES.values() if s.timm_name}
+
+
+def _entry(name: str) -> Tuple[DataSource, str]:
+    """(the :data:`SOURCES` entry of dataset ``name``, what follows its prefix as typed: a folder's path,
+    a Hugging Face name; a plain name lower-cased). Names and aliases are matched in any case."""
+    key = name.lower()
+    for source in SOURCES.values():
+        prefix = source.prefix
+        if prefix is not None and key.startswith(prefix):
+            return source, name[len(prefix):]
+        if key == source.name or key in source.aliases:
+            return source, key
+    raise UserError(f"unknown dataset {shown(name)}; choose one of {', '.join(DATASETS)}")
+
+
+def dataset_source(name: str) -> DataSource:
+    """The :data:`SOURCES` entry of dataset ``name`` (a name or alias, any case; or ``<prefix><argument>``)."""
+    return _entry(name)[0]
 
 
 def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = False,
                      splits: Tuple[Optional[str], Optional[str]] = (None, None)) -> DataInfo:
     """The :class:`DataInfo` of what :func:`build_dataset` would load, raising the same errors it
     would (missing data, a mistyped ``--data-dir``, a folder of fewer than 2 classes, an unwritable
-    cache) before anything is read or written."""
-    key = name.lower()
-    _check_data_dir(key, data_dir)
-    if splits != (None, None) and not key.startswith("folder:"):
+    cache) before anything is read or written; its :meth:`DataInfo.build` loads it from the same entry."""
+    source, arg = _entry(name)
+    if splits != (None, None) and not source.folder_splits:
         raise UserError("--train-split/--val-split name the sub-folders of an image folder (folder:<path>); "
                         f"{shown(name)} has its own splits")
-    if key in ("fmnist", "fashion-mnist", "fashion_mnist"):
-        found = fmnist_files(data_dir)
-        if found is None and not download:
-            _fmnist(data_dir, True, False)  # raises the not-found error
-        if found is not None and not (_cache_dir() / "fashion-mnist" / _source_key(found)).is_dir():
-            from .writing import check_writable_parent
-
-            check_writable_parent(_cache_dir(), "the data cache ($LCNN_ZOO_CACHE)")
-        return DataInfo(10, list(FashionMNIST.classes), 1, (28, 28))
-    if key in ("cifar10", "cifar100"):
-        n = 10 if key == "cifar10" else 100
-        dest = Path(data_dir) if data_dir else _cache_dir() / key
-        base = CIFAR10 if key == "cifar10" else CIFAR100
-        if not download and not (dest / _CIFAR_BINARY[key]["folder"]).is_dir() and not (dest / base.base_folder).is_dir():
-            raise DataNotFoundError(f"{key.upper()} not found in {shown(Path(dest))}: add --download to fetch it with "
-                                    f"torchvision, or pass --data-dir pointing at the folder that contains "
-                                    f"'{base.base_folder}' or '{_CIFAR_BINARY[key]['folder']}'")
-        return DataInfo(n, None, 3, (32, 32))
-    if key.startswith("folder:"):
-        root = name.split(":", 1)[1]
-        classes = folder_classes(root, splits[0])
-        if splits[1] is not None:
-            _split_dir(Path(root), splits[1])
-        return DataInfo(len(classes), classes)
-
-    if key.startswith("hf:"):
-        return DataInfo(None)
-    raise UserError(f"unknown dataset {shown(name)}; choose one of {', '.join(DATASETS)}")
+    info = source.describe(arg, data_dir=data_dir, download=download, splits=splits)
+    info.name, info.source = name, source
+    return info
 
 
 def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, download: bool = False,
                   image_size: Optional[Tuple[int, int]] = None, channels: Optional[int] = None,
                   classes: Optional[List[str]] = None, eval_on_train: bool = False,
                   split: Optional[str] = None) -> Dataset:
-    """Return the ``train`` or test split of ``name``.
+    """Return the ``train`` or test split of ``name`` (:meth:`DataSource.build` of its :data:`SOURCES` entry).
 
     Args:
         name: "cifar10", "cifar100", "fmnist", "folder:<path>" (ImageFolder layout) or "hf:<dataset name>".
@@ -542,17 +762,13 @@ def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, dow
         eval_on_train: a folder without val/ or test/ evaluates on its training images (else: an error).
         split: a folder's sub-folder for this split (timm's --train-split/--val-split; default: train/,
             and val/ or test/).
+
+    Returns:
+        A dataset of ``(image, label)``, ``image`` a float (C, H, W) tensor in [0, 1].
     """
-    key = name.lower()
-    if key in _IN_MEMORY:
-        _check_data_dir(key, data_dir)
-        ds = _cifar(key, data_dir, train, download) if key.startswith("cifar") else _fmnist(data_dir, train, download)
-        return ds.to_size(channels, image_size)
-    if key.startswith("folder:"):
-        return _folder(name.split(":", 1)[1], train, image_size, channels, classes, eval_on_train, split)
-    if key.startswith("hf:"):
-        return _hf(name.split(":", 1)[1], train, image_size, channels or 3)
-    raise UserError(f"unknown dataset {shown(name)}; choose one of {', '.join(DATASETS)}")
+    source, arg = _entry(name)
+    return source.build(arg, train=train, data_dir=data_dir, download=download, image_size=image_size,
+                        channels=channels, classes=classes, eval_on_train=eval_on_train, split=split)
 
 
 class _Subset(Subset):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-__all__ = ["ALIASES", "NO_OPS", "REFUSED", "TORCH_DATASETS"]
+__all__ = ["ALIASES", "NO_OPS", "REFUSED"]
 
 #: train.py's name → this option (same meaning)
 ALIASES: Dict[str, str] = {
@@ -137,7 +137,3 @@ REFUSED: Dict[str, str] = {
     "--kd-teacher-feature-dim": _KD,
     "--kd-token-distill-type": _KD,
 }
-
-#: timm's ``--dataset torch/<name>`` → lcnn-zoo's dataset name
-TORCH_DATASETS: Dict[str, str] = {"torch/cifar10": "cifar10", "torch/cifar100": "cifar100",
-                                  "torch/fashion_mnist": "fmnist"}

@@ -240,3 +240,86 @@ def test_subsets_work_for_every_dataset_kind(tmp_path):
     data = _datasets(train_config(["--dataset", f"folder:{tmp_path / 'f'}", "--train-subset", "7",
                                    "--test-subset", "2", "--input-size", "1", "8", "8"]))
     assert (len(data.train), len(data.test), data.num_classes, data.classes) == (7, 2, 2, ["a", "b"])
+
+
+def test_every_table_entry_has_both_halves_and_names_every_list_of_datasets():
+    """Issue 33, item 4: one table of datasets. Each entry describes and builds its own dataset (a half
+    left to the base class would raise NotImplementedError), and every list of dataset names (DATASETS,
+    timm's torch/ names, the --dataset help of train and eval) is the table's."""
+    import dataclasses
+
+    from lcnn_zoo.commands.cli import build_parser
+    from lcnn_zoo.commands.config import TrainConfig
+    from lcnn_zoo.commands.data import DATASETS, SOURCES, TORCH_DATASETS, DataSource, dataset_source
+    from lcnn_zoo.commands.options import train_config
+
+    assert DATASETS == tuple(SOURCES) == tuple(s.name for s in SOURCES.values())
+    assert {"cifar10", "cifar100", "fmnist", "folder:<path>", "hf:<name>"} == set(DATASETS)
+    for name, source in SOURCES.items():
+        for half in ("describe", "build"):
+            assert getattr(type(source), half) is not getattr(DataSource, half), (name, half)
+        typed = name.replace("<path>", "/some/folder").replace("<name>", "owner/data")
+        assert dataset_source(typed) is source and dataset_source(typed.upper()) is source
+        assert all(dataset_source(alias) is source for alias in source.aliases)
+    assert TORCH_DATASETS and all(name in SOURCES for name in TORCH_DATASETS.values())
+    for timm_name, name in TORCH_DATASETS.items():
+        assert train_config(["--dataset", timm_name]).dataset == name
+    listed = " | ".join(DATASETS)
+    assert next(f for f in dataclasses.fields(TrainConfig) if f.name == "dataset").metadata["help"] == listed
+    eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
+    assert next(a for a in eval_parser._actions if a.dest == "dataset").help == listed
+    with pytest.raises(UserError, match="unknown dataset 'imagenet'; choose one of " + ", ".join(DATASETS)):
+        dataset_source("imagenet")
+
+
+def _describe_agrees_with_build(name, data_dir=None, **options):
+    """What describe_dataset says of ``name`` against both splits that its DataInfo builds (and
+    build_dataset builds: the same entry); returns the DataInfo."""
+    from lcnn_zoo.commands.data import TensorImageDataset, describe_dataset, num_classes_of
+
+    info = describe_dataset(name, data_dir=data_dir)
+    splits = [info.build(train=train, data_dir=data_dir, **options) for train in (True, False)]
+    for train, ds in zip((True, False), splits):
+        assert type(ds) is type(build_dataset(name, train=train, data_dir=data_dir, **options))
+        assert num_classes_of(ds) == info.num_classes
+        if info.classes is not None:
+            assert list(ds.classes) == info.classes
+        x, y = ds[len(ds) - 1]
+        assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+        assert 0 <= y < info.num_classes
+        if info.channels is not None:
+            assert x.shape[0] == info.channels
+        if info.size is not None:
+            assert tuple(x.shape[1:]) == tuple(info.size)
+        assert isinstance(ds, TensorImageDataset) == info.in_memory
+        if info.in_memory:
+            assert int(ds.labels.max()) < info.num_classes
+    if info.images is not None:
+        assert (len(splits[0]), len(splits[1])) == tuple(info.images)
+    return info
+
+
+@needs_fmnist
+def test_what_fashion_mnist_is_described_as_is_what_it_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCNN_ZOO_CACHE", str(tmp_path / "cache"))
+    info = _describe_agrees_with_build("fmnist")
+    assert (info.num_classes, info.channels, info.size, info.images) == (10, 1, (28, 28), (60000, 10000))
+    _write_idx(tmp_path / "small", 40, 0)  # counts come from the idx headers, not the official sizes
+    assert _describe_agrees_with_build("fmnist", data_dir=str(tmp_path / "small")).images == (40, 20)
+
+
+def test_what_a_cifar_stand_in_is_described_as_is_what_it_loads(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from examples.cifar_standin import write
+
+    write(tmp_path, 37, 11)
+    for name, n in (("cifar10", 10), ("cifar100", 100)):
+        info = _describe_agrees_with_build(name, data_dir=str(tmp_path))
+        assert (info.num_classes, info.channels, info.size, info.images) == (n, 3, (32, 32), (37, 11))
+        assert info.classes == [f"class{i}" for i in range(n)]
+
+
+def test_what_an_image_folder_is_described_as_is_what_it_loads(tmp_path):
+    _image_folder(tmp_path / "d", {"train": ["cat", "dog", "emu"], "val": ["dog", "emu"]})
+    info = _describe_agrees_with_build(f"folder:{tmp_path / 'd'}", channels=1)
+    assert (info.classes, info.channels, info.in_memory) == (["cat", "dog", "emu"], None, False)
