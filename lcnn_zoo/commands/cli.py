@@ -105,7 +105,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
         preflight = importlib.import_module("lcnn_zoo.commands.preflight")
         preflight.output_folder(args.output)  # a new folder that can be written: checked before any measuring
         device = preflight.check_device(args.device)
-        preflight.check_eval_memory(args.dataset, args.input_size, cfg.batch_size, device)  # before any model or data
+        preflight.check_eval_memory(args.dataset, args.input_size, cfg.batch_size, device, data_dir=args.data_dir,
+                                    download=args.download)  # before any model or data
         import torch
 
         if args.threads:

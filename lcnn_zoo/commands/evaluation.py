@@ -28,7 +28,7 @@ from ..robustness import pgd_accuracy
 from ..weight_checks import WeightsError, check_outputs, check_weights, load_mismatch, state_mismatch
 from .checkpoint import RunFolder, RunState, atomic_write, load_state_dict, write_json, write_text
 from .config import EvalConfig
-from .data import build_dataset, num_classes_of
+from .data import DataInfo, build_dataset, describe_dataset, num_classes_of
 from .factory import create_model, input_size_of, split_spec, state_dict_shapes
 from .preflight import check_dataset_memory
 from .writing import non_finite
@@ -315,10 +315,12 @@ def run_eval(specs: Sequence[str], dataset: str, *, data_dir: Optional[str] = No
                          allow_unfinished=allow_unfinished) for spec in specs]
     models = list(zip(_unique_names(specs, [n for n, _ in loaded]), [m for _, m in loaded]))
     datasets: Dict[Tuple[int, ...], Tuple[Any, Any]] = {}
+    info: Optional[DataInfo] = None
     for spec, (name, model) in zip(specs, models):
         size = input_size_of(model) or ()
         if size not in datasets:
-            check_dataset_memory(dataset, size)  # (the size read from the weights): before the data is resized
+            info = info or describe_dataset(dataset, data_dir=data_dir, download=download)
+            check_dataset_memory(info, size)  # (the size read from the weights): before the data is resized
             kw: Dict[str, Any] = dict(image_size=tuple(size[1:]), channels=size[0]) if size else {}
             test_ds = build_dataset(dataset, train=False, data_dir=data_dir, download=download, **kw)
             train_ds = build_dataset(dataset, train=True, data_dir=data_dir, download=download,

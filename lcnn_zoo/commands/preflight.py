@@ -131,11 +131,14 @@ def _gib(n: float) -> str:
     raise AssertionError
 
 
-def check_memory(cfg: TrainConfig, size: Optional[Tuple[int, ...]], device: torch.device) -> None:
+def check_memory(cfg: TrainConfig, size: Optional[Tuple[int, ...]], device: torch.device,
+                 data: Optional[DataInfo] = None) -> None:
     """Refuse an input size that cannot fit: one batch of float32 images on ``device`` (training's
-    ``--batch-size`` and the evaluation's batch) must fit in its memory. A lower bound, so nothing that
-    could run is refused: the model's activations come on top. Without it a size like 1×100000×100000
-    passes every other check, the data is read and resized, and the run fails allocating petabytes."""
+    ``--batch-size`` and the evaluation's batch) must fit in its memory, and, given the dataset's
+    :class:`~lcnn_zoo.commands.data.DataInfo`, so must its resize (:func:`check_dataset_memory`). A lower
+    bound, so nothing that could run is refused: the model's activations come on top. Without it a size
+    like 1×100000×100000 passes every other check, the data is read and resized, and the run fails
+    allocating petabytes."""
     if not size:
         return
     have, where = _memory_of(device)
@@ -144,7 +147,8 @@ def check_memory(cfg: TrainConfig, size: Optional[Tuple[int, ...]], device: torc
     eval_batch = cfg.validation_batch_size or max(cfg.batch_size, 256)  # (as training._loader is given)
     for batch, option in ((cfg.batch_size, "--batch-size"), (eval_batch, "--validation-batch-size")):
         _check_batch(size, batch, option, have, where)
-    check_dataset_memory(cfg.dataset, size)
+    if data is not None:
+        check_dataset_memory(data, size)
 
 
 def _check_batch(size: Sequence[int], batch: int, option: str, have: int, where: str) -> None:
@@ -155,45 +159,40 @@ def _check_batch(size: Sequence[int], batch: int, option: str, have: int, where:
                         f"{_gib(have)}: choose a smaller --input-size or {option}")
 
 
-# The datasets build_dataset holds in memory: (C, H, W) as stored, training and test images.
-_IN_MEMORY_SPLITS = {"fmnist": ((1, 28, 28), 60000, 10000), "fashion-mnist": ((1, 28, 28), 60000, 10000),
-                     "fashion_mnist": ((1, 28, 28), 60000, 10000), "cifar10": ((3, 32, 32), 50000, 10000),
-                     "cifar100": ((3, 32, 32), 50000, 10000)}
-
-
-def check_dataset_memory(dataset: str, size: Optional[Sequence[int]]) -> None:
-    """Refuse an input size at which an in-memory dataset (Fashion-MNIST, CIFAR) cannot be resized:
-    :func:`~lcnn_zoo.commands.data.build_dataset` resizes each split whole, and torchvision's resize of uint8
-    images computes in float32, before ``--train-subset``/``--test-subset`` pick from it (training and
-    eval build both splits). Counted: the float32 resize of the larger split, a lower bound. Without
-    it ``--input-size 1 3000 3000`` passed the one-batch check (2.3 GB) and failed allocating 2 TB
-    after the data was read. Image folders and Hub datasets are resized image by image: not counted."""
-    entry = _IN_MEMORY_SPLITS.get(dataset.lower())
-    if not size or entry is None:
+def check_dataset_memory(data: DataInfo, size: Optional[Sequence[int]]) -> None:
+    """Refuse an input size at which an in-memory dataset (Fashion-MNIST, CIFAR: ``data.in_memory``)
+    cannot be resized: :func:`~lcnn_zoo.commands.data.build_dataset` resizes each split whole, and
+    torchvision's resize of uint8 images computes in float32, before ``--train-subset``/``--test-subset``
+    pick from it (training and eval build both splits). Counted: the float32 resize of the larger split
+    (``data.images``), a lower bound. Without it ``--input-size 1 3000 3000`` passed the one-batch check
+    (2.3 GB) and failed allocating 2 TB after the data was read. Image folders and Hub datasets are
+    resized image by image: not counted."""
+    if not size or not data.in_memory or data.images is None:
         return
-    stored, n_train, n_test = entry
-    if tuple(size[1:]) == stored[1:]:
+    if data.size is not None and tuple(size[1:]) == tuple(data.size):
         return  # not resized: kept as stored (uint8)
     have, where = _memory_of(torch.device("cpu"))
     if have is None:
         return
-    n = max(n_train, n_test)
+    n = max(data.images)
     need = n * math.prod(size) * 4
     if need > have:
-        raise UserError(f"--input-size {' '.join(map(str, size))}: {dataset} is resized in memory, a whole split at "
+        raise UserError(f"--input-size {' '.join(map(str, size))}: {data.name} is resized in memory, a whole split at "
                         f"once: its {n} training images need at least {_gib(need)} in float32 and {where} has "
                         f"{_gib(have)} (--train-subset is taken after the resize): choose a smaller --input-size")
 
 
-def check_eval_memory(dataset: str, size: Optional[Sequence[int]], batch_size: int, device: torch.device) -> None:
+def check_eval_memory(dataset: str, size: Optional[Sequence[int]], batch_size: int, device: torch.device, *,
+                      data_dir: Optional[str] = None, download: bool = False) -> None:
     """:func:`check_memory` for ``lcnn-zoo eval``: one batch (``--batch-size``) on ``device`` and the
-    resized in-memory dataset (:func:`check_dataset_memory`), before any model or data is loaded."""
+    resized in-memory dataset (:func:`check_dataset_memory`, from the dataset's metadata), before any
+    model or data is loaded."""
     if not size:
         return
     have, where = _memory_of(device)
     if have is not None:
         _check_batch(size, batch_size, "--batch-size", have, where)
-    check_dataset_memory(dataset, size)
+    check_dataset_memory(describe_dataset(dataset, data_dir=data_dir, download=download), size)
 
 
 def check_device(name: Optional[str]) -> torch.device:
@@ -396,7 +395,7 @@ def train_plan(cfg: TrainConfig) -> TrainPlan:
     _check_data(cfg, info)
     size = tuple(cfg.input_size) if cfg.input_size else (
         (info.channels, *info.size) if info.channels and info.size else None)
-    check_memory(cfg, size, device)
+    check_memory(cfg, size, device, info)
     check_model_options(cfg.model, cfg.num_classes or info.num_classes, size, cfg.model_kwargs)
     initial_state = initial_checkpoint_state(cfg)
     folder, new, source, ckpt = _resume_point(cfg, info)

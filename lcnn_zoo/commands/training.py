@@ -55,7 +55,7 @@ from ..penalty import param_groups
 from ..weight_checks import check_weights
 from .checkpoint import CheckpointError, RunFolder, rng_state, set_rng_state
 from .config import TrainConfig
-from .data import BatchAugment, build_dataset, num_classes_of, subset
+from .data import BatchAugment, DataInfo, describe_dataset, num_classes_of, subset
 from .factory import create_model, is_lcnn, load_initial
 from .preflight import DistEnv, TrainPlan, train_plan
 from .steps import Regulariser, make_regulariser
@@ -369,14 +369,19 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int, rank: int, world: int
                       pin_memory=pin_memory)
 
 
-def _datasets(cfg: TrainConfig) -> TrainData:
+def _datasets(cfg: TrainConfig, info: Optional[DataInfo] = None) -> TrainData:
+    """Both splits, loaded from the dataset's table entry: ``info``, the preflight's
+    :class:`~lcnn_zoo.commands.data.DataInfo` (described here when not given)."""
+    if info is None:
+        info = describe_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                                splits=(cfg.train_split, cfg.val_split))
     size = tuple(cfg.input_size) if cfg.input_size else None
     img = (cfg.img_size, cfg.img_size) if cfg.img_size is not None else None  # folders: parts of --input-size
     kw: Dict[str, Any] = dict(data_dir=cfg.data_dir, download=cfg.download, image_size=size[1:] if size else img,
                               channels=size[0] if size else cfg.in_chans)
-    train_ds = build_dataset(cfg.dataset, train=True, split=cfg.train_split, **kw)
-    test_ds = build_dataset(cfg.dataset, train=False, classes=getattr(train_ds, "classes", None),
-                            eval_on_train=cfg.eval_on_train, split=cfg.val_split, **kw)
+    train_ds = info.build(train=True, split=cfg.train_split, **kw)
+    test_ds = info.build(train=False, classes=getattr(train_ds, "classes", None), eval_on_train=cfg.eval_on_train,
+                         split=cfg.val_split, **kw)
     for name, n, ds in (("--train-subset", cfg.train_subset, train_ds), ("--test-subset", cfg.test_subset, test_ds)):
         if n > len(cast(Sized, ds)):
             raise UserError(f"{name} {n} is larger than the dataset ({len(cast(Sized, ds))} images)")
@@ -643,7 +648,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     _check_runtime(cfg, plan.device, plan.dist.world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    data = _datasets(cfg)  # user errors surface before any training
+    data = _datasets(cfg, plan.data)  # user errors surface before any training
     n_train = len(cast(Sized, data.train))
     if n_train < cfg.batch_size * plan.dist.world:
         raise UserError(f"the training set ({n_train} images) is smaller than one batch of {cfg.batch_size} "

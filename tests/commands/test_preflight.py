@@ -268,3 +268,39 @@ def test_the_lcnn_penalty_is_never_applied_twice(tmp_path, capsys, no_data_read,
     for once in ([], ["--reg", without_loss_penalty, "--model-kwargs", "lcnn_penalty=1e-3"],
                  ["--model-kwargs", "lcnn_penalty=False"]):
         train_plan(train_config(argv[1:] + once))  # the preflight passes
+
+
+def test_the_preflight_describes_the_dataset_once_and_training_builds_from_its_entry(tmp_path, monkeypatch):
+    """Issue 33, item 4: train_plan describes the dataset once (what it learnt goes on in the plan), and
+    training loads both splits through that DataInfo's table entry, not by looking the name up again."""
+    import sys
+
+    from lcnn_zoo.commands import data, preflight
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from examples.cifar_standin import write
+
+    write(tmp_path / "data", 37, 11)
+    described, built, seen = [], [], []
+    describe, build = preflight.describe_dataset, data._Cifar.build
+
+    def again(*a, **k):
+        raise AssertionError("the dataset was looked up by name again")
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg, loaded, *a, **k):
+        seen.append(loaded)
+        raise Stop
+
+    monkeypatch.setattr(preflight, "describe_dataset", lambda *a, **k: described.append(a[0]) or describe(*a, **k))
+    monkeypatch.setattr(training, "describe_dataset", again)
+    monkeypatch.setattr(data, "build_dataset", again)
+    monkeypatch.setattr(data._Cifar, "build", lambda self, arg, **k: built.append(k["train"]) or build(self, arg, **k))
+    monkeypatch.setattr(training, "build_run", stop)
+    with pytest.raises(Stop):
+        train(train_config(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "lcnn_resnet20",
+                            "--epochs", "1", "--batch-size", "8", "--no-progress", "--output", str(tmp_path / "runs")]))
+    assert described == ["cifar10"] and built == [True, False]
+    assert (len(seen[0].train), len(seen[0].test), seen[0].classes) == (37, 11, [f"class{i}" for i in range(10)])

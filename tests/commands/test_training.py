@@ -437,7 +437,8 @@ def test_the_resume_hint_after_an_interrupt_can_be_pasted_whatever_the_path_hold
     from lcnn_zoo.commands.data import TensorImageDataset
 
     images = TensorImageDataset(torch.zeros(64, 1, 28, 28), torch.arange(64) % 10)
-    monkeypatch.setattr(training, "_datasets", lambda cfg: training.TrainData(images, images, (1, 28, 28), 10, []))
+    monkeypatch.setattr(training, "_datasets",
+                        lambda cfg, info=None: training.TrainData(images, images, (1, 28, 28), 10, []))
     monkeypatch.setattr(training, "build_run", lambda *a, **k: SimpleNamespace(is_main=True))
 
     def interrupted(run, plan, folder):
