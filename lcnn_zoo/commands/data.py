@@ -479,33 +479,41 @@ def _require_datasets(name: str) -> None:
         raise DataNotFoundError(f"hf:{name} needs the 'datasets' package: pip install datasets") from e
 
 
+#: the columns an ``hf:`` dataset's images and labels are read from: the first of each that it has
+_HF_IMAGE_COLUMNS = ("image", "img")
+_HF_LABEL_COLUMNS = ("label", "labels", "fine_label")
+
+
 def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels: int) -> Dataset:
+    """A Hugging Face dataset's ``train`` or ``test`` split, read by timm (``create_dataset("hfds/<name>")``,
+    no remote code): images converted to grey (``L``) for one channel, else RGB, resized to ``image_size``
+    and made [0, 1] tensors; ``classes`` are its label feature's names (when it has them). The columns
+    are the first of :data:`_HF_IMAGE_COLUMNS` and of :data:`_HF_LABEL_COLUMNS` it has: timm reads the
+    columns it is given, so the split is opened once first to see them (timm's open reuses its cache)."""
     _require_datasets(name)
     import datasets as hfds
+    from timm.data import create_dataset
 
     split = "train" if train else "test"
     try:
-        ds = hfds.load_dataset(name, split=split)
+        columns = hfds.load_dataset(name, split=split).column_names
     except Exception as e:  # noqa: BLE001 - datasets raises many types
         raise DataNotFoundError(f"could not load Hugging Face dataset '{name}' split '{split}': {e}") from e
-    image_key = next((k for k in ("image", "img") if k in ds.column_names), None)
-    label_key = next((k for k in ("label", "labels", "fine_label") if k in ds.column_names), None)
+    image_key = next((k for k in _HF_IMAGE_COLUMNS if k in columns), None)
+    label_key = next((k for k in _HF_LABEL_COLUMNS if k in columns), None)
     if image_key is None or label_key is None:
-        raise UserError(f"hf:{name}: no image/label columns in {ds.column_names}")
-    steps = [transforms.Grayscale(1)] if channels == 1 else [transforms.Lambda(lambda im: im.convert("RGB"))]
-    if image_size is not None:
-        steps.append(transforms.Resize(tuple(image_size)))
-    tf = transforms.Compose(steps + [transforms.ToTensor()])
-
-    class _Wrapped(Dataset):
-        def __len__(self) -> int:
-            return len(ds)
-
-        def __getitem__(self, i: int):
-            row = ds[int(i)]
-            return tf(row[image_key]), int(row[label_key])
-
-    return _Wrapped()
+        raise UserError(f"hf:{name}: no image/label columns in {columns}")
+    resize = [transforms.Resize(tuple(image_size))] if image_size is not None else []
+    try:
+        ds = create_dataset(f"hfds/{name}", split=split, input_img_mode="L" if channels == 1 else "RGB",
+                            transform=transforms.Compose(resize + [transforms.ToTensor()]),
+                            input_key=image_key, target_key=label_key)
+    except Exception as e:  # noqa: BLE001 - as above
+        raise DataNotFoundError(f"could not load Hugging Face dataset '{name}' split '{split}': {e}") from e
+    index = ds.reader.class_to_idx  # {name: label} of a ClassLabel column, {} for plain integers
+    if index:
+        ds.classes = sorted(index, key=index.__getitem__)
+    return ds
 
 
 @dataclass

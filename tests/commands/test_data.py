@@ -323,3 +323,68 @@ def test_what_an_image_folder_is_described_as_is_what_it_loads(tmp_path):
     _image_folder(tmp_path / "d", {"train": ["cat", "dog", "emu"], "val": ["dog", "emu"]})
     info = _describe_agrees_with_build(f"folder:{tmp_path / 'd'}", channels=1)
     assert (info.classes, info.channels, info.in_memory) == (["cat", "dog", "emu"], None, False)
+
+
+def test_hf_without_the_datasets_package_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """``datasets`` is optional: without it an hf: dataset fails in one line saying how to get it, in the
+    preflight (describe), before a run folder is made."""
+    from lcnn_zoo.commands.data import DataNotFoundError, describe_dataset
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets → ImportError
+    for call in (lambda: describe_dataset("hf:owner/data"), lambda: build_dataset("hf:owner/data", train=True)):
+        with pytest.raises(DataNotFoundError, match="hf:owner/data needs the 'datasets' package: pip install datasets"):
+            call()
+    fails_with(capsys, ["train", "--dataset", "hf:owner/data", "--epochs", "1", "--output", str(tmp_path / "runs")],
+               "pip install datasets")
+    assert not (tmp_path / "runs").exists()
+
+
+def _hf_dataset(root: Path, image="image", label="label", sizes=(("train", 9), ("test", 6))):
+    """A local Hugging Face dataset (parquet files, one per split) of small RGB and grey images."""
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({image: datasets.Image(), label: datasets.ClassLabel(names=["cat", "dog", "eel"])})
+    rng = np.random.default_rng(0)
+    for split, n in sizes:
+        images = [Image.fromarray(rng.integers(0, 256, (10, 12, 3) if i % 2 else (10, 12), dtype=np.uint8))
+                  for i in range(n)]
+        rows = {image: images, label: [i % 3 for i in range(n)]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(root / "data" / f"{split}-0.parquet"))
+    return root
+
+
+def test_an_hf_dataset_is_read_by_timm_offline(tmp_path):
+    """Issue 33, item 7c: hf: datasets are read by timm's hfds reader (create_dataset("hfds/…")), offline
+    from a local dataset: the image and label columns found (CIFAR-100's img/fine_label too), images as
+    [0, 1] tensors at the channels and size asked for, the labels, and the class names of its label
+    feature (so --num-classes is not needed)."""
+    from timm.data import ImageDataset
+
+    from lcnn_zoo.commands.options import train_config
+    from lcnn_zoo.commands.training import _datasets
+
+    for image, label in (("image", "label"), ("img", "fine_label")):
+        root = _hf_dataset(tmp_path / image, image, label)
+        for train, n in ((True, 9), (False, 6)):
+            ds = build_dataset(f"hf:{root}", train=train, channels=1, image_size=(8, 8))
+            assert isinstance(ds, ImageDataset) and len(ds) == n and ds.classes == ["cat", "dog", "eel"]
+            samples = [ds[i] for i in range(n)]
+            assert [y for _, y in samples] == [i % 3 for i in range(n)]
+            assert all(x.shape == (1, 8, 8) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+                       for x, _ in samples)
+        x, _ = build_dataset(f"hf:{root}", train=False)[0]  # a grey image, as RGB at its own size
+        assert x.shape == (3, 10, 12) and torch.equal(x[0], x[2])
+    data = _datasets(train_config(["--dataset", f"hf:{root}", "--input-size", "3", "16", "16"]))
+    assert (len(data.train), len(data.test), data.num_classes, data.classes) == (9, 6, 3, ["cat", "dog", "eel"])
+
+
+def test_an_hf_dataset_that_cannot_be_read_is_one_line(tmp_path):
+    from lcnn_zoo.commands.data import DataNotFoundError
+
+    root = _hf_dataset(tmp_path / "d", "pixels", "y")
+    with pytest.raises(UserError, match=r"no image/label columns in \['pixels', 'y'\]"):
+        build_dataset(f"hf:{root}", train=True)
+    with pytest.raises(DataNotFoundError, match="could not load Hugging Face dataset 'nobody/nothing' split 'test'"):
+        build_dataset("hf:nobody/nothing", train=False)  # offline (tests/conftest.py), not in the cache
+    _hf_dataset(tmp_path / "notest", sizes=(("train", 3),))
+    with pytest.raises(DataNotFoundError, match="split 'test'"):
+        build_dataset(f"hf:{tmp_path / 'notest'}", train=False)
