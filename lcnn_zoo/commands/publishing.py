@@ -44,7 +44,7 @@ from .checkpoint import (
     read_json,
     write_json,
 )
-from .data import build_dataset
+from .data import SOURCES, build_dataset
 from .evaluation import first_samples
 from .factory import create_model, input_size_of, split_spec, state_dict_shapes
 from .writing import Transaction, check_name, check_writable_parent, file_lock, non_finite, not_regular
@@ -244,9 +244,9 @@ _METRIC_LABELS = {
     "hessian_norm_mean": "E‖∇²ₓℓ‖₂",
     "curvature_mean": "E normalised curvature C(x)",
 }
-_DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "fmnist": "Fashion-MNIST"}
+_DATASET_NAMES = {name: s.title for name, s in SOURCES.items() if s.title}
 # The Hub's own dataset repos, for the card's YAML `datasets:` (the Hub links the model to them).
-_HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar100": "uoft-cs/cifar100", "fmnist": "zalando-datasets/fashion_mnist"}
+_HUB_DATASETS = {name: s.hub_id for name, s in SOURCES.items() if s.hub_id}
 LOCAL_DATASET = "an image folder"  # what a card says of data that lives on the uploader's machine
 LOCAL_PATH = "<local path>"  # what a card shows instead of a path on the uploader's machine
 # A recipe's options whose values are paths on the uploader's machine (TrainConfig's).

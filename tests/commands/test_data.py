@@ -245,7 +245,7 @@ def test_subsets_work_for_every_dataset_kind(tmp_path):
 def test_every_table_entry_has_both_halves_and_names_every_list_of_datasets():
     """Issue 33, item 4: one table of datasets. Each entry describes and builds its own dataset (a half
     left to the base class would raise NotImplementedError), and every list of dataset names (DATASETS,
-    timm's torch/ names, the --dataset help of train and eval) is the table's."""
+    timm's torch/ names, the --dataset help of train and eval, a model card's Hub datasets) is the table's."""
     import dataclasses
 
     from lcnn_zoo.commands.cli import build_parser
@@ -270,6 +270,11 @@ def test_every_table_entry_has_both_halves_and_names_every_list_of_datasets():
     assert next(a for a in eval_parser._actions if a.dest == "dataset").help == listed
     with pytest.raises(UserError, match="unknown dataset 'imagenet'; choose one of " + ", ".join(DATASETS)):
         dataset_source("imagenet")
+    from lcnn_zoo.commands.publishing import card_dataset  # a model card names the Hub's copy of each
+
+    assert [card_dataset(name) for name, s in SOURCES.items() if s.hub_id] == [
+        ("uoft-cs/cifar10", "CIFAR-10"), ("uoft-cs/cifar100", "CIFAR-100"),
+        ("zalando-datasets/fashion_mnist", "Fashion-MNIST")]
 
 
 def _describe_agrees_with_build(name, data_dir=None, **options):
