@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("push", help="write (and optionally upload or ship) a Hub repo folder for trained weights",
                        formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help=".safetensors state dict, a training checkpoint (.pth) or a run folder")
-    p.add_argument("--model", required=True, help="'<architecture>.<tag>', a new tag name allowed (e.g. lcnn_resnet20.fm3)")
+    p.add_argument("--model", required=True,
+                   help="'<architecture>.<tag>', a new tag name allowed (e.g. lcnn_resnet20.fm3)")
     p.add_argument("--output-dir", help="folder to write (default: hub/<model>.<tag>); must be new, empty or a "
                                         "previous push of the same model")
     p.add_argument("--overwrite", action="store_true", help="replace the three repo files in a non-empty "

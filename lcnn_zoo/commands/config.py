@@ -23,9 +23,9 @@ __all__ = ["TrainConfig", "EvalConfig", "REGS", "SCHEDULERS", "RESUME_MAY_CHANGE
 REGS = ("none", "lcnn", "gradreg", "lcnn_gradreg")
 SCHEDULERS = ("multistep", "cosine", "step", "poly", "tanh", "none")
 #: options a resumed run may change; every other one must match the checkpoint's recipe
-RESUME_MAY_CHANGE = frozenset({"epochs", "eval_every", "no_progress", "log_interval", "threads", "workers", "resume", "device",
-                               "output", "experiment", "data_dir", "download", "dist_timeout", "compile", "config",
-                               "if_exists", "pin_mem", "validation_batch_size", "torchcompile_mode",
+RESUME_MAY_CHANGE = frozenset({"epochs", "eval_every", "no_progress", "log_interval", "threads", "workers", "resume",
+                               "device", "output", "experiment", "data_dir", "download", "dist_timeout", "compile",
+                               "config", "if_exists", "pin_mem", "validation_batch_size", "torchcompile_mode",
                                "grad_checkpointing"})
 #: the largest --seed: training seeds NumPy too, whose np.random.seed takes 32 bits (torch takes 64)
 SEED_MAX = 2**32 - 1
@@ -238,7 +238,8 @@ class TrainConfig:
                                  "terminal, a line otherwise); read from the device only then", "runtime", "int",
                              minimum=1)
     eval_every: int = _opt(1, "evaluate every N epochs (and the last); 0: never (no test accuracy, no "
-                               "model_best; for runs measured afterwards by `lcnn-zoo eval`)", "runtime", "int", minimum=0)
+                               "model_best; for runs measured afterwards by `lcnn-zoo eval`)", "runtime", "int",
+                           minimum=0)
     dist_timeout: float = _opt(600.0, "DDP: seconds a collective waits for the other processes before the run "
                                       "fails", "runtime", "float", minimum=1.0)
 
@@ -274,7 +275,8 @@ class TrainConfig:
         if self.resume not in ("", "auto") and not Path(self.resume).is_file():
             kind = not_regular(self.resume)
             if kind is not None:
-                raise UserError(f"--resume {shown(Path(self.resume))} is not a regular file ({kind}): pass a run's last.pth")
+                raise UserError(f"--resume {shown(Path(self.resume))} is not a regular file ({kind}): pass a run's "
+                                f"last.pth")
             raise UserError(f"--resume {shown(self.resume)}: no such checkpoint (use 'auto' for <run>/last.pth)")
         if self.initial_checkpoint and not Path(self.initial_checkpoint).exists():
             raise UserError(f"--initial-checkpoint {shown(self.initial_checkpoint)}: no such file or folder")

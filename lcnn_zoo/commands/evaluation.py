@@ -239,14 +239,16 @@ def markdown_report(results: Dict[str, Dict[str, Any]], command: str = "") -> st
     if command:
         lines += [f"Command: `{command}`", ""]
     any_r = results[names[0]]
-    lines += [f"Table 1 — geometry on {any_r['geometry_samples']} test images, accuracy on {any_r['test_samples']}:", "",
+    lines += [f"Table 1 — geometry on {any_r['geometry_samples']} test images, accuracy on "
+              f"{any_r['test_samples']}:", "",
               "| model | E‖∇ₓℓ‖₂ | E‖∇²ₓℓ‖₂ | E C(x) | accuracy (%) |", "|---|---|---|---|---|"]
     for n in names:
         r = results[n]
         lines.append(f"| {n} | {_pm(r, 'grad_norm')} | {_pm(r, 'hessian_norm')} | {_pm(r, 'curvature')} | "
                      f"{r['accuracy']:.2f} |")
     eps = list(any_r["pgd_l2"])
-    lines += ["", f"Table 2 — accuracy (%) under ℓ2-PGD ({any_r['pgd_steps']} steps, {any_r['pgd_samples']} test images):",
+    lines += ["", f"Table 2 — accuracy (%) under ℓ2-PGD ({any_r['pgd_steps']} steps, {any_r['pgd_samples']} test "
+                  f"images):",
               "", "| model | " + " | ".join(f"ε={e}" for e in eps) + " |", "|---" * (len(eps) + 1) + "|"]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(f"{results[n]['pgd_l2'][e]:.2f}" for e in eps) + " |")

@@ -365,8 +365,8 @@ def _check_resumable(cfg: TrainConfig, info: DataInfo, source: Path, ckpt: Dict[
                         f"(now {len(info.classes)}, then {len(classes)}; new: {shown(added, 60)})")
     n_then = ckpt.get("num_classes")
     if info.num_classes is not None and n_then is not None and int(n_then) < info.num_classes:
-        raise UserError(f"cannot resume {shown(Path(source))}: it has {n_then} classes and {shown(cfg.dataset)} now has "
-                        f"{info.num_classes}")
+        raise UserError(f"cannot resume {shown(Path(source))}: it has {n_then} classes and {shown(cfg.dataset)} now "
+                        f"has {info.num_classes}")
 
 
 def initial_checkpoint_state(cfg: TrainConfig) -> Optional[RunState]:

@@ -77,7 +77,8 @@ def check_output_dir(out: Path, architecture: str, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         foreign = sorted(p.name for p in out.iterdir() if p.name not in PUSH_FILES)
         if foreign or not _previous_push_of(out, architecture):
-            raise UserError(f"--output-dir {shown(Path(out))} is not empty and is not a previous push of {architecture} "
+            raise UserError(f"--output-dir {shown(Path(out))} is not empty and is not a previous push of "
+                            f"{architecture} "
                             f"(it holds {shown(', '.join(foreign), 60) if foreign else 'the files of another model'}): "
                             f"choose a new folder, or pass --overwrite to replace only {', '.join(PUSH_FILES)} in it")
     check_writable_parent(out, "--output-dir")

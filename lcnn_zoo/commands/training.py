@@ -394,8 +394,8 @@ def _datasets(cfg: TrainConfig, info: Optional[DataInfo] = None) -> TrainData:
     for ds in (train_ds, test_ds):
         labels = getattr(ds, "labels", None)
         if isinstance(labels, torch.Tensor) and labels.numel() and int(labels.max()) >= num_classes:
-            raise UserError(f"{shown(cfg.dataset)} has labels up to {int(labels.max())}: --num-classes {num_classes} is "
-                            f"too few")
+            raise UserError(f"{shown(cfg.dataset)} has labels up to {int(labels.max())}: --num-classes {num_classes} "
+                            f"is too few")
     return TrainData(train_ds, test_ds, input_size, num_classes, [str(c) for c in getattr(train_ds, "classes", [])])
 
 
@@ -408,9 +408,10 @@ def _build_model(cfg: TrainConfig, num_classes: int, input_size: tuple) -> nn.Mo
     model = create_model(cfg.model, input_size=input_size, num_classes=num_classes, model_kwargs=kwargs,
                          pretrained=cfg.pretrained, drop_rate=cfg.drop_rate, convert=cfg.lcnnify)
     report = getattr(model, "lcnn_report", None)
-    if cfg.lcnnify and report is not None and report.analysis != "pending" and not report.ok and not cfg.allow_uncovered:
-        raise UserError(f"--lcnnify {shown(cfg.model)}: {report.verdict}; print lcnn_zoo.lcnnify(model).lcnn_report for "
-                        f"the list, or pass --allow-uncovered to train it anyway")
+    if (cfg.lcnnify and report is not None and report.analysis != "pending" and not report.ok
+            and not cfg.allow_uncovered):
+        raise UserError(f"--lcnnify {shown(cfg.model)}: {report.verdict}; print lcnn_zoo.lcnnify(model).lcnn_report "
+                        f"for the list, or pass --allow-uncovered to train it anyway")
     for m in model.modules():  # timm's --bn-momentum / --bn-eps: every BatchNorm, γ-Lipschitz ones too
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm2d)):
             m.momentum = cfg.bn_momentum if cfg.bn_momentum is not None else m.momentum
@@ -697,7 +698,8 @@ def _train_in(run: TrainingRun, plan: TrainPlan, folder: RunFolder) -> Dict[str,
             args["resumed_at_epoch"] = start
         initial = plan.initial_state
         if initial is not None and not initial.finished:  # --allow-unfinished: which epoch it started from
-            args["initial_checkpoint_run"] = {"epoch": initial.epoch, "epochs": initial.epochs, "status": initial.status}
+            args["initial_checkpoint_run"] = {"epoch": initial.epoch, "epochs": initial.epochs,
+                                              "status": initial.status}
             print(f"--initial-checkpoint {cfg.initial_checkpoint}: from a run {initial.describe()} "
                   f"(--allow-unfinished; recorded in args.json)", file=sys.stderr)
         folder.write_args(args)
@@ -722,19 +724,24 @@ def startup_summary(run: TrainingRun, folder: RunFolder, start: int) -> str:
     report = getattr(run.core, "lcnn_report", None)
     kind = (f"LCNN ({report.verdict})" if report is not None else "not an LCNN (no curvature bound)")
     steps = len(run.train_loader)
-    reg = cfg.reg + (f" (λβ {cfg.lambda_beta:g}, λγ {cfg.lambda_gamma:g})" if cfg.reg in ("lcnn", "lcnn_gradreg") else "")
+    reg = cfg.reg + (f" (λβ {cfg.lambda_beta:g}, λγ {cfg.lambda_gamma:g})"
+                     if cfg.reg in ("lcnn", "lcnn_gradreg") else "")
     if cfg.reg in ("gradreg", "lcnn_gradreg"):
         reg += f", GradReg {cfg.gradreg} λ {cfg.lambda_grad:g}"
     lines = [
-        f"lcnn-zoo train: {'resuming at epoch ' + str(start) + ' in' if start else 'run folder'} {Path(folder.path).resolve()}",
+        f"lcnn-zoo train: {'resuming at epoch ' + str(start) + ' in' if start else 'run folder'} "
+        f"{Path(folder.path).resolve()}",
         f"  data: {cfg.dataset or 'image folder'}, {len(cast(Sized, data.train))} training / "
-        f"{len(cast(Sized, data.test))} test images, {data.num_classes} classes, input {'×'.join(map(str, data.input_size))}",
+        f"{len(cast(Sized, data.test))} test images, {data.num_classes} classes, "
+        f"input {'×'.join(map(str, data.input_size))}",
         f"  model: {cfg.model}, {n_params / 1e6:.2f} M parameters, {kind}",
-        f"  optimizer: {cfg.opt}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g} (none on β, γ); schedule: {cfg.sched}"
+        f"  optimizer: {cfg.opt}, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g} (none on β, γ); "
+        f"schedule: {cfg.sched}"
         f" over {cfg.epochs} epochs" + (f", {cfg.warmup_epochs} warm-up" if cfg.warmup_epochs else ""),
         f"  regulariser: {reg}",
         f"  {run.device.type}{'' if run.world == 1 else f' × {run.world} processes'}, batch {cfg.batch_size}, "
-        f"{steps} steps per epoch; AMP {cfg.amp_dtype if cfg.amp else 'off'}; compile {'on' if cfg.compile else 'off'}; "
+        f"{steps} steps per epoch; AMP {cfg.amp_dtype if cfg.amp else 'off'}; "
+        f"compile {'on' if cfg.compile else 'off'}; "
         f"a line every {cfg.log_interval} steps off a terminal",
     ]
     return "\n".join(lines)

@@ -190,7 +190,8 @@ def test_concurrent_cold_cache_builds_do_not_collide(tmp_path):
     code = ("import sys; from lcnn_zoo.commands.data import build_dataset; "
             f"assert len(build_dataset('fmnist', train=True, data_dir={str(tmp_path / 'src')!r})) == 2000")
     env = {**os.environ, "LCNN_ZOO_CACHE": str(tmp_path / "cache")}
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
 

@@ -98,7 +98,8 @@ def test_input_size_is_what_runs_and_what_the_summary_records(tmp_path):
     assert summary["input_size"] == [1, 32, 32]
     _, model = load_model(summary["run_dir"])
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
-    rgb = train(train_config(FAST + ["--output", str(tmp_path), "--experiment", "rgb", "--input-size", "3", "28", "28"]))
+    rgb = train(train_config(FAST + ["--output", str(tmp_path), "--experiment", "rgb",
+                                     "--input-size", "3", "28", "28"]))
     assert rgb["input_size"] == [3, 28, 28]
 
 

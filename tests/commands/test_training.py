@@ -55,7 +55,8 @@ def test_model_kwargs_reach_the_model_and_the_evaluation(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model_kwargs: {logit_scale: 2.0}\n")
     assert parse_args(["--config", str(cfg)]).model_kwargs == {"logit_scale": 2.0}
-    for bad in (["--model-kwargs", "num_classes=3"], ["--config", str(_write(tmp_path / "b.yaml", "model_kwargs: 4\n"))]):
+    for bad in (["--model-kwargs", "num_classes=3"],
+                ["--config", str(_write(tmp_path / "b.yaml", "model_kwargs: 4\n"))]):
         with pytest.raises(UserError):
             parse_args(bad)
 
@@ -123,7 +124,8 @@ def test_short_runs_all_regs(tmp_path, reg, extra):
                               "--experiment", reg] + extra)
     summary = train(args)
     run = Path(summary["run_dir"])
-    assert {"last.pth", "model.safetensors", "summary.csv", "summary.json", "args.json"} <= {p.name for p in run.iterdir()}
+    assert ({"last.pth", "model.safetensors", "summary.csv", "summary.json", "args.json"}
+            <= {p.name for p in run.iterdir()})
     h = summary["history"][-1]
     assert np.isfinite(h["train_loss"]) and 0 <= summary["final"]["top1"] <= 100
     if "gradreg" in reg:
@@ -169,7 +171,8 @@ def test_batchnorm_recalibrated_only_when_it_saw_few_batches(tmp_path, capsys, m
                              str(tmp_path / "pre.safetensors"), "--output", str(tmp_path), "--experiment", "ft"]))
     assert calls == [1] and "recalibrated BatchNorm statistics" not in capsys.readouterr().err
     # statistics recorded before lcnnify belong to another function: counted as unseen
-    converted = lcnn_zoo.lcnnify(timm.create_model("lcnn_resnet20_softplus.fmnist", pretrained=True), input_size=(1, 28, 28))
+    converted = lcnn_zoo.lcnnify(timm.create_model("lcnn_resnet20_softplus.fmnist", pretrained=True),
+                                 input_size=(1, 28, 28))
     assert training.batches_seen_by_batchnorm(converted) == 0
 
 
@@ -292,7 +295,8 @@ def test_finetune_on_image_folder(tmp_path):
             for i in range(24 if split == "train" else 6):
                 img = (rng.random((20, 20)) * 80 + c * 80).astype(np.uint8)  # class = brightness
                 Image.fromarray(img, mode="L").save(d / f"{i}.png")
-    summary = train(parse_args(["--model", "lcnn_resnet20", "--reg", "lcnn", "--dataset", f"folder:{tmp_path / 'folder'}",
+    summary = train(parse_args(["--model", "lcnn_resnet20", "--reg", "lcnn",
+                                "--dataset", f"folder:{tmp_path / 'folder'}",
                                 "--input-size", "1", "28", "28", "--initial-checkpoint", base["run_dir"],
                                 "--epochs", "2", "--batch-size", "16", "--lr", "0.01", "--no-progress",
                                 "--output", str(tmp_path), "--experiment", "ft"]))
@@ -374,8 +378,8 @@ def test_a_training_step_reads_nothing_on_the_host(reg, tmp_path, monkeypatch):
     metrics, one read) and at each log interval — never per step — for every --reg the paper trains with."""
     g = torch.Generator().manual_seed(0)
     data = training.TrainData(
-        lcnn_zoo.commands.data.TensorImageDataset(torch.randint(0, 256, (64, 1, 12, 12), dtype=torch.uint8, generator=g),
-                                         torch.arange(64) % 4),
+        lcnn_zoo.commands.data.TensorImageDataset(
+            torch.randint(0, 256, (64, 1, 12, 12), dtype=torch.uint8, generator=g), torch.arange(64) % 4),
         lcnn_zoo.commands.data.TensorImageDataset(torch.zeros(8, 1, 12, 12, dtype=torch.uint8), torch.arange(8) % 4),
         (1, 12, 12), 4, ["a", "b", "c", "d"])
     counts = {}
@@ -403,7 +407,8 @@ def test_an_uncovered_lcnnify_model_needs_allow_uncovered_to_train():
     with pytest.raises(UserError, match="--allow-uncovered") as err:
         training._build_model(parse_args(["--model", "convnext_atto", *common]), 10, (3, 32, 32))
     assert "\n" not in str(err.value)
-    model = training._build_model(parse_args(["--model", "convnext_atto", "--allow-uncovered", *common]), 10, (3, 32, 32))
+    model = training._build_model(parse_args(["--model", "convnext_atto", "--allow-uncovered", *common]), 10,
+                                  (3, 32, 32))
     assert not model.lcnn_report.ok
     assert training._build_model(parse_args(["--model", "resnet18", *common]), 10, (3, 32, 32)).lcnn_report.ok
 
@@ -460,7 +465,8 @@ def test_a_compiled_training_epoch_is_the_eager_epoch(tmp_path, mode):
     (test_a_training_step_reads_nothing_on_the_host)."""
     torch.manual_seed(0)
     data = training.TrainData(
-        lcnn_zoo.commands.data.TensorImageDataset(torch.randint(0, 255, (16, 1, 12, 12), dtype=torch.uint8), torch.arange(16) % 4),
+        lcnn_zoo.commands.data.TensorImageDataset(torch.randint(0, 255, (16, 1, 12, 12), dtype=torch.uint8),
+                                                  torch.arange(16) % 4),
         lcnn_zoo.commands.data.TensorImageDataset(torch.zeros(4, 1, 12, 12, dtype=torch.uint8), torch.arange(4) % 4),
         (1, 12, 12), 4, ["a", "b", "c", "d"])
     states = []
