@@ -29,6 +29,7 @@ __all__ = ["main", "train_config", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command but ``train`` (whose options are :func:`train_config`'s own parser)."""
     ap = Parser(prog="lcnn-zoo", description="Low-curvature neural networks for timm users",
                                  formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -183,6 +184,7 @@ def _threads(text: str) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``lcnn-zoo`` with ``argv`` (default: the command line); returns the exit code (2: a user error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     keep_freed_memory()
     previous = _stop_on_sigterm()

@@ -246,6 +246,7 @@ class TrainConfig:
     # -----------------------------------------------------------------------------------------
     @classmethod
     def options(cls) -> List[dataclasses.Field]:
+        """Every option (the dataclass fields, with their kind, range, group and help in ``metadata``)."""
         return list(dataclasses.fields(cls))
 
     def validate(self, source: str = "") -> "TrainConfig":
@@ -284,16 +285,19 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
+        """The run folder's name: ``--experiment``, else ``<model>-<dataset>-<reg>`` with ``:`` and ``/`` as ``_``."""
         if self.experiment:
             return self.experiment
         plain = [part.replace(":", "_").replace("/", "_") for part in (self.model, self.dataset)]
         return f"{plain[0]}-{plain[1][-120:]}-{self.reg}"
 
     def to_dict(self) -> Dict[str, Any]:
+        """Every option by name (what ``args.json`` records)."""
         return {f.name: getattr(self, f.name) for f in self.options()}
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any], source: str = "") -> "TrainConfig":
+        """A validated config from ``values`` (unknown keys refused, naming ``source``)."""
         known = {f.name for f in cls.options()}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -473,6 +477,7 @@ class EvalConfig:
     progress: bool = _opt(True, "progress bars", "measurements", "bool")
 
     def validate(self) -> "EvalConfig":
+        """Check every value's type and range; raise :class:`UserError` naming the option."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, check_value(f, getattr(self, f.name)))
         return self

@@ -115,6 +115,7 @@ class TrainingRun:
 
     @property
     def is_main(self) -> bool:
+        """Whether this process is rank 0 (the one that writes the run's files)."""
         return self.rank == 0
 
     def amp(self):
