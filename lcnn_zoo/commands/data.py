@@ -539,7 +539,7 @@ class DataInfo:
         with :func:`build_dataset`'s options."""
         if self.source is None:
             raise ValueError("this DataInfo was not made by describe_dataset: it names no source to build from")
-        return self.source.build(_entry(self.name)[1], train=train, **options)
+        return self.source.build(self.source.argument(self.name), train=train, **options)
 
 
 class DataSource:
@@ -563,6 +563,11 @@ class DataSource:
     def prefix(self) -> Optional[str]:
         """The prefix that names this family of datasets (``folder:``), None for a single dataset."""
         return self.name.split("<", 1)[0] if "<" in self.name else None
+
+    def argument(self, name: str) -> str:
+        """What :meth:`describe` and :meth:`build` are given of dataset ``name``: the text after the
+        prefix as typed (a folder's path, a Hugging Face name), or the plain name in lower case."""
+        return name[len(self.prefix):] if self.prefix is not None else name.lower()
 
     def describe(self, arg: str, *, data_dir: Optional[str] = None, download: bool = False,
                  splits: Tuple[Optional[str], Optional[str]] = (None, None)) -> DataInfo:
@@ -721,22 +726,13 @@ DATASETS = tuple(SOURCES)
 TORCH_DATASETS: Dict[str, str] = {s.timm_name: s.name for s in SOURCES.values() if s.timm_name}
 
 
-def _entry(name: str) -> Tuple[DataSource, str]:
-    """(the :data:`SOURCES` entry of dataset ``name``, what follows its prefix as typed: a folder's path,
-    a Hugging Face name; a plain name lower-cased). Names and aliases are matched in any case."""
+def dataset_source(name: str) -> DataSource:
+    """The :data:`SOURCES` entry of dataset ``name``: a name or alias, or ``<prefix><argument>`` (in any case)."""
     key = name.lower()
     for source in SOURCES.values():
-        prefix = source.prefix
-        if prefix is not None and key.startswith(prefix):
-            return source, name[len(prefix):]
-        if key == source.name or key in source.aliases:
-            return source, key
+        if key == source.name or key in source.aliases or (source.prefix and key.startswith(source.prefix)):
+            return source
     raise UserError(f"unknown dataset {shown(name)}; choose one of {', '.join(DATASETS)}")
-
-
-def dataset_source(name: str) -> DataSource:
-    """The :data:`SOURCES` entry of dataset ``name`` (a name or alias, any case; or ``<prefix><argument>``)."""
-    return _entry(name)[0]
 
 
 def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: bool = False,
@@ -744,11 +740,11 @@ def describe_dataset(name: str, *, data_dir: Optional[str] = None, download: boo
     """The :class:`DataInfo` of what :func:`build_dataset` would load, raising the same errors it
     would (missing data, a mistyped ``--data-dir``, a folder of fewer than 2 classes, an unwritable
     cache) before anything is read or written; its :meth:`DataInfo.build` loads it from the same entry."""
-    source, arg = _entry(name)
+    source = dataset_source(name)
     if splits != (None, None) and not source.folder_splits:
         raise UserError("--train-split/--val-split name the sub-folders of an image folder (folder:<path>); "
                         f"{shown(name)} has its own splits")
-    info = source.describe(arg, data_dir=data_dir, download=download, splits=splits)
+    info = source.describe(source.argument(name), data_dir=data_dir, download=download, splits=splits)
     info.name, info.source = name, source
     return info
 
@@ -774,8 +770,8 @@ def build_dataset(name: str, *, train: bool, data_dir: Optional[str] = None, dow
     Returns:
         A dataset of ``(image, label)``, ``image`` a float (C, H, W) tensor in [0, 1].
     """
-    source, arg = _entry(name)
-    return source.build(arg, train=train, data_dir=data_dir, download=download, image_size=image_size,
+    source = dataset_source(name)
+    return source.build(source.argument(name), train=train, data_dir=data_dir, download=download, image_size=image_size,
                         channels=channels, classes=classes, eval_on_train=eval_on_train, split=split)
 
 
