@@ -215,10 +215,10 @@ def fused_check(device: torch.device) -> Dict[str, object]:
     ``passed`` is False (and main exits 1) unless every call ran the device's kernels ("triton" on
     CUDA, "cpu-inductor" on the CPU): a kernel that fails falls back to the formulas, which would
     otherwise be measured here as if they were the kernels. ``kernel_path`` is what
-    ``fused.fused_status()`` recorded for the device during this check."""
-    from lcnn_zoo.layers import activation, fused
+    ``lcnn_zoo.layers._kernels.fused_status()`` recorded for the device during this check."""
+    from lcnn_zoo.layers import _kernels, activation
 
-    fused.reset_fused_status()
+    _kernels.reset_fused_status()
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         for beta in (1e-4, 1.0, 5.0, 1e4):
@@ -241,7 +241,7 @@ def fused_check(device: torch.device) -> Dict[str, object]:
                              "grad_x": float((gx.double() - gd * dx).abs().max() / (gd * dx).abs().max()),
                              "grad_beta": float((gb.double() - (gd * db).sum()).abs() / (gd * db).abs().sum())})
     where = str(y.device)
-    status = fused.fused_status()
+    status = _kernels.fused_status()
     path = status.get(where, {})
     expected = "triton" if device.type == "cuda" else "cpu-inductor"
     calls = path.get("calls", {})
@@ -310,7 +310,7 @@ def main() -> int:
                                           32 if dry else 128, out)),
         ("real_run", lambda: real_run(device, args.data_dir, 1 if dry else 3, 128 if dry else 20000, out)),
     ]
-    from lcnn_zoo.layers import fused
+    from lcnn_zoo.layers import _kernels
 
     for name, fn in sections:
         t = time.time()
@@ -328,7 +328,7 @@ def main() -> int:
         else:
             print(json.dumps(report[name], indent=1, default=str)[:3000], flush=True)
         # Which activation code ran on each device in the sections after fused_check (which resets it).
-        report["kernel_paths"] = fused.fused_status()
+        report["kernel_paths"] = _kernels.fused_status()
         (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str))
     check = report["fused_check"]
     if not isinstance(check, dict) or not check.get("passed"):

@@ -9,7 +9,7 @@ default) for every variant; CIFAR ResNet-18, 3×32×32, 100 classes (the variant
 ``detach`` count too.
 
 A fused centered-softplus op counts as one operation here, but on CUDA it is more than one launch
-(the backward's sum of per-block partials, a cast, a layout copy: ``lcnn_zoo.layers.fused.cuda_launches``).
+(the backward's sum of per-block partials, a cast, a layout copy: ``lcnn_zoo.layers._kernels.cuda_launches``).
 The column "CUDA path" is the same count with each fused op replaced by the launches its CUDA path
 makes for those arguments (computed from sizes, dtypes and layouts: it runs on the CPU too).
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lcnn_zoo
-from lcnn_zoo.layers import fused
+from lcnn_zoo.layers import _kernels
 
 from benchmarks.train_step import _model
 
@@ -46,7 +46,7 @@ class _Count(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
         self.ops[name] += 1
-        self.cuda_path += fused.cuda_launches(name, *args) if name.startswith("lcnn_zoo.centered_softplus_") else 1
+        self.cuda_path += _kernels.cuda_launches(name, *args) if name.startswith("lcnn_zoo.centered_softplus_") else 1
         return func(*args, **(kwargs or {}))
 
 

@@ -4,11 +4,11 @@
 
 CI runs it (``.ci/run``): a kernel that stops compiling for an A100 (sm_80) or an H100/H200 (sm_90), or
 that starts spilling registers, fails CI on a machine with no GPU, instead of falling back to the
-formulas at its first launch on a user's device (see ``fused.kernel_path``).
+formulas at its first launch on a user's device (see ``lcnn_zoo.layers._kernels.kernel_path``).
 
 Which variants: the kernels are specialised by Triton's JIT on every launch (constexprs, dtypes,
 16-byte alignment of pointers, integers equal to 1 or divisible by 16). This script builds the launches
-of ``lcnn_zoo.layers.triton_kernels`` (its ``_fwd_plan``/``_bwd_plan``, the same code that launches them)
+of ``lcnn_zoo.layers._kernels.triton`` (its ``_fwd_plan``/``_bwd_plan``, the same code that launches them)
 for every input the custom ops can pass on: x, y and grad float16/bfloat16/float32/float64, β of any of
 those dtypes, with and without the β-gradient, n = 1, a multiple of 16 and not, each data pointer that
 can be misaligned (x; grad and y) aligned and not. It computes the JIT's own specialisation of each
@@ -48,9 +48,10 @@ def _tensor(n: int, dtype: torch.dtype, aligned: bool) -> torch.Tensor:
 
 
 def launches() -> Iterator[tuple[str, Any]]:
-    """(description, triton_kernels.Launch) for every input kind the ops can launch with (duplicates included)."""
-    from lcnn_zoo.layers import fused
-    from lcnn_zoo.layers import triton_kernels as tk
+    """(description, ``lcnn_zoo.layers._kernels.triton.Launch``) for every input kind the ops can launch with
+    (duplicates included)."""
+    from lcnn_zoo.layers import _kernels
+    from lcnn_zoo.layers._kernels import triton as tk
 
     for dtype in DTYPES:
         for beta_dtype in DTYPES:
@@ -67,7 +68,7 @@ def launches() -> Iterator[tuple[str, Any]]:
                             out = (torch.empty(-(-n // tk._BLOCK), dtype=tk.acc_dtype(dtype)) if need_beta
                                    else torch.empty((), dtype=beta_dtype))
                             for launch in tk._bwd_plan(g, y, beta, torch.empty_like(y), out, need_beta,
-                                                       fused.SERIES_BELOW):
+                                                       _kernels.SERIES_BELOW):
                                 yield (f"bwd {dtype} beta {beta_dtype} need_beta={need_beta} n={n} "
                                        f"grad aligned={g_aligned} y aligned={y_aligned}"), launch
 

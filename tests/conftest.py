@@ -141,7 +141,7 @@ SLOW_TESTS = (
     "test_preflight.py::test_a_partial_initial_checkpoint_is_refused_unless_asked",
     "test_publishing.py::test_a_run_is_bundled_against_its_own_classes",
     "test_publishing.py::test_bundle_replaces_a_shipped_tag_only_when_asked",
-    "test_triton_kernels.py::test_triton_kernels_under_the_interpreter",
+    "test_triton.py::test_triton_kernels_under_the_interpreter",
     "test_spectral_norm.py::test_an_averaged_copy_is_within_its_bound_at_its_first_eval_forward",
     "test_shipped_weights.py::test_shipped_tag_via_torch_hub",
     "test_shipped_weights.py::test_shipped_tag_at_another_input_size_loads_converged_vectors",

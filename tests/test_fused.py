@@ -1,4 +1,4 @@
-"""The fused centered-softplus kernels (lcnn_zoo/layers/fused.py, triton_kernels.py) against the
+"""The fused centered-softplus kernels (lcnn_zoo/layers/_kernels/fused.py, triton.py) against the
 unfused formulas of activation.py evaluated in float64: values, ∂/∂x, the β-gradient reduction,
 over β ∈ [1e-4, 1e4], contiguous and channels_last, float32, bfloat16 and float64. The Triton kernels
 run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1), in a subprocess."""
@@ -15,7 +15,8 @@ from torch.autograd import gradgradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcnn_zoo import CenteredSoftplus
-from lcnn_zoo.layers import activation, fused
+from lcnn_zoo.layers import activation
+from lcnn_zoo.layers._kernels import fused
 
 ROOT = Path(__file__).resolve().parents[1]
 BETAS = [1e-4, 1e-2, 1.0, 1e2, 1e4]
@@ -141,8 +142,9 @@ def test_a_compile_failure_falls_back_with_one_warning(monkeypatch):
 def test_triton_path_is_routed_on_cpu_under_the_interpreter():
     """The custom ops take the Triton kernels when asked to (as on CUDA), end to end through a module."""
     pytest.importorskip("triton")
-    script = ("import torch, lcnn_zoo; from lcnn_zoo.layers import fused; torch.manual_seed(0);"
-              "a = lcnn_zoo.CenteredSoftplus(2.0).double(); x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True);"
+    script = ("import torch, lcnn_zoo; from lcnn_zoo.layers._kernels import fused; torch.manual_seed(0);"
+              "a = lcnn_zoo.CenteredSoftplus(2.0).double();"
+              "x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True);"
               "called = []; orig = fused._triton_module;"
               "fused._triton_module = lambda: (called.append(1), orig())[1];"
               "a(x).pow(2).sum().backward(); g = x.grad.clone(); bg = a.log_beta.grad.clone();"

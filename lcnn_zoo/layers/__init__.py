@@ -8,6 +8,9 @@
 * :mod:`.state` — model-wide state: frozen passes, eval mode, converged spectral norms, recalibrated
   BatchNorm.
 
+The activation's one-pass kernels (``torch.library`` ops, inductor, Triton) are not a section of the
+paper: they live in :mod:`._kernels`, which only :mod:`.activation` imports.
+
 The LCNN layers are registered as FX leaf modules with timm (``register_notrace_module``), so
 timm's FX feature extraction treats each as one operation.
 """

@@ -15,7 +15,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused, prepared
+from . import prepared
+from ._kernels import centered_softplus_bwd, centered_softplus_fwd, fused_enabled
 
 __all__ = ["CenteredSoftplus", "FrozenCenteredSoftplus", "centered_softplus", "DEFAULT_BETA_INIT"]
 
@@ -101,7 +102,7 @@ def _fast_backward(grad_out: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, 
 class _CenteredSoftplusFn(torch.autograd.Function):
     """Fused centered softplus. Saves only its output and β (see :func:`_derivatives_from_output`).
 
-    Forward and ordinary backward run the one-pass kernels of :mod:`.fused` (CPU and CUDA); under
+    Forward and ordinary backward run the one-pass kernels of :mod:`._kernels` (CPU and CUDA); under
     ``create_graph`` (exact GradReg, Hessian-vector products) the backward is the differentiable
     formulas, so double backward works. This class has no ``jvp`` so that torch.compile traces it
     without a graph break; :class:`_CenteredSoftplusFnFwdAD` adds forward-mode AD for eager use.
@@ -112,7 +113,7 @@ class _CenteredSoftplusFn(torch.autograd.Function):
     @staticmethod
     def forward(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         if _use_fused(x):
-            return torch.ops.lcnn_zoo.centered_softplus_fwd(x, beta)
+            return centered_softplus_fwd(x, beta)
         return _centered_softplus_t(x * beta) / beta
 
     @staticmethod
@@ -126,7 +127,7 @@ class _CenteredSoftplusFn(torch.autograd.Function):
         need_x, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not torch.is_grad_enabled():  # an ordinary backward (no create_graph): one fused pass
             if _use_fused(y):
-                gx, gb = torch.ops.lcnn_zoo.centered_softplus_bwd(grad_out, y, beta, need_beta)
+                gx, gb = centered_softplus_bwd(grad_out, y, beta, need_beta)
                 return (gx if need_x else None), (gb if need_beta else None)
             return _fast_backward(grad_out, y, beta, need_x, need_beta)
         d_x, d_beta = _derivatives_from_output(y, beta)
@@ -159,7 +160,7 @@ class _CenteredSoftplusFnFwdAD(_CenteredSoftplusFn):
 
 def _use_fused(x: torch.Tensor) -> bool:
     # Under torch.compile inductor fuses the formulas itself (with the neighbouring ops).
-    return not torch.compiler.is_compiling() and fused.fused_enabled(x)
+    return not torch.compiler.is_compiling() and fused_enabled(x)
 
 
 def centered_softplus(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""lcnn_zoo.layers.triton_kernels: the centered softplus's Triton kernels against the unfused float64 formulas,
+"""lcnn_zoo.layers._kernels.triton: the centered softplus's Triton kernels against the unfused float64 formulas,
 run on CPU tensors under TRITON_INTERPRET=1 (as in CI), over β from 1e-4 to 1e4 and float64, float32 and
 bfloat16; the device guard around every launch; the launch counts of the CUDA path, pinned against the
 launches counted under the interpreter; the ahead-of-time compilation for sm_80/sm_90 (benchmarks/triton_aot.py)."""
@@ -16,7 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_SCRIPT = r"""
 import json, sys, torch
-from lcnn_zoo.layers import activation, fused, triton_kernels as tk
+from lcnn_zoo.layers import activation
+from lcnn_zoo.layers._kernels import fused, triton as tk
 out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for beta in (1e-4, 1e-2, 1.0, 1e2, 1e4):
@@ -56,7 +57,7 @@ def test_triton_kernels_under_the_interpreter():
 LIMITS_SCRIPT = r"""
 import json, math, sys, torch
 from lcnn_zoo import CenteredSoftplus
-from lcnn_zoo.layers import fused, triton_kernels as tk
+from lcnn_zoo.layers._kernels import fused, triton as tk
 out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for beta in (1e-3, 0.37, 1e3):
@@ -112,7 +113,7 @@ def test_device_guard_is_built_from_the_tensors_device():
     """Triton launches on the current CUDA device; the guard makes it the tensors' (cuda:1 here), and
     is nothing for CPU tensors (the interpreter). Built, not entered: entering needs a GPU."""
     pytest.importorskip("triton")
-    from lcnn_zoo.layers import triton_kernels as tk
+    from lcnn_zoo.layers._kernels import triton as tk
 
     guard = tk.device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
@@ -126,8 +127,8 @@ def test_every_launch_runs_inside_a_guard_of_the_tensors_own_device(monkeypatch)
     pytest.importorskip("triton")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lcnn_zoo.layers import fused
-    from lcnn_zoo.layers import triton_kernels as tk
+    from lcnn_zoo.layers._kernels import fused
+    from lcnn_zoo.layers._kernels import triton as tk
 
     events = []
 
@@ -161,7 +162,7 @@ def test_every_launch_runs_inside_a_guard_of_the_tensors_own_device(monkeypatch)
 COUNT_SCRIPT = r"""
 import json, sys, torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from lcnn_zoo.layers import fused, triton_kernels as tk
+from lcnn_zoo.layers._kernels import fused, triton as tk
 
 # Ops that allocate or re-view memory: no kernel on CUDA. Every other op is one launch.
 FREE = {"aten.empty.memory_format", "aten.empty_like.default", "aten.view.default", "aten.slice.Tensor",

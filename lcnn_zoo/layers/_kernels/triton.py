@@ -15,7 +15,7 @@ Launching (what makes them safe on a machine with several GPUs and countable):
   divided by β², to a partial-sums buffer, and one ``sum`` adds the partials (in a fixed order, so the
   β-gradient is deterministic, unlike an atomic add). A third launch converts the sum to β's dtype
   where that is not the accumulation dtype (float32; float64 for float64 tensors).
-  :func:`forward_launches`/:func:`backward_launches` give these counts, tests/test_triton_kernels.py
+  :func:`forward_launches`/:func:`backward_launches` give these counts, tests/test_triton.py
   pins them against the launches counted under the interpreter;
 * a tensor of more than :data:`_CHUNK` elements is processed in chunks of that size, one launch each,
   so the kernels' 32-bit offsets never overflow and ``n`` is always a 32-bit integer (which bounds

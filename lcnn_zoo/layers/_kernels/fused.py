@@ -1,20 +1,20 @@
 """Fused kernels for the centered softplus (paper §3.3): one pass forward, one pass backward.
 
-The formulas in :mod:`.activation` are the reference; the kernels here compute the same functions
+The formulas in :mod:`..activation` are the reference; the kernels here compute the same functions
 in a single pass over the activation tensor instead of ~20 separate elementwise passes each way:
 
 * ``lcnn_zoo::centered_softplus_fwd(x, beta) -> y``: s0(x; β);
 * ``lcnn_zoo::centered_softplus_bwd(grad, y, beta, need_beta) -> (grad_x, grad_beta)``: ∂/∂x and the
   per-layer ∂/∂β reduction together, from the output y (like ReLU's backward, no input is kept).
 
-Both are ``torch.library`` custom ops, so autograd (through :class:`.activation._CenteredSoftplusFn`),
+Both are ``torch.library`` custom ops, so autograd (through :class:`..activation._CenteredSoftplusFn`),
 FakeTensor/meta tracing and ``vmap`` see one operation. Their kernels:
 
 * **CPU**: the reference formulas compiled once, for that function alone, by torch's own inductor
   (``torch.compile(dynamic=True)`` on 1-D views of the dense storage, so one compiled kernel serves
   every shape and both memory formats). Inductor ships with torch and emits one vectorised C++ loop;
   the first call in a fresh cache compiles it (seconds), later processes reuse inductor's disk cache.
-* **CUDA**: Triton kernels (:mod:`.triton_kernels`; Triton ships with torch's CUDA wheels). With
+* **CUDA**: Triton kernels (:mod:`.triton`; Triton ships with torch's CUDA wheels). With
   ``TRITON_INTERPRET=1`` they run on CPU tensors, which is how the tests check them without a GPU.
 
 Where neither works (no C++ compiler, no Triton, an unsupported dtype) the reference formulas run,
@@ -22,7 +22,7 @@ after one warning. ``LCNN_ZOO_FUSED=0`` turns the kernels off. Which of the thre
 ("triton", "cpu-inductor", "formulas" with the reason) is recorded: :func:`kernel_path`,
 :func:`fused_status`. :func:`cuda_launches` gives the CUDA launches one call of an op makes. Under
 ``torch.compile`` of a whole model the activation is not routed here: inductor fuses the reference
-formulas itself, together with the neighbouring ops. Double backward never uses these kernels (see :mod:`.activation`).
+formulas itself, together with the neighbouring ops. Double backward never uses these kernels (see :mod:`..activation`).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Literal, Tuple, Union, cast
 
 import torch
 
-from ..environment import env
+from ...environment import env
 
 __all__ = ["fused_enabled", "centered_softplus_fwd", "centered_softplus_bwd", "SERIES_BELOW", "kernel_path",
            "fused_status", "reset_fused_status", "cuda_launches"]
@@ -381,7 +381,7 @@ def cuda_launches(op: str, *args: Any) -> int:
     copy first for an input that is neither contiguous nor channels_last); the backward one kernel
     without the β-gradient, two with it (kernel + sum of the per-block partials), one more to cast the
     β-gradient where β's dtype is not the accumulation dtype, and a copy for a grad not laid out as y
-    (see :mod:`.triton_kernels`; tests/test_triton_kernels.py pins these numbers against the launches
+    (see :mod:`.triton`; tests/test_triton.py pins these numbers against the launches
     counted under Triton's interpreter). The arguments may be CPU tensors: the count depends on sizes,
     dtypes and layouts only. ``benchmarks/op_count.py`` adds these up.
 
@@ -389,7 +389,7 @@ def cuda_launches(op: str, *args: Any) -> int:
         op: "fwd" or "bwd", or the op's name (``lcnn_zoo.centered_softplus_fwd.default``, …).
         args: the op's arguments: (x, beta) or (grad, y, beta, need_beta).
     """
-    from . import triton_kernels as tk  # the counts are defined next to the launches
+    from . import triton as tk  # the counts are defined next to the launches
 
     if op.endswith("fwd") or "centered_softplus_fwd" in op:
         x, _ = args[:2]
@@ -461,8 +461,8 @@ def _triton_module():
     global _triton
     if _triton is None:
         try:
-            from . import triton_kernels
-            _triton = triton_kernels
+            from . import triton as kernels
+            _triton = kernels
         except Exception as exc:  # Triton missing or broken: the formulas
             _disable("cuda", f"Triton is not usable: {_describe(exc)}")
             _triton = False
