@@ -128,7 +128,8 @@ def main() -> None:
                   "top": c.ops.most_common(args.top)}
     ref = res.get("timm_relu", res[args.variants[0]])
     base, base_cuda = ref["total"], ref["cuda_path"]
-    print(f"operations per training step (batch {args.batch}, CIFAR ResNet-18, SGD momentum foreach; torch {torch.__version__})")
+    print(f"operations per training step (batch {args.batch}, CIFAR ResNet-18, SGD momentum foreach; "
+          f"torch {torch.__version__})")
     print("| variant | ops | × timm_relu | CUDA path (fused ops as their launches) | × timm_relu | by phase |\n"
           "|---|---|---|---|---|---|")
     for v, r in res.items():
