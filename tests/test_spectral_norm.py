@@ -471,7 +471,8 @@ def test_a_stem_whose_channels_are_not_replicated_gets_no_gain():
     src = spectral_norm(nn.Conv2d(1, 3, 3, padding=1, bias=False).double(), (1, 5, 5))
     dst = spectral_norm(nn.Conv2d(3, 3, 3, padding=1, bias=False).double(), (3, 5, 5))
     state = src.state_dict()
-    state["weight"] = torch.randn(3, 3, 3, 3, dtype=torch.float64)  # another weight of the adapted shape: not a replication
+    # another weight of the adapted shape: not a replication
+    state["weight"] = torch.randn(3, 3, 3, 3, dtype=torch.float64)
     with pytest.warns(UserWarning, match="recomputed from the loaded weight"):
         dst.load_state_dict(state)
     assert "weight_gain" not in dst.state_dict()
@@ -488,3 +489,44 @@ def test_state_dict_of_another_input_size_loads_with_converged_vectors():
     conv = dst.stages[2][0].conv2
     x = torch.zeros(1, 64, 8, 8)
     assert dense_norm(lambda t: conv._conv_forward(t, conv.weight, None), x) == pytest.approx(1.0, abs=2e-3)
+
+
+def test_deferred_convergence_and_exact_vectors_hold_only_inside_their_block_in_its_thread():
+    """Inside ``deferred_convergence`` a new spectral norm is left unconverged until the block ends (its
+    weights are about to be loaded), and inside ``exact_vectors`` loaded vectors are kept as saved; a
+    model another thread builds or loads meanwhile is treated as outside both blocks (they are
+    context variables, not process-wide globals)."""
+    import threading
+
+    from lcnn_zoo.layers import exact_vectors
+    from lcnn_zoo.layers.spectral_norm import deferred_convergence
+
+    def build() -> nn.Module:
+        return spectral_norm(nn.Conv2d(3, 8, 3, padding=1), (3, 8, 8))
+
+    def residual(layer: nn.Module) -> float:
+        return layer.parametrizations.weight[0].residual(layer.parametrizations.weight.original)
+
+    stale = build().state_dict()
+    stale["weight_v"] = torch.randn_like(stale["weight_v"])  # not a singular vector of the weight
+    built, loaded = {}, {}
+
+    def other_thread():
+        built["layer"] = build()
+        loaded["layer"] = build()
+        loaded["layer"].load_state_dict(stale)
+
+    with deferred_convergence(), exact_vectors():
+        mine = build()
+        tol = mine.parametrizations.weight[0].init_tol
+        assert residual(mine) > tol  # deferred: random vectors until the block ends
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert residual(built["layer"]) <= tol  # the other thread's model converged at once
+        kept = build()
+        kept.load_state_dict(stale)
+        assert torch.equal(kept.parametrizations.weight[0]._v, stale["weight_v"])  # kept exactly as saved
+    assert residual(mine) <= tol  # converged on leaving the block
+    assert residual(loaded["layer"]) <= tol  # and its stale loaded vectors were converged, not kept
+    assert not torch.equal(loaded["layer"].parametrizations.weight[0]._v, stale["weight_v"])

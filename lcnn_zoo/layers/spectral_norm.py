@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
@@ -175,7 +176,7 @@ class SpectralNorm(nn.Module):
         self._v = _normalize(torch.randn(v_shape, generator=gen).to(**fk))
         self._u = _normalize(torch.randn(u_shape, generator=gen).to(**fk))
         self.vectors_loaded = False
-        if _DEFERRED is not None:  # weights (and vectors) are about to be loaded: see deferred_convergence
+        if _DEFERRED.get() is not None:  # weights (and vectors) are about to be loaded: see deferred_convergence
             return 0
         iters, _ = self.converge(weight, self.init_iterations, self.init_tol)
         return iters
@@ -229,7 +230,7 @@ class SpectralNorm(nn.Module):
         converged from where they are, and the state dict gets the converged ones. Eager eval would
         re-converge them at its first forward, but a compiled or ``torch.func`` forward uses the
         vectors as they are: there a stale v makes σ too small and the layer's norm above 1."""
-        if _EXACT or not (torch.is_tensor(state_dict[kv]) and torch.is_tensor(state_dict[ku])) or weight.is_meta:
+        if _EXACT.get() or not (torch.is_tensor(state_dict[kv]) and torch.is_tensor(state_dict[ku])) or weight.is_meta:
             return
         w = weight.detach().to(self._v)
         if self._residual_of(w, state_dict[kv].to(self._v)) <= self.init_tol:
@@ -533,8 +534,9 @@ def spectral_norm(module: nn.Module, input_shape: Optional[Sequence[int]] = None
     parametrize.register_parametrization(module, "weight", sn, unsafe=lazy)
     module.register_state_dict_post_hook(_sn_state_dict_hook)
     module.register_load_state_dict_pre_hook(_sn_load_pre_hook)
-    if _DEFERRED is not None and not lazy:
-        _DEFERRED.append(module)
+    deferred = _DEFERRED.get()
+    if deferred is not None and not lazy:
+        deferred.append(module)
     return module
 
 
@@ -548,8 +550,10 @@ def spectral_norm_of(module: nn.Module) -> Optional[SpectralNorm]:
     return None
 
 
-_DEFERRED: Optional[List[nn.Module]] = None
-_EXACT = False  # inside `exact_vectors`: loaded singular vectors are kept as they are
+# What `deferred_convergence` and `exact_vectors` switch on, as context variables rather than globals: only the
+# code inside their `with`, in its own thread (or asyncio task), sees it; another thread's models converge as usual.
+_DEFERRED: ContextVar[Optional[List[nn.Module]]] = ContextVar("lcnn_zoo_deferred_convergence", default=None)
+_EXACT: ContextVar[bool] = ContextVar("lcnn_zoo_exact_vectors", default=False)  # loaded vectors kept as saved
 
 
 @contextlib.contextmanager
@@ -559,12 +563,11 @@ def exact_vectors() -> Iterator[None]:
     :meth:`SpectralNorm.prepare_load`). For resuming a training run: its vectors are the tracking
     state of one power step per step, and converging them would make the resumed run differ from
     the one that was not interrupted."""
-    global _EXACT
-    outer, _EXACT = _EXACT, True
+    token = _EXACT.set(True)
     try:
         yield
     finally:
-        _EXACT = outer
+        _EXACT.reset(token)
 
 
 @contextlib.contextmanager
@@ -575,13 +578,12 @@ def deferred_convergence() -> Iterator[None]:
     For building a model whose weights are loaded right away (pretrained tags): converging the
     random initial weights' norms would be thrown away.
     """
-    global _DEFERRED
-    outer, _DEFERRED = _DEFERRED, []
+    pending: List[nn.Module] = []
+    token = _DEFERRED.set(pending)
     try:
         yield
-        pending = _DEFERRED
     finally:
-        _DEFERRED = outer
+        _DEFERRED.reset(token)
     for module in pending:
         sn = spectral_norm_of(module)
         if sn is not None and sn._v is not None and not sn.vectors_loaded:
