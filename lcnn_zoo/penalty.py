@@ -99,11 +99,14 @@ class LCNNPenalty:
 
 
 # ---- the penalty at every optimizer step, for loops that only compute the task loss ------------
+# model → its attached penalty, what the step hook applies; weak, so that a model that is gone drops out.
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, LCNNPenalty]" = weakref.WeakKeyDictionary()
 # Models whose attached penalty has said, once, that an optimizer step applied it (timm's train.py
 # logs nothing about model keywords; a user must be able to see that the penalty is on, and its λ).
 _ANNOUNCED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _logger = logging.getLogger(__name__)
+# One global optimizer step pre-hook, registered at the first attach_penalty and kept: the only hook that reaches
+# an optimizer created after the model (timm's train.py builds it later); a per-optimizer hook needs the optimizer.
 _STEP_HOOK = None
 
 

@@ -192,7 +192,7 @@ def test_a_failing_triton_kernel_falls_back_with_one_warning(monkeypatch):
 
         backward = forward
 
-    monkeypatch.setattr(fused, "_triton", Broken())
+    monkeypatch.setattr(fused, "_triton_module", lambda: Broken())
     monkeypatch.setattr(fused, "_FORCE_TRITON_ON_CPU", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(fused, "_disabled", {})

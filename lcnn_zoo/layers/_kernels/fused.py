@@ -32,7 +32,7 @@ import os
 import sys
 import types
 import warnings
-from typing import Any, Callable, Dict, Literal, Tuple, Union, cast
+from typing import Any, Callable, Dict, Tuple, cast
 
 import torch
 
@@ -43,9 +43,12 @@ __all__ = ["fused_enabled", "centered_softplus_fwd", "centered_softplus_bwd", "S
 
 SERIES_BELOW = 5e-3  # |u| = |βy| under which ∂s0/∂β uses its series (the closed form cancels there)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_disabled: Dict[str, str] = {}  # device type -> why the kernels are off there (warned once)
+# device type -> why the kernels are off there: process-wide, because what failed (no C++ compiler, no Triton, a
+# kernel that does not compile for this GPU) would fail at every call again; warned once, then the formulas run.
+_disabled: Dict[str, str] = {}
 # str(device) -> {"path": the latest call's path, "reason": why the formulas ran ("" for a kernel),
 # "calls": {path: count}, "reasons": {why the formulas ran: count}}. See kernel_path / fused_status.
+# Process-wide because it answers "what ran in this process" (benchmarks/gpu.py writes it into gpu.json).
 _status: dict[str, dict[str, Any]] = {}
 
 
@@ -223,6 +226,8 @@ def _cpu_bwd_x_beta(grad: torch.Tensor, y: torch.Tensor, beta: torch.Tensor) -> 
 
 
 _CPU_FUNCTIONS: Dict[str, Callable[..., Any]] = {"fwd": _cpu_fwd, "bwd_x": _cpu_bwd_x, "bwd_x_beta": _cpu_bwd_x_beta}
+# (op, (dtype, is_inference) per input) -> its compiled kernel: compiled once per process (seconds each), and
+# torch.compile keeps a function's variants per code object, so each key needs its own object (see _cpu_kernel).
 _compiled: Dict[tuple, Callable] = {}
 
 
@@ -434,9 +439,6 @@ torch.library.register_vmap("lcnn_zoo::centered_softplus_bwd", _bwd_vmap)
 
 
 # ---- CUDA: Triton ---------------------------------------------------------------------------------
-_triton: Union[types.ModuleType, Literal[False], None] = None  # None: not tried yet; False: not usable
-
-
 def _run_triton(name: str, formula: Callable, *args):
     """A Triton kernel, or (after one warning, for the rest of the process) the formula when Triton is
     missing or its kernel fails to compile or launch on this device; the path that ran is recorded
@@ -456,14 +458,14 @@ def _run_triton(name: str, formula: Callable, *args):
     return formula(*args)
 
 
-def _triton_module():
-    """The Triton kernels (imported on first use), or None after one warning when Triton is missing."""
-    global _triton
-    if _triton is None:
-        try:
-            from . import triton as kernels
-            _triton = kernels
-        except Exception as exc:  # Triton missing or broken: the formulas
-            _disable("cuda", f"Triton is not usable: {_describe(exc)}")
-            _triton = False
-    return _triton or None
+def _triton_module() -> types.ModuleType | None:
+    """The Triton kernels (imported on first use), or None after one warning when Triton is missing.
+
+    No module-level memo: ``sys.modules`` keeps a successful import (this is then a dictionary look-up),
+    and a failed one turns the kernels off on CUDA (``_disabled``), so the CUDA path does not ask again."""
+    try:
+        from . import triton as kernels
+    except Exception as exc:  # Triton missing or broken: the formulas
+        _disable("cuda", f"Triton is not usable: {_describe(exc)}")
+        return None
+    return kernels
