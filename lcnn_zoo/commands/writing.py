@@ -7,7 +7,8 @@
   (another run, a user's files) is never written into; the command gets the next free name
   (``name-1``, ``name-2``, … as timm's ``train.py`` does) or, when asked, is refused.
 * :func:`check_name` — a run or experiment name is one path component, never a path.
-* :func:`file_lock` — an exclusive ``flock`` on a lock file opened without following links.
+* :func:`file_lock` — filelock's exclusive lock (``flock``) on a lock file opened without following links,
+  with a note of its holder for the message a second holder gets.
 * :class:`Transaction` — several files that must change together (weights + manifest; a Hub repo
   folder): all are written under temporary names first, then renamed in the given order (the
   manifest last); a failure before the end restores every file that was replaced.
@@ -29,6 +30,8 @@ import secrets
 import stat
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from filelock import FileLock, Timeout
 
 from ..errors import UserError, shown
 
@@ -246,52 +249,87 @@ def new_folder(parent: str | os.PathLike, name: str, *, existing: str = "suffix"
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, what: str, *, describe: Optional[str] = None) -> Iterator[Any]:
-    """Hold an exclusive ``flock`` on ``path`` (opened with O_NOFOLLOW: a symbolic link in its place
-    is refused, never followed or truncated). A second holder fails at once with a :class:`UserError`
-    naming the first (``describe`` is written into the file while held)."""
+def file_lock(path: str | os.PathLike, what: str, *, describe: Optional[str] = None) -> Iterator[None]:
+    """Hold the lock on ``path`` for the block: filelock's native lock (``flock`` on Unix, so the kernel
+    releases it with the process, a SIGKILL included), its file opened with ``O_NOFOLLOW`` (a symbolic
+    link in its place is refused, never followed or truncated) and left in place after release.
+
+    A second holder fails at once with a :class:`UserError` naming the first: ``describe`` (who holds
+    it) is written into the file while held, where that message and :func:`lock_holder` read it.
+
+    Args:
+        path: the lock file, created if absent (with its folder).
+        what: what is locked, as the message names it ("<folder> (another training run holds it)").
+        describe: the holder, for the others' messages; None leaves the file empty (they say "another process").
+    """
     path = Path(path)
     _mkdirs(path.parent)
+    # Never a soft lock (a marker file): on a file system without flock it would outlive a killed holder.
+    lock = FileLock(path, mode=0o644, blocking=False, fallback_to_soft=False)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+        lock.acquire()
+    except Timeout:
+        holder = _note(path) or "another process"
+        raise UserError(f"{what} is in use ({shown(holder)}): wait for it to finish") from None
     except OSError as e:
         raise _os_error(e, path, "opening the lock file") from e
-    f = os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read(200).strip() or "another process"
-            raise UserError(f"{what} is in use ({shown(holder)}): wait for it to finish") from None
-        if describe:
-            f.seek(0)
-            f.truncate()
-            f.write(describe)
-            f.flush()
-        try:
-            yield f
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        _write_note(path, describe or "")
+        yield
     finally:
-        f.close()
+        lock.release()
+
+
+def _write_note(path: Path, note: str) -> None:
+    """Replace the note in the lock file ``path``, which this process holds, by ``note``. (Not filelock's
+    ``on_acquired``: on Python 3.10 that needs the ``exceptiongroup`` backport.)"""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, note.encode("utf-8"))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise _os_error(e, path, "writing the lock file") from e
+
+
+def _note_of(fd: int) -> str:
+    """The holder's note :func:`file_lock` wrote into the lock file open as ``fd`` (its first 200 bytes)."""
+    return os.pread(fd, 200, 0).decode("utf-8", errors="replace").strip()
+
+
+def _note(path: Path) -> str:
+    """The holder's note in the lock file ``path`` ("" when none, or when it cannot be read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return ""
+    try:
+        return _note_of(fd)
+    finally:
+        os.close(fd)
 
 
 def lock_holder(path: str | os.PathLike) -> Optional[str]:
-    """Who holds the :func:`file_lock` on ``path`` (what it wrote there), or None when nobody does
-    (or there is no lock file). Only looks: the file is opened read-only without following a link,
-    and a shared ``flock`` is tried and released at once (a holder's exclusive lock refuses it)."""
+    """Who holds the :func:`file_lock` on ``path`` (what it wrote there, or "another process"), or None
+    when nobody does (or there is no lock file). Only looks, which filelock cannot do (acquiring would
+    create the file and exclude the others): the file is opened read-only without following a link,
+    and a shared ``flock`` is tried and released at once (a holder's exclusive lock refuses it; two
+    lookers do not refuse each other)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except OSError:  # absent, or a link (which no run locks: file_lock refuses it)
         return None
-    with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as f:
+    try:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return f.read(200).strip() or "another process"
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return _note_of(fd) or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
         return None
+    finally:
+        os.close(fd)
 
 
 class Transaction:

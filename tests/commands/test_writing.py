@@ -1,11 +1,22 @@
 """lcnn_zoo.commands.writing, the one write policy: temporary files and locks never follow links, a folder
 holding anything is never written into, names are names, and multi-file changes roll back."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from lcnn_zoo.commands.checkpoint import RunFolder
-from lcnn_zoo.commands.writing import Transaction, atomic_write, check_name, file_lock, new_folder, write_text
+from lcnn_zoo.commands.writing import (
+    Transaction,
+    atomic_write,
+    check_name,
+    file_lock,
+    lock_holder,
+    new_folder,
+    write_text,
+)
 from lcnn_zoo.errors import UserError
 
 
@@ -32,6 +43,33 @@ def test_a_second_holder_fails_at_once(tmp_path):
         with pytest.raises(UserError, match=r"the thing is in use \('pid 42'\)"):
             with file_lock(tmp_path / "l", "the thing"):
                 pass
+
+
+def test_a_lock_held_by_another_process_names_it_and_is_free_once_that_process_is_killed(tmp_path):
+    """The lock is filelock's flock: a live holder in another process refuses a second one in one line naming
+    it (its note survives the refused attempt), and a SIGKILL releases it: the lock file left behind blocks
+    nothing. Holding it adds no file to the folder but the lock file, which stays after release."""
+    code = ("import sys, time\nfrom lcnn_zoo.commands.writing import file_lock\n"
+            "with file_lock(sys.argv[1], 'x', describe='pid 7 on host'):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    lock = tmp_path / "run" / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for _ in range(2):
+            with pytest.raises(UserError, match=r"the run is in use \('pid 7 on host'\): wait for it to finish"):
+                with file_lock(lock, "the run", describe="pid 8"):
+                    pass
+        assert lock_holder(lock) == "pid 7 on host"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_holder(lock) is None  # released by the kernel with the process
+    with file_lock(lock, "the run", describe="pid 8"):
+        assert lock_holder(lock) == "pid 8" and lock.read_text() == "pid 8"
+        assert sorted(p.name for p in lock.parent.iterdir()) == [".lock"]
+    assert sorted(p.name for p in lock.parent.iterdir()) == [".lock"] and lock_holder(lock) is None
 
 
 def test_atomic_write_replaces_a_symlink_never_its_target(tmp_path):
@@ -88,7 +126,8 @@ def test_a_transaction_restores_what_it_replaced(tmp_path, monkeypatch):
 
     monkeypatch.setattr("lcnn_zoo.commands.writing.os.replace", replace)
     with pytest.raises(UserError, match="no space left"):
-        Transaction().add(tmp_path / "a", b"new a").add(tmp_path / "b", b"new b").add(tmp_path / "manifest", "m").commit()
+        Transaction().add(tmp_path / "a", b"new a").add(tmp_path / "b", b"new b").add(
+            tmp_path / "manifest", "m").commit()
     assert (tmp_path / "a").read_bytes() == b"old a" and not (tmp_path / "b").exists()
     assert not (tmp_path / "manifest").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
