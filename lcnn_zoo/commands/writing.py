@@ -116,6 +116,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binar
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` as UTF-8, through :func:`atomic_write`."""
     return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
@@ -344,10 +345,12 @@ class Transaction:
         self._files: List[Tuple[Path, bytes]] = []
 
     def add(self, path: str | os.PathLike, data: bytes | str) -> "Transaction":
+        """Stage ``data`` (a str as UTF-8) for ``path``; nothing is written before :meth:`commit`."""
         self._files.append((Path(path), data.encode("utf-8") if isinstance(data, str) else bytes(data)))
         return self
 
     def commit(self) -> List[Path]:
+        """Write every staged file, then rename them in the order added; the paths written."""
         staged: List[Tuple[Path, Path]] = []
         done: List[Tuple[Path, Optional[bytes]]] = []
         try:
