@@ -146,6 +146,54 @@ def _example_input(model: nn.Module) -> torch.Tensor:
     return torch.rand(2, *size, generator=gen).to(device=p.device, dtype=p.dtype)
 
 
+def _refuse_unfoldable(model: nn.Module) -> None:
+    """Raise fold's user-facing errors (see :func:`fold`'s ``Raises:``) before any work is done."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold expects an nn.Module, got {type(model).__name__}")
+    if not any(spectral_norm_of(m) is not None or isinstance(m, (LipschitzBatchNorm2d, CenteredSoftplus))
+               for m in model.modules()):
+        raise ValueError("fold: the model has no LCNN layers to fold (is it folded already?)")
+    meta = meta_tensor(model)
+    if meta is not None:  # folding computes with the weights: σ, the BatchNorm scales, the self-check
+        raise ValueError(f"fold: the model is on the meta device ({meta} has a shape but no values): load its "
+                         f"weights first (model.to_empty(device='cpu'), then load_state_dict)")
+    problem = weight_problem([*model.named_parameters(), *model.named_buffers()])
+    if problem is not None:  # else the self-check in fold fails and blames the package ("please report")
+        raise ValueError(f"fold: {problem}: these weights cannot be folded")
+
+
+def _plain_module(m: nn.Module) -> Optional[nn.Module]:
+    """The plain-torch replacement of one γ-BN (with its act) or CenteredSoftplus; None for any other module."""
+    if isinstance(m, LipschitzBatchNormAct2d):
+        inner = [_plain_bn(m)] + [_plain_module(x) or x for x in (m.drop, m.act) if not isinstance(x, nn.Identity)]
+        return nn.Sequential(*inner)
+    if isinstance(m, LipschitzBatchNorm2d):
+        return _plain_bn(m)
+    if isinstance(m, CenteredSoftplus):
+        return FrozenCenteredSoftplus(float(m.beta.detach()))
+    return None
+
+
+def _bake_lcnn_layers(folded: nn.Module) -> None:
+    """Replace every LCNN layer of ``folded`` by plain torch, in place, and drop what lcnnify attached."""
+    for m, _ in list(spectral_norm_modules(folded)):
+        remove_spectral_norm(m)
+    _replace_modules(folded, _plain_module)
+    detach_lcnn_state(folded)
+
+
+def _check_folded(out: torch.Tensor, reference: torch.Tensor, rtol: float) -> None:
+    """Raise RuntimeError unless the folded outputs ``out`` match the LCNN's ``reference`` (fold's self-check)."""
+    err = (out - reference).abs().max()
+    # Relative to the outputs' size, with a floor of √eps of the dtype: a freshly converted model's
+    # logits can be ~1e-15, far below the rounding of its unit-sized activations, where any purely
+    # relative test fails; an error of the size a folding mistake makes is still far above it.
+    scale = reference.abs().max().clamp_min(torch.finfo(reference.dtype).eps ** 0.5)
+    if not torch.isfinite(out).all() or err > rtol * scale:
+        raise RuntimeError(f"fold: folded outputs deviate from the LCNN by {float(err):.3g} "
+                           f"(> {rtol} x {float(scale):.3g}); please report this model")
+
+
 def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inplace: bool = False,
          rtol: float = 1e-5) -> nn.Module:
     """Turn a (trained) LCNN into plain torch modules with identical eval-mode outputs.
@@ -176,18 +224,7 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
         ValueError: the model has no LCNN layers, is on the meta device (no weights to fold), or has weights
             :func:`~lcnn_zoo.weight_checks.weight_problem` refuses (the message names the tensor).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fold expects an nn.Module, got {type(model).__name__}")
-    if not any(spectral_norm_of(m) is not None or isinstance(m, (LipschitzBatchNorm2d, CenteredSoftplus))
-               for m in model.modules()):
-        raise ValueError("fold: the model has no LCNN layers to fold (is it folded already?)")
-    meta = meta_tensor(model)
-    if meta is not None:  # folding computes with the weights: σ, the BatchNorm scales, the self-check
-        raise ValueError(f"fold: the model is on the meta device ({meta} has a shape but no values): load its "
-                         f"weights first (model.to_empty(device='cpu'), then load_state_dict)")
-    problem = weight_problem([*model.named_parameters(), *model.named_buffers()])
-    if problem is not None:  # else the self-check below fails and blames the package ("please report")
-        raise ValueError(f"fold: {problem}: these weights cannot be folded")
+    _refuse_unfoldable(model)
     stale = stale_spectral_norms(model)
     if stale:
         worst = max(stale, key=lambda t: t[1])
@@ -201,34 +238,12 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
         example_input = _example_input(folded)
     reference = folded(example_input)
 
-    _warn_unreached_convs(folded)
-    for m, _ in list(spectral_norm_modules(folded)):
-        remove_spectral_norm(m)
-
-    def swap(m: nn.Module) -> Optional[nn.Module]:
-        if isinstance(m, LipschitzBatchNormAct2d):
-            inner = [_plain_bn(m)] + [swap(x) or x for x in (m.drop, m.act) if not isinstance(x, nn.Identity)]
-            return nn.Sequential(*inner)
-        if isinstance(m, LipschitzBatchNorm2d):
-            return _plain_bn(m)
-        if isinstance(m, CenteredSoftplus):
-            return FrozenCenteredSoftplus(float(m.beta.detach()))
-        return None
-
-    _replace_modules(folded, swap)
-    detach_lcnn_state(folded)
+    _warn_unreached_convs(folded)  # called from fold itself: its warning's stacklevel counts the frames above
+    _bake_lcnn_layers(folded)
     _fuse_conv_bn(folded, example_input)
     for p in folded.parameters():
         p.requires_grad_(False)
-    out = folded(example_input)
-    err = (out - reference).abs().max()
-    # Relative to the outputs' size, with a floor of √eps of the dtype: a freshly converted model's
-    # logits can be ~1e-15, far below the rounding of its unit-sized activations, where any purely
-    # relative test fails; an error of the size a folding mistake makes is still far above it.
-    scale = reference.abs().max().clamp_min(torch.finfo(reference.dtype).eps ** 0.5)
-    if not torch.isfinite(out).all() or err > rtol * scale:
-        raise RuntimeError(f"fold: folded outputs deviate from the LCNN by {float(err):.3g} "
-                           f"(> {rtol} x {float(scale):.3g}); please report this model")
+    _check_folded(folded(example_input), reference, rtol)
     if getattr(type(folded), "builds_folded", False):
         # A zoo architecture builds its folded form with folded=True: timm's save_for_hf writes the
         # model's _model_args into config.json, so the folded weights load back by that name.
