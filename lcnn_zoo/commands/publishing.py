@@ -40,6 +40,7 @@ from ..layers.spectral_norm import deferred_convergence
 from ..weight_checks import check_outputs, check_weights, load_mismatch, state_mismatch
 from .checkpoint import (
     RunFolder,
+    RunState,
     load_state_dict,
     read_json,
     write_json,
@@ -637,6 +638,37 @@ def _load_for_push(weights: Path, arch: str, info: Dict[str, Any], ema: bool) ->
     return model.eval()
 
 
+def _weights_to_push(source: Path, ema: bool, allow_unfinished: bool) -> Tuple[Path, Optional[RunState]]:
+    """(the weights file to publish, the state of the run it belongs to or None) for ``source``, a
+    checkpoint file or a run folder. Raises UserError if it does not exist, or if its run has not
+    finished and ``allow_unfinished`` is false."""
+    if not source.exists():
+        raise UserError(f"checkpoint not found: {shown(Path(source))}")
+    run_state = None
+    if source.is_dir():  # a run folder: its final weights, or with --ema the checkpoint that holds the EMA copy
+        run_state = RunFolder(source).require_finished("lcnn-zoo push", allow_unfinished)
+        latest = ema or not run_state.finished  # an unfinished run's newest weights are in last.pth
+        weights = RunFolder(source).file(RunFolder.LAST) if latest else RunFolder(source).weights()
+    else:
+        weights = source
+        holder = RunFolder.holding(source)  # any file of a run (model_best too) is as finished as its run
+        if holder is not None:
+            run_state = holder.require_finished("lcnn-zoo push", allow_unfinished)
+    return weights, run_state
+
+
+def _with_unfinished_note(card: str, weights: Path, run_state: RunState) -> str:
+    """The model card with a closing paragraph saying from which epoch of an unfinished run the weights are."""
+    if weights.name == RunFolder.LAST:
+        note = (f"These weights are from epoch {run_state.epoch} of {run_state.epochs or '?'} of a run that was "
+                f"{run_state.status}")
+    else:  # another of its files (its best weights): written at some epoch up to the run's last
+        note = (f"These weights ({md_text(weights.name)}) are from a run that was {run_state.status} at epoch "
+                f"{run_state.epoch} of {run_state.epochs or '?'}")
+    return card.rstrip("\n") + (f"\n\n**Unfinished run.** {note} when they were pushed "
+                                f"(`lcnn-zoo push --allow-unfinished`).\n")
+
+
 def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optional[str] = None,
             overwrite: bool = False, metrics_path: Optional[str] = None, metrics_key: Optional[str] = None,
             recipe_path: Optional[str] = None, eval_command: str = "", dataset: str = "",
@@ -656,18 +688,7 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
     check_name(model_name, "--model")  # it names files and folders: never a path
     arch, tag = split_spec(model_name)
     source = Path(checkpoint)
-    if not source.exists():
-        raise UserError(f"checkpoint not found: {shown(Path(source))}")
-    run_state = None
-    if source.is_dir():  # a run folder: its final weights, or with --ema the checkpoint that holds the EMA copy
-        run_state = RunFolder(source).require_finished("lcnn-zoo push", allow_unfinished)
-        latest = ema or not run_state.finished  # an unfinished run's newest weights are in last.pth
-        weights = RunFolder(source).file(RunFolder.LAST) if latest else RunFolder(source).weights()
-    else:
-        weights = source
-        holder = RunFolder.holding(source)  # any file of a run (model_best too) is as finished as its run
-        if holder is not None:
-            run_state = holder.require_finished("lcnn-zoo push", allow_unfinished)
+    weights, run_state = _weights_to_push(source, ema, allow_unfinished)
     template_text = find_model_card_template(template)
     if dataset:
         card_dataset(dataset)  # a name the card cannot show (a newline) fails before any model is built
@@ -708,14 +729,7 @@ def publish(checkpoint: str | os.PathLike, model_name: str, *, output_dir: Optio
                              dataset=dataset or (info["dataset"] if isinstance(info.get("dataset"), str) else ""),
                              classes=class_names)
     if run_state is not None and not run_state.finished:  # --allow-unfinished: the card says so
-        if weights.name == RunFolder.LAST:
-            note = (f"These weights are from epoch {run_state.epoch} of {run_state.epochs or '?'} of a run that was "
-                    f"{run_state.status}")
-        else:  # another of its files (its best weights): written at some epoch up to the run's last
-            note = (f"These weights ({md_text(weights.name)}) are from a run that was {run_state.status} at epoch "
-                    f"{run_state.epoch} of {run_state.epochs or '?'}")
-        card = card.rstrip("\n") + (f"\n\n**Unfinished run.** {note} when they were pushed "
-                                    f"(`lcnn-zoo push --allow-unfinished`).\n")
+        card = _with_unfinished_note(card, weights, run_state)
     folder = save_pretrained(model, out, model_card=card, overwrite=overwrite, label_names=class_names)
     print(f"wrote {folder} ({', '.join(PUSH_FILES)})")
     if ship:
