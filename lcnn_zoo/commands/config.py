@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from ..errors import UserError, shown
 from .writing import not_regular
 
-__all__ = ["TrainConfig", "EvalConfig", "REGS", "SCHEDULERS", "RESUME_MAY_CHANGE", "load_yaml", "check_value",
-           "resume_conflicts", "PAPER_EPS", "NOISE_NORMS", "SEED_MAX", "THREADS_MAX"]
+__all__ = ["TrainConfig", "EvalConfig", "REGS", "SCHEDULERS", "RESUME_MAY_CHANGE", "load_yaml", "safe_yaml",
+           "check_value", "resume_conflicts", "PAPER_EPS", "NOISE_NORMS", "SEED_MAX", "THREADS_MAX"]
 
 REGS = ("none", "lcnn", "gradreg", "lcnn_gradreg")
 SCHEDULERS = ("multistep", "cosine", "step", "poly", "tanh", "none")
@@ -398,9 +398,20 @@ def _check_range(v: float, meta: Mapping[str, Any], bad) -> None:
 MAX_YAML_ALIASES = 20  # a config needs none; a billion-laughs file needs dozens (9 a level)
 
 
-def _safe_yaml(text: str) -> Any:
-    """``yaml.safe_load`` with a cap on aliases (``*ref``): a config has no use for thousands, and a
-    billion-laughs file needs them."""
+def safe_yaml(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load``, with a cap on aliases (``*ref``).
+
+    A config has no use for thousands of aliases, and a billion-laughs file needs them.
+
+    Args:
+        text: the YAML document.
+
+    Returns:
+        The document's data (``None`` for an empty document).
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML, or holds more than ``MAX_YAML_ALIASES`` aliases.
+    """
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -435,7 +446,7 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
     except (UnicodeDecodeError, OSError) as e:
         raise UserError(f"{shown(Path(path))}: not a readable text file ({e.__class__.__name__})") from e
     try:
-        data = _safe_yaml(text) or {}
+        data = safe_yaml(text) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{shown(Path(path))}: not valid YAML ({shown(str(e).splitlines()[0], 120)})") from e
     if not isinstance(data, dict):

@@ -383,10 +383,10 @@ def _without_local_paths(text: str) -> str:
     re-serialised by PyYAML's safe dumper."""
     import yaml
 
-    from .config import _safe_yaml
+    from .config import safe_yaml
 
     try:
-        data = _safe_yaml(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as e:
         raise UserError(f"--recipe is not valid YAML ({shown(str(e).splitlines()[0], 120)})") from e
     if not isinstance(data, dict):
@@ -502,13 +502,13 @@ def _template_parts(template: str) -> Tuple[Dict[str, Any], str]:
     safe loader (aliases capped) and may hold no ``${…}`` field: it is written by huggingface_hub."""
     import yaml
 
-    from .config import _safe_yaml
+    from .config import safe_yaml
 
     match = re.match(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", template, re.S)
     if match is None:
         return {}, template
     try:
-        meta = _safe_yaml(match.group(1)) or {}
+        meta = safe_yaml(match.group(1)) or {}
     except yaml.YAMLError as e:
         raise UserError(f"the model card template's YAML header is not valid YAML "
                         f"({shown(str(e).splitlines()[0], 120)})") from e
