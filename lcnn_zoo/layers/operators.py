@@ -26,14 +26,21 @@ class LinearOperator:
 
     def shapes(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]] = None
                ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """(v's shape (in,), u's shape (out,)) for ``weight`` (out, in); ``input_shape`` is not used.
+
+        Raises:
+            ValueError: ``weight`` is not 2-D.
+        """
         if weight.dim() != 2:
             raise ValueError(f"SpectralNorm(layer_type='linear') needs a 2D weight, got shape {tuple(weight.shape)}")
         return (weight.shape[1],), (weight.shape[0],)
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """W x: (in,) → (out,)."""
         return torch.mv(weight, x)
 
     def adjoint(self, y: torch.Tensor, weight: torch.Tensor, in_shape: Sequence[int]) -> torch.Tensor:
+        """Wᵀ y: (out,) → (in,); ``in_shape`` is not used."""
         return torch.mv(weight.t(), y)
 
     def sigma_gradient(self, u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -41,6 +48,7 @@ class LinearOperator:
         return torch.outer(u, v)
 
     def describe(self) -> str:
+        """The operator's settings, for :class:`~lcnn_zoo.layers.SpectralNorm`'s repr."""
         return "layer_type=linear"
 
 
@@ -67,6 +75,12 @@ class Conv2dOperator:
 
     def shapes(self, weight: torch.Tensor, input_shape: Optional[Sequence[int]]
                ) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        """(v's shape (1, C_in, H, W), u's shape (1, C_out, H_out, W_out)) for inputs of ``input_shape`` (C, H, W).
+
+        Raises:
+            ValueError: ``weight`` is not 4-D, ``input_shape`` is not (C, H, W), its C does not fit the
+                weight and groups, or it is too small for the kernel.
+        """
         if weight.dim() != 4:
             raise ValueError(f"SpectralNorm(layer_type='conv2d') needs a 4D weight, got shape {tuple(weight.shape)}")
         if input_shape is None or len(input_shape) != 3:
@@ -74,22 +88,23 @@ class Conv2dOperator:
         c, h, w = (int(s) for s in input_shape)
         if c != weight.shape[1] * self.groups:
             raise ValueError(f"SpectralNorm: input has {c} channels, the conv expects {weight.shape[1] * self.groups}")
-        l, r, t, b = self._padding()
+        left, right, top, bottom = self._padding()
         kh, kw = weight.shape[-2:]
-        ho = (h + t + b - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (w + l + r - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        ho = (h + top + bottom - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + left + right - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         if ho <= 0 or wo <= 0:
             raise ValueError(f"SpectralNorm: input shape {(c, h, w)} is too small for kernel "
                              f"{(kh, kw)}, stride {self.stride}, dilation {self.dilation}")
         return (1, c, h, w), (1, weight.shape[0], ho, wo)
 
     def _symmetric_padding(self) -> Optional[Tuple[int, int]]:
-        l, r, t, b = self._padding()
-        if self.padding_mode == "zeros" and l == r and t == b:
-            return (t, l)
+        left, right, top, bottom = self._padding()
+        if self.padding_mode == "zeros" and left == right and top == bottom:
+            return (top, left)
         return None
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A_W x = conv2d(pad(x), W), bias-free: (N, C_in, H, W) → (N, C_out, H_out, W_out)."""
         sym = self._symmetric_padding()
         if sym is None:
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
@@ -105,8 +120,8 @@ class Conv2dOperator:
                 x = torch.zeros(tuple(in_shape), device=y.device, dtype=y.dtype, requires_grad=True)
                 (out,) = torch.autograd.grad(self.apply(x, weight.detach()), x, y)
             return out
-        l, r, t, b = self._padding()
-        hp, wp = in_shape[-2] + t + b, in_shape[-1] + l + r
+        left, right, top, bottom = self._padding()
+        hp, wp = in_shape[-2] + top + bottom, in_shape[-1] + left + right
         kh, kw = weight.shape[-2:]
         base_h = (y.shape[-2] - 1) * self.stride[0] + self.dilation[0] * (kh - 1) + 1
         base_w = (y.shape[-1] - 1) * self.stride[1] + self.dilation[1] * (kw - 1) + 1
@@ -116,7 +131,7 @@ class Conv2dOperator:
         if sym is not None:
             return F.conv_transpose2d(y, weight, None, self.stride, sym, out_pad, self.groups, self.dilation)
         x = F.conv_transpose2d(y, weight, None, self.stride, 0, out_pad, self.groups, self.dilation)
-        return x[..., t:t + in_shape[-2], l:l + in_shape[-1]]
+        return x[..., top:top + in_shape[-2], left:left + in_shape[-1]]
 
     @property
     def sigma_gradient(self):
@@ -149,17 +164,18 @@ class Conv2dOperator:
         taps = w.reshape(g, co // g, ci, kh * kw).permute(3, 0, 1, 2)  # (taps, groups, out/g, in/g)
         bound = torch.linalg.matrix_norm(taps, ord=2).amax(dim=1).sum()
         if self.padding_mode != "zeros" and self.padding is not None:
-            l, r, t, b = self.padding
+            left, right, top, bottom = self.padding
 
             def copies(before: int, after: int) -> int:
                 if self.padding_mode == "replicate":
                     return 1 + before + after
                 return 1 + (before > 0) + (after > 0)
 
-            bound = bound * (copies(l, r) * copies(t, b)) ** 0.5
+            bound = bound * (copies(left, right) * copies(top, bottom)) ** 0.5
         return bound
 
     def describe(self) -> str:
+        """The operator's settings, for :class:`~lcnn_zoo.layers.SpectralNorm`'s repr."""
         return (f"layer_type=conv2d, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}")
 
