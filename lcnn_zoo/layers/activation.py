@@ -164,11 +164,18 @@ def _use_fused(x: torch.Tensor) -> bool:
 
 
 def centered_softplus(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """Functional centered softplus s0(x; β) (paper eq. 4). ``beta``: positive tensor, 0-dim.
+    """Apply the centered softplus s0(x; β) = (1/β)·log((1 + exp(βx)) / 2) elementwise (paper eq. 4).
 
     torch.fx records calls to this function as single nodes (it is ``torch.fx.wrap``-ped), so FX
     tracing — timm's and torchvision's feature extraction, FX quantisation — sees the activation
     as one operation and runs it as is.
+
+    Args:
+        x: the input, any shape.
+        beta: β, a positive 0-dim tensor (dimensionless); gradients flow to it.
+
+    Returns:
+        s0(x; β), of ``x``'s shape.
     """
     # torch.compile cannot trace a Function with a custom jvp; eager mode keeps forward-mode AD.
     fn = _CenteredSoftplusFn if torch.compiler.is_compiling() else _CenteredSoftplusFnFwdAD
@@ -188,18 +195,24 @@ class CenteredSoftplus(nn.Module):
 
     s0(x; β) = (1/β)·log((1 + exp(βx)) / 2): s0(0) = 0, s0 → x/2 as β → 0 and → ReLU as β → ∞.
     Its curvature |s0''/s0'| is bounded by β, which the LCNN penalty (eq. 5) pushes down.
-
     β is stored as ``log_beta`` (β = exp(log_beta) > 0 by construction). The computation is a fused
-    autograd Function that is stable for |βx| up to 1e4 and β in [1e-4, 1e4]. Under TorchScript
+    autograd Function that is stable for |βx| up to 1e4 and β in [1e-4, 1e4]; under TorchScript
     the same formula runs with plain ops.
 
     Args:
-        beta_init: initial β (> 0). The reference code uses 5.
+        beta_init: initial β (finite, > 0; dimensionless). The reference code uses 5.
         inplace: accepted for drop-in compatibility with ``act_layer(inplace=True)``; ignored
             (the op is never computed in place).
         learnable: if False, β is a fixed buffer (e.g. the paper's β = 1e3 "standard" model).
+        device: device of ``log_beta``.
+        dtype: dtype of ``log_beta`` (default: torch's default dtype).
 
-    Shape: any; elementwise.
+    Shape:
+        - Input: (*), any shape.
+        - Output: (*), the input's shape (elementwise).
+
+    Raises:
+        ValueError: ``beta_init`` is not a finite positive number.
     """
 
     def __init__(self, beta_init: float = DEFAULT_BETA_INIT, inplace: bool = False, learnable: bool = True,
@@ -221,6 +234,7 @@ class CenteredSoftplus(nn.Module):
         return self.log_beta.exp()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply s0(x; β) elementwise."""
         if torch.jit.is_scripting():
             return _centered_softplus_plain(x, self.log_beta.exp())
         return self._fused(x)
@@ -232,6 +246,7 @@ class CenteredSoftplus(nn.Module):
         return centered_softplus(x, beta if beta is not None else self.log_beta.exp())
 
     def extra_repr(self) -> str:
+        """β and whether it is learnable, as printed in the module's repr."""
         return f"beta={self.beta.item():.4g}, learnable={isinstance(self.log_beta, nn.Parameter)}"
 
 
@@ -244,7 +259,18 @@ class FrozenCenteredSoftplus(nn.Module):
 
     What :func:`lcnn_zoo.fold` produces. Written with ``softplus`` and a subtraction only, so
     TorchScript, ``torch.export`` and both ONNX exporters (the dynamo one and the legacy
-    TorchScript-based one) take it. Within 2e-7·log(2)/β (absolute) of s0 in float32.
+    TorchScript-based one) take it. Within 2e-7·log(2)/β (absolute) of s0 in float32. β is a
+    Python float of the forward and the ``frozen_beta`` buffer of the state dict (loading sets both).
+
+    Args:
+        beta: the constant β (finite, > 0; dimensionless).
+
+    Shape:
+        - Input: (*), any shape.
+        - Output: (*), the input's shape (elementwise).
+
+    Raises:
+        ValueError: ``beta`` (or a loaded ``frozen_beta``) is not finite and positive.
     """
 
     def __init__(self, beta: float) -> None:
@@ -267,7 +293,9 @@ class FrozenCenteredSoftplus(nn.Module):
         self.frozen_beta.fill_(beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply ``softplus(x, β) − log(2)/β`` elementwise."""
         return F.softplus(x, beta=self.beta, threshold=self.threshold) - self.shift
 
     def extra_repr(self) -> str:
+        """β, as printed in the module's repr."""
         return f"beta={self.beta:.6g}"

@@ -30,24 +30,36 @@ class LipschitzBatchNorm2d(nn.Module):
     output = min(γ, ‖BN‖₂) · BN(x) / ‖BN‖₂,   ‖BN‖₂ = maxᵢ |wᵢ| / sqrt(running_varᵢ + eps)
 
     (wᵢ = 1 when ``affine=False``). In eval mode BN is the diagonal affine map with that norm, so
-    the layer's Lipschitz constant is ≤ γ exactly. In training mode BN(x) uses batch statistics
-    (like :class:`torch.nn.BatchNorm2d`) and is not a fixed map: the bound is an eval-mode property.
-    The scale uses the running variance before this batch updates it (the scale is folded into
-    BatchNorm's weight, as in the reference implementations); a forward in
-    :func:`~lcnn_zoo.layers.frozen_state` (FD GradReg's second pass, a gradient-checkpoint recompute)
-    reuses the scale of the last forward that updated the statistics, so both compute one function.
+    the layer's Lipschitz constant is ≤ γ exactly; in training mode BN(x) uses batch statistics
+    (like :class:`torch.nn.BatchNorm2d`): the bound is an eval-mode property. γ = 1 + softplus(``gamma_raw``).
 
-    γ = 1 + softplus(``gamma_raw``) ≥ 1 by construction. Buffers and parameters keep the
-    ``torch.nn.BatchNorm2d`` names (``weight``, ``bias``, ``running_mean``, ``running_var``,
-    ``num_batches_tracked``). Deliberately *not* a ``_BatchNorm`` subclass, so that generic
-    rewrites such as ``nn.SyncBatchNorm.convert_sync_batchnorm`` cannot silently drop the clipping.
+    * The scale uses the running variance before this batch updates it, folded into BatchNorm's
+      weight (as in the reference implementations). A forward in :func:`~lcnn_zoo.layers.frozen_state`
+      (FD GradReg's second pass, a gradient-checkpoint recompute) reuses the scale of the last forward
+      that updated the statistics, so both compute one function.
+    * Buffers and parameters keep the ``torch.nn.BatchNorm2d`` names (``weight``, ``bias``,
+      ``running_mean``, ``running_var``, ``num_batches_tracked``). Deliberately *not* a ``_BatchNorm``
+      subclass, so that generic rewrites such as ``nn.SyncBatchNorm.convert_sync_batchnorm`` cannot
+      silently drop the clipping.
 
     Args:
-        num_features: C of an (N, C, H, W) input.
-        gamma_init: initial γ (> 1). The reference code uses 10.
+        num_features: C of an (N, C, H, W) input (> 0).
+        eps: added to the variance, as in ``nn.BatchNorm2d``.
+        momentum: of the running statistics' exponential average; the first 1/momentum batches are
+            averaged cumulatively (no trace of the initial (0, 1) statistics). None: the cumulative
+            average throughout.
         affine: learnable per-channel weight/bias. The paper uses ``False``.
+        gamma_init: initial γ (finite, > 1). The reference code uses 10.
+        device: device of the parameters and buffers.
+        dtype: dtype of the floating-point parameters and buffers.
 
-    Shape: (N, C, H, W) → (N, C, H, W), any memory format.
+    Shape:
+        - Input: (N, C, H, W), any memory format.
+        - Output: (N, C, H, W), same shape as the input.
+
+    Raises:
+        ValueError: ``gamma_init`` is not finite and > 1, or ``num_features`` is not positive; at
+            forward, an input that is not 4-D.
     """
 
     if TYPE_CHECKING:  # registered in __init__ (declared for type checkers only: TorchScript reads annotations)
@@ -115,6 +127,7 @@ class LipschitzBatchNorm2d(nn.Module):
         return gamma / torch.maximum(self.bn_lipschitz(running_var), gamma)
 
     def reset_running_stats(self) -> None:
+        """Reset the running statistics to (mean 0, variance 1) and the batch count to 0, as ``nn.BatchNorm2d``."""
         self._recorded, self._late = None, False
         self.running_mean.zero_()
         self.running_var.fill_(1.0)
@@ -138,6 +151,8 @@ class LipschitzBatchNorm2d(nn.Module):
         return self.weight * scale, self.bias * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """BatchNorm of ``x`` scaled by :meth:`lipschitz_scale` (training mode updates the running statistics,
+        except within :func:`~lcnn_zoo.layers.frozen_state`)."""
         if isinstance(x, torch.Tensor) and x.dim() != 4:  # (an FX proxy is not checked)
             raise ValueError(f"{type(self).__name__} expects a 4D (N, C, H, W) input, got shape {tuple(x.shape)}")
         # The scale is folded into BatchNorm's affine weight, so F.batch_norm saves only its input for
@@ -239,13 +254,31 @@ class LipschitzBatchNorm2d(nn.Module):
         return y
 
     def extra_repr(self) -> str:
+        """The constructor's settings and the current γ, as printed in the module's repr."""
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"gamma={self.gamma.item():.4g}")
 
 
 class LipschitzBatchNormAct2d(LipschitzBatchNorm2d):
-    """:class:`LipschitzBatchNorm2d` followed by dropout/activation modules, the counterpart of
-    timm's ``BatchNormAct2d`` (same ``drop``/``act`` attribute names, so state-dict keys line up)."""
+    """:class:`LipschitzBatchNorm2d` followed by dropout and activation modules: act(drop(γ-BN(x))).
+
+    The counterpart of timm's ``BatchNormAct2d`` (same ``drop``/``act`` attribute names, so
+    state-dict keys line up).
+
+    Args:
+        num_features: C of an (N, C, H, W) input.
+        act: the activation module (default: ``nn.Identity``).
+        drop: the dropout module (default: ``nn.Identity``).
+        **kwargs: the other arguments of :class:`LipschitzBatchNorm2d` (``eps``, ``momentum``,
+            ``affine``, ``gamma_init``, ``device``, ``dtype``).
+
+    Shape:
+        - Input: (N, C, H, W).
+        - Output: (N, C, H, W) for an elementwise ``act`` and ``drop``.
+
+    Raises:
+        ValueError: as :class:`LipschitzBatchNorm2d`.
+    """
 
     def __init__(self, num_features: int, act: Optional[nn.Module] = None, drop: Optional[nn.Module] = None,
                  **kwargs) -> None:
@@ -254,6 +287,7 @@ class LipschitzBatchNormAct2d(LipschitzBatchNorm2d):
         self.act = act if act is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """act(drop(γ-BN(x)))."""
         return self.act(self.drop(super().forward(x)))
 
 

@@ -10,14 +10,27 @@ __all__ = ["Scale"]
 
 
 class Scale(nn.Module):
-    """y = scale · x. Used to average residual branches: (branch + shortcut) / 2 is non-expansive."""
+    """Multiply the input by a constant: y = scale · x.
+
+    Used to average residual branches: (branch + shortcut) / 2 of two 1-Lipschitz maps is
+    1-Lipschitz. Its Lipschitz constant is |scale|; it has no parameters and no buffers.
+
+    Args:
+        scale: the constant factor (stored as a Python float).
+
+    Shape:
+        - Input: (*), any shape.
+        - Output: (*), the input's shape.
+    """
 
     def __init__(self, scale: float) -> None:
         super().__init__()
         self.scale = float(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``x * scale``."""
         return x * self.scale
 
     def extra_repr(self) -> str:
+        """The factor, as printed in the module's repr."""
         return f"{self.scale}"

@@ -77,42 +77,63 @@ def divide_by_sigma_backward(grad: torch.Tensor, weight: torch.Tensor, sigma: to
 
 
 class SpectralNorm(nn.Module):
-    """Parametrization W ↦ W / σ(W), σ = spectral norm of the layer's linear operator.
+    """Parametrization W ↦ W / σ(W), σ = ‖A_W‖₂ the spectral norm of the layer's bias-free linear operator.
 
-    * ``layer_type="linear"``: the operator is the matrix W (out, in).
-    * ``layer_type="conv2d"``: the operator is the full convolution x ↦ conv2d(pad(x), W) on inputs of
+    * ``layer_type="linear"``: A_W is the matrix W (out, in).
+    * ``layer_type="conv2d"``: A_W is the full convolution x ↦ conv2d(pad(x), W) on inputs of
       shape (C_in, H, W) = ``input_shape`` — stride, padding (any mode, symmetric or the
       asymmetric TF-'same' padding of timm's ``Conv2dSame``), dilation and groups included, bias
       excluded. The singular "vectors" are tensors of the input shape (``_v``: (1, C_in, H, W)) and
       output shape (``_u``: (1, C_out, H_out, W_out)); the adjoint is ``conv_transpose2d``
       (autograd's VJP for non-zero padding modes), exact for grouped and depthwise convolutions.
+      The norm of a zero-padded convolution grows with H, W: it is computed for the size given to
+      :func:`lcnn_zoo.lcnnify`, and at another size the layer is not guaranteed 1-Lipschitz.
 
-    The operator norm of a zero-padded convolution depends on the input size (it grows with H, W),
-    so it is computed for the size the layer sees when the model is fed inputs of the size given to
-    :func:`lcnn_zoo.lcnnify`; at another size the layer is not guaranteed 1-Lipschitz.
+    Power iteration, with σ = ‖A_W v‖ differentiated w.r.t. W (u, v constants, as in Miyato et al.):
 
-    Power iteration: at initialisation until σ is accurate to ``init_tol`` (relative; at most
-    ``init_iterations`` iterations); then one step per training-mode forward
-    (``n_power_iterations``), on persistent buffers, with ``σ = ‖A_W v‖`` differentiated w.r.t. W
-    (u, v treated as constants, as in Miyato et al.). In eval mode σ is recomputed from the current
-    weight at every call — nothing is cached, so weights changed in any way (``.data``, EMA/SWA tools,
-    ``torch.func.functional_call``) are always seen — and the singular vectors are re-converged (to
-    ``init_tol``, warm-started) at the first eval forward after the weight tensor or a singular-vector
-    buffer changed in place or was replaced (its version counter or storage differs from the last
-    check): an averaged copy (timm's ModelEmaV3, SWA), whose vectors are an average or a copy, and a
-    model whose vectors alone were overwritten (``copy_``, ``load_state_dict`` of the buffers, a DDP
-    buffer broadcast), are within their bound without a call to
-    :func:`~lcnn_zoo.converge_spectral_norms`. Not seen by that check, and so needing that call:
-    writes through ``.data`` (of the weight or of the vectors), and eval under ``torch.compile`` or
-    ``torch.func`` transforms (where the vectors are used as they are). For repeated
-    calls with fixed weights, ``torch.nn.utils.parametrize.cached()`` caches the normalised weight
-    within its block; :func:`lcnn_zoo.fold` bakes it for deployment.
+    * at initialisation, until σ is accurate to ``init_tol`` (relative; at most ``init_iterations``);
+    * in training mode, ``n_power_iterations`` steps per forward, on persistent buffers;
+    * in eval mode, σ is recomputed from the current weight at every call (nothing is cached, so
+      weights changed in any way — ``.data``, EMA/SWA tools, ``torch.func.functional_call`` — are
+      seen), and the vectors are re-converged (to ``init_tol``, warm-started) at the first eval
+      forward after the weight or a singular-vector buffer was written in place or replaced (its
+      version counter or storage differs from the last check). So an averaged copy (timm's
+      ModelEmaV3, SWA) and vectors overwritten alone (``copy_``, ``load_state_dict``, a DDP buffer
+      broadcast) are within their bound without :func:`~lcnn_zoo.converge_spectral_norms`; writes
+      through ``.data`` and eval under ``torch.compile`` or ``torch.func`` transforms (which use the
+      vectors as they are) need that call. For repeated calls with fixed weights,
+      ``torch.nn.utils.parametrize.cached()`` caches the normalised weight within its block;
+      :func:`lcnn_zoo.fold` bakes it for deployment.
 
-    Buffers are allocated at construction when the input shape is known, so a state_dict loads
-    into a freshly built model without a dummy forward. With ``input_shape=None`` they are
-    allocated by :meth:`initialize` (the first forward) or taken from a loaded state_dict. A state
-    dict whose singular vectors have other shapes (saved at another input size or channel count)
-    loads too: the vectors are recomputed for this layer's shape from the loaded weight.
+    The buffers are allocated at construction when the input shape is known, so a state_dict loads
+    into a freshly built model without a dummy forward; with ``input_shape=None`` by
+    :meth:`initialize` (the first forward) or from a loaded state_dict. A state dict whose singular
+    vectors have other shapes (another input size or channel count) loads too: the vectors are
+    recomputed for this layer's shape from the loaded weight.
+
+    Args:
+        weight: the layer's weight, (out, in) or (C_out, C_in / groups, kH, kW); only read (its
+            shape, device, dtype and the values the vectors are converged for).
+        layer_type: "linear" or "conv2d".
+        input_shape: (C_in, H, W) of one input sample (conv2d); None: set later (see above).
+        stride: the convolution's stride.
+        padding: (left, right, top, bottom) as for ``F.pad``, or None until the input size is known
+            (timm's dynamic TF-'same' padding).
+        dilation: the convolution's dilation.
+        groups: the convolution's groups.
+        padding_mode: "zeros", "reflect", "replicate" or "circular".
+        n_power_iterations: power steps per training-mode forward (≥ 0; with 0, training mode
+            computes σ as eval mode does).
+        init_iterations: at most this many operator products each time the vectors are converged.
+        init_tol: the relative accuracy of σ they are converged to.
+
+    Shape:
+        - Input: the weight, (out, in) or (C_out, C_in / groups, kH, kW).
+        - Output: W / σ(W), the weight's shape.
+
+    Raises:
+        ValueError: an unknown ``layer_type``, a negative ``n_power_iterations``, a weight of the
+            wrong rank, or an ``input_shape`` that does not fit the weight.
     """
 
     if TYPE_CHECKING:  # a buffer that is None unless a stem gain is set (registered in __init__)
@@ -153,10 +174,12 @@ class SpectralNorm(nn.Module):
     # ---- shapes ---------------------------------------------------------------------------
     @property
     def layer_type(self) -> str:
+        """The operator's kind: ``"linear"`` or ``"conv2d"``."""
         return self.op.layer_type
 
     @property
     def padding(self) -> Optional[Tuple[int, int, int, int]]:
+        """The explicit (left, right, top, bottom) padding of the operator; None until the input size is known."""
         return self.op.padding
 
     @property
@@ -395,6 +418,12 @@ class SpectralNorm(nn.Module):
         return off / max(rho, _EPS)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """W / σ(W) (times the stem gain, if one is set); see the class docs for when σ is updated.
+
+        Raises:
+            RuntimeError: under ONNX export or ``torch.export`` (export :func:`lcnn_zoo.fold`'s result),
+                or when a convolution's input size is still unknown.
+        """
         if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
             # Both ONNX exporters would fail deep inside (or export the power iteration); torch.export too
             # would carry every σ computation into the graph.
@@ -487,6 +516,7 @@ class SpectralNorm(nn.Module):
             "torch.compile.")
 
     def extra_repr(self) -> str:
+        """The operator's settings and the input shape, as printed in the module's repr."""
         return f"{self.op.describe()}, input_shape={self.input_shape}"
 
 
@@ -497,17 +527,31 @@ def _needs_input_size(conv: nn.Conv2d) -> bool:
 def spectral_norm(module: nn.Module, input_shape: Optional[Sequence[int]] = None, *,
                   n_power_iterations: int = 1, init_iterations: int = MAX_INIT_ITERATIONS,
                   init_tol: float = CONVERGENCE_TOL) -> nn.Module:
-    """Register :class:`SpectralNorm` on ``module.weight`` (an ``nn.Linear`` or ``nn.Conv2d``).
+    """Register :class:`SpectralNorm` on ``module.weight`` (an ``nn.Linear`` or ``nn.Conv2d``), in place.
 
-    For convolutions ``input_shape=(C, H, W)`` is the per-sample input shape the operator norm is
-    computed for; if None, it is taken from the first forward (a one-shot pre-hook) or from a loaded
-    state_dict. σ is converged to ``init_tol`` at once (at most ``init_iterations`` power
-    iterations). Returns ``module``.
+    σ is converged to ``init_tol`` at once when the operator's shape is known (within
+    :func:`deferred_convergence`: on leaving its block, unless a loaded state dict gave the vectors).
 
     State-dict layout (like torch's legacy ``spectral_norm``): ``weight`` holds the *unnormalised*
     weight, ``weight_u``/``weight_v`` the singular vectors. Keeping the plain ``weight`` key means
     ordinary checkpoints (e.g. timm ImageNet weights) load into a converted model, and timm's
     classifier/stem adaptation, which works on ``<layer>.weight``, keeps working.
+
+    Args:
+        module: an ``nn.Linear`` or ``nn.Conv2d`` (timm's ``Conv2dSame`` included).
+        input_shape: (C, H, W) of one input sample, which a convolution's operator norm is computed
+            for; None: taken from the first forward (a one-shot pre-hook) or from a loaded state
+            dict. Not used for ``nn.Linear``.
+        n_power_iterations: power iterations per training-mode forward.
+        init_iterations: at most this many operator products when the vectors are converged.
+        init_tol: the relative accuracy of σ they are converged to.
+
+    Returns:
+        ``module``, its ``weight`` now parametrized.
+
+    Raises:
+        TypeError: ``module`` is neither an ``nn.Linear`` nor an ``nn.Conv2d``.
+        ValueError: ``input_shape`` does not fit the convolution (see :class:`SpectralNorm`).
     """
     kw: Dict[str, Any] = dict(n_power_iterations=n_power_iterations, init_iterations=init_iterations,
                               init_tol=init_tol)
@@ -593,16 +637,24 @@ def deferred_convergence() -> Iterator[None]:
 
 @torch.no_grad()
 def remove_spectral_norm(module: nn.Module) -> nn.Module:
-    """Replace the spectrally normalised weight by a plain parameter holding its current (eval)
-    value W/σ, and remove every hook :func:`spectral_norm` added. Returns ``module``, now an
-    instance of its original class.
+    """Bake the spectrally normalised weight into a plain parameter and remove the parametrization.
 
-    A convolution whose input size is still unknown (no forward has reached it and none was given)
+    The new ``weight`` holds the current (eval-mode) value W/σ, and every hook :func:`spectral_norm`
+    added is removed. A convolution whose input size is still unknown (no forward has reached it and none was given)
     has no σ yet: it gets W/σ̄ instead, σ̄ ≥ its operator norm at every input size
     (:meth:`Conv2dOperator.norm_bound`), so it is 1-Lipschitz at any size it may be run at.
 
     Not ``parametrize.remove_parametrizations``: on a deep copy it deletes the property from the
     parametrized class that the copy *shares* with the original model, breaking the original.
+
+    Args:
+        module: a layer :func:`spectral_norm` was registered on.
+
+    Returns:
+        ``module``, now an instance of its original class with a plain ``weight`` parameter.
+
+    Raises:
+        ValueError: ``module`` has no spectral norm, or has other parametrizations too.
     """
     if spectral_norm_of(module) is None:
         raise ValueError(f"remove_spectral_norm: {type(module).__name__} has no spectral norm")

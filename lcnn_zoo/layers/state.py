@@ -18,9 +18,17 @@ __all__ = ["frozen_state", "eval_mode", "converge_spectral_norms", "recalibrate_
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model.eval()`` within the block, its own train/eval mode restored on exit (an exception too).
+    """Put ``model`` in eval mode within the block; restore its train/eval mode on exit (an exception too).
+
     Only the root's flag is saved: a model whose submodules were in mixed modes gets them all back in
-    the root's mode, as ``model.train(mode)`` sets them."""
+    the root's mode, as ``model.train(mode)`` sets them.
+
+    Args:
+        model: the module.
+
+    Yields:
+        ``model``, in eval mode.
+    """
     was = model.training
     model.eval()
     try:
@@ -31,13 +39,20 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def frozen_state(model: nn.Module) -> Iterator[nn.Module]:
-    """Context in which forward passes change no state: no power iteration, no BatchNorm
-    running-statistics update (batch statistics are still *used* in training mode).
+    """Context in which forward passes change no state: no power iteration, no BatchNorm statistics update.
 
-    Used for the second forward of finite-difference GradReg and for gradient-checkpoint
-    recomputes, so one optimisation step updates BatchNorm statistics and spectral-norm vectors
-    exactly once, and the frozen pass computes the same function as the recording one (the same
-    singular vectors, the same γ-clips).
+    Batch statistics are still *used* in training mode. Used for the second forward of
+    finite-difference GradReg and for gradient-checkpoint recomputes, so one optimisation step
+    updates BatchNorm statistics and spectral-norm vectors exactly once, and the frozen pass computes
+    the same function as the recording one (the same singular vectors, the same γ-clips). Ordinary
+    ``nn.BatchNorm*`` layers that track running statistics run at momentum 0 and get their batch
+    counter back on exit.
+
+    Args:
+        model: the model whose LCNN layers and BatchNorms are frozen (all its submodules).
+
+    Yields:
+        ``model``; its layers' settings are restored on exit (an exception too).
     """
     saved: List[Tuple[nn.Module, str, Any]] = []
     counters: List[Tuple[torch.Tensor, torch.Tensor]] = []
@@ -69,12 +84,19 @@ def frozen_state(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def converge_spectral_norms(model: nn.Module, n_iter: int = 50, tol: Optional[float] = None) -> int:
-    """Run up to ``n_iter`` extra power iterations on every spectrally normalised layer.
+    """Converge the singular vectors of every spectrally normalised layer for its current weight.
 
     Use after training with few iterations, after averaging weights (EMA/SWA — averaged singular
-    vectors are not singular vectors), or before export. With ``tol``, a layer stops once its σ is
-    accurate to ``tol`` (relative; see :meth:`SpectralNorm.converge`). Returns the number of layers
-    processed.
+    vectors are not singular vectors), or before export. Layers whose input size is still unknown
+    are skipped.
+
+    Args:
+        model: the model (any module holding spectrally normalised layers).
+        n_iter: at most this many operator products per layer (Lanczos, see :meth:`SpectralNorm.converge`).
+        tol: stop a layer once its σ is accurate to ``tol`` (relative); None runs all ``n_iter``.
+
+    Returns:
+        The number of layers processed.
     """
     count = 0
     for m, sn in spectral_norm_modules(model):
@@ -88,13 +110,20 @@ def converge_spectral_norms(model: nn.Module, n_iter: int = 50, tol: Optional[fl
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
-    """Recompute every BatchNorm's running statistics as the plain average over ``batches``
-    (inputs, forward passes in training mode with the spectral norms frozen). Returns the number
-    of batches used.
+    """Recompute every BatchNorm's running statistics as the plain average over ``batches``.
 
-    For short runs: the running variance starts at 1 and an LCNN's early activations have a
-    variance near 1e-3, so after n steps at momentum 0.1 the estimate still holds 0.9ⁿ of its start
-    and eval mode normalises with a variance far too large for the first ~100 steps.
+    Each batch is one forward in training mode with the spectral norms frozen (the model's mode, the
+    BatchNorms' momenta and the spectral norms' settings are restored afterwards). For short runs:
+    the running variance starts at 1 and an LCNN's early activations have a variance near 1e-3, so
+    after n steps at momentum 0.1 the estimate still holds 0.9ⁿ of its start and eval mode
+    normalises with a variance far too large for the first ~100 steps.
+
+    Args:
+        model: the model (γ-Lipschitz and ordinary BatchNorms are recalibrated).
+        batches: model inputs, e.g. ``(x for x, _ in loader)``; each is passed to ``model`` as is.
+
+    Returns:
+        The number of batches used.
     """
     bns = [m for m in model.modules() if isinstance(m, (LipschitzBatchNorm2d, nn.modules.batchnorm._BatchNorm))]
     sns = [m for m in model.modules() if isinstance(m, SpectralNorm)]
