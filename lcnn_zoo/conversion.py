@@ -184,9 +184,16 @@ def _is_maxpool(m: nn.Module) -> bool:
 
 
 def average_residual(block: Any, name: str = "", ctx: Optional[_Context] = None) -> None:
-    """The rewrite lcnnify applies to ResNet blocks: make ``out = branch + shortcut`` into ``out = (branch + shortcut) / 2`` in the ResNet blocks
-    of timm and torchvision, by scaling both summands with :class:`Scale` (0.5) modules placed where
-    each block's forward applies them."""
+    """The rewrite lcnnify applies to ResNet blocks: ``out = branch + shortcut`` becomes ``(branch + shortcut) / 2``.
+
+    For the ResNet blocks of timm and torchvision, by scaling both summands with :class:`Scale` (0.5)
+    modules placed where each block's forward applies them (in place).
+
+    Args:
+        block: a timm or torchvision ``BasicBlock``/``Bottleneck``.
+        name: the block's module path (unused; the signature of a rule's rewrite).
+        ctx: lcnnify's conversion context (unused; idem).
+    """
 
     half = Scale(0.5)
     if isinstance(block, (TimmBasic, TimmBottleneck)):
@@ -226,8 +233,9 @@ def _effective_conv(conv: Any) -> nn.Conv2d:
                            training=True, momentum=0.0, eps=conv.eps).reshape_as(w)
     same = bool(getattr(conv, "same_pad", False))
     cls = Conv2dSame if same else nn.Conv2d
-    geometry: Dict[str, Any] = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=0 if same else conv.padding,
-                                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+    geometry: Dict[str, Any] = dict(kernel_size=conv.kernel_size, stride=conv.stride,
+                                    padding=0 if same else conv.padding, dilation=conv.dilation,
+                                    groups=conv.groups, bias=conv.bias is not None)
     new = cls(conv.in_channels, conv.out_channels, **geometry, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         new.weight.copy_(eff)
@@ -407,49 +415,49 @@ def lcnnify(
     Rewrites (paper §3.3–3.4; the table :data:`RULES`):
 
     * ReLU / ReLU6 / LeakyReLU / GELU / SiLU / Hardswish / ELU / Mish … (torch's and timm's
-      classes), and fixed-β centered softplus → :class:`~lcnn_zoo.layers.CenteredSoftplus`
-      (learnable β = ``beta_init``).
-    * ``BatchNorm2d`` → :class:`~lcnn_zoo.layers.LipschitzBatchNorm2d` (γ = ``gamma_init``, running
-      statistics and affine parameters copied); timm's ``BatchNormAct2d`` →
-      :class:`~lcnn_zoo.layers.LipschitzBatchNormAct2d`, keeping (and converting) its activation.
+      classes), and fixed-β centered softplus → :class:`~lcnn_zoo.layers.CenteredSoftplus`.
+    * ``BatchNorm2d`` → :class:`~lcnn_zoo.layers.LipschitzBatchNorm2d` (running statistics and affine
+      parameters copied); timm's ``BatchNormAct2d`` → :class:`~lcnn_zoo.layers.LipschitzBatchNormAct2d`,
+      keeping (and converting) its activation.
     * ``Conv2d`` (incl. timm's ``Conv2dSame``; ``StdConv2d`` variants become plain convs with their
       current standardised weight) and ``Linear`` → spectrally normalised on the true operator,
-      converged to 1e-3 at once (at most ``init_iterations`` power iterations).
-    * ResNet ``BasicBlock``/``Bottleneck`` (timm and torchvision): the residual sum becomes the
-      average of the two branches (``average_residuals``), as in the paper's reference ResNet. Any
-      other block that computes ``(branch + shortcut) * self.residual_scale`` (a float) gets 0.5.
-    * On the traced graph (:mod:`lcnn_zoo.graph_rules`): other sums of k tensors are averaged,
-      concatenations scaled by 1/√k, ``nn.Upsample`` by 1/its norm; ``gates="remove"`` makes gates
-      ``x * g(x)`` (squeeze-excite, ECA) identities (default ``"keep"``: kept, reported).
-    * ``MaxPool2d`` → ``AvgPool2d`` with the same window (``replace_maxpool``): max-pooling is not
-      smooth, average pooling is linear.
+      converged to 1e-3 at once.
+    * ResNet ``BasicBlock``/``Bottleneck`` (timm, torchvision) average their residual sum, as the
+      paper's ResNet; any other block computing ``(branch + shortcut) * self.residual_scale`` gets 0.5.
+    * On the traced graph (:mod:`lcnn_zoo.graph_rules`): other sums of k tensors are averaged, concatenations
+      scaled by 1/√k, ``nn.Upsample`` by 1/its norm; ``gates="remove"``: gates ``x * g(x)`` (SE, ECA) → identity.
+    * ``MaxPool2d`` → ``AvgPool2d`` with the same window: max-pooling is not smooth, average pooling is linear.
 
-    Conversion keeps the architecture and the weights, not the function: a trained network's
-    outputs change (BatchNorm loses its affine parameters with ``bn_affine=False``, activations
-    become centered softplus, weights are divided by their norms), so a converted pretrained
-    network is an initialisation to fine-tune, not a drop-in replacement.
-
-    The converted model's graph is then checked (:mod:`lcnn_zoo.coverage`): every operation whose
-    Lipschitz bound the conversion does not establish — residual sums and concatenations outside
-    the blocks it rewrites, upsampling, gates, learned scales, other normalisations, attention,
-    unknown modules — is listed in ``model.lcnn_report`` (:class:`ConversionReport`) and announced
-    with one :class:`LCNNConversionWarning`, or raised with ``strict=True``. ``model.reset_classifier``
-    keeps the new head spectrally normalised, and running the model at another input size than
-    ``input_size`` warns once (:class:`LCNNInputSizeWarning`; :func:`set_input_size` recomputes).
+    Conversion keeps the architecture and the weights, not the function (activations change, weights
+    are divided by their norms…): a converted pretrained network is an initialisation to fine-tune.
+    The converted graph is then checked (:mod:`lcnn_zoo.coverage`): every operation whose Lipschitz
+    bound the conversion does not establish (sums outside the rewritten blocks, gates, learned scales,
+    other normalisations, attention, unknown modules…) is listed in ``model.lcnn_report``
+    (:class:`ConversionReport`) and announced with one :class:`LCNNConversionWarning`.
+    ``model.reset_classifier`` keeps a new head spectrally normalised; a forward at another input size
+    warns once (:class:`LCNNInputSizeWarning`; see :func:`set_input_size`).
 
     Args:
         model: any ``nn.Module`` (NCHW CNN) without LCNN layers.
         input_size: (C, H, W) the convolution operator norms are computed for. Default:
             ``model.pretrained_cfg["input_size"]``, else the shape of the first forward pass.
-        bn_affine: None keeps each BatchNorm's ``affine`` setting; True/False forces it (the
-            paper uses False).
+        beta_init: initial β of every centered softplus (> 0).
+        gamma_init: initial γ of every γ-Lipschitz BatchNorm (> 1).
+        bn_affine: None keeps each BatchNorm's ``affine`` setting; True/False forces it (the paper uses False).
         average_residuals: average sums, rescale concatenations (False keeps them, reported).
-        gates: "keep" (default) or "remove"; strict: raise ``ValueError`` instead of warning.
+        replace_maxpool: max-pooling → average pooling (False keeps it, reported).
+        gates: "keep" (default: gates are kept, reported) or "remove".
         n_power_iterations: power iterations per training forward (1 in the paper).
         init_iterations: at most this many power iterations at conversion.
+        strict: raise ``ValueError`` instead of warning when an operation is not covered.
 
     Returns:
         ``model`` (same object), converted.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or holds a TorchScript module.
+        ValueError: ``model`` is already converted or a single layer; ``gates``, ``input_size``, ``beta_init``
+            or ``gamma_init`` is out of range; ``strict`` without an input size, or an operation not covered.
     """
     size = _check_convertible(model, input_size, strict, gates)
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -635,9 +643,23 @@ def _input_size_hook(model: LCNNModel, args) -> None:
 
 
 def set_input_size(model: LCNNModel, input_size: Sequence[int]) -> nn.Module:
-    """Recompute every convolution's operator norm for inputs of ``input_size`` = (C, H, W) (the
-    singular vectors are re-allocated and converged to 1e-3) and re-check coverage at that size.
-    Returns ``model``."""
+    """Recompute every convolution's operator norm for inputs of a new size, and re-check coverage there.
+
+    The singular vectors are re-allocated and converged to 1e-3; ``model.pretrained_cfg["input_size"]``
+    (if any) and the input-size checks follow the new size. An operation not covered at that size
+    warns (:class:`LCNNConversionWarning`), as in :func:`lcnnify`.
+
+    Args:
+        model: a model converted by :func:`lcnnify`.
+        input_size: (C, H, W) of one input sample, positive ints.
+
+    Returns:
+        ``model`` (same object).
+
+    Raises:
+        ValueError: the model was not converted with :func:`lcnnify`, or ``input_size`` is not (C, H, W)
+            with positive entries.
+    """
     if getattr(model, "lcnn_report", None) is None:
         raise ValueError("set_input_size: the model was not converted with lcnnify")
     size = _resolve_input_size(model, input_size)

@@ -105,9 +105,15 @@ STALE_RESIDUAL = 2e-3  # σ is within half the residual of a singular value: abo
 
 
 def stale_spectral_norms(model: nn.Module, tol: float = STALE_RESIDUAL) -> List[Tuple[str, float]]:
-    """(layer, residual) of every spectrally normalised layer whose singular vectors are not
-    converged for its current weights (relative residual above ``tol``, see
-    :meth:`~lcnn_zoo.layers.SpectralNorm.residual`)."""
+    """List the spectrally normalised layers whose singular vectors are not converged for their current weights.
+
+    Args:
+        model: the model; layers whose input size is still unknown are not checked.
+        tol: the largest relative residual accepted (see :meth:`~lcnn_zoo.layers.SpectralNorm.residual`).
+
+    Returns:
+        (layer name, relative residual) of each layer whose residual is above ``tol``.
+    """
     out = []
     for name, m in model.named_modules():
         sn = spectral_norm_of(m)
@@ -137,7 +143,8 @@ def _example_input(model: nn.Module) -> torch.Tensor:
     """Two random inputs of the model's input size (lcnnify's, else its first convolution's), for fold's self-check."""
     size = getattr(getattr(model, "lcnn_report", None), "input_size", None)
     if size is None:
-        shapes = [sn.input_shape for _, sn in spectral_norm_modules(model) if sn.layer_type == "conv2d" and sn.input_shape]
+        shapes = [sn.input_shape for _, sn in spectral_norm_modules(model)
+                  if sn.layer_type == "conv2d" and sn.input_shape]
         if not shapes:
             raise ValueError("fold: pass example_input (the model's input size is unknown)")
         size = shapes[0]
@@ -212,17 +219,27 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
 
     The result is in eval mode; its own state dict loads into it, and it scripts (TorchScript),
     traces, exports (``torch.export``) and exports to ONNX. A self-check compares its outputs on
-    ``example_input`` (default: random, of the ``model.lcnn_report.input_size``) with the LCNN's and
-    raises if the maximum deviation exceeds ``rtol`` times the largest output magnitude (that
-    magnitude taken as at least √eps of the dtype).
+    ``example_input`` with the LCNN's (eval mode). Singular vectors not converged for their weights
+    (an averaged EMA/SWA copy) warn: run :func:`~lcnn_zoo.converge_spectral_norms` first.
 
     Args:
+        model: the LCNN (from :func:`~lcnn_zoo.lcnnify` or a zoo ``lcnn_*`` model).
+        example_input: a batch for the self-check, (N, C, H, W). Default: two random inputs in [0, 1)
+            of ``model.lcnn_report.input_size``, else of the first convolution's input size.
         inplace: modify ``model`` itself instead of a deep copy.
+        rtol: the self-check's tolerance: the largest deviation of the outputs, relative to the largest
+            output magnitude (taken as at least √eps of the dtype).
+
+    Returns:
+        The folded model, in eval mode, its parameters with ``requires_grad=False`` (``model`` itself
+        when ``inplace``).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: the model has no LCNN layers, is on the meta device (no weights to fold), or has weights
-            :func:`~lcnn_zoo.weight_checks.weight_problem` refuses (the message names the tensor).
+        ValueError: the model has no LCNN layers, is on the meta device (no weights to fold), has weights
+            :func:`~lcnn_zoo.weight_checks.weight_problem` refuses (the message names the tensor), or
+            has no known input size and no ``example_input`` is given.
+        RuntimeError: the self-check failed (a bug: please report the model).
     """
     _refuse_unfoldable(model)
     stale = stale_spectral_norms(model)
