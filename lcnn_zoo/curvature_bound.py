@@ -63,12 +63,20 @@ _SAFETY = 1.0 + 1e-6  # measured operator norms are converged to 1e-8 (relative)
 
 @dataclass
 class HessianBound:
-    """value: bound on ‖∇²ₓ f_k(x)‖₂ for every logit k and input x; lipschitz: bound on the
-    Lipschitz constant of f; uncovered: (module, op) that made the bound infinite; stale: (layer,
-    relative residual) of spectral norms whose stored singular vectors were not converged for their
-    weights when the bound was asked for (the residual check of :func:`lcnn_zoo.folding.stale_spectral_norms`).
-    The numbers use each layer's true operator norm either way; an eval forward re-converges stale
-    vectors, a write through ``.data`` needs :func:`~lcnn_zoo.converge_spectral_norms`."""
+    """Theorem 1's bound for one model, as :func:`hessian_bound` returns it.
+
+    The numbers use each layer's true operator norm, whether or not its stored singular vectors are
+    converged; an eval forward re-converges stale vectors, a write through ``.data`` needs
+    :func:`~lcnn_zoo.converge_spectral_norms`.
+
+    Attributes:
+        value: bound on ‖∇²ₓ f_k(x)‖₂ for every logit k and input x (``inf`` when an operation is not covered).
+        lipschitz: bound on the Lipschitz constant of f (in the input's units).
+        uncovered: (module, op) of each operation that made the bound infinite.
+        stale: (layer, relative residual) of the spectral norms whose stored singular vectors were not
+            converged for their weights when the bound was asked for (the residual check of
+            :func:`lcnn_zoo.folding.stale_spectral_norms`).
+    """
 
     value: float
     lipschitz: float
@@ -275,17 +283,24 @@ def _input_size(size: Any, what: str) -> Tuple[int, ...]:
 
 
 def hessian_bound(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> HessianBound:
-    """A bound on ‖∇²ₓ f_k(x)‖₂ for every logit k and every x, for ``model`` in eval mode (see the
-    module docstring; a number that holds for the current weights, BatchNorm statistics and β).
+    """Bound ‖∇²ₓ f_k(x)‖₂ for every logit k and every input x of ``model`` in eval mode (Theorem 1).
+
+    See the module docstring. The number holds for the current weights, BatchNorm statistics and β,
+    at the input size the model's convolution norms were computed for.
 
     Args:
+        model: the model (an LCNN, or any model when ``input_size`` is given); it is traced with
+            torch.fx and run once in eval mode (its mode is restored).
         input_size: (C, H, W) (default: ``model.lcnn_report.input_size``).
+
+    Returns:
+        :class:`HessianBound`: the bound, the Lipschitz bound, what is not covered, stale spectral norms.
 
     Raises:
         ValueError: the bound has no value for this model: it is not an LCNN and no ``input_size`` is
-            given; it is on the meta device; a parameter or buffer is not finite (a NaN ``log_beta``
-            or ``gamma_raw``…) or a BatchNorm's ``running_var`` is negative. The message names the
-            tensor. (A finite model always gets a number: ``inf`` when an operation is not covered.)
+            given; it is on the meta device or in half precision; a parameter or buffer is not finite (a
+            NaN ``log_beta`` or ``gamma_raw``…) or a BatchNorm's ``running_var`` is negative. The message
+            names the tensor. (A finite model always gets a number: ``inf`` when an operation is not covered.)
     """
     size = _analysable(model, input_size, "hessian_bound")
     stale = stale_spectral_norms(model)  # before the traced run below, whose eval forward re-converges them
@@ -335,11 +350,12 @@ class BoundCheck:
 
 def verify_bounds(model: nn.Module, input_size: Optional[Sequence[int]] = None, *, points: int = 2,
                   iterations: int = 20, seed: int = 0, max_maps: Optional[int] = None) -> List[BoundCheck]:
-    """Check the bounds the analysis claims against numerical lower bounds: for the map from the input
-    to every activation's input and to the output, power iteration on JᵀJ (J v by double backward,
-    Jᵀ u by backward) at ``points`` random inputs in [0, 1). A check whose ``measured`` exceeds its
-    ``claimed`` is a bug in the analysis (``ok`` is False); the test suite runs this on every model
-    family it claims.
+    """Check the Lipschitz bounds the analysis claims against numerical lower bounds.
+
+    For the map from the input to every activation's input and to the output: power iteration on JᵀJ
+    (J v by double backward, Jᵀ u by backward) at ``points`` random inputs in [0, 1). A check whose
+    ``measured`` exceeds its ``claimed`` is a bug in the analysis (``ok`` is False); the test suite
+    runs this on every model family it claims.
 
     All maps are iterated at once: sample m of a batch carries map m's vector (eval mode keeps the
     samples independent). Cost: about ``4 × points × iterations`` forward passes of a batch of
@@ -348,15 +364,17 @@ def verify_bounds(model: nn.Module, input_size: Optional[Sequence[int]] = None, 
     Args:
         model: the model (eval mode is used; its mode is restored).
         input_size: (C, H, W) (default: ``model.lcnn_report.input_size``).
-        points: random inputs to iterate from; iterations: power iterations at each.
+        points: random inputs to iterate from (≥ 1).
+        iterations: power iterations at each (≥ 1).
+        seed: seeds the traced run's input, the random inputs and the start vectors.
         max_maps: check the output and at most this many activations, evenly spaced in the order
             the analysis met them (default: all; the batch holds one sample per map).
 
     Returns:
-        one :class:`BoundCheck` per map, the output first.
+        One :class:`BoundCheck` per map, the output first.
 
     Raises:
-        ValueError: as :func:`hessian_bound`.
+        ValueError: ``points`` or ``iterations`` is not an int ≥ 1, or as :func:`hessian_bound`.
     """
     for arg, value in (("points", points), ("iterations", iterations)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # 0 measures nothing: a false pass

@@ -22,7 +22,16 @@ _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
 
 
 class UserError(Exception):
-    """Something the user asked for cannot be done as asked; the message says what and how to fix it."""
+    """Something the user asked for cannot be done as asked; the message says what and how to fix it.
+
+    The base of the library's refusals that a user can fix (weights that do not fit, a pretrained
+    tag that cannot load, a bad environment variable) and of every command-line check: ``lcnn-zoo``
+    prints the message on one line and exits with code 2.
+
+    Args:
+        message: what cannot be done and how to fix it, one sentence; values in it are shown
+            through :func:`shown` (bounded).
+    """
 
 
 class Interrupted(KeyboardInterrupt):

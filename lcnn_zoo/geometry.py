@@ -40,7 +40,13 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CurvatureStats:
-    """Per-sample geometry, each a tensor of shape (B,)."""
+    """Per-sample input-space geometry of the loss, as :func:`curvature_stats` returns it.
+
+    Attributes:
+        grad_norm: ‖∇ₓℓᵢ‖₂, shape (B,).
+        hessian_norm: ‖∇²ₓℓᵢ‖₂ (an estimate from below: Lanczos or power iterations), shape (B,).
+        curvature: C = hessian_norm / (grad_norm + ε), shape (B,).
+    """
 
     grad_norm: torch.Tensor
     hessian_norm: torch.Tensor
@@ -95,6 +101,9 @@ def curvature_stats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
 
     Returns:
         :class:`CurvatureStats` with three (B,) tensors (detached).
+
+    Raises:
+        ValueError: ``method`` is unknown, or ``inputs`` and ``targets`` differ in batch size.
     """
     if method not in ("lanczos", "power"):
         raise ValueError(f"curvature_stats: method must be 'lanczos' or 'power', got {method!r}")
@@ -129,7 +138,19 @@ def gradient_robustness(model: nn.Module, inputs: torch.Tensor, targets: torch.T
                         loss_fn: SumLossFn = _ce_sum, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Relative gradient change ‖∇ℓ(x+ε) − ∇ℓ(x)‖ / ‖∇ℓ(x)‖ under random ε with ‖ε‖₂ = each norm (§5.2).
 
-    Returns a tensor of shape (len(noise_norms), B). Proposition 1 predicts ≈ ‖ε‖·C(x) for small ε.
+    Proposition 1 predicts ≈ ‖ε‖·C(x) for small ε. The model runs in eval mode (restored afterwards).
+
+    Args:
+        model: classifier.
+        inputs: (B, ...) inputs, in the units the model consumes.
+        targets: (B,) class indices (or whatever ``loss_fn`` takes).
+        noise_norms: the ‖ε‖₂ of the perturbations, per sample, in input units; one random direction
+            per sample and norm.
+        loss_fn: *summed* per-sample loss, ``(logits, targets) -> 0-dim``; default cross-entropy.
+        generator: for the random directions (reproducibility).
+
+    Returns:
+        A tensor of shape (len(noise_norms), B).
     """
     with eval_mode(model):
         g0 = _input_grad(model, inputs, targets, loss_fn, create_graph=False)
@@ -143,7 +164,15 @@ def gradient_robustness(model: nn.Module, inputs: torch.Tensor, targets: torch.T
 
 
 def relative_discrepancy(train: CurvatureStats, test: CurvatureStats) -> Dict[str, float]:
-    """Train/test relative discrepancy Δ = |E_test g − E_train g| / E_test g for each measure (§5.4)."""
+    """Train/test relative discrepancy Δ = |E_test g − E_train g| / E_test g for each measure (§5.4).
+
+    Args:
+        train: :func:`curvature_stats` on training samples.
+        test: :func:`curvature_stats` on test samples.
+
+    Returns:
+        ``{"grad_norm": Δ, "hessian_norm": Δ, "curvature": Δ}`` (floats; NaN where E_test g = 0).
+    """
     out = {}
     for k in ("grad_norm", "hessian_norm", "curvature"):
         te = float(getattr(test, k).double().mean())

@@ -57,11 +57,23 @@ def curvature_parameters(model: nn.Module) -> Dict[str, List[nn.Parameter]]:
 
 
 class LCNNPenalty:
-    """R = λβ · Σᵢ βᵢ + λγ · Σⱼ log γⱼ over every CenteredSoftplus β and γ-Lipschitz BN γ (eq. 5).
+    """The LCNN penalty R = λβ · Σᵢ βᵢ + λγ · Σⱼ log γⱼ (paper eq. 5), to add to the loss.
 
-    Found by walking ``model.modules()`` (no forward hooks); returns a 0-dim tensor that is
-    differentiable w.r.t. the β and γ parameters (0 for a model without such layers). The default
-    weights are the reference code's (``reg_beta = reg_gamma = 1e-3`` in its ``train_curvature.py``).
+    The sums run over every CenteredSoftplus β and γ-Lipschitz BatchNorm γ of the model, found by
+    walking ``model.modules()`` (no forward hooks). Calling the penalty on a model returns R, a 0-dim
+    tensor differentiable w.r.t. the β and γ parameters (0 for a model without such layers).
+
+    Args:
+        lambda_beta: λβ (≥ 0). The default is the reference code's (``reg_beta`` in its
+            ``train_curvature.py``).
+        lambda_gamma: λγ (≥ 0); likewise ``reg_gamma``.
+
+    Raises:
+        ValueError: a λ is negative.
+
+    Example::
+
+        loss = F.cross_entropy(model(x), y) + LCNNPenalty()(model)
     """
 
     def __init__(self, lambda_beta: float = 1e-3, lambda_gamma: float = 1e-3) -> None:
@@ -117,6 +129,7 @@ class PenaltyHandle:
         self._model = weakref.ref(model)
 
     def remove(self) -> None:
+        """Detach the penalty from the model (nothing happens if it is gone or detached already)."""
         model = self._model()
         if model is not None:
             _ATTACHED.pop(model, None)
@@ -147,6 +160,9 @@ def attach_penalty(model: nn.Module, penalty: Optional[LCNNPenalty] = None) -> P
         a handle whose ``remove()`` stops it. Also reachable as the model keyword argument
         ``lcnn_penalty=<λ>`` of the zoo's ``lcnn_*`` models (λβ = λγ = λ; ``True`` for the defaults),
         which is how timm's train.py passes it: ``--model-kwargs lcnn_penalty=1e-3``.
+
+    Raises:
+        ValueError: ``model`` has no learnable β or γ (it is not an LCNN).
     """
     global _STEP_HOOK
     if not any(curvature_parameters(model).values()):
@@ -235,15 +251,22 @@ class GradRegOutput(NamedTuple):
 
 def gradreg_exact(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                   loss_fn: LossFn = F.cross_entropy, *, loss_scale: Optional[torch.Tensor] = None) -> GradRegOutput:
-    """Exact GradReg by double backpropagation.
+    """Exact GradReg by double backpropagation: the task loss L and R = (1/B) Σᵢ ‖∇ₓℓᵢ‖² (module docs).
 
-    Returns (L, R, logits) with R still attached to the graph (``create_graph=True``), so
-    ``(L + lambda_grad * R).backward()`` gives the exact parameter gradient.
-    ``loss_fn`` must return the *mean* loss over the batch.
+    R stays attached to the graph (``create_graph=True``), so ``(L + lambda_grad * R).backward()``
+    gives the exact parameter gradient. One forward, and a backward that is differentiated again.
 
-    ``loss_scale``: with fp16 autocast and a ``GradScaler``, pass ``scaler.get_scale()``: the inner
-    input gradient is taken of the scaled loss (so it does not underflow) and unscaled before it
-    is squared — PyTorch's gradient-penalty recipe for AMP.
+    Args:
+        model: the classifier (its current train/eval mode is used).
+        inputs: (B, ...) a batch of inputs; the gradient is taken w.r.t. them (in their units).
+        targets: what ``loss_fn`` takes, e.g. (B,) class indices.
+        loss_fn: ``(logits, targets) -> 0-dim`` *mean* loss over the batch; default cross-entropy.
+        loss_scale: with fp16 autocast and a ``GradScaler``, pass ``scaler.get_scale()``: the inner
+            input gradient is taken of the scaled loss (so it does not underflow) and unscaled before
+            it is squared — PyTorch's gradient-penalty recipe for AMP.
+
+    Returns:
+        :class:`GradRegOutput` (loss L, penalty R, logits (B, K)); L and R are 0-dim, R in at least float32.
     """
     x = inputs.detach().requires_grad_(True)
     logits = model(x)
@@ -274,31 +297,45 @@ def gradreg_fd_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.T
                         extra_loss: Optional[Callable[[], torch.Tensor]] = None,
                         loss_scale: Optional[torch.Tensor] = None, fraction: float = 1.0,
                         generator: Optional[torch.Generator] = None) -> GradRegOutput:
-    """Finite-difference GradReg: accumulates ∇θ(L + λ·R) (+ ∇θ extra_loss()) into ``.grad``
-    with two forward/backward passes and no double backward.
+    """Finite-difference GradReg: accumulate ∇θ(L + λ·R) into ``.grad`` with two forward/backward passes.
 
-    With G = (∇ₓℓᵢ)ᵢ the per-sample input gradients (held constant), ∇θR = (2/B)·∇θ⟨∇ₓΣℓ, G⟩ and
-    the directional derivative is a finite difference along G:
+    No double backward. With G = (∇ₓℓᵢ)ᵢ the per-sample input gradients (held constant),
+    ∇θR = (2/B)·∇θ⟨∇ₓΣℓ, G⟩ and the directional derivative is a finite difference along G:
 
         ∇θ(L + λR) ≈ (1 − c)·∇θL(x) + c·∇θL(x + hG),   c = 2λ/h
 
     The step h = ``step``·√B / ‖G‖ moves each sample by ``step`` input units in RMS, whatever the
     gradient scale (‖G‖ is summed over data-parallel processes, so every process uses the same h).
     The second pass runs in :func:`~lcnn_zoo.layers.frozen_state`: BatchNorm running statistics and
-    the spectral-norm singular vectors are updated once per call, and each γ-Lipschitz BN clips with the
-    scale of the first pass (its update of the running variance does not change the second's). Both passes are ordinary
-    ``backward()`` calls, so DDP averages the gradients as usual and ``torch.compile`` applies.
+    the spectral-norm singular vectors are updated once per call, and each γ-Lipschitz BN clips with
+    the scale of the first pass (its update of the running variance does not change the second's).
+    Both passes are ordinary ``backward()`` calls, so DDP averages the gradients as usual and
+    ``torch.compile`` applies. Call it with zeroed gradients (they are rescaled by 1 − c after the
+    first pass).
 
-    Call it with zeroed gradients (they are rescaled by 1 − c after the first pass). ``extra_loss``
-    (e.g. ``lambda: LCNNPenalty()(model)``) is added to the second pass, unscaled.
-    ``loss_scale``: the GradScaler scale for fp16 (the accumulated gradients are then scaled, as
-    ``scaler.step`` expects). Returns (L, R, logits), detached; R is exact at x.
+    Args:
+        model: the classifier (its current train/eval mode is used).
+        inputs: (B, ...) a batch of inputs, in the model's input units.
+        targets: what ``loss_fn`` takes, e.g. (B,) class indices.
+        lambda_grad: λ, the weight of R.
+        loss_fn: ``(logits, targets) -> 0-dim`` *mean* loss over the batch; default cross-entropy.
+        step: the finite-difference step, in input units (RMS per sample; > 0).
+        extra_loss: a closure (e.g. ``lambda: LCNNPenalty()(model)``) whose value is added, unscaled,
+            to the second pass.
+        loss_scale: the GradScaler scale for fp16 (the accumulated gradients are then scaled, as
+            ``scaler.step`` expects).
+        fraction: in (0, 1]. Below 1, the penalty's gradient comes from a random subset S of
+            ⌈fraction·B⌉ samples, an unbiased estimate of the per-sample mean: the second pass runs
+            x_S + hG_S and x_S together (one forward, so BatchNorm sees both, and one backward) and
+            adds c·∇θ[L_S(x_S + hG_S) − L_S(x_S)]; the first pass's gradient stays unscaled. It costs
+            1 + 2·fraction passes instead of 2.
+        generator: draws the subset S.
 
-    ``fraction`` < 1: the penalty's gradient from a random subset S of ⌈fraction·B⌉ samples
-    (``generator`` draws it), an unbiased estimate of the per-sample mean. Its second pass runs
-    x_S + hG_S and x_S together (one forward, so BatchNorm sees both, and one backward) and adds
-    c·∇θ[L_S(x_S + hG_S) − L_S(x_S)]; the first pass's gradient stays unscaled. It costs 1 + 2·fraction
-    passes instead of 2.
+    Returns:
+        :class:`GradRegOutput` (L, R, logits), detached; R is exact at x.
+
+    Raises:
+        ValueError: ``step`` is not > 0, or ``fraction`` is not in (0, 1].
     """
     if step <= 0:
         raise ValueError(f"gradreg_fd_backward: step must be > 0, got {step}")
@@ -374,8 +411,15 @@ def _fd_subset(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, per_sam
 def param_groups(model: nn.Module, weight_decay: float, *, exclude_1d: bool = False) -> List[dict]:
     """Optimizer parameter groups with β and γ excluded from weight decay (as the reference does).
 
-    ``exclude_1d=True`` also exempts biases and norm weights (timm's ``filter_bias_and_bn``).
-    The result can be passed to ``torch.optim`` or ``timm.optim.create_optimizer_v2``.
+    Args:
+        model: the model; parameters with ``requires_grad=False`` are left out.
+        weight_decay: the decay of the first group.
+        exclude_1d: also exempt biases and norm weights (every parameter of at most one dimension;
+            timm's ``filter_bias_and_bn``).
+
+    Returns:
+        ``[{"params": decayed, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]``,
+        for ``torch.optim`` or ``timm.optim.create_optimizer_v2``.
     """
     curv = {id(p) for ps in curvature_parameters(model).values() for p in ps}
     decay, no_decay = [], []
