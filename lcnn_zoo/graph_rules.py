@@ -69,6 +69,7 @@ class TracedForward:
         return type(gm).forward  # generated code reading ``self.<submodule>``: run with the owner as self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the rescaled graph on the owner, as ``owner.forward(*args, **kwargs)`` would be called."""
         if self._fn is None:
             self._fn = self._build()
         return self._fn(self.owner, *args, **kwargs)

@@ -98,6 +98,7 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore the RNG states :func:`rng_state` saved (CUDA's only when saved and CUDA is available)."""
     torch.set_rng_state(state["torch"])
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -139,10 +140,12 @@ class RunFolder:
         return f"RunFolder({str(self.path)!r})"
 
     def file(self, name: str) -> Path:
+        """The path of the run's file ``name`` (e.g. ``RunFolder.LAST``), whether or not it exists."""
         return self.path / name
 
     @classmethod
     def is_run(cls, path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a run folder (it holds an ``args.json`` file)."""
         return (Path(path) / cls.ARGS).is_file()
 
     @classmethod
@@ -239,12 +242,15 @@ class RunFolder:
         return removed
 
     def write_args(self, args: Dict[str, Any]) -> None:
+        """Write ``args.json`` (the run's options), atomically."""
         write_json(self.file(self.ARGS), args)
 
     def save_checkpoint(self, payload: Dict[str, Any]) -> None:
+        """Write ``last.pth`` (the resumable checkpoint: ``torch.save`` of ``payload``), atomically."""
         _save_torch(self.file(self.LAST), payload)
 
     def save_weights(self, state_dict: Dict[str, torch.Tensor], name: str = WEIGHTS) -> Path:
+        """Write ``state_dict`` (copied to the CPU) as the safetensors file ``name``, atomically; return its path."""
         data = save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})
         return atomic_write(self.file(name), lambda f: f.write(data))
 

@@ -29,6 +29,7 @@ __all__ = ["main", "train_config", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lcnn-zoo`` argument parser, with every command but ``train`` (which has a parser of its own)."""
     """The parser of every command but ``train`` (whose options are :func:`train_config`'s own parser)."""
     ap = Parser(prog="lcnn-zoo", description="Low-curvature neural networks for timm users",
                                  formatter_class=HelpFormatter)
@@ -181,6 +182,12 @@ def _threads(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be <= {THREADS_MAX} (more threads than cores only oversubscribe "
                                          f"them), got {value}")
     return value
+    """Run the ``lcnn-zoo`` command line on ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: the command's (0 on success), 2 for a :class:`~lcnn_zoo.errors.UserError` (a bad
+        option included; its message printed on one line to stderr), 130 when interrupted.
+    """
 
 
 def main(argv: Optional[List[str]] = None) -> int:

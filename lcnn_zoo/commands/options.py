@@ -23,6 +23,7 @@ class Parser(argparse.ArgumentParser):
     mistake (argparse's own prints the usage too)."""
 
     def error(self, message: str):
+        """Raise argparse's error ``message`` as a :class:`UserError` naming the program (instead of exiting)."""
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
@@ -55,6 +56,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_field(group, f: dataclasses.Field, aliases: tuple = ()) -> None:
+    """Add the option of config field ``f`` (``--name``, plus ``aliases``) to ``group``, as its metadata describes.
+
+    The field's ``kind`` decides the argparse form: a flag (``--no-name`` for a default of True), ``KEY=VALUE``
+    pairs, a list of numbers, (C, H, W), or one value (with the field's choices); its ``help`` is the option's help.
+    """
     meta, flags = f.metadata, ("--" + f.name.replace("_", "-"), *aliases)
     # (a field has a default or a default_factory; mypy does not narrow one from the other)
     default = f.default if f.default is not dataclasses.MISSING else cast(Callable[[], Any], f.default_factory)()
@@ -124,7 +130,8 @@ def fields_parser(cls, prog: str, description: str, timm_flags: bool = False) ->
     groups: Dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         group = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
-        aliases = tuple(a for a, name in ALIASES.items() if name == f.name and a != "--torchcompile") if timm_flags else ()
+        aliases = (tuple(a for a, name in ALIASES.items() if name == f.name and a != "--torchcompile")
+                   if timm_flags else ())
         add_field(group, f, aliases)
     if timm_flags:
         timm = p.add_argument_group("timm train.py's flags (see lcnn_zoo/commands/train_flags.py)")

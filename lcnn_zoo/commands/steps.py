@@ -45,6 +45,18 @@ class Regulariser:
         return value, {k: v.detach() for k, v in terms.items()}
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: Callable, scaler) -> StepOutput:
+        """One step: forward, loss (+ the LCNN penalty), backward into ``.grad``; the optimizer is not stepped.
+
+        Args:
+            model: the model to run (``core``, or a wrapper of it: DDP, compiled).
+            x: the input batch.
+            y: the targets ``criterion`` takes.
+            amp: a zero-argument context-manager factory: the autocast context (or a null one).
+            scaler: the AMP ``GradScaler`` (the backward runs on the scaled loss), or None.
+
+        Returns:
+            :class:`StepOutput`, detached.
+        """
         with amp():
             logits = model(x)
             loss = self.criterion(logits, y)
@@ -57,11 +69,13 @@ class Regulariser:
 class ExactGradRegStep(Regulariser):
     """GradReg by double backpropagation (``--gradreg exact``)."""
 
-    def __init__(self, criterion: Callable, penalty: Optional[LCNNPenalty], core: nn.Module, lambda_grad: float) -> None:
+    def __init__(self, criterion: Callable, penalty: Optional[LCNNPenalty], core: nn.Module,
+                 lambda_grad: float) -> None:
         super().__init__(criterion, penalty, core)
         self.lambda_grad = lambda_grad
 
     def step(self, model, x, y, amp, scaler) -> StepOutput:
+        """As :meth:`Regulariser.step`, with ``lambda_grad`` · R (exact) added to the loss."""
         with amp():
             out = gradreg_exact(model, x, y, self.criterion, loss_scale=_loss_scale(scaler, x.device))
             pen, stats = self._penalty()
@@ -81,6 +95,7 @@ class FDGradRegStep(ExactGradRegStep):
         self.step_size, self.fraction, self.generator = step_size, fraction, generator
 
     def step(self, model, x, y, amp, scaler) -> StepOutput:
+        """As :meth:`Regulariser.step`, with R's gradient by :func:`~lcnn_zoo.penalty.gradreg_fd_backward`."""
         scale = _loss_scale(scaler, x.device)
         stats: Dict[str, torch.Tensor] = {}
 

@@ -42,6 +42,12 @@ def _not_python(script: Path) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the timm script ``argv[0]`` with its arguments ``argv[1:]`` (default: ``sys.argv[1:]``), models registered.
+
+    Returns:
+        The exit code: the script's own (0 when it returns), 2 when ``argv[0]`` is not a Python script
+        or no script is given, 0 for ``--help``.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE + "\n\n" + __doc__.split("\n\n")[1])
