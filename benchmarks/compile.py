@@ -45,7 +45,8 @@ def graph_sizes(variant: str, batch: int = 8) -> Dict[str, int]:
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = _model(variant, 100).train()
-    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=counter("forward"), bw_compiler=counter("backward")))
+    backend = aot_autograd(fw_compiler=counter("forward"), bw_compiler=counter("backward"))
+    compiled = torch.compile(model, backend=backend)
     x, y = torch.rand(batch, 3, 32, 32), torch.randint(0, 100, (batch,))
     F.cross_entropy(compiled(x), y).backward()
     return sizes
@@ -67,10 +68,12 @@ def main() -> None:
         sizes = {v: graph_sizes(v) for v in args.variants}
         base = sizes[args.variants[0]]
         total = lambda r: r["forward"] + r["backward"]  # noqa: E731
-        print(f"ATen ops in the graphs torch.compile(model) hands inductor, one training step (torch {torch.__version__})")
+        print("ATen ops in the graphs torch.compile(model) hands inductor, one training step "
+              f"(torch {torch.__version__})")
         print(f"| variant | graphs | forward | backward | total | × {args.variants[0]} |\n|---|---|---|---|---|---|")
         for v, r in sizes.items():
-            print(f"| {v} | {r['graphs']} | {r['forward']} | {r['backward']} | {total(r)} | {total(r) / total(base):.2f} |")
+            print(f"| {v} | {r['graphs']} | {r['forward']} | {r['backward']} | {total(r)} "
+                  f"| {total(r) / total(base):.2f} |")
         if args.json:
             dump(args.json, {"machine": machine(), "graph_sizes": sizes})
         return

@@ -66,7 +66,8 @@ def main() -> None:
     for m in lcnn.modules():
         if isinstance(m, SpectralNorm):
             m.frozen = False
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    acts += [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(3):
             step()
@@ -85,7 +86,8 @@ def main() -> None:
             fn = stepper(torch.compile(model, mode="reduce-overhead"), x, y, p)
             fn()
             torch.cuda.synchronize()
-            print(f"reduce-overhead {name}: compile {time.perf_counter() - t:.1f} s, step {timed(fn, device, n):.2f} ms")
+            print(f"reduce-overhead {name}: compile {time.perf_counter() - t:.1f} s, "
+                  f"step {timed(fn, device, n):.2f} ms")
 
 
 if __name__ == "__main__":

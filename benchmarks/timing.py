@@ -40,7 +40,8 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
-            "python": platform.python_version(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def report(title: str, results: Dict[str, dict], baseline: str, extra_cols: Dict[str, Dict[str, str]] = None) -> str:

@@ -35,7 +35,8 @@ def main() -> None:
         t1 = time.perf_counter()
         checks = lcnn_zoo.verify_bounds(model, iterations=10, points=1)
         t2 = time.perf_counter()
-        print(f"{name:20s} lcnnify {t1 - t0:6.1f} s  verify_bounds {t2 - t1:6.1f} s  ratio {(t2 - t1) / (t1 - t0):4.2f}  "
+        print(f"{name:20s} lcnnify {t1 - t0:6.1f} s  verify_bounds {t2 - t1:6.1f} s  "
+              f"ratio {(t2 - t1) / (t1 - t0):4.2f}  "
               f"{len(checks)} maps, all ok: {all(c.ok for c in checks)}")
 
 

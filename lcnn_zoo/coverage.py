@@ -235,7 +235,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
     # -- bookkeeping
     def _flag(self, node: torch.fx.Node, reason: str, op: Optional[str] = None) -> None:
         if op is None:
-            op = type(self.module.get_submodule(str(node.target))).__name__ if node.op == "call_module" else op_name(node)
+            op = (type(self.module.get_submodule(str(node.target))).__name__ if node.op == "call_module"
+                  else op_name(node))
         key = (_owner(node), op)
         if (key, reason) in self._reported:
             return
@@ -312,7 +313,8 @@ class _BoundInterpreter(torch.fx.Interpreter):
             self._flag(node, "an input-dependent value written in place into a constant (a buffer or "
                              "parameter): later reads of it are not tracked")
             return
-        why = f"in-place {op_name(node)} seen through an alias of the tensor it writes: " + "Lipschitz bound {b:.3g} > 1"
+        why = (f"in-place {op_name(node)} seen through an alias of the tensor it writes: "
+               + "Lipschitz bound {b:.3g} > 1")
         order = graph_order(self.module)
         for n, t in list(self.env.items()):
             if (n is node or not isinstance(t, torch.Tensor) or t.is_meta or t.untyped_storage().data_ptr() != storage

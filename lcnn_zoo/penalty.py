@@ -26,7 +26,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .layers import CenteredSoftplus, LipschitzBatchNorm2d, frozen_state
 from .layers.preforward import prepared_penalty_terms
 
-__all__ = ["LCNNPenalty", "attach_penalty", "PenaltyHandle", "GradRegOutput", "gradreg_exact", "gradreg_fd_backward", "param_groups",
+__all__ = ["LCNNPenalty", "attach_penalty", "PenaltyHandle", "GradRegOutput", "gradreg_exact", "gradreg_fd_backward",
+           "param_groups",
            "curvature_parameters"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -21,7 +21,8 @@ from torch import nn
 
 from .errors import UserError, shown
 
-__all__ = ["WeightsError", "weight_problem", "check_weights", "check_outputs", "meta_tensor", "state_mismatch", "load_mismatch"]
+__all__ = ["WeightsError", "weight_problem", "check_weights", "check_outputs", "meta_tensor", "state_mismatch",
+           "load_mismatch"]
 
 Where = Union[str, "os.PathLike[str]"]
 

@@ -380,7 +380,8 @@ def test_an_lcnn_keeps_its_class_and_pickles_through_state_dict_or_folded():
     from lcnn_zoo.models import CifarResNet
     model = timm.create_model("lcnn_resnet20", img_size=(12, 12)).eval()
     assert type(model) is CifarResNet
-    with pytest.raises(RuntimeError, match="^Serialization of parametrized modules is only supported through state_dict"):
+    with pytest.raises(RuntimeError,
+                       match="^Serialization of parametrized modules is only supported through state_dict"):
         pickle.dumps(model)
     folded = lcnn_zoo.fold(model)
     buf = io.BytesIO()
@@ -410,7 +411,8 @@ def test_the_report_opens_with_its_verdict_and_lists_each_kind_of_finding_once()
         warnings.simplefilter("ignore", LCNNConversionWarning)
         lcnnify(model, input_size=(3, 8, 8))
     lines = str(model.lcnn_report).splitlines()
-    assert lines[1].startswith("  verdict: the curvature bound does NOT apply to this model: 6 operation(s) in 6 place(s)")
+    assert lines[1].startswith("  verdict: the curvature bound does NOT apply to this model: "
+                               "6 operation(s) in 6 place(s)")
     group_norm = [line for line in lines if "(GroupNorm)" in line]
     assert len(group_norm) == 1 and group_norm[0].startswith("  not covered: 1.1, 2.1, 3.1 and 3 more (GroupNorm)")
     assert len(lines) <= 4

@@ -17,11 +17,13 @@ from lcnn_zoo import (
 
 
 def mlp():
-    return nn.Sequential(nn.Linear(12, 16), nn.Softplus(beta=2.0), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)).double()
+    return nn.Sequential(nn.Linear(12, 16), nn.Softplus(beta=2.0), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 5)).double()
 
 
 def convnet():
-    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1),
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                      nn.Conv2d(4, 4, 3, stride=2, padding=1),
                       nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 4)).double()
     lcnnify(m, input_size=(2, 6, 6), beta_init=3.0)
     m.train()

@@ -1,4 +1,5 @@
-"""lcnn_zoo.hub: loading weights — the shipped tags (checked by their checksums), a local Hugging Face cache, local folders, and their errors."""
+"""lcnn_zoo.hub: loading weights — the shipped tags (checked by their checksums), a local Hugging Face cache,
+local folders, and their errors; the static registry and the user's uploads resolved at build time."""
 import json
 import time
 
@@ -123,7 +124,8 @@ def test_weights_wrong_in_content_are_refused_when_timm_loads_them(tmp_path, sou
         state, name = damaged(load_file(str(hub.WEIGHTS_DIR / "lcnn_resnet20_softplus.fmnist.safetensors")), case)
         folder.mkdir()
         save_file(state, str(folder / "model.safetensors"))
-        spec, kwargs = "lcnn_resnet20_softplus.fmnist", {"pretrained_cfg_overlay": {"file": str(folder / "model.safetensors")}}
+        spec = "lcnn_resnet20_softplus.fmnist"
+        kwargs = {"pretrained_cfg_overlay": {"file": str(folder / "model.safetensors")}}
     with pytest.raises(WeightsError, match=f"tensor '{name}'"):
         timm.create_model(spec, pretrained=True, **kwargs)
 

@@ -60,7 +60,8 @@ def test_shipped_tag_at_another_input_size_loads_converged_vectors():
         warnings.simplefilter("ignore")
         model = timm.create_model("lcnn_resnet20.fmnist", pretrained=True,
                                   pretrained_cfg_overlay=dict(input_size=(1, 29, 29))).eval()
-    assert all(sn.last_residual <= 1e-3 and sn.input_shape[-1] in (29, 15, 8, 64) for _, sn in spectral_norm_modules(model))
+    assert all(sn.last_residual <= 1e-3 and sn.input_shape[-1] in (29, 15, 8, 64)
+               for _, sn in spectral_norm_modules(model))
     ds = build_dataset("fmnist", train=False)
     x, y = torch.nn.functional.pad(ds.images[:1000].float() / 255.0, (0, 1, 0, 1)), ds.labels[:1000]
     with torch.no_grad():

@@ -131,8 +131,8 @@ def load_initial(model: nn.Module, path: str | Path, keep: Sequence[str] = (), a
     skipped = sorted(k for k, v in state.items() if own[k].shape != v.shape)
     missing = sorted(set(own) - set(state) - set(keep)) + [k for k in skipped if not k.startswith(adaptable)]
     if missing and not allow_partial:
-        raise UserError(f"{shown(Path(p))} covers only part of {type(model).__name__}: {len(missing)} tensors are missing "
-                        f"or of another shape ({shown(missing, 160)}); pass --allow-partial to leave them as "
+        raise UserError(f"{shown(Path(p))} covers only part of {type(model).__name__}: {len(missing)} tensors are "
+                        f"missing or of another shape ({shown(missing, 160)}); pass --allow-partial to leave them as "
                         f"initialised")
     model.load_state_dict({k: v for k, v in state.items() if k not in skipped and k not in keep}, strict=False)
     if skipped:

@@ -61,7 +61,8 @@ def run_quickstart(output: Path = Path("runs/quickstart"), threads: int = 0, pro
                            + ([] if progress else ["--no-progress"]))
         summary = train(cfg)
         run_dirs.append(summary["run_dir"])
-        print(f"[{time.time() - t0:5.0f}s] {name}: trained, training accuracy {summary['history'][-1]['train_top1']:.2f}%",
+        top1 = summary['history'][-1]['train_top1']
+        print(f"[{time.time() - t0:5.0f}s] {name}: trained, training accuracy {top1:.2f}%",
               flush=True)
     print(f"[{time.time() - t0:5.0f}s] measuring ...", flush=True)
     eval_cfg = EvalConfig(**{**QUICKSTART_EVAL.__dict__, "progress": progress})
@@ -82,7 +83,8 @@ def run_quickstart(output: Path = Path("runs/quickstart"), threads: int = 0, pro
         print(f"  {'holds' if holds else 'DOES NOT HOLD'}: {claim}")
     print(f"[{wall:5.0f}s] wrote {Path(output) / 'eval.md'}, eval.json and gradient_robustness.png")
     print(f"quickstart wall time: {wall:.0f} s")
-    write_json(Path(output) / "quickstart.json", {"wall_time_s": wall, "curvature_ratio": ratio, "runs": QUICKSTART_RUNS,
+    write_json(Path(output) / "quickstart.json", {"wall_time_s": wall, "curvature_ratio": ratio,
+                                                  "runs": QUICKSTART_RUNS,
                                                   "claims": {claim: holds for claim, holds in verdicts}})
     return 0 if all(holds for _, holds in verdicts) else 1
 

@@ -26,8 +26,8 @@ from . import prepared
 from .operators import OPERATORS, Conv2dOperator, LinearOperator, conv_padding
 
 __all__ = ["SpectralNorm", "LinearOperator", "Conv2dOperator", "spectral_norm", "remove_spectral_norm",
-           "spectral_norm_modules", "spectral_norm_of", "divide_by_sigma_backward", "conv_padding", "deferred_convergence", "exact_vectors",
-           "CONVERGENCE_TOL",
+           "spectral_norm_modules", "spectral_norm_of", "divide_by_sigma_backward", "conv_padding",
+           "deferred_convergence", "exact_vectors", "CONVERGENCE_TOL",
            "MAX_INIT_ITERATIONS"]
 
 CONVERGENCE_TOL = 1e-3  # relative accuracy of σ reached at initialisation (conversion, new input size)
@@ -216,7 +216,8 @@ class SpectralNorm(nn.Module):
                     and 0.0 < float(gain) <= 1.0):
                 raise ValueError(f"{prefix}weight_gain must be a 0-dim tensor in (0, 1], got "
                                  f"{tuple(gain.shape) if isinstance(gain, torch.Tensor) else type(gain).__name__}"
-                                 + (f" = {float(gain):.4g}" if isinstance(gain, torch.Tensor) and gain.numel() == 1 else "")
+                                 + (f" = {float(gain):.4g}" if isinstance(gain, torch.Tensor) and gain.numel() == 1
+                                    else "")
                                  + ": a larger factor would break the layer's 1-Lipschitz bound")
             if self._gain is None:
                 self._gain = torch.empty_like(gain, device=self._v.device if self._v is not None else gain.device)
@@ -282,7 +283,8 @@ class SpectralNorm(nn.Module):
             iters, _ = self.converge(weight.to(self._v), self.init_iterations, self.init_tol)
             layer = prefix[:-1] or "<root>"
             warnings.warn(f"lcnn_zoo: the checkpoint's singular vectors for {layer} have shapes {saved}, this layer's "
-                          f"{(tuple(self._u.shape), tuple(self._v.shape))} (saved at another input size or channel count): recomputed from "
+                          f"{(tuple(self._u.shape), tuple(self._v.shape))} (saved at another input size or channel "
+                          f"count): recomputed from "
                           f"the loaded weight ({iters} operator products).", stacklevel=4)
             adapted = True
         else:

@@ -1,4 +1,5 @@
-"""lcnn_zoo.commands.checkpoint: the run folder — its lock, its files (written whole, temporaries cleaned), and files that are damaged."""
+"""lcnn_zoo.commands.checkpoint: the run folder — its lock, its files (written whole, temporaries cleaned), and
+files that are damaged."""
 import json
 import os
 import subprocess

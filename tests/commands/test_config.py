@@ -39,5 +39,6 @@ def test_threads_has_an_upper_bound(capsys, tmp_path):
     fails_with(capsys, ["train", "--threads", str(THREADS_MAX + 1), "--output", str(tmp_path / "runs")],
                "--threads must be <=")
     for command in (["eval", "lcnn_resnet20.fmnist"], ["quickstart"]):
-        fails_with(capsys, [*command, "--threads", "100000", "--output", str(tmp_path / "out")], "--threads: must be <=")
+        fails_with(capsys, [*command, "--threads", "100000", "--output", str(tmp_path / "out")],
+                   "--threads: must be <=")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()

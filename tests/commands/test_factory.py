@@ -90,7 +90,8 @@ def test_an_initial_checkpoint_wrong_in_content_is_refused(tmp_path):
     state, name = damaged(load_file(str(hub.WEIGHTS_DIR / "lcnn_resnet20_softplus.fmnist.safetensors")), "i32")
     save_file(state, str(tmp_path / "w.safetensors"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UserError, match=f"w.safetensors: tensor '{name}' is stored as int32 where the model has float32"):
+    with pytest.raises(UserError,
+                       match=f"w.safetensors: tensor '{name}' is stored as int32 where the model has float32"):
         load_initial(model, tmp_path / "w.safetensors")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded
 

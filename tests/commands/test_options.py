@@ -1,4 +1,5 @@
-"""lcnn_zoo.commands.options: the option parser made from TrainConfig's fields — YAML, then the command line, each checked; the shipped configs parse."""
+"""lcnn_zoo.commands.options: the option parser made from TrainConfig's fields — YAML, then the command line,
+each checked; the shipped configs parse."""
 import re
 from pathlib import Path
 

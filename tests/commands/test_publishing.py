@@ -47,7 +47,8 @@ def package(tmp_path):
 
 def _run(package: Path, *code_or_cli: str, cli: bool = True, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(package), **(env_extra or {})}
-    argv = [sys.executable, "-m", "lcnn_zoo.commands.cli", *code_or_cli] if cli else [sys.executable, "-c", code_or_cli[0]]
+    argv = ([sys.executable, "-m", "lcnn_zoo.commands.cli", *code_or_cli] if cli
+            else [sys.executable, "-c", code_or_cli[0]])
     # cwd is the copy: from the repository, its own lcnn_zoo would come first on sys.path
     return subprocess.run(argv, cwd=package, env=env, capture_output=True, text=True, timeout=600)
 
@@ -63,7 +64,8 @@ def test_a_bundled_new_tag_loads_and_evaluates_in_a_new_process(tmp_path, packag
     assert entry["num_classes"] == 10 and entry["input_size"] == [1, 28, 28] and entry["dataset"] == "fmnist"
     assert (package / "lcnn_zoo" / "weights" / entry["file"]).is_file()
     code = ("import timm, lcnn_zoo, torch; assert 'lcnn_resnet20.fmnist_new' in timm.list_pretrained('lcnn*'); "
-            "m = timm.create_model('lcnn_resnet20.fmnist_new', pretrained=True).eval(); print(m(torch.zeros(1, 1, 28, 28)).shape)")
+            "m = timm.create_model('lcnn_resnet20.fmnist_new', pretrained=True).eval(); "
+            "print(m(torch.zeros(1, 1, 28, 28)).shape)")
     r = _run(package, code, cli=False)
     assert r.returncode == 0 and "torch.Size([1, 10])" in r.stdout, r.stderr
     r = _run(package, "eval", "lcnn_resnet20.fmnist_new", "--limit", "64", "--geom-samples", "4", "--pgd-samples", "8",
@@ -260,7 +262,8 @@ def test_push_refuses_foreign_folders_and_keeps_their_files(tmp_path, capsys, mo
     assert sorted(p.name for p in run.iterdir()) == ["args.json", "last.pth", "summary.csv"]
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
-    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(a_file)], "is a file")
+    fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", str(a_file)],
+               "is a file")
     assert a_file.read_text() == "mine"
     monkeypatch.chdir(run)
     fails_with(capsys, ["push", str(ckpt), "--model", "lcnn_resnet20.cifar10", "--output-dir", "."], "is not empty")
@@ -534,7 +537,8 @@ def test_an_upload_is_not_recorded_over_a_damaged_manifest_entry(tmp_path, monke
     from lcnn_zoo.commands.publishing import record_published
 
     path = tmp_path / "published.json"
-    before = json.dumps({"lcnn_resnet20.a": {"repo_id": "me/a", "input_size": [3, 1e400, 28]}}).replace("Infinity", "1e400")
+    before = json.dumps({"lcnn_resnet20.a": {"repo_id": "me/a", "input_size": [3, 1e400, 28]}})
+    before = before.replace("Infinity", "1e400")
     path.write_text(before)
     monkeypatch.setenv("LCNN_ZOO_PUBLISHED", str(path))
     folder = tmp_path / "repo"

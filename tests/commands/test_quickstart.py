@@ -14,7 +14,8 @@ from cli_helpers import needs_fmnist
 @needs_fmnist
 def test_quickstart(tmp_path):
     out = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, "-m", "lcnn_zoo.commands.cli", "quickstart", "--output", str(out), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-m", "lcnn_zoo.commands.cli", "quickstart", "--output", str(out),
+                           "--no-progress"],
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "eval.json").read_text())["results"]

@@ -109,7 +109,8 @@ def test_validate_py_calls_on_a_grey_image_folder_give_the_tags_own_predictions(
     assert n == 200 and agree == n
     assert correct / n > 0.8  # the shipped tags are ~91 % on Fashion-MNIST's test set
     # inference.py labels the predictions with the cfg's names: the 3-channel model keeps them
-    assert model.pretrained_cfg["label_names"] and model.pretrained_cfg["label_names"] == grey.pretrained_cfg["label_names"]
+    labels = model.pretrained_cfg["label_names"]
+    assert labels and labels == grey.pretrained_cfg["label_names"]
 
 
 def test_onnx_export_py_calls_export_the_lcnns_eval_function(tmp_path):

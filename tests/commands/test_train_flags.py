@@ -50,7 +50,8 @@ TIMM_TRAIN_FLAGS = """
 
 OURS = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)}
 # timm flags with a value, and one to give them (flags absent here are switches or take a string)
-VALUES = {"--img-size": "32", "--log-interval": "10", "--dist-bn": "reduce", "--in-chans": "1", "--input-size": "1 28 28", "-b": "8", "--batch-size": "8",
+VALUES = {"--img-size": "32", "--log-interval": "10", "--dist-bn": "reduce", "--in-chans": "1",
+          "--input-size": "1 28 28", "-b": "8", "--batch-size": "8",
           "-vb": "8", "--validation-batch-size": "8", "-j": "2", "--workers": "2", "--grad-accum-steps": "2",
           "--model-kwargs": "logit_scale=2", "--torchcompile-mode": "default", "--amp-dtype": "float16",
           "--opt": "adamw", "--opt-eps": "1e-8", "--opt-betas": "0.9 0.99", "--momentum": "0.8",
