@@ -1,16 +1,7 @@
 """The pre-activation wide ResNets WRN-16-8 / WRN-28-10 in the zoo (Zagoruyko & Komodakis 2016; the
 robustness literature's usual backbones).
 
-Each architecture comes in three variants, side by side in the registry: ``lcnn_<arch>`` (the LCNN,
-paper §3: built plain, then :func:`lcnn_zoo.lcnnify`), ``lcnn_<arch>_softplus`` (the paper's
-"standard" baseline: softplus β=1e3) and ``lcnn_<arch>_relu`` (the plain ReLU net).
-
-Input convention (every family): images in [0, 1], **no normalisation** (``mean=(0,0,0)``,
-``std=(1,1,1)`` in every ``pretrained_cfg``), as in the reference code, so ℓ2 radii ε mean the same as
-in the paper. The convolution operator norms are computed for the cfg's ``input_size``
-(``fixed_input_size=True``: timm passes ``img_size``). Every model takes ``logit_scale`` (default 1) —
-see :func:`lcnn_zoo.models._base.add_logit_scale` — and ``lcnn_penalty`` / ``folded`` (see
-:func:`lcnn_zoo.models._builder.create`).
+Its three variants (``lcnn_<arch>``, ``_softplus``, ``_relu``) and the input convention: :mod:`lcnn_zoo.models`.
 """
 # No `from __future__ import annotations` here: torch.fx copies forward()'s annotations into the code
 # it generates, and TorchScript (timm's fx + torchscript test) cannot read them as strings.
