@@ -210,7 +210,7 @@ def package_tags() -> Dict[str, Dict[str, Dict[str, Any]]]:
         warning, when a package manifest is damaged (``import lcnn_zoo`` never fails on it).
     """
     try:
-        entries = {**read_manifest(WEIGHTS_DIR / "published.json"), **bundled_manifest()}
+        entries = {**_published(user=False), **bundled_manifest()}
     except PretrainedLoadError as e:
         warnings.warn(str(e), stacklevel=2)
         return {}
@@ -261,7 +261,14 @@ def published_manifest_path() -> Path:
 
 def published_manifest() -> Dict[str, Dict[str, Any]]:
     """Tags published on the Hub: the package's ``weights/published.json``, then the user's (which wins)."""
-    return {**read_manifest(WEIGHTS_DIR / "published.json"), **read_manifest(published_manifest_path())}
+    return _published(user=True)
+
+
+def _published(user: bool) -> Dict[str, Dict[str, Any]]:
+    """The package's published manifest, then (``user``) the user's, which wins: the one place that
+    decides whether the user's uploads count (at build time) or not (the static registry)."""
+    package = read_manifest(WEIGHTS_DIR / "published.json")
+    return {**package, **read_manifest(published_manifest_path())} if user else package
 
 
 def weights_location(model: str, tag: str, *, strict: bool = True, user: bool = True) -> Dict[str, Any]:
@@ -294,7 +301,7 @@ def _weights_location(name: str, user: bool) -> Dict[str, Any]:
     entry = bundled_manifest().get(name)
     if entry is not None and bundled_file(name, entry).is_file():
         return {"file": str(bundled_file(name, entry))}
-    entry = (published_manifest() if user else read_manifest(WEIGHTS_DIR / "published.json")).get(name)
+    entry = _published(user).get(name)
     if entry and entry.get("repo_id"):
         return {"hf_hub_id": entry["repo_id"], "hf_hub_filename": HUB_FILENAME}
     return {}
@@ -309,9 +316,8 @@ def bundled_weights(model: str, tag: str) -> Optional[Path]:
     expected = bundled_manifest().get(f"{model}.{tag}", {}).get("sha256")
     if not expected:
         raise PretrainedLoadError(f"The weights shipped for '{model}.{tag}' ({path}) have no checksum in "
-                                  f"manifest.json: "
-                                  f"they are not trusted; reinstall lcnn-zoo or re-bundle them with `lcnn-zoo push "
-                                  f"--bundle`.")
+                                  f"manifest.json: they are not trusted; reinstall lcnn-zoo or re-bundle them with "
+                                  f"`lcnn-zoo push --bundle`.")
     if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
         raise PretrainedLoadError(f"The weights shipped for '{model}.{tag}' ({path}) do not match their checksum "
                                   f"in manifest.json: the installation is corrupted; reinstall lcnn-zoo.")
