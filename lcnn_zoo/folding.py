@@ -135,10 +135,9 @@ def _warn_unreached_convs(folded: nn.Module) -> None:
                       f"{', …' if len(unsized) > 5 else ''}) have no input size, so no operator norm: they are "
                       "folded as W / (a bound on their norm at every input size), 1-Lipschitz at any size; "
                       "run a forward that reaches them before fold to fold them with their exact norm",
-                      stacklevel=4)  # above fold and torch.no_grad's wrapper
+                      stacklevel=4)  # the frame above fold (this, _fold, fold, the caller)
 
 
-@torch.no_grad()
 def _example_input(model: nn.Module) -> torch.Tensor:
     """Two random inputs of the model's input size (lcnnify's, else its first convolution's), for fold's self-check."""
     size = getattr(getattr(model, "lcnn_report", None), "input_size", None)
@@ -242,20 +241,26 @@ def fold(model: nn.Module, *, example_input: Optional[torch.Tensor] = None, inpl
         RuntimeError: the self-check failed (a bug: please report the model).
     """
     _refuse_unfoldable(model)
+    with torch.no_grad():  # a with-block, not a decorator: the warnings' stacklevels count fold's frame
+        return _fold(model, example_input, inplace, rtol)
+
+
+def _fold(model: nn.Module, example_input: Optional[torch.Tensor], inplace: bool, rtol: float) -> nn.Module:
+    """fold's steps, under torch.no_grad (the reference forward and the self-check build no graph)."""
     stale = stale_spectral_norms(model)
     if stale:
         worst = max(stale, key=lambda t: t[1])
         warnings.warn(f"fold: the singular vectors of {len(stale)} layer(s) are not converged for their weights "
                       f"(worst {worst[0]}, residual {worst[1]:.2g}), so their baked-in norms may exceed 1 (an "
                       f"averaged EMA/SWA copy?): run lcnn_zoo.converge_spectral_norms(model, tol=1e-3) first",
-                      stacklevel=2)
+                      stacklevel=3)  # the frame above fold (_fold, fold, the caller)
     folded = model if inplace else copy.deepcopy(model)
     folded.eval()
     if example_input is None:
         example_input = _example_input(folded)
     reference = folded(example_input)
 
-    _warn_unreached_convs(folded)  # called from fold itself: its warning's stacklevel counts the frames above
+    _warn_unreached_convs(folded)  # called from _fold: its warning's stacklevel counts the frames above
     _bake_lcnn_layers(folded)
     _fuse_conv_bn(folded, example_input)
     for p in folded.parameters():

@@ -2,6 +2,7 @@
 script and export), and a freshly converted model (tiny logits) does not trip its self-check
 (issue 20, case 10: the check's floor was an absolute 1e-12 × 1e-5)."""
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -76,6 +77,30 @@ class _WithUnusedAux(torch.nn.Module):
 
     def forward(self, x):
         return self.fc(self.act(self.stem(x)).mean((2, 3)))
+
+
+def test_folds_warnings_point_at_the_callers_line_and_fold_builds_no_graph():
+    """fold's two warnings (an unreached conv, stale singular vectors) name the line that called fold
+    (they named a frame of torch.no_grad's wrapper, or the one above the caller), and every forward fold
+    runs (its reference, its self-check) runs without autograd (the decorator once sat on a helper)."""
+    torch.manual_seed(0)
+    model = quiet_lcnnify(_WithUnusedAux(), input_size=(3, 8, 8)).eval()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 8, 8))
+        model.stem.parametrizations.weight.original.mul_(torch.linspace(0.2, 3.0, 108).view(4, 3, 3, 3))
+    grad_modes = []
+    model.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        folded = fold(model)
+    ours = [w for w in caught if "fold:" in str(w.message)]
+    texts = [str(w.message) for w in ours]
+    assert len(ours) == 2 and "not converged" in texts[0] and "no forward has reached" in texts[1], texts
+    assert [(w.filename, w.lineno) for w in ours] == [(__file__, line)] * len(ours)
+    assert grad_modes and not any(grad_modes)  # (the deep copy fold folds keeps the hook)
+    assert torch.is_grad_enabled()  # fold leaves the caller's grad mode as it found it
+    assert all(not p.requires_grad for p in folded.parameters())
 
 
 def test_fold_of_a_model_with_a_conv_no_forward_reaches():
