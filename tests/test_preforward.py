@@ -239,7 +239,7 @@ def test_the_guarantee_still_checks_itself_after_batched_training():
 
 # (2) The training step's ops (benchmarks/op_count.py's deterministic count; the prototype of issue 30
 # counted 561 and 1,013). Exact, so that a change of the step shows here; update with the docs' table.
-LCNN_OPS, LCNN_FD_OPS, TIMM_OPS = 444, 860, 295
+LCNN_OPS, LCNN_FD_OPS, TIMM_OPS = 507, 988, 295
 
 
 def test_op_count_of_the_training_step_is_pinned():
@@ -254,3 +254,86 @@ def test_the_step_reads_nothing_on_the_host():
     """No _local_scalar_dense in the counted step (a foreach op given one 0-dim tensor as a Scalar
     would read it on the host at every step)."""
     assert count_step("lcnn").ops["aten._local_scalar_dense.default"] == 0
+
+
+# ---- the backward recomputes W/σ (issue 30, target 4) -------------------------------------------------
+def _normalized_alive(model: nn.Module, x: torch.Tensor):
+    """A training forward's output and weak references to every W/σ the pre-forward prepared for it."""
+    refs = []
+    real = preforward._prepare_spectral_norms
+
+    def spy(root, done):
+        real(root, done)
+        refs.extend(__import__("weakref").ref(v[0]) for v in preforward._NORMALIZED.values())
+    preforward._prepare_spectral_norms = spy
+    try:
+        out = model(x)
+    finally:
+        preforward._prepare_spectral_norms = real
+    return out, refs
+
+
+@pytest.mark.parametrize("which", ["lcnn_resnet20", "torchvision resnet18"])
+def test_the_graph_keeps_no_normalized_weight_and_the_gradients_are_the_per_layer_ones(which):
+    """The convolutions and the linear map saved W/σ for their backward: a weight-sized copy per spectral
+    norm, alive until the backward. Under the layers' saved-tensor hooks they keep W and σ, and the backward
+    recomputes W/σ: after the forward no W/σ is alive, and the gradients are the per-layer path's."""
+    model = _model(which).train()
+    x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    twin = _per_layer_twin(model)
+    out, refs = _normalized_alive(model, x)
+    assert len(refs) == sum(1 for _ in lcnn_zoo.layers.spectral_norm_modules(model)) > 0
+    assert [tuple(r().shape) for r in refs if r() is not None] == []  # (before: every one, held by the graph)
+    assert out.grad_fn is not None
+    with exact_vectors():
+        twin.load_state_dict(model.state_dict())
+    _assert_same_steps(model, twin, x, y, n=2)
+
+
+def test_the_recompute_sees_a_weight_changed_in_place_and_leaves_the_hooks_as_it_found_them():
+    model = _model("lcnn_resnet20").train()
+    x = torch.rand(2, 3, 16, 16)
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    loss = model(x).sum()
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) == top  # (None: nothing left pushed)
+    layer, _ = next(lcnn_zoo.layers.spectral_norm_modules(model))
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(1.01)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # a forward that raises leaves no hooks behind either
+    with pytest.raises(RuntimeError):
+        model(torch.rand(2, 5, 16, 16))
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    # where saved-tensor hooks are disabled, the layers keep W/σ as they did (no error)
+    with torch.autograd.graph.disable_saved_tensors_hooks("a caller that forbids them"):
+        model(x).sum().backward()
+
+
+def test_a_users_saved_tensor_hooks_still_see_every_other_tensor():
+    """Under a user's own hooks (save_on_cpu, a memory probe) the layers' hooks pass every tensor but
+    W/σ on to them: the user's pack hook sees the same tensors, W/σ excepted, and the gradients are the same."""
+    model = _model("lcnn_resnet20").train()
+    twin = _per_layer_twin(model)  # (the same state: neither has run a forward)
+    x = torch.rand(2, 3, 16, 16)
+    seen = {}
+    for name, net in (("batched", model), ("per-layer", twin)):
+        shapes = []
+        params = {p.data_ptr() for p in net.parameters()}
+
+        def pack(t, shapes=shapes, params=params):
+            if t.data_ptr() not in params:  # (the pre-forward's Function saves the weights W themselves)
+                shapes.append(tuple(t.shape))
+            return ("packed", t)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda p: p[1]):
+            loss = net(x).square().mean()
+        loss.backward()
+        seen[name] = (shapes, {k: p.grad for k, p in net.named_parameters() if p.grad is not None})
+    weight_shapes = {tuple(sn_layer.parametrizations.weight.original.shape)
+                     for sn_layer, _ in lcnn_zoo.layers.spectral_norm_modules(model)}
+    batched, per_layer = seen["batched"][0], seen["per-layer"][0]
+    assert weight_shapes and not any(s in weight_shapes for s in batched)  # no W/σ reaches the user's hooks ...
+    assert [s for s in per_layer if s not in weight_shapes and len(s) == 4 and s[0] == 2] == \
+        [s for s in batched if len(s) == 4 and s[0] == 2]  # ... every activation is, in the same order
+    for k, g in seen["per-layer"][1].items():
+        torch.testing.assert_close(seen["batched"][1][k], g, rtol=5e-4, atol=1e-6)

@@ -54,15 +54,21 @@ def install(model: nn.Module) -> nn.Module:
     if _pre_forward_hook not in model._forward_pre_hooks.values():
         model.register_forward_pre_hook(_pre_forward_hook)
         model.register_forward_hook(_post_forward_hook, always_call=True)
+    for layer, _ in spectral_norm_modules(model):
+        if _layer_pre_hook not in layer._forward_pre_hooks.values():
+            layer.register_forward_pre_hook(_layer_pre_hook)
+            layer.register_forward_hook(_layer_post_hook, always_call=True)
     return model
 
 
 def uninstall(model: nn.Module) -> None:
     """Remove the hooks :func:`install` registered (by identity: a deep copy has no handles)."""
-    drop_hooks(model._forward_pre_hooks, _pre_forward_hook)
-    for key in [k for k, h in model._forward_hooks.items() if h is _post_forward_hook]:
-        del model._forward_hooks[key]
-        model._forward_hooks_always_called.pop(key, None)
+    for module in model.modules():
+        drop_hooks(module._forward_pre_hooks, _pre_forward_hook)
+        drop_hooks(module._forward_pre_hooks, _layer_pre_hook)
+        for key in [k for k, h in module._forward_hooks.items() if h in (_post_forward_hook, _layer_post_hook)]:
+            del module._forward_hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
 
 
 def _pre_forward_hook(model: nn.Module, args: Tuple[Any, ...]) -> None:
@@ -74,6 +80,27 @@ def _pre_forward_hook(model: nn.Module, args: Tuple[Any, ...]) -> None:
 def _post_forward_hook(model: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
     if not torch.compiler.is_compiling():
         release(model)
+
+
+def _layer_pre_hook(layer: nn.Module, args: Tuple[Any, ...]) -> None:
+    # Around a spectral-normalised layer's own forward only: saved-tensor hooks cost autograd work for
+    # every tensor saved under them (a detach at unpack for a Python Function's), so they are not
+    # left active over the whole forward.
+    entry = _NORMALIZED.get(layer)
+    if entry is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    hooks = _RecomputeNormalized(entry)
+    try:
+        hooks.__enter__()
+    except RuntimeError:  # saved-tensor hooks disabled here (torch.autograd.graph.disable_saved_tensors_hooks)
+        return
+    _HOOKS[layer] = hooks
+
+
+def _layer_post_hook(layer: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+    hooks = _HOOKS.pop(layer, None)
+    if hooks is not None:
+        hooks.close()
 
 
 def _runs_layers_own_code(args: Tuple[Any, ...]) -> bool:
@@ -90,8 +117,14 @@ def _runs_layers_own_code(args: Tuple[Any, ...]) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
-#: the layers each root prepared values for, so that its forward hook drops exactly those
+#: the layers each root prepared values for (and the spectral norms' layers), so that its forward hook
+#: drops exactly those
 _FRAMES: "weakref.WeakKeyDictionary[nn.Module, List[nn.Module]]" = weakref.WeakKeyDictionary()
+#: each spectral-normalised layer's prepared (W/σ, W, σ), for :class:`_RecomputeNormalized`
+_NORMALIZED: "weakref.WeakKeyDictionary[nn.Module, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]" = (
+    weakref.WeakKeyDictionary())
+#: the saved-tensor hooks a layer's forward pre-hook entered, exited by its forward hook
+_HOOKS: "weakref.WeakKeyDictionary[nn.Module, _RecomputeNormalized]" = weakref.WeakKeyDictionary()
 
 
 def prepare(model: nn.Module) -> int:
@@ -124,7 +157,10 @@ def prepare(model: nn.Module) -> int:
 
 def release(model: nn.Module) -> None:
     """Drop the values :func:`prepare` left for ``model``'s layers."""
-    prepared.drop(_FRAMES.pop(model, ()))
+    frame = _FRAMES.pop(model, ())
+    prepared.drop(frame)
+    for m in frame:
+        _NORMALIZED.pop(m, None)
 
 
 @contextlib.contextmanager
@@ -146,23 +182,29 @@ def checkpoint_contexts(module: nn.Module) -> Tuple[ContextManager[Any], Context
     Args:
         module: the checkpointed part.
     """
-    kept: List[Tuple[Tuple[nn.Module, prepared.Prepared], ...]] = []
+    kept: List[Tuple[Tuple[Tuple[nn.Module, prepared.Prepared], ...], Dict[nn.Module, Any]]] = []
     layers = [m for m in module.modules() if isinstance(m, (SpectralNorm, LipschitzBatchNorm2d, CenteredSoftplus))]
+    # and the layers whose W/σ the backward recomputes: the recompute must save what the forward saved, in
+    # the same order (the checkpoint matches them by position), so it hands the same W/σ to the same hooks
+    owners = [m for m, _ in spectral_norm_modules(module)]
 
     @contextlib.contextmanager
     def forward() -> Iterator[None]:
-        kept.append(prepared.snapshot(layers))
+        kept.append((prepared.snapshot(layers), {m: _NORMALIZED[m] for m in owners if m in _NORMALIZED}))
         yield
 
     @contextlib.contextmanager
     def recompute() -> Iterator[None]:
-        entries = kept[-1] if kept else ()
+        entries, normalized = kept[-1] if kept else ((), {})
         prepared.restore(entries)
+        _NORMALIZED.update(normalized)
         try:
             with frozen_state(module):
                 yield
         finally:
             prepared.drop([m for m, _ in entries])
+            for m in normalized:
+                _NORMALIZED.pop(m, None)
 
     return forward(), recompute()
 
@@ -184,12 +226,15 @@ def _normalize_(xs: _Tensors) -> _Tensors:
 
 
 def _prepare_spectral_norms(model: nn.Module, done: List[nn.Module]) -> None:
+    """Prepare W/σ for every spectral norm :func:`_batched` admits (listed in ``done`` with its layer)."""
+    layers: List[nn.Module] = []
     sns: List[SpectralNorm] = []
     weights: List[torch.Tensor] = []
     for layer, sn in spectral_norm_modules(model):
         parametrizations: Any = layer.parametrizations  # (torch's stubs type a submodule as Tensor | Module)
         chain = parametrizations.weight  # a ParametrizationList
         if len(chain) == 1 and _batched(sn) and not chain.original.is_meta:
+            layers.append(layer)
             sns.append(sn)
             weights.append(chain.original)
     if not sns:
@@ -199,33 +244,46 @@ def _prepare_spectral_norms(model: nn.Module, done: List[nn.Module]) -> None:
         # The power step (SpectralNorm._training_normalized, for all layers): v ← Aᵀu/‖Aᵀu‖ on the
         # recording layers, then σ = ‖Av‖ and u = Av/σ; frozen layers use their v as it is.
         moving = [i for i, r in enumerate(records) if r]
+        # vs: v as this forward uses it, in tensors no later power step writes (the backward reads them)
+        vs: List[torch.Tensor] = [sn._v for sn in sns]
         if moving:
-            steps = [sns[i].adjoint(sns[i]._u, weights[i]) for i in moving]
-            torch._foreach_copy_([sns[i]._v for i in moving], _normalize_(steps))
-        images = [sn.operator(sn._v, w) for sn, w in zip(sns, weights)]
+            steps = _normalize_([sns[i].adjoint(sns[i]._u, weights[i]) for i in moving])
+            torch._foreach_copy_([sns[i]._v for i in moving], steps)
+            for i, step in zip(moving, steps):
+                vs[i] = step
+        kept = [i for i, r in enumerate(records) if not r]
+        if kept:  # (a copy of each in one op: foreach has no clone)
+            for i, copied in zip(kept, torch._foreach_mul([vs[i] for i in kept], 1.0)):
+                vs[i] = copied
+        images = [sn.operator(v, w) for sn, v, w in zip(sns, vs, weights)]
         sigmas = torch._foreach_norm(images)
         torch._foreach_clamp_min_(sigmas, _EPS)
         us = torch._foreach_div(images, sigmas)
         if moving:
             torch._foreach_copy_([sns[i]._u for i in moving], [us[i] for i in moving])
-        grads = [sn.op.sigma_gradient(u, sn._v, w) for sn, u, w in zip(sns, us, weights)]
-    normalized = _DivideAllBySigma.apply(len(sns), *sigmas, *grads, *weights)
-    for sn, w, value, record in zip(sns, weights, normalized, records):
+    gradients = [sn.op.sigma_gradient for sn in sns]
+    normalized = _DivideAllBySigma.apply(len(sns), gradients, *sigmas, *us, *vs, *weights)
+    for layer, sn, w, sigma, value, record in zip(layers, sns, weights, sigmas, normalized, records):
         prepared.put(sn, value, (w, sn._u, sn._v), record)
-        done.append(sn)
+        _NORMALIZED[layer] = (value, w, sigma)
+        done += (sn, layer)
 
 
 class _DivideAllBySigma(torch.autograd.Function):
     """Wᵢ ↦ Wᵢ/σᵢ for all layers, σᵢ linear in Wᵢ with gradient Gᵢ (σ = uᵀA_W v, u and v constants):
     :class:`~.spectral_norm.SpectralNorm`'s Function for a list of layers, in foreach ops.
 
+    Inputs: n, the layers' ``sigma_gradient`` functions, then σ₁…σₙ, u₁…uₙ, v₁…vₙ, W₁…Wₙ. Gᵢ is
+    computed in the backward from uᵢ and vᵢ (the size of one input image each), not saved: it has Wᵢ's
+    size, and keeping it for every layer was a weight-sized copy per layer.
+
     Backward: gᵢ ↦ (gᵢ − ⟨gᵢ, Wᵢ⟩/σᵢ · Gᵢ)/σᵢ. ⟨g, W⟩ = ‖g∘W‖₁ − 2‖min(g∘W, 0)‖₁ (foreach has norms but
     no sums), as exact as a sum. Under ``create_graph`` it is the per-layer formula in differentiable ops."""
 
     @staticmethod
-    def forward(ctx, n: int, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        sigmas, weights = tensors[:n], tensors[2 * n:]
-        ctx.n = n
+    def forward(ctx, n: int, gradients: Sequence[Any], *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        sigmas, weights = tensors[:n], tensors[3 * n:]
+        ctx.n, ctx.gradients = n, gradients
         ctx.save_for_backward(*tensors)
         return tuple(torch._foreach_div(weights, sigmas))
 
@@ -233,7 +291,9 @@ class _DivideAllBySigma(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         n = ctx.n
         saved = ctx.saved_tensors
-        sigmas, grad_sigmas, weights = saved[:n], saved[n:2 * n], saved[2 * n:]
+        sigmas, us, vs, weights = saved[:n], saved[n:2 * n], saved[2 * n:3 * n], saved[3 * n:]
+        with torch.no_grad():  # (G does not depend on W: σ is linear in W)
+            grad_sigmas = [gradient(u, v, w) for gradient, u, v, w in zip(ctx.gradients, us, vs, weights)]
         if torch.is_grad_enabled():  # create_graph: differentiable, layer by layer
             out: _Tensors = [divide_by_sigma_backward(g, w, s, gs)
                    for g, w, s, gs in zip(grads, weights, sigmas, grad_sigmas)]
@@ -247,7 +307,77 @@ class _DivideAllBySigma(torch.autograd.Function):
             torch._foreach_div_(dots, sigmas)
             out = torch._foreach_addcmul(grads, grad_sigmas, dots, value=-1.0)
             torch._foreach_div_(out, sigmas)
-        return (None,) + (None,) * (2 * n) + tuple(out)
+        return (None, None) + (None,) * (3 * n) + tuple(out)
+
+
+class _Recompute:
+    """A saved W/σ (or a view of it: the linear map saves its transpose), kept as W and σ (W is a
+    parameter, alive anyway) and recomputed when unpacked."""
+
+    __slots__ = ("weight", "sigma", "version", "view")
+
+    def __init__(self, weight: torch.Tensor, sigma: torch.Tensor, view: Optional[Tuple[Any, ...]]) -> None:
+        self.weight, self.sigma, self.version, self.view = weight, sigma, weight._version, view
+
+    def unpack(self) -> torch.Tensor:
+        if self.weight._version != self.version:  # (autograd's own check, which a saved W/σ no longer has)
+            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                               f"inplace operation: a spectral-normalised weight of shape {tuple(self.weight.shape)} "
+                               f"is at version {self.weight._version}; expected version {self.version}")
+        with torch.no_grad():
+            value = torch.div(self.weight, self.sigma)  # (bitwise foreach_div's value: both divide each entry)
+            return value if self.view is None else value.as_strided(*self.view)
+
+
+class _Outer:
+    """A tensor packed by the saved-tensor hooks that were active before ours (a user's save_on_cpu)."""
+
+    __slots__ = ("unpack_hook", "packed")
+
+    def __init__(self, unpack_hook: Any, packed: Any) -> None:
+        self.unpack_hook, self.packed = unpack_hook, packed
+
+
+class _RecomputeNormalized(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks, active during a spectral-normalised layer's training forward, under which an op
+    that saves the layer's prepared W/σ for its backward (the convolution, the linear map) saves W and σ
+    instead, and the backward recomputes W/σ (one division). Without them every spectral norm kept a
+    weight-sized copy for the backward. Every other saved tensor goes to the hooks that were active before (else is kept
+    as it is), so a user's ``save_on_cpu`` or memory probe still sees it. (``_top_saved_tensors_default_hooks``
+    is private: torch has no public way to read the active hooks; ``torch.utils.checkpoint`` reads them so.)
+
+    Args:
+        normalized: the layer's (W/σ, W, σ).
+    """
+
+    def __init__(self, normalized: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        self.entry: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = normalized
+        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        super().__init__(self._pack, _unpack)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        entry = self.entry
+        if entry is not None and (t is entry[0] or t._base is entry[0]):
+            value, weight, sigma = entry
+            if value.stride() == weight.stride():  # (so the recomputed W/σ has the saved one's layout)
+                view = None if t is value else (t.size(), t.stride(), t.storage_offset())
+                return _Recompute(weight, sigma, view)
+        if self.outer is not None:
+            return _Outer(self.outer[1], self.outer[0](t))
+        return t
+
+    def close(self) -> None:
+        """Leave the hooks (the forward is over) and drop the W/σ they listed, which they must not keep alive."""
+        self.__exit__()
+        self.entry = None
+
+
+def _unpack(packed: Any) -> Any:
+    if isinstance(packed, _Recompute):
+        return packed.unpack()
+    if isinstance(packed, _Outer):
+        return packed.unpack_hook(packed.packed)
+    return packed
 
 
 # ---- β, γ-clips and the penalty's terms -----------------------------------------------------------
