@@ -129,6 +129,31 @@ def test_gradient_checkpointing_is_the_same_step(name):
         assert torch.equal(a, b), k
 
 
+def test_gradient_checkpointing_recomputes_a_part_twice_for_exact_gradreg_and_retain_graph():
+    """Exact GradReg (a double backward) and a second backward with retain_graph recompute a checkpointed
+    stage more than once: the checkpoint's contexts used to be single-use (AttributeError 'args')."""
+    from lcnn_zoo import gradreg_exact
+
+    torch.manual_seed(0)
+    plain = timm.create_model("lcnn_resnet20", img_size=(12, 12), in_chans=1, num_classes=4).train()
+    ckpt = timm.create_model("lcnn_resnet20", img_size=(12, 12), in_chans=1, num_classes=4)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.train().set_grad_checkpointing(True)
+    x, y = torch.rand(3, 1, 12, 12), torch.randint(0, 4, (3,))
+    for model in (plain, ckpt):
+        out = gradreg_exact(model, x, y)
+        (out.loss + 0.1 * out.penalty).backward()
+    for (k, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=k)
+    for model in (plain, ckpt):
+        model.zero_grad()
+        loss = model(x).square().sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+    for (k, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=k)
+
+
 @pytest.mark.parametrize("tag", ["lcnn_resnet20.fmnist", "lcnn_resnet20_softplus.fmnist"])
 def test_a_grey_tag_with_timms_in_chans_3_keeps_its_function_and_says_its_input(tag):
     """timm's scripts pass in_chans=3: the adapted model computes on grey images copied to 3 channels

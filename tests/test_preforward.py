@@ -337,3 +337,74 @@ def test_a_users_saved_tensor_hooks_still_see_every_other_tensor():
         [s for s in batched if len(s) == 4 and s[0] == 2]  # ... every activation is, in the same order
     for k, g in seen["per-layer"][1].items():
         torch.testing.assert_close(seen["batched"][1][k], g, rtol=5e-4, atol=1e-6)
+
+
+class _ChangesItsActivationInPlace(nn.Module):
+    """A net that changes a tensor in place after a spectral-normalised conv saved it (a user's bug)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.a(x)
+        out = self.b(h)  # b saves h for its weight gradient
+        h.mul_(3.0)
+        return self.fc((out + h).mean((2, 3)))
+
+
+def test_a_tensor_the_layer_saved_and_changed_in_place_is_refused_as_autograd_refuses_it():
+    """Autograd checks no version of a tensor packed by saved-tensor hooks: the layers' hooks check it
+    themselves (without, the backward ran on the changed input: silently wrong gradients)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LCNNConversionWarning)
+        model = lcnnify(_ChangesItsActivationInPlace(), input_size=(3, 8, 8)).train()
+    for net in (_per_layer_twin(model), model):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            net(torch.rand(2, 3, 8, 8)).sum().backward()
+
+
+def test_one_layer_compiled_alone_and_mutation_on_saved_tensors_work_as_before():
+    """A layer compiled on its own (dynamo traces its hooks: they must not touch the weak tables), and
+    torch's allow_mutation_on_saved_tensors (which W kept by the hooks would bypass): the per-layer gradients."""
+    model = _model("lcnn_resnet20").train()
+    x, y = torch.rand(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    twin = _per_layer_twin(model)
+    layer, _ = next(lcnn_zoo.layers.spectral_norm_modules(model))
+    name = next(n for n, m in model.named_modules() if m is layer)
+    model.set_submodule(name, torch.compile(layer, backend="eager"))
+    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(twin(x), y).backward()
+    for (k, p), q in zip(model.named_parameters(), twin.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=5e-4, atol=1e-6, msg=k)
+    model = _model("lcnn_resnet20").train()
+    layer, _ = next(lcnn_zoo.layers.spectral_norm_modules(model))
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        loss = F.cross_entropy(model(x), y)
+        with torch.no_grad():
+            layer.parametrizations.weight.original.mul_(1.01)
+        loss.backward()
+
+
+def test_two_threads_in_one_layer_each_leave_their_own_hooks():
+    """The saved-tensor hooks' stack is per thread: each thread's forward pops what it pushed."""
+    import threading
+
+    model = _model("lcnn_resnet20").train()
+    layer, _ = next(lcnn_zoo.layers.spectral_norm_modules(model))
+    both_inside = threading.Barrier(2, timeout=60)
+    layer.register_forward_pre_hook(lambda *_: (both_inside.wait(), None)[1])
+    left = {}
+
+    def work(name):
+        out = model(torch.rand(2, 3, 16, 16))
+        left[name] = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        del out  # (no backward: two concurrent steps of one model collide on its state before and after this work)
+    threads = [threading.Thread(target=work, args=(n,)) for n in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert left == {"A": None, "B": None}

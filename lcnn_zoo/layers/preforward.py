@@ -22,6 +22,7 @@ BatchNorm statistics advance once per recording forward as before, and the saved
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from typing import Any, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -86,21 +87,42 @@ def _layer_pre_hook(layer: nn.Module, args: Tuple[Any, ...]) -> None:
     # Around a spectral-normalised layer's own forward only: saved-tensor hooks cost autograd work for
     # every tensor saved under them (a detach at unpack for a Python Function's), so they are not
     # left active over the whole forward.
+    # (compiling first: dynamo must not trace the weak dictionaries, whose keys are modules)
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return
+    # under allow_mutation_on_saved_tensors W may be changed in place before the backward: W/σ is kept
+    if getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False):
+        return
     entry = _NORMALIZED.get(layer)
-    if entry is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if entry is None:
         return
     hooks = _RecomputeNormalized(entry)
     try:
         hooks.__enter__()
     except RuntimeError:  # saved-tensor hooks disabled here (torch.autograd.graph.disable_saved_tensors_hooks)
         return
-    _HOOKS[layer] = hooks
+    _hooks_of_this_thread().setdefault(layer, []).append(hooks)
 
 
 def _layer_post_hook(layer: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-    hooks = _HOOKS.pop(layer, None)
-    if hooks is not None:
-        hooks.close()
+    if torch.compiler.is_compiling():
+        return
+    stack = _hooks_of_this_thread().get(layer)
+    if stack:
+        stack.pop().close()
+        if not stack:
+            del _hooks_of_this_thread()[layer]
+
+
+_THREAD = threading.local()
+
+
+def _hooks_of_this_thread() -> "weakref.WeakKeyDictionary[nn.Module, List[_RecomputeNormalized]]":
+    """The saved-tensor hooks each layer's pre-hook entered on this thread (the hooks' stack is per thread)."""
+    table = getattr(_THREAD, "hooks", None)
+    if table is None:
+        table = _THREAD.hooks = weakref.WeakKeyDictionary()
+    return table
 
 
 def _runs_layers_own_code(args: Tuple[Any, ...]) -> bool:
@@ -123,8 +145,6 @@ _FRAMES: "weakref.WeakKeyDictionary[nn.Module, List[nn.Module]]" = weakref.WeakK
 #: each spectral-normalised layer's prepared (W/σ, W, σ), for :class:`_RecomputeNormalized`
 _NORMALIZED: "weakref.WeakKeyDictionary[nn.Module, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]" = (
     weakref.WeakKeyDictionary())
-#: the saved-tensor hooks a layer's forward pre-hook entered, exited by its forward hook
-_HOOKS: "weakref.WeakKeyDictionary[nn.Module, _RecomputeNormalized]" = weakref.WeakKeyDictionary()
 
 
 def prepare(model: nn.Module) -> int:
@@ -206,7 +226,25 @@ def checkpoint_contexts(module: nn.Module) -> Tuple[ContextManager[Any], Context
             for m in normalized:
                 _NORMALIZED.pop(m, None)
 
-    return forward(), recompute()
+    return _Reusable(forward), _Reusable(recompute)
+
+
+class _Reusable:
+    """A context manager that can be entered again (a new ``factory()`` each time): torch.utils.checkpoint
+    enters the recompute context once per recompute, and a double backward or ``retain_graph`` recomputes
+    a part more than once (a generator's context manager is single-use)."""
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+        self.active: List[Any] = []
+
+    def __enter__(self) -> Any:
+        cm = self.factory()
+        self.active.append(cm)
+        return cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.active.pop().__exit__(*exc)
 
 
 # ---- spectral norms --------------------------------------------------------------------------------
@@ -364,7 +402,7 @@ class _RecomputeNormalized(torch.autograd.graph.saved_tensors_hooks):
                 return _Recompute(weight, sigma, view)
         if self.outer is not None:
             return _Outer(self.outer[1], self.outer[0](t))
-        return t
+        return _Kept(t)  # (autograd checks no version of a tensor packed by hooks: _Kept does)
 
     def close(self) -> None:
         """Leave the hooks (the forward is over) and drop the W/σ they listed, which they must not keep alive."""
@@ -377,7 +415,25 @@ def _unpack(packed: Any) -> Any:
         return packed.unpack()
     if isinstance(packed, _Outer):
         return packed.unpack_hook(packed.packed)
+    if isinstance(packed, _Kept):
+        return packed.unpack()
     return packed
+
+
+class _Kept:
+    """A tensor saved under the layer's hooks as it is, with autograd's in-place check kept."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.tensor, self.version = t, t._version
+
+    def unpack(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                               f"inplace operation: [{self.tensor.type()} {list(self.tensor.shape)}] is at version "
+                               f"{self.tensor._version}; expected version {self.version} instead")
+        return self.tensor
 
 
 # ---- β, γ-clips and the penalty's terms -----------------------------------------------------------
