@@ -184,21 +184,34 @@ def _keys(keys: List[str], limit: int = 3) -> str:
 
 
 def _comparable(key: str) -> bool:
-    # Keys the zoo's load hooks reconcile themselves: singular vectors of another input size (recomputed),
-    # a missing logit scale (the built one kept), an adapted stem's gain.
-    return not (key.endswith(("._u", "._v", ".weight_gain")) or key.rsplit(".", 1)[-1] == "logit_scale")
+    # Keys the zoo's load hooks reconcile themselves: singular vectors of another input size (recomputed;
+    # named weight_u/weight_v in a state dict, _u/_v inside the parametrization), a missing logit scale
+    # (the built one kept), an adapted stem's gain.
+    return not (key.endswith(("._u", "._v", ".weight_u", ".weight_v", ".weight_gain"))
+                or key.rsplit(".", 1)[-1] == "logit_scale")
 
 
-def state_mismatch(model: nn.Module, state_dict: Mapping[str, Any]) -> Optional[str]:
+def state_mismatch(model: nn.Module, state_dict: Mapping[str, Any], *, sizes_only: bool = False) -> Optional[str]:
     """Why ``state_dict`` does not fit ``model``, in a phrase, or None when its tensors do fit (the
     failure was something else): another architecture (other tensor names), another number of input
-    channels (the stem), or the same architecture at other sizes (the first tensor that differs).
-    The zoo's models raise it from ``load_state_dict``, so timm's ``checkpoint_path=`` says it too."""
+    channels (the stem), or the same architecture at other sizes (the first tensor that differs; the
+    singular vectors, which loading recomputes for another input size, are not compared).
+    The zoo's models raise it from ``load_state_dict``, so timm's ``checkpoint_path=`` says it too.
+
+    Args:
+        model: the model the weights are for.
+        state_dict: the weights.
+        sizes_only: None unless both have the same tensor names and some differ in size (what fails a
+            load whatever ``strict`` is): the zoo's models ask this before loading, so weights of other
+            sizes are refused before any layer's load hook does work for them.
+    """
     own = {k: v for k, v in model.state_dict().items() if _comparable(k)}
     theirs = {k: v for k, v in state_dict.items() if _comparable(k)}
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture") or type(model).__name__
     unexpected, missing = sorted(set(theirs) - set(own)), sorted(set(own) - set(theirs))
+    if sizes_only and (unexpected or missing):
+        return None  # (torch decides: with strict=False other names load, else they are explained after)
     if unexpected or missing:
         parts = ([f"missing keys {_keys(missing)}"] if missing else []) + (
             [f"unexpected keys {_keys(unexpected)}"] if unexpected else [])

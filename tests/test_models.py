@@ -1,6 +1,7 @@
 """The zoo: timm registry, pretrained loading through timm's real path (offline HF cache, local-dir,
 hf-hub:), fine-tuning adaptation, clear errors, publishing folders, torch.hub."""
 import time
+import warnings
 
 import pytest
 import timm
@@ -205,5 +206,25 @@ def test_weights_that_do_not_fit_say_why_in_one_sentence():
                                            r"tensors for its \d+\): missing keys 'layer1.*; unexpected keys 'stages"):
         timm.create_model("lcnn_resnet18", in_chans=3, **small).load_state_dict(rgb)
     with pytest.raises(RuntimeError, match=r"for lcnn_resnet20 at other sizes: 'fc.bias' is \[10\] in them and \[4\] "
-                                           r"here \(3 tensors differ: another num_classes or width\?\)"):
+                                           r"here \(2 tensors differ: another num_classes or width\?\)"):
         timm.create_model("lcnn_resnet20", in_chans=3, num_classes=4, **small).load_state_dict(rgb)
+
+
+def test_weights_of_another_input_size_load_with_one_warning_and_of_other_sizes_too_are_refused_first():
+    """Hostile pass R8: weights from a run at another input size and num_classes gave one warning per
+    layer (each recomputing its singular vectors) and then a refusal naming a singular vector
+    ('conv1.weight_u' is [1, 16, 32, 32] ...), which loading adapts, not the classifier that does not fit."""
+    at_32 = timm.create_model("lcnn_resnet20", img_size=(32, 32), num_classes=100).state_dict()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        with pytest.raises(RuntimeError, match=r"at other sizes: 'fc.bias' is \[100\] in them and \[10\] here \(2 "):
+            timm.create_model("lcnn_resnet20", img_size=(28, 28)).load_state_dict(at_32)
+        assert not [str(w.message) for w in caught]  # refused before any layer worked on its vectors
+        at_32 = timm.create_model("lcnn_resnet20", img_size=(32, 32)).state_dict()
+        model = timm.create_model("lcnn_resnet20", img_size=(28, 28))
+        model.load_state_dict(at_32)
+    assert [str(w.message) for w in caught] == [
+        "lcnn_zoo: the checkpoint's singular vectors were saved at another input size or channel count than this "
+        "model's: each layer's are recomputed from its loaded weight"]  # one line for 21 layers
+    layer, sn = next(lcnn_zoo.layers.spectral_norm_modules(model))
+    assert sn.residual(layer.parametrizations.weight.original) < 1e-3  # and they are singular vectors of it

@@ -473,7 +473,7 @@ def test_a_stem_whose_channels_are_not_replicated_gets_no_gain():
     state = src.state_dict()
     # another weight of the adapted shape: not a replication
     state["weight"] = torch.randn(3, 3, 3, 3, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="recomputed from the loaded weight"):
+    with pytest.warns(UserWarning, match="recomputed from its loaded weight"):
         dst.load_state_dict(state)
     assert "weight_gain" not in dst.state_dict()
     assert operator_norm(dst.eval(), (3, 5, 5)) == pytest.approx(1.0, rel=2e-3)
@@ -482,7 +482,7 @@ def test_a_stem_whose_channels_are_not_replicated_gets_no_gain():
 def test_state_dict_of_another_input_size_loads_with_converged_vectors():
     src = timm.create_model("lcnn_resnet20.cifar10", pretrained_cfg_overlay=dict(input_size=(3, 24, 24)))
     dst = timm.create_model("lcnn_resnet20.cifar10")
-    with pytest.warns(UserWarning, match="recomputed from the loaded weight"):
+    with pytest.warns(UserWarning, match="recomputed from its loaded weight"):
         dst.load_state_dict(src.state_dict())
     for m, sn in spectral_norm_modules(dst):
         assert sn.last_residual <= 1e-3

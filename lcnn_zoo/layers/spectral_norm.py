@@ -276,16 +276,15 @@ class SpectralNorm(nn.Module):
         """The checkpoint's singular vectors were computed for another input shape or channel count:
         recompute them for ours from the checkpoint's weight (True), or keep ours when it holds no
         fitting weight for this layer (False; e.g. timm dropped a classifier of another size)."""
-        saved = (tuple(state_dict[ku].shape), tuple(state_dict[kv].shape))
         if weight is not None and self._fits(weight) and self._replicated(state_dict[ku], state_dict[kv], weight):
             return self._adapt_replicated(state_dict, prefix, ku, kv)
         if weight is not None and self._fits(weight):
-            iters, _ = self.converge(weight.to(self._v), self.init_iterations, self.init_tol)
-            layer = prefix[:-1] or "<root>"
-            warnings.warn(f"lcnn_zoo: the checkpoint's singular vectors for {layer} have shapes {saved}, this layer's "
-                          f"{(tuple(self._u.shape), tuple(self._v.shape))} (saved at another input size or channel "
-                          f"count): recomputed from "
-                          f"the loaded weight ({iters} operator products).", stacklevel=4)
+            self.converge(weight.to(self._v), self.init_iterations, self.init_tol)
+            # One text for every layer (no name, no shapes), so the default filter shows it once per load
+            # rather than once per layer (a ResNet-50's 53 lines before its first forward).
+            warnings.warn("lcnn_zoo: the checkpoint's singular vectors were saved at another input size or channel "
+                          "count than this model's: each layer's are recomputed from its loaded weight",
+                          stacklevel=4)
             adapted = True
         else:
             adapted = False
