@@ -408,3 +408,20 @@ def test_two_threads_in_one_layer_each_leave_their_own_hooks():
     for t in threads:
         t.join()
     assert left == {"A": None, "B": None}
+
+
+def test_another_threads_compile_raising_the_process_wide_flag_mid_layer_leaves_no_hooks():
+    """torch.compiler.is_compiling() reads a process-wide flag that AOT tracing sets (another thread's
+    inductor compile, here the fused activation's): raised between a layer's pre-hook and its forward
+    hook, it made the forward hook skip its pop, so the thread kept the layer's hooks pushed."""
+    import torch.compiler as tc
+
+    model = _model("lcnn_resnet20").train()
+    layer, _ = next(lcnn_zoo.layers.spectral_norm_modules(model))
+    layer.register_forward_pre_hook(lambda *_: setattr(tc, "_is_compiling_flag", True))
+    try:
+        out = model(torch.rand(2, 3, 16, 16))
+    finally:
+        tc._is_compiling_flag = False
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    out.sum().backward()

@@ -79,7 +79,7 @@ def _pre_forward_hook(model: nn.Module, args: Tuple[Any, ...]) -> None:
 
 
 def _post_forward_hook(model: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_dynamo_compiling():  # (see _layer_pre_hook)
         release(model)
 
 
@@ -87,8 +87,10 @@ def _layer_pre_hook(layer: nn.Module, args: Tuple[Any, ...]) -> None:
     # Around a spectral-normalised layer's own forward only: saved-tensor hooks cost autograd work for
     # every tensor saved under them (a detach at unpack for a Python Function's), so they are not
     # left active over the whole forward.
-    # (compiling first: dynamo must not trace the weak dictionaries, whose keys are modules)
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+    # (dynamo first: it must not trace the weak dictionaries, whose keys are modules. is_dynamo_compiling,
+    # not is_compiling: is_compiling reads a process-wide flag that another thread's AOT tracing sets (an
+    # inductor compile), so a forward hook seeing it there would leave this thread's hooks pushed.)
+    if torch.compiler.is_dynamo_compiling() or not torch.is_grad_enabled():
         return
     # under allow_mutation_on_saved_tensors W may be changed in place before the backward: W/σ is kept
     if getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False):
@@ -105,7 +107,7 @@ def _layer_pre_hook(layer: nn.Module, args: Tuple[Any, ...]) -> None:
 
 
 def _layer_post_hook(layer: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():  # (see _layer_pre_hook)
         return
     stack = _hooks_of_this_thread().get(layer)
     if stack:
