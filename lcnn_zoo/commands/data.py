@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Sized, Tuple, 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import ImageDataset
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
@@ -492,7 +493,6 @@ def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels:
     columns it is given, so the split is opened once first to see them (timm's open reuses its cache)."""
     _require_datasets(name)
     import datasets as hfds
-    from timm.data import create_dataset
 
     split = "train" if train else "test"
     try:
@@ -504,16 +504,38 @@ def _hf(name: str, train: bool, image_size: Optional[Tuple[int, int]], channels:
     if image_key is None or label_key is None:
         raise UserError(f"hf:{name}: no image/label columns in {columns}")
     resize = [transforms.Resize(tuple(image_size))] if image_size is not None else []
-    try:
-        ds = create_dataset(f"hfds/{name}", split=split, input_img_mode="L" if channels == 1 else "RGB",
-                            transform=transforms.Compose(resize + [transforms.ToTensor()]),
-                            input_key=image_key, target_key=label_key)
+    try:  # (what timm's create_dataset("hfds/<name>") builds, with the class that does not skip images)
+        ds = _UnskippingImageDataset(None, reader=f"hfds/{name}", split=split, trust_remote_code=False,
+                                     input_img_mode="L" if channels == 1 else "RGB",
+                                     transform=transforms.Compose(resize + [transforms.ToTensor()]),
+                                     input_key=image_key, target_key=label_key)
+        ds.source = f"hf:{shown(name)} ({split} split)"
     except Exception as e:  # noqa: BLE001 - as above
         raise DataNotFoundError(f"could not load Hugging Face dataset '{name}' split '{split}': {e}") from e
     index = ds.reader.class_to_idx  # {name: label} of a ClassLabel column, {} for plain integers
     if index:
         ds.classes = sorted(index, key=index.__getitem__)
     return ds
+
+
+class _UnskippingImageDataset(ImageDataset):
+    """timm's ``ImageDataset``, refusing an image it cannot read. timm's skips it (one log line) and
+    returns the next image with the next image's label, so an evaluation would measure another set
+    than the one named and a training run would see a duplicate: here it is one line naming the image."""
+
+    source = "an image dataset"
+    classes: Optional[List[str]] = None  # (names of the label feature's classes, set by _hf)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_retries = 1  # timm's count of images to try (it has no public setting): the asked one only
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return super().__getitem__(index)
+        except RuntimeError as e:  # (timm's "Failed to load 1 consecutive samples"; the cause was logged)
+            raise DataNotFoundError(f"{self.source}: image {index} cannot be read (not an image, or damaged): "
+                                    f"repair or remove it") from e
 
 
 @dataclass

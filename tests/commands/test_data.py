@@ -1,6 +1,7 @@
 """lcnn_zoo.commands.data: no dataset file is ever unpickled unless torchvision has checked it against the
 official checksums; images keep their bit depth; damaged or missing data is one clear line."""
 import gzip
+import io
 import os
 import pickle
 import shutil
@@ -381,6 +382,26 @@ def test_an_hf_dataset_is_read_by_timm_offline(tmp_path):
         assert x.shape == (3, 10, 12) and torch.equal(x[0], x[2])
     data = _datasets(train_config(["--dataset", f"hf:{root}", "--input-size", "3", "16", "16"]))
     assert (len(data.train), len(data.test), data.num_classes, data.classes) == (9, 6, 3, ["cat", "dog", "eel"])
+
+
+def test_an_hf_image_that_cannot_be_read_is_refused_not_replaced_by_the_next(tmp_path):
+    """timm's ImageDataset skips an image it cannot read and returns the next image with the next
+    image's label (one log line): an evaluation measured another set than the one named."""
+    datasets = pytest.importorskip("datasets")
+    from lcnn_zoo.commands.data import DataNotFoundError
+
+    def png(value):
+        out = io.BytesIO()
+        Image.fromarray(np.full((6, 6), value, np.uint8)).save(out, "PNG")
+        return {"bytes": out.getvalue(), "path": None}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"image": [png(10), {"bytes": b"not an image", "path": None}, png(200)], "label": [0, 1, 0]}
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / f"{split}-0.parquet"))
+    ds = build_dataset(f"hf:{tmp_path}", train=False)
+    assert [ds[0][1], ds[2][1]] == [0, 0] and float(ds[2][0].mean()) > 0.7  # the readable ones, as they are
+    with pytest.raises(DataNotFoundError, match=r"\(test split\): image 1 cannot be read \(not an image, or damaged\)"):
+        ds[1]
 
 
 def test_an_hf_dataset_that_cannot_be_read_is_one_line(tmp_path):
