@@ -223,7 +223,8 @@ def state_mismatch(model: nn.Module, state_dict: Mapping[str, Any], *, sizes_onl
         if key in own and len(shape[key]) == 4 and shape[key][1] != own[key].shape[1]:
             return (f"these weights take {shape[key][1]}-channel input and this {arch} was built for "
                     f"{own[key].shape[1]}: build it with in_chans={shape[key][1]}")
-    other = [k for k in own if shape[k] != tuple(own[k].shape)]
+    other = [k for k in own if shape[k] != tuple(own[k].shape)
+             and not (own[k].dim() == 0 and shape[k] == (1,))]  # (torch loads [1] into a 0-dim tensor)
     if other:
         k = other[0]
         return (f"these weights are for {arch} at other sizes: {shown(k)} is {list(shape[k])} in them and "

@@ -228,3 +228,6 @@ def test_weights_of_another_input_size_load_with_one_warning_and_of_other_sizes_
         "model's: each layer's are recomputed from its loaded weight"]  # one line for 21 layers
     layer, sn = next(lcnn_zoo.layers.spectral_norm_modules(model))
     assert sn.residual(layer.parametrizations.weight.original) < 1e-3  # and they are singular vectors of it
+    # torch loads a 1-element tensor into a 0-dim one (an old checkpoint's scalars): not a size mismatch
+    scalars_as_vectors = {k: v.reshape(1) if v.dim() == 0 else v for k, v in model.state_dict().items()}
+    timm.create_model("lcnn_resnet20", img_size=(28, 28)).load_state_dict(scalars_as_vectors)

@@ -530,3 +530,28 @@ def test_deferred_convergence_and_exact_vectors_hold_only_inside_their_block_in_
     assert residual(mine) <= tol  # converged on leaving the block
     assert residual(loaded["layer"]) <= tol  # and its stale loaded vectors were converged, not kept
     assert not torch.equal(loaded["layer"].parametrizations.weight[0]._v, stale["weight_v"])
+
+
+def test_an_eval_forward_refreshes_sigma_while_another_thread_compiles():
+    """torch.compiler.is_compiling() reads a process-wide flag that another thread's inductor compile
+    raises: the eval refresh skipped for it used stale vectors (an output 1.2x too large, the layer's
+    norm above 1). Raised here by hand, as that thread would."""
+    import torch.compiler as tc
+
+    from lcnn_zoo.layers import spectral_norm_of
+
+    torch.manual_seed(0)
+    model = timm.create_model("lcnn_resnet20", img_size=16, num_classes=3).eval()
+    x = torch.randn(2, 1, 16, 16)
+    model(x)
+    with torch.no_grad():  # new weights for the stem (an optimizer step, a load)
+        model.conv1.parametrizations.weight.original.copy_(torch.randn(16, 1, 3, 3))
+    flagged = copy.deepcopy(model)
+    tc._is_compiling_flag = True
+    try:
+        out = flagged.conv1(x)
+    finally:
+        tc._is_compiling_flag = False
+    torch.testing.assert_close(out, model.conv1(x), rtol=1e-4, atol=1e-5)
+    sn = spectral_norm_of(flagged.conv1)
+    assert sn.residual(flagged.conv1.parametrizations.weight.original) < 1e-3

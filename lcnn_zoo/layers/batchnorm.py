@@ -172,16 +172,19 @@ class LipschitzBatchNorm2d(nn.Module):
                     self.scale_var.copy_(self.running_var)
             weight, bias = self._scaled_affine(self.scale_var if self.training else self.running_var)
         momentum = 0.0 if self.momentum is None else self.momentum
+        # Read once, and not torch.compiler.is_compiling(): that reads a process-wide flag another thread's
+        # inductor compile raises, and the two branches below must agree (the host count moves in one only).
+        compiled = torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
         if record:
             # Counted here, not in the pre-forward: _record_momentum tells this increment from other
             # writes by the counter's version, which a foreach increment does not move under a
             # dispatch mode (so the step would read the counter on the host).
             self.num_batches_tracked.add_(1)
-            if not torch.compiler.is_compiling():
+            if not compiled:
                 momentum = self._record_momentum()
         if self.training and self.process_group is not None and _world_size(self.process_group) > 1:
             return self._synced_batch_norm(x, weight, bias, record, momentum)
-        if record and torch.compiler.is_compiling():
+        if record and compiled:
             # Compiled, n is a tensor (a Python count would recompile the graph at every step): this
             # batch's statistics land in two vectors (momentum 1), then the running ones move towards
             # them by max(momentum, 1/n) (1/n: the cumulative average) in tensor ops, which inductor fuses.

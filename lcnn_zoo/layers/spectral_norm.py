@@ -487,7 +487,10 @@ class SpectralNorm(nn.Module):
     def _refresh(self, weight: torch.Tensor) -> None:
         """Eval mode: converge the vectors for this weight once per change of it or of the vectors
         (see the class docs)."""
-        if not self.auto_converge or torch.compiler.is_compiling() or torch.jit.is_scripting() or weight.is_meta:
+        # (is_dynamo_compiling and is_exporting, not is_compiling: that one reads a process-wide flag that
+        # another thread's inductor compile raises, and a refresh skipped for it would leave σ stale)
+        if (not self.auto_converge or torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
+                or torch.jit.is_scripting() or weight.is_meta):
             return
         try:
             key = self._state_key(weight)
