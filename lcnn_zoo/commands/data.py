@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
+import threading
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Sized, Tuple, 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.data import ImageDataset
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
@@ -531,11 +534,29 @@ class _UnskippingImageDataset(ImageDataset):
         self._max_retries = 1  # timm's count of images to try (it has no public setting): the asked one only
 
     def __getitem__(self, index: int) -> Any:
+        _READING.active = True  # (timm's "Skipped sample" log line would say the opposite of what happens)
         try:
             return super().__getitem__(index)
-        except RuntimeError as e:  # (timm's "Failed to load 1 consecutive samples"; the cause was logged)
-            raise DataNotFoundError(f"{self.source}: image {index} cannot be read (not an image, or damaged): "
-                                    f"repair or remove it") from e
+        except (RuntimeError, Image.DecompressionBombError) as e:
+            # timm's "Failed to load 1 consecutive samples" (an OSError it caught), or PIL's refusal of an
+            # image claiming more pixels than it decodes (not an OSError: timm passes it on)
+            if isinstance(e, RuntimeError) and not str(e).startswith("Failed to load"):
+                raise
+            raise DataNotFoundError(f"{self.source}: image {index} cannot be read (not an image, damaged, or more "
+                                    f"pixels than PIL decodes): repair or remove it") from e
+        finally:
+            _READING.active = False
+
+
+class _QuietWhileReading(logging.Filter):
+    """Drops timm's dataset log records while an :class:`_UnskippingImageDataset` reads (only then)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_READING, "active", False)
+
+
+_READING = threading.local()
+logging.getLogger(ImageDataset.__module__).addFilter(_QuietWhileReading())
 
 
 @dataclass

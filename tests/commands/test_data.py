@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -384,9 +385,19 @@ def test_an_hf_dataset_is_read_by_timm_offline(tmp_path):
     assert (len(data.train), len(data.test), data.num_classes, data.classes) == (9, 6, 3, ["cat", "dog", "eel"])
 
 
-def test_an_hf_image_that_cannot_be_read_is_refused_not_replaced_by_the_next(tmp_path):
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width × height grey pixels (PIL refuses to decode over ~179M)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("bad", [b"not an image", _png_claiming(20000, 20000)], ids=["not-an-image", "too-many-pixels"])
+def test_an_hf_image_that_cannot_be_read_is_refused_not_replaced_by_the_next(tmp_path, caplog, bad):
     """timm's ImageDataset skips an image it cannot read and returns the next image with the next
-    image's label (one log line): an evaluation measured another set than the one named."""
+    image's label (one log line saying it skipped): an evaluation measured another set than the one
+    named. PIL's refusal of an image claiming too many pixels is no OSError: timm passed it on raw."""
     datasets = pytest.importorskip("datasets")
     from lcnn_zoo.commands.data import DataNotFoundError
 
@@ -395,13 +406,15 @@ def test_an_hf_image_that_cannot_be_read_is_refused_not_replaced_by_the_next(tmp
         Image.fromarray(np.full((6, 6), value, np.uint8)).save(out, "PNG")
         return {"bytes": out.getvalue(), "path": None}
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
-    rows = {"image": [png(10), {"bytes": b"not an image", "path": None}, png(200)], "label": [0, 1, 0]}
+    rows = {"image": [png(10), {"bytes": bad, "path": None}, png(200)], "label": [0, 1, 0]}
     for split in ("train", "test"):
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data" / f"{split}-0.parquet"))
     ds = build_dataset(f"hf:{tmp_path}", train=False)
     assert [ds[0][1], ds[2][1]] == [0, 0] and float(ds[2][0].mean()) > 0.7  # the readable ones, as they are
-    with pytest.raises(DataNotFoundError, match=r"\(test split\): image 1 cannot be read \(not an image, or damaged\)"):
+    caplog.clear()
+    with pytest.raises(DataNotFoundError, match=r"\(test split\): image 1 cannot be read \(not an image, damaged, "):
         ds[1]
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("timm")]  # no "Skipped sample"
 
 
 def test_an_hf_dataset_that_cannot_be_read_is_one_line(tmp_path):
