@@ -191,7 +191,8 @@ def _comparable(key: str) -> bool:
                 or key.rsplit(".", 1)[-1] == "logit_scale")
 
 
-def state_mismatch(model: nn.Module, state_dict: Mapping[str, Any], *, sizes_only: bool = False) -> Optional[str]:
+def state_mismatch(model: nn.Module, state_dict: Mapping[str, Any], *, sizes_only: bool = False,
+                   partial: bool = False) -> Optional[str]:
     """Why ``state_dict`` does not fit ``model``, in a phrase, or None when its tensors do fit (the
     failure was something else): another architecture (other tensor names), another number of input
     channels (the stem), or the same architecture at other sizes (the first tensor that differs; the
@@ -204,19 +205,22 @@ def state_mismatch(model: nn.Module, state_dict: Mapping[str, Any], *, sizes_onl
         sizes_only: None unless both have the same tensor names and some differ in size (what fails a
             load whatever ``strict`` is): the zoo's models ask this before loading, so weights of other
             sizes are refused before any layer's load hook does work for them.
+        partial: the weights may name only some of the model's tensors (``load_state_dict(strict=False)``):
+            the tensors both have are compared, whatever the names.
     """
     own = {k: v for k, v in model.state_dict().items() if _comparable(k)}
     theirs = {k: v for k, v in state_dict.items() if _comparable(k)}
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture") or type(model).__name__
     unexpected, missing = sorted(set(theirs) - set(own)), sorted(set(own) - set(theirs))
-    if sizes_only and (unexpected or missing):
-        return None  # (torch decides: with strict=False other names load, else they are explained after)
-    if unexpected or missing:
+    if sizes_only and (unexpected or missing) and not partial:
+        return None  # (torch decides: with strict=True they are explained after it fails)
+    if (unexpected or missing) and not partial:
         parts = ([f"missing keys {_keys(missing)}"] if missing else []) + (
             [f"unexpected keys {_keys(unexpected)}"] if unexpected else [])
         return (f"these weights are for another architecture than {arch} ({len(theirs)} tensors for its {len(own)}): "
                 + "; ".join(parts))
+    own = {k: v for k, v in own.items() if k in theirs}
     shape = {k: tuple(getattr(theirs[k], "shape", ())) for k in own}
     stem = cfg.get("first_conv") or "conv1"
     for key in (f"{stem}.weight", f"{stem}.parametrizations.weight.original"):

@@ -231,3 +231,10 @@ def test_weights_of_another_input_size_load_with_one_warning_and_of_other_sizes_
     # torch loads a 1-element tensor into a 0-dim one (an old checkpoint's scalars): not a size mismatch
     scalars_as_vectors = {k: v.reshape(1) if v.dim() == 0 else v for k, v in model.state_dict().items()}
     timm.create_model("lcnn_resnet20", img_size=(28, 28)).load_state_dict(scalars_as_vectors)
+    # a partial dict (strict=False): its tensors are compared by size, whatever the model's other names
+    head = {k: v for k, v in timm.create_model("lcnn_resnet20", num_classes=100).state_dict().items()
+            if k.startswith(("fc.", "conv1."))}
+    with pytest.raises(RuntimeError, match=r"at other sizes: 'fc.bias' is \[100\] in them and \[10\] here"):
+        timm.create_model("lcnn_resnet20").load_state_dict(head, strict=False)  # (was: "another architecture")
+    fitting = {k: v for k, v in timm.create_model("lcnn_resnet20").state_dict().items() if k.startswith("fc.")}
+    assert not timm.create_model("lcnn_resnet20").load_state_dict(fitting, strict=False).unexpected_keys

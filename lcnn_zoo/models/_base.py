@@ -72,13 +72,13 @@ class ScaledHead:
         """``nn.Module.load_state_dict``; weights that do not fit say why in one sentence (another
         architecture, another number of input channels, other sizes) instead of torch's list of
         keys, or the layer hooks' shape errors, that timm's ``checkpoint_path=`` would show."""
-        reason = state_mismatch(cast(nn.Module, self), state_dict, sizes_only=True)
+        reason = state_mismatch(cast(nn.Module, self), state_dict, sizes_only=True, partial=not strict)
         if reason is not None:  # (before loading: else each layer's load hook first recomputes vectors, and warns)
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: {reason}")
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
         except RuntimeError as e:
-            reason = state_mismatch(cast(nn.Module, self), state_dict)
+            reason = state_mismatch(cast(nn.Module, self), state_dict, partial=not strict)
             if reason is None:
                 raise
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: {reason}") from e
