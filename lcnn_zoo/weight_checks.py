@@ -213,9 +213,9 @@ def state_mismatch(model: nn.Module, state_dict: Mapping[str, Any], *, sizes_onl
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture") or type(model).__name__
     unexpected, missing = sorted(set(theirs) - set(own)), sorted(set(own) - set(theirs))
-    if sizes_only and (unexpected or missing) and not partial:
-        return None  # (torch decides: with strict=True they are explained after it fails)
     if (unexpected or missing) and not partial:
+        if sizes_only:
+            return None  # (torch decides: with strict=True they are explained after it fails)
         parts = ([f"missing keys {_keys(missing)}"] if missing else []) + (
             [f"unexpected keys {_keys(unexpected)}"] if unexpected else [])
         return (f"these weights are for another architecture than {arch} ({len(theirs)} tensors for its {len(own)}): "

@@ -360,10 +360,7 @@ class _Recompute:
         self.weight, self.sigma, self.version, self.view = weight, sigma, weight._version, view
 
     def unpack(self) -> torch.Tensor:
-        if self.weight._version != self.version:  # (autograd's own check, which a saved W/σ no longer has)
-            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
-                               f"inplace operation: a spectral-normalised weight of shape {tuple(self.weight.shape)} "
-                               f"is at version {self.weight._version}; expected version {self.version}")
+        _check_version(self.weight, self.version)  # (autograd's own check, which a saved W/σ no longer has)
         with torch.no_grad():
             value = torch.div(self.weight, self.sigma)  # (bitwise foreach_div's value: both divide each entry)
             return value if self.view is None else value.as_strided(*self.view)
@@ -376,6 +373,9 @@ class _Outer:
 
     def __init__(self, unpack_hook: Any, packed: Any) -> None:
         self.unpack_hook, self.packed = unpack_hook, packed
+
+    def unpack(self) -> Any:
+        return self.unpack_hook(self.packed)
 
 
 class _RecomputeNormalized(torch.autograd.graph.saved_tensors_hooks):
@@ -393,9 +393,10 @@ class _RecomputeNormalized(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, normalized: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         self.entry: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = normalized
         self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        super().__init__(self._pack, _unpack)
+        super().__init__(self._pack, lambda packed: packed.unpack())
 
     def _pack(self, t: torch.Tensor) -> Any:
+        """A :class:`_Recompute`, :class:`_Outer` or :class:`_Kept`: each unpacks itself."""
         entry = self.entry
         if entry is not None and (t is entry[0] or t._base is entry[0]):
             value, weight, sigma = entry
@@ -412,16 +413,6 @@ class _RecomputeNormalized(torch.autograd.graph.saved_tensors_hooks):
         self.entry = None
 
 
-def _unpack(packed: Any) -> Any:
-    if isinstance(packed, _Recompute):
-        return packed.unpack()
-    if isinstance(packed, _Outer):
-        return packed.unpack_hook(packed.packed)
-    if isinstance(packed, _Kept):
-        return packed.unpack()
-    return packed
-
-
 class _Kept:
     """A tensor saved under the layer's hooks as it is, with autograd's in-place check kept."""
 
@@ -431,11 +422,16 @@ class _Kept:
         self.tensor, self.version = t, t._version
 
     def unpack(self) -> torch.Tensor:
-        if self.tensor._version != self.version:
-            raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
-                               f"inplace operation: [{self.tensor.type()} {list(self.tensor.shape)}] is at version "
-                               f"{self.tensor._version}; expected version {self.version} instead")
+        _check_version(self.tensor, self.version)
         return self.tensor
+
+
+def _check_version(t: torch.Tensor, version: int) -> None:
+    """Raise autograd's in-place error when ``t`` was written since it was saved at ``version``."""
+    if t._version != version:
+        raise RuntimeError(f"one of the variables needed for gradient computation has been modified by an "
+                           f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+                           f"expected version {version} instead")
 
 
 # ---- β, γ-clips and the penalty's terms -----------------------------------------------------------
