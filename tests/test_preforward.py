@@ -4,6 +4,7 @@ on their own (the same outputs, loss, gradients and state, to float rounding), k
 alone, survive deep copies, and bring the step's op count down (pinned here: a count, never a time)."""
 import copy
 import warnings
+from typing import Optional
 
 import pytest
 import timm
@@ -26,10 +27,11 @@ def _per_layer_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """One training step's (logits, loss + LCNN penalty, {name: grad})."""
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, net: Optional[nn.Module] = None):
+    """One training step's (logits, loss + LCNN penalty, {name: grad}); ``net`` (default: the model) computes
+    the logits (a compiled model)."""
     model.zero_grad(set_to_none=True)
-    logits = model(x)
+    logits = (net if net is not None else model)(x)
     loss = F.cross_entropy(logits, y) + LCNNPenalty()(model)
     loss.backward()
     return logits.detach(), loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
@@ -262,8 +264,8 @@ def _normalized_alive(model: nn.Module, x: torch.Tensor):
     refs = []
     real = preforward._prepare_spectral_norms
 
-    def spy(root, done):
-        real(root, done)
+    def spy(root, done, for_graph):
+        real(root, done, for_graph)
         refs.extend(__import__("weakref").ref(v[0]) for v in preforward._NORMALIZED.values())
     preforward._prepare_spectral_norms = spy
     try:
@@ -425,3 +427,89 @@ def test_another_threads_compile_raising_the_process_wide_flag_mid_layer_leaves_
         tc._is_compiling_flag = False
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
     out.sum().backward()
+
+
+def _graph_recorder():
+    """An AOT backend that compiles nothing (it runs the traced graphs as they are) and records each
+    graph's ATen ops: (backend, [(phase, Counter of op names)])."""
+    import collections
+
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def recorder(phase):
+        def compile_graph(gm, example_inputs):
+            graphs.append((phase, collections.Counter(str(n.target) for n in gm.graph.nodes
+                                                      if n.op == "call_function")))
+            return make_boxed_func(gm.forward)
+        return compile_graph
+    return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward")), graphs
+
+
+def _frozen_or_not(model: nn.Module, frozen: bool):
+    import contextlib
+    return lcnn_zoo.layers.frozen_state(model) if frozen else contextlib.nullcontext()
+
+
+def test_a_compiled_training_step_is_the_eager_step_with_the_power_steps_before_its_graph():
+    """torch.compile of an LCNN's training forward (issue 30, target 3): the power steps and γ-clips run
+    eagerly before the graph, which reads σ, u, v and the clips and differentiates W/σ and the clips in closed
+    form. The logits, loss, gradients and state (singular vectors, BatchNorm statistics) are the eager
+    step's, recording and frozen (FD GradReg's second pass), over steps with an optimizer between; the
+    forward graph holds the net's own convolutions only (no power step), each mode compiles once, and
+    nothing is left on the layers after a forward."""
+    model = _model("lcnn_resnet20").train()
+    twin = copy.deepcopy(model)  # eager, with its own pre-forward
+    backend, graphs = _graph_recorder()
+    compiled = torch.compile(model, backend=backend)
+    torch.manual_seed(1)
+    for _ in range(3):
+        x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
+        with exact_vectors():
+            twin.load_state_dict(model.state_dict())
+        for frozen in (False, True):
+            with _frozen_or_not(model, frozen):
+                la, sa, ga = _step(model, x, y, compiled)
+            with _frozen_or_not(twin, frozen):
+                lb, sb, gb = _step(twin, x, y)
+            torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-6)
+            assert ga.keys() == gb.keys()
+            for k in gb:
+                err = float((ga[k] - gb[k]).norm() / gb[k].norm().clamp_min(1e-12))
+                assert err < 5e-4, (k, frozen, err)
+            _assert_same_state(model, twin)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(0.05 * p.grad)
+    forward = [ops for phase, ops in graphs if phase == "forward" and ops]  # (dynamo may add an empty one)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert len(forward) == 2  # recording and frozen: once each over three steps
+    for ops in forward:
+        assert ops["aten.convolution.default"] == convs and ops["aten.linalg_vector_norm.default"] == 0, ops
+        assert ops["lcnn_zoo.centered_softplus_fwd.default"] > 0  # the activation, one opaque op
+    assert all(m.__dict__.get("_lcnn_graph_values") is None for m in model.modules())
+
+
+def test_a_compiled_training_forward_with_fullgraph_says_why_it_breaks():
+    """The power steps run eagerly before the graph: fullgraph=True cannot hold them, and the error says so."""
+    model = _model("lcnn_resnet20").train()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="compile its training forward without fullgraph=True"):
+        compiled(torch.rand(2, 3, 16, 16))
+    with torch.no_grad():
+        compiled.eval()(torch.rand(2, 3, 16, 16))  # eval runs no pre-forward: one graph, as before
+
+
+def test_the_compiled_graph_of_the_benchmark_step_is_at_most_twice_the_plain_nets():
+    """Issue 30, target 3 (a count, deterministic): the ATen ops torch.compile hands inductor for one training
+    step of benchmarks.train_step's CIFAR ResNet-18, LCNN against timm's ReLU net."""
+    from benchmarks.compile import graph_sizes
+
+    lcnn, plain = graph_sizes("lcnn"), graph_sizes("timm_relu")
+    assert lcnn["graphs"] == plain["graphs"] == 1
+    total = lambda r: r["forward"] + r["backward"]  # noqa: E731
+    assert total(plain) == 398 and total(lcnn) == 452, (plain, lcnn)
+    assert total(lcnn) <= 2.0 * total(plain)

@@ -163,8 +163,11 @@ class LipschitzBatchNorm2d(nn.Module):
         record = self.training and self.update_stats
         # The clip weight the model's pre-forward computed for all BatchNorms at once, if any; it also
         # made the scale-variance copy of a recording forward.
+        given = prepared.for_graph(self) if self.training else None  # compiled: the clip, computed before the graph
         ready = prepared.take(self, (self.gamma_raw, self.scale_var), record) if self.training else None
-        if ready is not None:
+        if given is not None:
+            weight, bias = given[0], None
+        elif ready is not None:
             weight, bias = ready, None
         else:
             if record:  # the scale of this step: the running variance before this batch updates it
@@ -172,9 +175,7 @@ class LipschitzBatchNorm2d(nn.Module):
                     self.scale_var.copy_(self.running_var)
             weight, bias = self._scaled_affine(self.scale_var if self.training else self.running_var)
         momentum = 0.0 if self.momentum is None else self.momentum
-        # Read once, and not torch.compiler.is_compiling(): that reads a process-wide flag another thread's
-        # inductor compile raises, and the two branches below must agree (the host count moves in one only).
-        compiled = torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
+        compiled = prepared.tracing()  # (read once: the two branches below must agree)
         if record:
             # Counted here, not in the pre-forward: _record_momentum tells this increment from other
             # writes by the counter's version, which a foreach increment does not move under a
@@ -190,7 +191,7 @@ class LipschitzBatchNorm2d(nn.Module):
             # them by max(momentum, 1/n) (1/n: the cumulative average) in tensor ops, which inductor fuses.
             out = F.batch_norm(x, self.batch_mean, self.batch_var, weight, bias, True, 1.0, self.eps)
             with torch.no_grad():
-                step = self._early_momentum().to(self.running_var.dtype)
+                step = (given[1] if given is not None else self._early_momentum()).to(self.running_var.dtype)
                 self.running_mean.lerp_(self.batch_mean, step)
                 self.running_var.lerp_(self.batch_var, step)
             return out
@@ -246,7 +247,7 @@ class LipschitzBatchNorm2d(nn.Module):
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
         if record:
             with torch.no_grad():
-                if torch.compiler.is_compiling():
+                if prepared.tracing():
                     momentum = self._early_momentum().to(mean.dtype)
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
                 unbiased = var.detach() * (n.detach() / (n.detach() - 1).clamp_min(1.0))

@@ -73,14 +73,26 @@ def uninstall(model: nn.Module) -> None:
 
 
 def _pre_forward_hook(model: nn.Module, args: Tuple[Any, ...]) -> None:
-    if not model.training or _runs_layers_own_code(args):  # (eval: each layer re-converges its own σ)
+    if not model.training:  # (eval: each layer re-converges its own σ)
+        return
+    if _compiled_training(model):
+        _prepare_for_graph(model)  # (a graph break: it runs eagerly, before the graph of the forward)
+        return
+    if _runs_layers_own_code(args):
         return
     prepare(model)
 
 
 def _post_forward_hook(model: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
-    if not torch.compiler.is_dynamo_compiling():  # (see _layer_pre_hook)
+    if _compiled_training(model):
+        _release_for_graph(model)
+    elif not torch.compiler.is_dynamo_compiling():  # (see _layer_pre_hook)
         release(model)
+
+
+def _compiled_training(model: nn.Module) -> bool:
+    """Whether torch.compile traces a training forward of ``model`` (not an export, which the layers refuse)."""
+    return model.training and torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
 
 
 def _layer_pre_hook(layer: nn.Module, args: Tuple[Any, ...]) -> None:
@@ -128,9 +140,9 @@ def _hooks_of_this_thread() -> "weakref.WeakKeyDictionary[nn.Module, List[_Recom
 
 
 def _runs_layers_own_code(args: Tuple[Any, ...]) -> bool:
-    """Where the layers compute their own values: compiled graphs (the power step would enter the
-    graph twice), exports (the layers refuse them with a message), TorchScript tracing, torch.func
-    transforms, and FX tracing (a Proxy is no tensor)."""
+    """Where the layers compute their own values: exports (the layers refuse them with a message),
+    TorchScript tracing, torch.func transforms, FX tracing (a Proxy is no tensor), and a compiled part
+    of an eager model's forward seen from the part (its root is compiled: :func:`_prepare_for_graph`)."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return True
     if torch.onnx.is_in_onnx_export():
@@ -149,7 +161,7 @@ _NORMALIZED: "weakref.WeakKeyDictionary[nn.Module, Tuple[torch.Tensor, torch.Ten
     weakref.WeakKeyDictionary())
 
 
-def prepare(model: nn.Module) -> int:
+def prepare(model: nn.Module, for_graph: bool = False) -> int:
     """Compute, for all of ``model``'s LCNN layers in training mode at once, what each computes at a
     training forward, and leave it for the forward that follows. Returns the number of layers prepared.
 
@@ -166,12 +178,14 @@ def prepare(model: nn.Module) -> int:
 
     Args:
         model: the model root.
+        for_graph: also leave the values where a compiled forward reads them (see :func:`_prepare_for_graph`),
+            with each γ-BN's running-statistics step.
     """
     release(model)
     done: List[nn.Module] = []
     with _autocast_off(model):
-        _prepare_spectral_norms(model, done)
-        _prepare_curvature(model, done)
+        _prepare_spectral_norms(model, done, for_graph)
+        _prepare_curvature(model, done, for_graph)
     if done:
         _FRAMES[model] = done
     return len(done)
@@ -181,8 +195,32 @@ def release(model: nn.Module) -> None:
     """Drop the values :func:`prepare` left for ``model``'s layers."""
     frame = _FRAMES.pop(model, ())
     prepared.drop(frame)
+    prepared.drop_for_graph(frame)
     for m in frame:
         _NORMALIZED.pop(m, None)
+
+
+_GRAPH_BREAK = ("lcnn_zoo: an LCNN's power steps and γ-clips run eagerly before a compiled training forward (a graph "
+                "break at its root's pre-hook): compile its training forward without fullgraph=True")
+
+
+@torch.compiler.disable(reason=_GRAPH_BREAK)
+def _prepare_for_graph(model: nn.Module) -> None:
+    """:func:`prepare` for a compiled training forward, run eagerly before its graph (``torch.compiler.disable``:
+    a graph break at the root's pre-hook). The values also go on the layers (:func:`~.prepared.put_for_graph`),
+    where the graph reads them as inputs: W/σ, the γ-clips and β arrive with their autograd history, so
+    the graph's backward hands their gradients to the pre-forward's Functions (foreach ops, eagerly). The
+    graph holds the net's own ops, not the power step's convolutions, norms and buffer writes nor the
+    W/σ and clip formulas; and it compiles once (the values are new tensors of the same shapes at each
+    step). The state advances as in eager mode: one power step and one scale-variance copy per
+    recording forward, none in :func:`~.state.frozen_state`."""
+    prepare(model, for_graph=True)
+
+
+@torch.compiler.disable(reason=_GRAPH_BREAK)
+def _release_for_graph(model: nn.Module) -> None:
+    """:func:`release` after a compiled training forward (eagerly, after its graph)."""
+    release(model)
 
 
 @contextlib.contextmanager
@@ -265,8 +303,8 @@ def _normalize_(xs: _Tensors) -> _Tensors:
     return xs
 
 
-def _prepare_spectral_norms(model: nn.Module, done: List[nn.Module]) -> None:
-    """Prepare W/σ for every spectral norm :func:`_batched` admits (listed in ``done`` with its layer)."""
+def _spectral_norms(model: nn.Module) -> Tuple[List[nn.Module], List[SpectralNorm], List[torch.Tensor]]:
+    """The spectral norms :func:`_batched` admits: (their layers, themselves, their weights W)."""
     layers: List[nn.Module] = []
     sns: List[SpectralNorm] = []
     weights: List[torch.Tensor] = []
@@ -277,9 +315,31 @@ def _prepare_spectral_norms(model: nn.Module, done: List[nn.Module]) -> None:
             layers.append(layer)
             sns.append(sn)
             weights.append(chain.original)
+    return layers, sns, weights
+
+
+def _prepare_spectral_norms(model: nn.Module, done: List[nn.Module], for_graph: bool) -> None:
+    """Prepare W/σ for every spectral norm :func:`_batched` admits (listed in ``done`` with its layer)."""
+    layers, sns, weights = _spectral_norms(model)
     if not sns:
         return
     records = [not sn.frozen for sn in sns]
+    sigmas, us, vs = _power_steps(sns, weights, records)
+    gradients = [sn.op.sigma_gradient for sn in sns]
+    normalized = _DivideAllBySigma.apply(len(sns), gradients, *sigmas, *us, *vs, *weights)
+    for layer, sn, w, sigma, value, record in zip(layers, sns, weights, sigmas, normalized, records):
+        prepared.put(sn, value, (w, sn._u, sn._v), record)
+        if for_graph:
+            prepared.put_for_graph(sn, (value,))
+        _NORMALIZED[layer] = (value, w, sigma)
+        done += (sn, layer)
+
+
+def _power_steps(sns: Sequence[SpectralNorm], weights: Sequence[torch.Tensor], records: Sequence[bool]
+                 ) -> Tuple[_Tensors, _Tensors, List[torch.Tensor]]:
+    """One power step of each spectral norm (:meth:`SpectralNorm._training_normalized`, for all at once),
+    the buffers written for the recording ones: (σ, u, v) per layer, in tensors that no later step writes
+    (the backward reads them)."""
     with torch.no_grad():
         # The power step (SpectralNorm._training_normalized, for all layers): v ← Aᵀu/‖Aᵀu‖ on the
         # recording layers, then σ = ‖Av‖ and u = Av/σ; frozen layers use their v as it is.
@@ -301,12 +361,7 @@ def _prepare_spectral_norms(model: nn.Module, done: List[nn.Module]) -> None:
         us = torch._foreach_div(images, sigmas)
         if moving:
             torch._foreach_copy_([sns[i]._u for i in moving], [us[i] for i in moving])
-    gradients = [sn.op.sigma_gradient for sn in sns]
-    normalized = _DivideAllBySigma.apply(len(sns), gradients, *sigmas, *us, *vs, *weights)
-    for layer, sn, w, sigma, value, record in zip(layers, sns, weights, sigmas, normalized, records):
-        prepared.put(sn, value, (w, sn._u, sn._v), record)
-        _NORMALIZED[layer] = (value, w, sigma)
-        done += (sn, layer)
+    return sigmas, us, vs
 
 
 class _DivideAllBySigma(torch.autograd.Function):
@@ -435,25 +490,23 @@ def _check_version(t: torch.Tensor, version: int) -> None:
 
 
 # ---- β, γ-clips and the penalty's terms -----------------------------------------------------------
-# (device, inference mode, channel counts) -> a tensor of them (an inference tensor only for inference mode)
-_COUNTS: Dict[Tuple[str, bool, Tuple[int, ...]], torch.Tensor] = {}
+# (device, dtype, inference mode, values) -> a tensor of them (an inference tensor only for inference mode): made
+# once, not at every step (a tensor built from a list is a host-to-device copy on a GPU)
+_CONSTANTS: Dict[Tuple[str, torch.dtype, bool, Tuple[Any, ...]], torch.Tensor] = {}
 
 
-def _counts_tensor(counts: Tuple[int, ...], device: torch.device) -> torch.Tensor:
-    key = (str(device), torch.is_inference_mode_enabled(), counts)
-    t = _COUNTS.get(key)
+def _constant_tensor(values: Tuple[Any, ...], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    key = (str(device), dtype, torch.is_inference_mode_enabled(), values)
+    t = _CONSTANTS.get(key)
     if t is None:
-        if len(_COUNTS) > 64:  # a process that builds many different models
-            _COUNTS.clear()
-        t = _COUNTS[key] = torch.tensor(counts, dtype=torch.long, device=device)
+        if len(_CONSTANTS) > 64:  # a process that builds many different models
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
     return t
 
 
-def _prepare_curvature(model: nn.Module, done: List[nn.Module]) -> None:
-    acts = [m for m in model.modules() if isinstance(m, CenteredSoftplus)]
-    every_bn = [m for m in model.modules() if isinstance(m, LipschitzBatchNorm2d)]
-    # γ-BNs with affine parameters scale them by a clip of another form: they compute their own.
-    bns = [bn for bn in every_bn if bn.training and bn.weight is None]
+def _prepare_curvature(model: nn.Module, done: List[nn.Module], for_graph: bool) -> None:
+    acts, bns, all_bns = _clipped_batchnorms(model)
     if not model.training or not (acts or bns):
         return
     tensors = [a.log_beta for a in acts] + [bn.gamma_raw for bn in bns] + [bn.scale_var for bn in bns]
@@ -461,32 +514,60 @@ def _prepare_curvature(model: nn.Module, done: List[nn.Module]) -> None:
         return  # (stacked below: one device and dtype)
     device = tensors[0].device
     records = [bn.update_stats for bn in bns]
-    with torch.no_grad():
-        recording = [bn for bn, r in zip(bns, records) if r]
-        if recording:  # what a recording forward does first (LipschitzBatchNorm2d.forward)
-            torch._foreach_copy_([bn.scale_var for bn in recording], [bn.running_var for bn in recording])
-        if bns:  # 1/‖BN‖₂ = sqrt(min var + eps) (the variance is ≥ 0: its min is its smallest |entry|)
-            inv_norms = torch._foreach_norm([bn.scale_var for bn in bns], float("-inf"))
-            torch._foreach_add_(inv_norms, [bn.eps for bn in bns])
-            torch._foreach_sqrt_(inv_norms)
-            inv_norm = torch.stack(inv_norms)
-        else:
-            inv_norm = torch.zeros(0, device=device, dtype=tensors[0].dtype)
+    inv_norm = _inverse_norms(bns) if bns else torch.zeros(0, device=device, dtype=tensors[0].dtype)
     counts = tuple(bn.num_features for bn in bns)
     flag = [False]  # set by the Function's backward: its graph is spent
-    outs = _Curvature.apply(len(acts), _counts_tensor(counts, device) if bns else None, sum(counts), inv_norm,
+    outs = _Curvature.apply(len(acts), _constant_tensor(counts, device) if bns else None, sum(counts), inv_norm,
                             flag, *[a.log_beta for a in acts], *[bn.gamma_raw for bn in bns])
     betas, flat, sum_beta, sum_log_gamma = outs[:len(acts)], outs[len(acts)], outs[-2], outs[-1]
     for act, beta in zip(acts, betas):
         prepared.put(act, beta, (act.log_beta,), False)
+        if for_graph:
+            prepared.put_for_graph(act, (beta,))
         done.append(act)
-    for bn, weight, record in zip(bns, flat.split(counts) if bns else (), records):
+    steps = _statistics_steps(bns) if for_graph and bns else ()
+    for i, (bn, weight, record) in enumerate(zip(bns, flat.split(counts) if bns else (), records)):
         prepared.put(bn, weight, (bn.gamma_raw, bn.scale_var), record)
+        if for_graph:
+            prepared.put_for_graph(bn, (weight, steps[i]))
         done.append(bn)
-    if len(bns) == len(every_bn):
+    if all_bns:
         first = acts[0] if acts else bns[0]
         params = [a.log_beta for a in acts] + [bn.gamma_raw for bn in bns]
         _PENALTY[first] = _PenaltyTerms(acts, bns, params, sum_beta, sum_log_gamma, flag)
+
+
+def _clipped_batchnorms(model: nn.Module) -> Tuple[List[CenteredSoftplus], List[LipschitzBatchNorm2d], bool]:
+    """(the centered softplus activations, the γ-BNs in training mode without affine parameters, whether
+    those are all its γ-BNs). γ-BNs with affine parameters scale them by a clip of another form: they
+    compute their own."""
+    acts = [m for m in model.modules() if isinstance(m, CenteredSoftplus)]
+    every_bn = [m for m in model.modules() if isinstance(m, LipschitzBatchNorm2d)]
+    bns = [bn for bn in every_bn if bn.training and bn.weight is None]
+    return acts, bns, len(bns) == len(every_bn)
+
+
+def _inverse_norms(bns: Sequence[LipschitzBatchNorm2d]) -> torch.Tensor:
+    """What a recording γ-BN does first (the scale-variance copy: LipschitzBatchNorm2d.forward), then
+    1/‖BN‖₂ = sqrt(min var + eps) of each, stacked (L,). The variance is ≥ 0: its min is its smallest |entry|."""
+    with torch.no_grad():
+        recording = [bn for bn in bns if bn.update_stats]
+        if recording:
+            torch._foreach_copy_([bn.scale_var for bn in recording], [bn.running_var for bn in recording])
+        inv_norms = torch._foreach_norm([bn.scale_var for bn in bns], float("-inf"))
+        torch._foreach_add_(inv_norms, [bn.eps for bn in bns])
+        torch._foreach_sqrt_(inv_norms)
+        return torch.stack(inv_norms)
+
+
+def _statistics_steps(bns: Sequence[LipschitzBatchNorm2d]) -> Tuple[torch.Tensor, ...]:
+    """Each γ-BN's running-statistics step for the batch a compiled forward counts next, max(momentum, 1/n)
+    (1/n for momentum None: :meth:`LipschitzBatchNorm2d._early_momentum`), 0-dim tensors (no host read)."""
+    with torch.no_grad():
+        dtype = bns[0].running_var.dtype
+        momenta = _constant_tensor(tuple(bn.momentum or 0.0 for bn in bns), bns[0].running_var.device, dtype)
+        counted = torch.stack([bn.num_batches_tracked for bn in bns]).add_(1).to(dtype)
+        return torch.maximum(counted.reciprocal_(), momenta).unbind()
 
 
 class _Curvature(torch.autograd.Function):

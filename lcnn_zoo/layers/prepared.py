@@ -7,6 +7,10 @@ version (``Tensor._version``, which an optimizer step, ``load_state_dict`` or a 
 on). Otherwise, and for a layer called on its own (no pre-forward ran), the layer computes its value
 itself, as it did before the pre-forward existed. This module holds no layer code, so the layers can
 import it and :mod:`.preforward` can import the layers.
+
+A compiled forward reads its layers' values another way (:func:`put_for_graph`, :func:`for_graph`):
+torch.compile traces a layer's attributes, not this module's weak dictionary, and what it reads are
+constants of the graph (no autograd history: the graph differentiates them in closed form).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-__all__ = ["Prepared", "put", "take", "drop", "snapshot", "restore"]
+__all__ = ["Prepared", "put", "take", "drop", "snapshot", "restore", "tracing", "put_for_graph", "for_graph",
+           "drop_for_graph"]
 
 
 class Prepared:
@@ -60,7 +65,8 @@ def take(module: nn.Module, sources: Sequence[torch.Tensor], record: bool) -> Op
             value whose preparation made the update; a second one in the same forward (a layer called
             twice) computes its own, as the layer alone would, so the state advances once per call.
     """
-    if not _ENTRIES or torch.compiler.is_compiling():  # compiled graphs run the layers' own code
+    # (compiling first: dynamo must not trace the weak dictionary. A compiled graph reads for_graph's values.)
+    if torch.compiler.is_compiling() or not _ENTRIES:
         return None
     entry = _ENTRIES.get(module)
     if entry is None or len(sources) != len(entry.sources):
@@ -91,3 +97,38 @@ def restore(entries: Tuple[Tuple[nn.Module, Prepared], ...]) -> None:
     forward used, so it saves the same tensors for backward (which ``torch.utils.checkpoint`` checks)."""
     for m, e in entries:
         _ENTRIES[m] = e
+
+
+def tracing() -> bool:
+    """Whether the code runs under torch.compile's tracing (dynamo) or an export.
+
+    Not ``torch.compiler.is_compiling()``: that reads a process-wide flag which another thread's
+    inductor compile raises (the fused activation's CPU kernels compile so), so an eager forward on
+    this thread would see it."""
+    return torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
+
+
+# The attribute of a layer that holds its values for the next compiled forward: a plain attribute (a tuple,
+# so nn.Module registers nothing), which dynamo reads as graph inputs and guards by shape and dtype (a new
+# tensor each step compiles nothing again), and which is None between forwards.
+_GRAPH_ATTR = "_lcnn_graph_values"
+
+
+def put_for_graph(module: nn.Module, values: Tuple[torch.Tensor, ...]) -> None:
+    """Leave ``values`` (tensors without autograd history) for ``module``'s next compiled forward."""
+    setattr(module, _GRAPH_ATTR, values)
+
+
+def for_graph(module: nn.Module) -> Optional[Tuple[torch.Tensor, ...]]:
+    """The values left for ``module`` by :func:`put_for_graph` while torch.compile traces it, else None
+    (an eager forward computes from :func:`take` or by itself)."""
+    if not torch.compiler.is_dynamo_compiling():
+        return None
+    return getattr(module, _GRAPH_ATTR, None)
+
+
+def drop_for_graph(modules: Sequence[nn.Module]) -> None:
+    """Forget the values left for ``modules`` by :func:`put_for_graph`."""
+    for m in modules:
+        if getattr(m, _GRAPH_ATTR, None) is not None:
+            setattr(m, _GRAPH_ATTR, None)

@@ -431,6 +431,9 @@ class SpectralNorm(nn.Module):
             raise RuntimeError(EXPORT_MESSAGE)
         self._check_ready()
         if self.training:  # the value the model's pre-forward computed for all layers at once, if any
+            given = prepared.for_graph(self)  # compiled: W/σ, computed before the graph
+            if given is not None:
+                return self._with_gain(given[0])
             record = self.n_power_iterations > 0 and not self.frozen
             ready = prepared.take(self, (weight, self._u, self._v), record)
             if ready is not None:
@@ -489,8 +492,7 @@ class SpectralNorm(nn.Module):
         (see the class docs)."""
         # (is_dynamo_compiling and is_exporting, not is_compiling: that one reads a process-wide flag that
         # another thread's inductor compile raises, and a refresh skipped for it would leave σ stale)
-        if (not self.auto_converge or torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting()
-                or torch.jit.is_scripting() or weight.is_meta):
+        if not self.auto_converge or prepared.tracing() or torch.jit.is_scripting() or weight.is_meta:
             return
         try:
             key = self._state_key(weight)

@@ -20,9 +20,9 @@ FakeTensor/meta tracing and ``vmap`` see one operation. Their kernels:
 Where neither works (no C++ compiler, no Triton, an unsupported dtype) the reference formulas run,
 after one warning. ``LCNN_ZOO_FUSED=0`` turns the kernels off. Which of the three ran on each device
 ("triton", "cpu-inductor", "formulas" with the reason) is recorded: :func:`kernel_path`,
-:func:`fused_status`. :func:`cuda_launches` gives the CUDA launches one call of an op makes. Under
-``torch.compile`` of a whole model the activation is not routed here: inductor fuses the reference
-formulas itself, together with the neighbouring ops. Double backward never uses these kernels (see :mod:`..activation`).
+:func:`fused_status`. :func:`cuda_launches` gives the CUDA launches one call of an op makes. A ``torch.compile`` graph
+calls the ops too, as opaque nodes (inductor compiles the net around them, not the formulas: a graph
+about the plain net's size). Double backward never uses these kernels (see :mod:`..activation`).
 """
 from __future__ import annotations
 
@@ -69,8 +69,9 @@ def kernel_path(device: torch.device | str) -> str | None:
     "triton" (the CUDA kernels), "cpu-inductor" (the compiled CPU kernels) or "formulas" (the unfused
     reference formulas: the kernels are off, failed or have no variant for the input; the reason is in
     :func:`fused_status`); None if nothing ran there since the start or :func:`reset_fused_status`.
-    Recorded by the custom ops and, for the formulas, by :func:`fused_enabled`; not under
-    ``torch.compile`` (inductor fuses the formulas there) nor in the replay of a captured CUDA graph.
+    Recorded by the custom ops (eager or in a compiled graph) and, for the formulas, by
+    :func:`fused_enabled`; not in the replay of a captured CUDA graph (it replays the kernels without
+    calling the ops).
 
     Args:
         device: e.g. ``torch.device("cuda", 1)``, ``"cuda:1"`` or ``"cpu"``.
