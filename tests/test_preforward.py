@@ -164,29 +164,35 @@ def test_a_stale_value_is_not_used():
     assert prepared.take(sn, (conv.parametrizations.weight.original, sn._u, sn._v), False) is None
 
 
-def test_a_layer_called_twice_advances_its_state_twice_as_alone():
+class _Twice(nn.Module):
+    """One convolution and one BatchNorm, each called twice in a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(2)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        for _ in range(2):
+            x = self.act(self.bn(self.conv(x)))
+        return x
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_layer_called_twice_advances_its_state_twice_as_alone(compiled):
     """A recording layer's state update happens once per call: the second call of a shared layer in
-    one forward makes its own power step and BatchNorm update, as without the pre-forward."""
-
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
-            self.bn = nn.BatchNorm2d(2)
-            self.act = nn.ReLU()
-
-        def forward(self, x):
-            for _ in range(2):
-                x = self.act(self.bn(self.conv(x)))
-            return x
-
+    one forward makes its own power step and BatchNorm update, as without the pre-forward; compiled
+    too (the graph's values are taken off the layer by its first call). The clip is made active."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LCNNConversionWarning)
-        model = lcnnify(Twice(), input_size=(2, 6, 6), bn_affine=False).train()
+        model = lcnnify(_Twice(), input_size=(2, 6, 6), bn_affine=False).train()
+    with torch.no_grad():
+        model.bn.gamma_raw.fill_(-3.0)  # γ ≈ 1.05: min(1, γ·sqrt(min var + eps)) clips
     twin = _per_layer_twin(model)
     x = torch.rand(3, 2, 6, 6)
-    for m in (model, twin):
+    for m in (torch.compile(model, backend="aot_eager") if compiled else model, twin):
         m(x).square().sum().backward()
     _assert_same_state(model, twin)
     assert int(model.bn.num_batches_tracked) == 2
@@ -513,3 +519,42 @@ def test_the_compiled_graph_of_the_benchmark_step_is_at_most_twice_the_plain_net
     total = lambda r: r["forward"] + r["backward"]  # noqa: E731
     assert total(plain) == 398 and total(lcnn) == 452, (plain, lcnn)
     assert total(lcnn) <= 2.0 * total(plain)
+
+
+def test_the_activation_opted_out_of_its_kernels_compiles_into_one_graph(monkeypatch):
+    """LCNN_ZOO_FUSED=0 (or kernels turned off): the compiled activation traces its formulas without
+    recording anything, so the graph neither breaks at each activation nor recompiles at each call
+    (a status write inside the Function did both)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("LCNN_ZOO_FUSED", "0")
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model("lcnn_resnet20").train()
+    backend, graphs = _graph_recorder()
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(3):
+        F.cross_entropy(compiled(torch.rand(2, 3, 16, 16)), torch.randint(0, 10, (2,))).backward()
+    forward = [ops for phase, ops in graphs if phase == "forward" and ops]
+    assert len(forward) == 1 and forward[0]["lcnn_zoo.centered_softplus_fwd.default"] == 0, forward
+    assert sum(counters["graph_break"].values()) == 2  # the pre-forward and its release only
+
+
+def test_a_part_compiled_alone_uses_the_roots_values_and_steps_once():
+    """A stage compiled on its own inside an eager forward reads the values the root's pre-forward left
+    (it made a second power step of its own before): the step is the eager one, state included."""
+    model = _model("lcnn_resnet20").train()
+    twin = copy.deepcopy(model)
+    model.stages[1] = torch.compile(model.stages[1], backend="aot_eager")
+    torch.manual_seed(1)
+    for _ in range(2):
+        x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 10, (4,))
+        (_, sa, ga), (_, sb, gb) = _step(model, x, y), _step(twin, x, y)
+        torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-6)
+        assert len(ga) == len(gb)
+        for k in ga:
+            name = k.replace("stages.1._orig_mod.", "stages.1.")
+            assert float((ga[k] - gb[name]).norm() / gb[name].norm().clamp_min(1e-12)) < 5e-4, k
+        sd_a = {k.replace("stages.1._orig_mod.", "stages.1."): v for k, v in model.state_dict().items()}
+        for k, v in twin.state_dict().items():
+            torch.testing.assert_close(sd_a[k], v, rtol=1e-4, atol=1e-6, msg=k)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import prepared
-from ._kernels import centered_softplus_bwd, centered_softplus_fwd, fused_enabled
+from ._kernels import centered_softplus_bwd, centered_softplus_fwd, fused_enabled, fused_requested
 
 __all__ = ["CenteredSoftplus", "FrozenCenteredSoftplus", "centered_softplus", "DEFAULT_BETA_INIT"]
 
@@ -114,7 +114,7 @@ class _CenteredSoftplusFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        if fused_enabled(x):
+        if _kernels_serve(x):
             return centered_softplus_fwd(x, beta)
         return _centered_softplus_t(x * beta) / beta
 
@@ -128,7 +128,7 @@ class _CenteredSoftplusFn(torch.autograd.Function):
         y, beta = ctx.saved_tensors
         need_x, need_beta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not torch.is_grad_enabled():  # an ordinary backward (no create_graph): one fused pass
-            if fused_enabled(y):
+            if _kernels_serve(y):
                 gx, gb = centered_softplus_bwd(grad_out, y, beta, need_beta)
                 return (gx if need_x else None), (gb if need_beta else None)
             return _fast_backward(grad_out, y, beta, need_x, need_beta)
@@ -158,6 +158,12 @@ class _CenteredSoftplusFnFwdAD(_CenteredSoftplusFn):
         if beta_t is not None:
             out = out + d_beta * beta_t
         return out
+
+
+def _kernels_serve(x: torch.Tensor) -> bool:
+    # While torch.compile traces: whether the kernels are asked for, without recording anything (a side
+    # effect inside the Function would break the graph there); the ops fall back to the formulas themselves.
+    return fused_requested(x) if torch.compiler.is_dynamo_compiling() else fused_enabled(x)
 
 
 def centered_softplus(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -239,7 +245,7 @@ class CenteredSoftplus(nn.Module):
     @torch.jit.unused
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         # β as the model's pre-forward computed it for all activations at once, if it did
-        given = prepared.for_graph(self)  # (compiled)
+        given = prepared.for_graph(self, False)  # (compiled)
         beta = given[0] if given is not None else prepared.take(self, (self.log_beta,), False)
         return centered_softplus(x, beta if beta is not None else self.log_beta.exp())
 

@@ -163,7 +163,7 @@ class LipschitzBatchNorm2d(nn.Module):
         record = self.training and self.update_stats
         # The clip weight the model's pre-forward computed for all BatchNorms at once, if any; it also
         # made the scale-variance copy of a recording forward.
-        given = prepared.for_graph(self) if self.training else None  # compiled: the clip, computed before the graph
+        given = prepared.for_graph(self, record) if self.training else None  # compiled: the clip, computed before
         ready = prepared.take(self, (self.gamma_raw, self.scale_var), record) if self.training else None
         if given is not None:
             weight, bias = given[0], None
@@ -191,7 +191,8 @@ class LipschitzBatchNorm2d(nn.Module):
             # them by max(momentum, 1/n) (1/n: the cumulative average) in tensor ops, which inductor fuses.
             out = F.batch_norm(x, self.batch_mean, self.batch_var, weight, bias, True, 1.0, self.eps)
             with torch.no_grad():
-                step = (given[1] if given is not None else self._early_momentum()).to(self.running_var.dtype)
+                step = (given[1] if given is not None and len(given) > 1
+                        else self._early_momentum()).to(self.running_var.dtype)
                 self.running_mean.lerp_(self.batch_mean, step)
                 self.running_var.lerp_(self.batch_var, step)
             return out

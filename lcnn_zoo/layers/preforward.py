@@ -141,8 +141,8 @@ def _hooks_of_this_thread() -> "weakref.WeakKeyDictionary[nn.Module, List[_Recom
 
 def _runs_layers_own_code(args: Tuple[Any, ...]) -> bool:
     """Where the layers compute their own values: exports (the layers refuse them with a message),
-    TorchScript tracing, torch.func transforms, FX tracing (a Proxy is no tensor), and a compiled part
-    of an eager model's forward seen from the part (its root is compiled: :func:`_prepare_for_graph`)."""
+    TorchScript tracing, torch.func transforms and FX tracing (a Proxy is no tensor). (A compiled root is
+    prepared by :func:`_prepare_for_graph`, before this is asked.)"""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return True
     if torch.onnx.is_in_onnx_export():
@@ -178,8 +178,10 @@ def prepare(model: nn.Module, for_graph: bool = False) -> int:
 
     Args:
         model: the model root.
-        for_graph: also leave the values where a compiled forward reads them (see :func:`_prepare_for_graph`),
-            with each γ-BN's running-statistics step.
+        for_graph: the forward that follows is compiled (see :func:`_prepare_for_graph`): each γ-BN's
+            running-statistics step is computed too. (The values always go where a compiled graph reads
+            them, :func:`~.prepared.put_for_graph`, so that a part of the model compiled alone inside an eager
+            forward uses them too, rather than making a second power step.)
     """
     release(model)
     done: List[nn.Module] = []
@@ -329,8 +331,7 @@ def _prepare_spectral_norms(model: nn.Module, done: List[nn.Module], for_graph: 
     normalized = _DivideAllBySigma.apply(len(sns), gradients, *sigmas, *us, *vs, *weights)
     for layer, sn, w, sigma, value, record in zip(layers, sns, weights, sigmas, normalized, records):
         prepared.put(sn, value, (w, sn._u, sn._v), record)
-        if for_graph:
-            prepared.put_for_graph(sn, (value,))
+        prepared.put_for_graph(sn, (value,))
         _NORMALIZED[layer] = (value, w, sigma)
         done += (sn, layer)
 
@@ -522,14 +523,13 @@ def _prepare_curvature(model: nn.Module, done: List[nn.Module], for_graph: bool)
     betas, flat, sum_beta, sum_log_gamma = outs[:len(acts)], outs[len(acts)], outs[-2], outs[-1]
     for act, beta in zip(acts, betas):
         prepared.put(act, beta, (act.log_beta,), False)
-        if for_graph:
-            prepared.put_for_graph(act, (beta,))
+        prepared.put_for_graph(act, (beta,))
         done.append(act)
+    # (the statistics step only for a compiled root: a part compiled alone computes its own, in its graph)
     steps = _statistics_steps(bns) if for_graph and bns else ()
     for i, (bn, weight, record) in enumerate(zip(bns, flat.split(counts) if bns else (), records)):
         prepared.put(bn, weight, (bn.gamma_raw, bn.scale_var), record)
-        if for_graph:
-            prepared.put_for_graph(bn, (weight, steps[i]))
+        prepared.put_for_graph(bn, (weight, steps[i]) if steps else (weight,))
         done.append(bn)
     if all_bns:
         first = acts[0] if acts else bns[0]

@@ -119,12 +119,23 @@ def put_for_graph(module: nn.Module, values: Tuple[torch.Tensor, ...]) -> None:
     setattr(module, _GRAPH_ATTR, values)
 
 
-def for_graph(module: nn.Module) -> Optional[Tuple[torch.Tensor, ...]]:
+def for_graph(module: nn.Module, record: bool) -> Optional[Tuple[torch.Tensor, ...]]:
     """The values left for ``module`` by :func:`put_for_graph` while torch.compile traces it, else None
-    (an eager forward computes from :func:`take` or by itself)."""
+    (an eager forward computes from :func:`take` or by itself).
+
+    Args:
+        module: the layer.
+        record: whether this call would make the layer's state update. As with :func:`take`, the first
+            such call uses the values (whose preparation made the update) and a second one in the same
+            forward (a layer called twice) computes its own: the values are taken off the layer (dynamo
+            replays that after the graph).
+    """
     if not torch.compiler.is_dynamo_compiling():
         return None
-    return getattr(module, _GRAPH_ATTR, None)
+    values = getattr(module, _GRAPH_ATTR, None)
+    if values is not None and record:
+        setattr(module, _GRAPH_ATTR, None)
+    return values
 
 
 def drop_for_graph(modules: Sequence[nn.Module]) -> None:

@@ -431,10 +431,10 @@ class SpectralNorm(nn.Module):
             raise RuntimeError(EXPORT_MESSAGE)
         self._check_ready()
         if self.training:  # the value the model's pre-forward computed for all layers at once, if any
-            given = prepared.for_graph(self)  # compiled: W/σ, computed before the graph
+            record = self.n_power_iterations > 0 and not self.frozen
+            given = prepared.for_graph(self, record)  # compiled: W/σ, computed before the graph
             if given is not None:
                 return self._with_gain(given[0])
-            record = self.n_power_iterations > 0 and not self.frozen
             ready = prepared.take(self, (weight, self._u, self._v), record)
             if ready is not None:
                 return self._with_gain(ready)

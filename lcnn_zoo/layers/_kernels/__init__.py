@@ -18,10 +18,11 @@ from .fused import (
     centered_softplus_fwd,
     cuda_launches,
     fused_enabled,
+    fused_requested,
     fused_status,
     kernel_path,
     reset_fused_status,
 )
 
-__all__ = ["fused_enabled", "centered_softplus_fwd", "centered_softplus_bwd", "SERIES_BELOW", "kernel_path",
-           "fused_status", "reset_fused_status", "cuda_launches"]
+__all__ = ["fused_enabled", "fused_requested", "centered_softplus_fwd", "centered_softplus_bwd", "SERIES_BELOW",
+           "kernel_path", "fused_status", "reset_fused_status", "cuda_launches"]

@@ -38,8 +38,8 @@ import torch
 
 from ...environment import env
 
-__all__ = ["fused_enabled", "centered_softplus_fwd", "centered_softplus_bwd", "SERIES_BELOW", "kernel_path",
-           "fused_status", "reset_fused_status", "cuda_launches"]
+__all__ = ["fused_enabled", "fused_requested", "centered_softplus_fwd", "centered_softplus_bwd", "SERIES_BELOW",
+           "kernel_path", "fused_status", "reset_fused_status", "cuda_launches"]
 
 SERIES_BELOW = 5e-3  # |u| = |βy| under which ∂s0/∂β uses its series (the closed form cancels there)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -125,6 +125,17 @@ def fused_enabled(x: torch.Tensor) -> bool:
     if why:
         _record(x.device, "formulas", why)
     return not why
+
+
+def fused_requested(x: torch.Tensor) -> bool:
+    """Whether the kernels are asked for this tensor: the opt-out unset, and a dtype and device type they
+    have. Records nothing and imports nothing, so torch.compile's tracing can call it; whether a kernel
+    works is the ops' business when they run (they fall back to the formulas, and record it).
+
+    Args:
+        x: the activation's input (or, in the backward, its output).
+    """
+    return bool(env("LCNN_ZOO_FUSED")) and x.dtype in _DTYPES and x.device.type in ("cpu", "cuda")
 
 
 def _disable(device: str, why: str) -> None:
