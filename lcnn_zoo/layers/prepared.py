@@ -9,8 +9,9 @@ itself, as it did before the pre-forward existed. This module holds no layer cod
 import it and :mod:`.preforward` can import the layers.
 
 A compiled forward reads its layers' values another way (:func:`put_for_graph`, :func:`for_graph`):
-torch.compile traces a layer's attributes, not this module's weak dictionary, and what it reads are
-constants of the graph (no autograd history: the graph differentiates them in closed form).
+torch.compile traces a layer's attributes, not this module's weak dictionary. What it reads are
+inputs of the graph that keep their autograd history, so the graph's backward hands their gradients on
+to the Functions that computed them.
 """
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ _GRAPH_ATTR = "_lcnn_graph_values"
 
 
 def put_for_graph(module: nn.Module, values: Tuple[torch.Tensor, ...]) -> None:
-    """Leave ``values`` (tensors without autograd history) for ``module``'s next compiled forward."""
+    """Leave ``values`` (the same tensors :func:`put` holds, autograd history included) for ``module``'s next
+    compiled forward."""
     setattr(module, _GRAPH_ATTR, values)
 
 
